@@ -1,0 +1,2215 @@
+#!/usr/bin/env python
+"""Fine-tune SmolLM3 on finance data (Philippine BIR tax, Odoo accounting) with Hugging Face Trainer.
+
+Usage:
+    python train_finance_ssc_model.py --config training_config.yaml                  # train
+    python train_finance_ssc_model.py --config training_config.yaml --dry-run        # 10 real steps, no checkpoints
+    python train_finance_ssc_model.py --config training_config.yaml --validate-only  # check config + data, < 1 s
+    python train_finance_ssc_model.py --config training_config.yaml --resume-from latest --run-id RUN
+    python train_finance_ssc_model.py --config c.yaml --set training.hyperparameters.learning_rate=1e-5
+
+Every run writes `<logging.output_dir>/<run_id>/run_manifest.json` (status `running` at start, the final
+status at the end) with everything needed to reproduce it. Failures end with one JSON object on stderr,
+`{"error": Kind, "details": {...}, "errors": [...]}`, and a documented exit code (see EXIT_* below).
+
+Sections, in the order a run flows through them:
+    1. constants          2. config dataclasses     3. errors
+    4. config loading     5. validation             6. data
+    7. model              8. tracking               9. callbacks
+   10. trainer + checkpoints                        11. manifest
+   12. train_model        13. CLI / main
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime as dt
+import difflib
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+# torch / transformers / datasets are imported inside the functions that need them, so `--help`
+# and config errors answer in well under a second.
+
+# --------------------------------------------------------------------------------------------------
+# 1. Constants
+# --------------------------------------------------------------------------------------------------
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # anything unexpected
+EXIT_INVALID = 2  # invalid config, data, checkpoint or paths: nothing was trained
+EXIT_DIVERGED = 3  # stopped by an anomaly guard
+EXIT_OOM = 4  # out of memory, predicted or real
+
+ERROR_EXIT_CODES = {
+    "InvalidConfig": EXIT_INVALID,
+    "EmptyDataset": EXIT_INVALID,
+    "InvalidDataset": EXIT_INVALID,
+    "DataPathNotFound": EXIT_INVALID,
+    "CheckpointNotFound": EXIT_INVALID,
+    "RunExists": EXIT_INVALID,
+    "TrainingDiverged": EXIT_DIVERGED,
+    "OutOfMemory": EXIT_OOM,
+    "TrainingFailed": EXIT_FAILED,
+}
+
+MANIFEST_NAME = "run_manifest.json"
+CHECKPOINT_META = "checkpoint_meta.json"  # written last inside a checkpoint; its presence = complete
+TMP_PREFIX = ".tmp-"
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+# Metrics this script reports at every evaluation; `val_x` in the config is Trainer's `eval_x`.
+EVAL_METRICS = {"val_loss": False, "val_perplexity": False, "val_token_accuracy": True}  # name -> greater is better
+
+RECORD_SHAPES = {  # shape -> keys that identify it
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "instruction": ("instruction", "output"),
+    "text": ("text",),
+}
+IGNORE_INDEX = -100  # label value that the loss skips
+
+log = logging.getLogger("finance_trainer")
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Config dataclasses: one per YAML section, defaults live here and nowhere else
+# --------------------------------------------------------------------------------------------------
+
+REQUIRED: Any = dataclasses.MISSING  # marks a key the YAML must set
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    base_checkpoint: str = field(default=REQUIRED, metadata={"doc": "local directory or Hub id"})
+    architecture: str = field(default="decoder-only-transformer", metadata={"doc": "informational, must be a decoder"})
+    vocab_size: Optional[int] = field(default=None, metadata={"doc": "checked against the checkpoint's config.json"})
+    hidden_size: Optional[int] = field(default=None, metadata={"doc": "checked against config.json"})
+    num_layers: Optional[int] = field(default=None, metadata={"doc": "checked against config.json num_hidden_layers"})
+    num_heads: Optional[int] = field(default=None, metadata={"doc": "checked against config.json num_attention_heads"})
+    gradient_checkpointing: bool = field(default=False, metadata={"doc": "trade compute for activation memory"})
+    use_flash_attention_2: bool = field(default=False, metadata={"doc": "needs flash-attn; falls back to sdpa"})
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train_path: str = field(default=REQUIRED, metadata={"doc": "JSONL, relative to the config's folder or cwd"})
+    valid_path: str = field(default=REQUIRED, metadata={"doc": "JSONL validation split"})
+    test_path: str = field(default=REQUIRED, metadata={"doc": "JSONL test split"})
+    max_seq_length: int = field(default=2048, metadata={"doc": "longer records are truncated and counted"})
+    dataset_name: str = field(default=REQUIRED, metadata={"doc": "recorded in manifest and checkpoints"})
+    dataset_version: str = field(default=REQUIRED, metadata={"doc": "recorded in manifest and checkpoints"})
+    format: str = field(default="auto", metadata={"doc": "auto|text|prompt_completion|messages|instruction"})
+    train_on_prompt: bool = field(default=False, metadata={"doc": "also compute loss on prompt tokens"})
+
+
+@dataclass(kw_only=True)
+class HyperparametersConfig:
+    learning_rate: float = 2.0e-5
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 8
+    num_epochs: float = 3
+    warmup_steps: int = 500
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    fp16: bool = False
+    bf16: bool = False
+
+
+@dataclass(kw_only=True)
+class OptimizationConfig:
+    optimizer: str = field(default="adamw", metadata={"doc": "adamw (torch AdamW)"})
+    lr_scheduler: str = field(default="cosine", metadata={"doc": "cosine|linear|constant|constant_with_warmup"})
+    early_stopping_patience: Optional[int] = field(default=3, metadata={"doc": "evals without improvement; null=off"})
+    early_stopping_metric: str = field(default="val_loss", metadata={"doc": "val_loss|val_perplexity|val_token_accuracy"})
+
+
+@dataclass(kw_only=True)
+class CheckpointingConfig:
+    save_strategy: str = field(default="epoch", metadata={"doc": "epoch|steps; a checkpoint is also saved at every eval"})
+    save_total_limit: int = field(default=3, metadata={"doc": "best, latest and one backup are always kept"})
+    load_best_at_end: bool = field(default=True, metadata={"doc": "final evaluation uses the best checkpoint"})
+    metric_for_best_model: str = field(default="val_perplexity", metadata={"doc": "one of the val_* metrics"})
+
+
+@dataclass(kw_only=True)
+class WandbConfig:
+    enabled: bool = False
+    project: str = "finance-smollm3"
+    entity: Optional[str] = None
+    tags: list = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class TensorboardConfig:
+    enabled: bool = True
+    log_dir: str = "tensorboard"
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    output_dir: str = field(default=REQUIRED, metadata={"doc": "runs go to <output_dir>/<run_id>"})
+    logging_dir: str = field(default="logs", metadata={"doc": "train.log and CSV curves go to <logging_dir>/<run_id>"})
+    logging_steps: int = 10
+    eval_steps: int = 100
+    save_steps: int = 500
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
+
+
+@dataclass(kw_only=True)
+class ComputeConfig:
+    device: str = field(default="cuda", metadata={"doc": "cuda|cpu"})
+    num_gpus: int = 1
+    distributed_backend: str = field(default="nccl", metadata={"doc": "nccl (GPU) | gloo (CPU)"})
+    mixed_precision: str = field(default="no", metadata={"doc": "no|fp16|bf16; must agree with fp16/bf16 flags"})
+
+
+@dataclass(kw_only=True)
+class TrainingSection:
+    hyperparameters: HyperparametersConfig = field(default_factory=HyperparametersConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    seed: int = field(default=42, metadata={"doc": "seeds python, numpy, torch, CUDA and data shuffling"})
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingSection
+    logging: LoggingConfig
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    # Not YAML keys: filled in by load_training_config.
+    config_path: Optional[str] = None
+    config_text: Optional[str] = None
+    overrides: list = field(default_factory=list)
+    resolved_paths: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The YAML-shaped config (runtime fields left out)."""
+        d = dataclasses.asdict(self)
+        for k in ("config_path", "config_text", "overrides", "resolved_paths", "warnings"):
+            d.pop(k)
+        return d
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingSection,
+            "logging": LoggingConfig, "compute": ComputeConfig}
+REQUIRED_SECTIONS = ("model", "data", "logging")
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Errors: one type carrying the JSON payload and its exit code
+# --------------------------------------------------------------------------------------------------
+
+class TrainerError(Exception):
+    """A failure the user can fix. `payload` is what goes to stderr, error.json and the manifest."""
+
+    def __init__(self, kind: str, details: dict, errors: list | None = None):
+        self.kind, self.details = kind, details
+        self.errors = errors or [{"error": kind, "details": details}]
+        super().__init__(f"{kind}: {details}")
+
+    @property
+    def exit_code(self) -> int:
+        return ERROR_EXIT_CODES.get(self.kind, EXIT_FAILED)
+
+    @property
+    def payload(self) -> dict:
+        return {"error": self.kind, "details": self.details, "errors": self.errors}
+
+    @classmethod
+    def collected(cls, problems: list[dict]) -> "TrainerError":
+        """One error for many problems: the first describes the top object, all go in `errors`."""
+        return cls(problems[0]["error"], problems[0]["details"], problems)
+
+
+def problem(kind: str, **details) -> dict:
+    return {"error": kind, "details": details}
+
+
+def config_problem(field_: str, value: Any, expected: str, suggestion: str) -> dict:
+    return problem("InvalidConfig", field=field_, value=_jsonable(value), expected=expected, suggestion=suggestion)
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value, allow_nan=False)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Config loading: YAML -> dataclasses, unknown keys, types, --set overrides, path resolution
+# --------------------------------------------------------------------------------------------------
+
+def _yaml_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader (no object construction) that also reads `2e-5` as a float, as YAML 1.2 does.
+        PyYAML's YAML 1.1 resolver reads it as the string "2e-5", the classic learning-rate typo trap."""
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
+    return Loader
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    import yaml
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise TrainerError("InvalidConfig", {
+            "field": None, "value": None, "line": line, "path": source,
+            "expected": "valid YAML", "problem": str(getattr(exc, "problem", exc)),
+            "suggestion": f"fix the YAML syntax at line {line} of {source} (check indentation and colons)"})
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> None:
+    """Apply `dotted.key=value` overrides to the raw YAML mapping; values are parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise TrainerError("InvalidConfig", {
+                "field": item, "value": item, "expected": "dotted.key=value",
+                "suggestion": "write e.g. --set training.hyperparameters.learning_rate=1e-5"})
+        key, _, value = item.partition("=")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = _parse_yaml(value, f"--set {item}") if value.strip() else None
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean (true/false)", str: "a string", list: "a list"}
+
+
+def _check_type(value: Any, tp: Any) -> bool:
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _build_section(cls: type, raw: Any, path: str, problems: list) -> Any:
+    """Build dataclass `cls` from mapping `raw`, collecting every unknown key, missing key and type error."""
+    if not isinstance(raw, dict):
+        problems.append(config_problem(path, raw, f"a mapping of {cls.__name__} keys",
+                                       f"write `{path}:` followed by indented `key: value` lines"))
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            hint = f"did you mean `{close[0]}`?" if close else f"valid keys: {', '.join(fields)}"
+            problems.append(config_problem(f"{path}.{key}", raw[key], f"one of the keys of `{path}`",
+                                           f"remove or rename it; {hint}"))
+    values = {}
+    for name, f in fields.items():
+        dotted = f"{path}.{name}"
+        tp = hints[name]
+        if typing.get_origin(tp) is typing.Union:  # Optional[X]
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+            optional = True
+        else:
+            optional = False
+        if name not in raw:
+            if f.default is REQUIRED and f.default_factory is dataclasses.MISSING:
+                problems.append(config_problem(dotted, None, _TYPE_NAMES.get(tp, tp.__name__),
+                                               f"add `{name}:` under `{path}` ({f.metadata.get('doc', 'required')})"))
+            continue
+        value = raw[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build_section(tp, value, dotted, problems)
+        elif value is None and optional:
+            values[name] = None
+        elif not _check_type(value, tp):
+            problems.append(config_problem(dotted, value, _TYPE_NAMES.get(tp, tp.__name__),
+                                           _type_fix(name, value, tp, f)))
+        elif tp is list and not all(isinstance(v, str) for v in value):
+            problems.append(config_problem(dotted, value, "a list of strings", f"quote each item of `{name}`"))
+        else:
+            values[name] = float(value) if tp is float else value
+    if any(v is None and not _is_optional(hints[k]) for k, v in values.items()):
+        return None
+    try:
+        return cls(**values)
+    except TypeError:  # a required key was missing: already reported
+        return None
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
+
+
+def _type_fix(name: str, value: Any, tp: Any, f: dataclasses.Field) -> str:
+    default = None if f.default is REQUIRED else f.default
+    if isinstance(value, str) and tp in (int, float):
+        return f"write `{name}` as a bare number without quotes, e.g. {name}: {default if default is not None else 1}"
+    if tp is bool:
+        return f"write `{name}: true` or `{name}: false`"
+    if isinstance(value, (dict, list)):
+        return f"`{name}` takes {_TYPE_NAMES.get(tp, 'one value')}, not a {type(value).__name__}"
+    return f"set `{name}` to {_TYPE_NAMES.get(tp, tp.__name__)}" + (f", e.g. {default!r}" if default is not None else "")
+
+
+def _resolve_input_path(value: str, config_dir: Path) -> tuple[Path, str]:
+    """Resolve a data path: the config's folder first, then the working directory."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return p, "absolute"
+    by_config = (config_dir / p).resolve()
+    if by_config.exists():
+        return by_config, "relative to the config file's folder"
+    by_cwd = (Path.cwd() / p).resolve()
+    if by_cwd.exists():
+        return by_cwd, "relative to the working directory"
+    return by_config, "relative to the config file's folder (not found there nor in the working directory)"
+
+
+def load_training_config(path: str, overrides: list[str] | None = None) -> TrainingConfig:
+    """Read, override and type-check the YAML config. Raises TrainerError listing every problem found."""
+    config_path = Path(path).expanduser()
+    if not config_path.is_file():
+        raise TrainerError("InvalidConfig", {
+            "field": "--config", "value": str(path), "expected": "an existing YAML file",
+            "resolved_path": str(config_path.resolve()),
+            "suggestion": "pass --config with the path to training_config.yaml"})
+    text = config_path.read_text(encoding="utf-8")
+    raw = _parse_yaml(text, str(config_path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TrainerError("InvalidConfig", {
+            "field": None, "value": _jsonable(raw), "expected": "a YAML mapping with sections "
+            + ", ".join(SECTIONS), "suggestion": "start the file with `model:`, `data:`, `training:`, `logging:`"})
+    apply_overrides(raw, overrides or [])
+
+    problems: list[dict] = []
+    for key in raw:
+        if key not in SECTIONS:
+            close = difflib.get_close_matches(str(key), SECTIONS, n=1, cutoff=0.6)
+            hint = f"did you mean `{close[0]}`?" if close else f"valid sections: {', '.join(SECTIONS)}"
+            problems.append(config_problem(str(key), raw[key], "a top-level section", f"remove or rename it; {hint}"))
+    built = {}
+    for name, cls in SECTIONS.items():
+        if name not in raw:
+            if name in REQUIRED_SECTIONS:
+                problems.append(config_problem(name, None, f"a `{name}:` section",
+                                               f"add the `{name}:` section (see training_config.yaml)"))
+                continue
+            raw[name] = {}
+        built[name] = _build_section(cls, raw[name], name, problems)
+    if problems:
+        raise TrainerError.collected(problems)
+
+    config = TrainingConfig(**built, config_path=str(config_path.resolve()), config_text=text,
+                            overrides=list(overrides or []))
+    config_dir = config_path.resolve().parent
+    for key in ("train_path", "valid_path", "test_path"):
+        resolved, how = _resolve_input_path(getattr(config.data, key), config_dir)
+        config.resolved_paths[f"data.{key}"] = {"path": str(resolved), "resolved": how}
+    ckpt = config.model.base_checkpoint
+    if _looks_like_local_path(ckpt) or (config_dir / ckpt).exists():
+        resolved, how = _resolve_input_path(ckpt, config_dir)
+        config.resolved_paths["model.base_checkpoint"] = {"path": str(resolved), "resolved": how}
+    return config
+
+
+def _looks_like_local_path(ref: str) -> bool:
+    """A Hub id is `name` or `org/name`; anything with ./, ~, a leading /, or that exists is a path."""
+    return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or os.path.exists(ref) or "\\" in ref
+
+
+def data_path(config: TrainingConfig, key: str) -> Path:
+    return Path(config.resolved_paths[f"data.{key}"]["path"])
+
+
+def checkpoint_ref(config: TrainingConfig) -> str:
+    """The base checkpoint as from_pretrained should see it: resolved local dir, or the Hub id."""
+    entry = config.resolved_paths.get("model.base_checkpoint")
+    return entry["path"] if entry else config.model.base_checkpoint
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Validation: per-field rules, cross-section rules, data files, base checkpoint, device
+# --------------------------------------------------------------------------------------------------
+
+OPTIMIZERS = {"adamw": "adamw_torch", "adamw_fused": "adamw_torch_fused", "adafactor": "adafactor", "sgd": "sgd"}
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+SAVE_STRATEGIES = ("epoch", "steps")
+DATA_FORMATS = ("auto",) + tuple(RECORD_SHAPES)
+MAX_BAD_LINES = 5  # bad data lines reported per file
+
+
+@dataclass
+class ValidationResult:
+    """What preflight found. `errors` empty means the run may start."""
+    errors: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    data: dict = field(default_factory=dict)  # split -> {"path", "samples", "shape"}
+    checkpoint: dict = field(default_factory=dict)  # config.json of the base checkpoint, where readable
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def raise_if_failed(self) -> None:
+        if self.errors:
+            raise TrainerError.collected(self.errors)
+
+
+def _field_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    """Rules that look at one field at a time."""
+    hp = config.training.hyperparameters
+    err, warn = res.errors.append, res.warnings.append
+    lr = hp.learning_rate
+    if not math.isfinite(lr) or lr <= 0:
+        err(config_problem("training.hyperparameters.learning_rate", lr, "float in range [1e-6, 1e-4]",
+                           "Try 2e-5 (default for fine-tuning)"))
+    elif not 1e-6 <= lr <= 1e-4:
+        warn(f"training.hyperparameters.learning_rate={lr:g} is outside the recommended [1e-6, 1e-4]; "
+             "2e-5 is the usual fine-tuning value")
+    for key, minimum in (("batch_size", 1), ("gradient_accumulation_steps", 1), ("warmup_steps", 0)):
+        value = getattr(hp, key)
+        if value < minimum:
+            err(config_problem(f"training.hyperparameters.{key}", value, f"integer >= {minimum}",
+                               f"set {key} to {max(minimum, 1)} or more"))
+    if not (math.isfinite(hp.num_epochs) and hp.num_epochs > 0):
+        err(config_problem("training.hyperparameters.num_epochs", hp.num_epochs, "number > 0", "set num_epochs: 3"))
+    if not (math.isfinite(hp.weight_decay) and hp.weight_decay >= 0):
+        err(config_problem("training.hyperparameters.weight_decay", hp.weight_decay, "number >= 0",
+                           "set weight_decay: 0.01"))
+    if not (math.isfinite(hp.max_grad_norm) and hp.max_grad_norm > 0):
+        err(config_problem("training.hyperparameters.max_grad_norm", hp.max_grad_norm, "number > 0",
+                           "set max_grad_norm: 1.0 (gradient clipping keeps fine-tuning stable)"))
+    if hp.fp16 and hp.bf16:
+        err(config_problem("training.hyperparameters.bf16", True, "at most one of fp16 and bf16",
+                           "set fp16: false to use bf16 (preferred on Ampere and newer GPUs) or bf16: false"))
+
+    opt, ck = config.training.optimization, config.training.checkpointing
+    if opt.optimizer not in OPTIMIZERS:
+        err(config_problem("training.optimization.optimizer", opt.optimizer, f"one of {list(OPTIMIZERS)}",
+                           "use optimizer: adamw"))
+    if opt.lr_scheduler not in SCHEDULERS:
+        err(config_problem("training.optimization.lr_scheduler", opt.lr_scheduler, f"one of {list(SCHEDULERS)}",
+                           "use lr_scheduler: cosine"))
+    if opt.early_stopping_patience is not None and opt.early_stopping_patience < 1:
+        err(config_problem("training.optimization.early_stopping_patience", opt.early_stopping_patience,
+                           "integer >= 1, or null to turn early stopping off", "set early_stopping_patience: 3"))
+    for dotted, value in (("training.optimization.early_stopping_metric", opt.early_stopping_metric),
+                          ("training.checkpointing.metric_for_best_model", ck.metric_for_best_model)):
+        if value not in EVAL_METRICS:
+            close = difflib.get_close_matches(value, EVAL_METRICS, n=1)
+            err(config_problem(dotted, value, f"one of the metrics this script reports: {list(EVAL_METRICS)}",
+                               f"use {close[0] if close else 'val_loss'}"))
+    if ck.save_strategy not in SAVE_STRATEGIES:
+        err(config_problem("training.checkpointing.save_strategy", ck.save_strategy, f"one of {list(SAVE_STRATEGIES)}",
+                           "use save_strategy: epoch (or steps, with logging.save_steps)"))
+    if ck.save_total_limit < 1:
+        err(config_problem("training.checkpointing.save_total_limit", ck.save_total_limit, "integer >= 1",
+                           "set save_total_limit: 3"))
+    elif ck.save_total_limit < 3:
+        warn(f"training.checkpointing.save_total_limit={ck.save_total_limit}: the best, the latest and one "
+             "backup checkpoint are always kept, so up to 3 checkpoints stay on disk")
+
+    lg = config.logging
+    for key in ("logging_steps", "eval_steps", "save_steps"):
+        if getattr(lg, key) < 1:
+            err(config_problem(f"logging.{key}", getattr(lg, key), "integer >= 1", f"set {key} to 1 or more"))
+    if ck.save_strategy == "epoch" and lg.save_steps != LoggingConfig.save_steps:
+        warn(f"logging.save_steps={lg.save_steps} applies to save_strategy: steps only; with save_strategy: epoch "
+             "checkpoints are saved at every epoch end and at every evaluation (every "
+             f"{lg.eval_steps} steps)")
+
+    d = config.data
+    if d.max_seq_length < 8:
+        err(config_problem("data.max_seq_length", d.max_seq_length, "integer >= 8", "set max_seq_length: 2048"))
+    if d.format not in DATA_FORMATS:
+        err(config_problem("data.format", d.format, f"one of {list(DATA_FORMATS)}", "use format: auto"))
+    for key in ("dataset_name", "dataset_version"):
+        if not str(getattr(d, key)).strip():
+            err(config_problem(f"data.{key}", getattr(d, key), "a non-empty string", f"set {key}, e.g. "
+                               + ("finance_ssc_bir_v1" if key == "dataset_name" else "2025-11-17")))
+    if config.model.architecture != "decoder-only-transformer":
+        err(config_problem("model.architecture", config.model.architecture, "decoder-only-transformer",
+                           "this trainer fine-tunes causal (decoder-only) language models such as SmolLM3"))
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads"):
+        value = getattr(config.model, key)
+        if value is not None and value < 1:
+            err(config_problem(f"model.{key}", value, "integer >= 1 (or omit it)", f"copy {key} from config.json"))
+
+    c = config.compute
+    if c.device not in ("cuda", "cpu"):
+        err(config_problem("compute.device", c.device, "cuda or cpu", "use device: cuda (cpu for testing)"))
+    if c.num_gpus < 1:
+        err(config_problem("compute.num_gpus", c.num_gpus, "integer >= 1", "set num_gpus: 1"))
+    if c.distributed_backend not in ("nccl", "gloo"):
+        err(config_problem("compute.distributed_backend", c.distributed_backend, "nccl or gloo",
+                           "use nccl on GPUs, gloo on CPU"))
+    elif c.distributed_backend == "nccl" and c.device == "cpu":
+        err(config_problem("compute.distributed_backend", "nccl", "gloo when compute.device is cpu",
+                           "nccl needs CUDA GPUs: set distributed_backend: gloo for CPU runs"))
+    if c.mixed_precision not in ("no", "fp16", "bf16"):
+        err(config_problem("compute.mixed_precision", c.mixed_precision, "no, fp16 or bf16",
+                           "use mixed_precision: bf16 on Ampere+ GPUs, fp16 on older ones, no on CPU"))
+    else:
+        flags = "fp16" if hp.fp16 else "bf16" if hp.bf16 else "no"
+        if flags != c.mixed_precision and not (hp.fp16 and hp.bf16):
+            err(config_problem("compute.mixed_precision", c.mixed_precision,
+                               f"{flags} (training.hyperparameters has fp16={hp.fp16}, bf16={hp.bf16})",
+                               f"set compute.mixed_precision: {flags}, or change the fp16/bf16 flags to match"))
+
+
+def _writable_dir_problem(dotted: str, value: str) -> Optional[dict]:
+    """The directory exists and is writable, or can be created."""
+    p = Path(value).expanduser().resolve()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return config_problem(dotted, value, "a directory path", f"{probe} is a file; choose another directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return config_problem(dotted, value, "a writable directory",
+                              f"{probe} is not writable by this user; choose a directory you can write to")
+    return None
+
+
+def _output_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    lg = config.logging
+    dirs = [("logging.output_dir", lg.output_dir), ("logging.logging_dir", lg.logging_dir)]
+    if lg.tensorboard.enabled:
+        dirs.append(("logging.tensorboard.log_dir", lg.tensorboard.log_dir))
+    for dotted, value in dirs:
+        p = _writable_dir_problem(dotted, value)
+        if p:
+            res.errors.append(p)
+    wb = lg.wandb
+    if wb.enabled:
+        mode = os.environ.get("WANDB_MODE", "").lower()
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _read_text(Path.home() / ".netrc")
+        if mode not in ("offline", "disabled", "dryrun") and not has_key:
+            res.errors.append(config_problem(
+                "logging.wandb.enabled", True, "W&B credentials, or WANDB_MODE=offline",
+                "run `wandb login` (or set WANDB_API_KEY), export WANDB_MODE=offline to sync later, "
+                "or set logging.wandb.enabled: false"))
+        if not wb.project:
+            res.errors.append(config_problem("logging.wandb.project", wb.project, "a W&B project name",
+                                             "set project: finance-smollm3"))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def detect_shape(record: Any) -> Optional[str]:
+    """The record shape of one JSONL record, or None when it has none we support."""
+    if not isinstance(record, dict):
+        return None
+    for shape, keys in RECORD_SHAPES.items():
+        if all(k in record for k in keys):
+            return shape
+    return None
+
+
+def _record_problem(record: dict, shape: str) -> Optional[str]:
+    """Why a record of a known shape cannot be trained on, or None."""
+    if shape == "messages":
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return "`messages` must be a non-empty list of {role, content}"
+        for i, m in enumerate(msgs):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                return f"messages[{i}] must be an object with string `role` and `content`"
+            if m["role"] not in ("system", "user", "assistant"):
+                return f"messages[{i}].role is {m['role']!r}; expected system, user or assistant"
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+            return "no assistant message with non-empty content (nothing to learn from)"
+        return None
+    for key in RECORD_SHAPES[shape] + (("input",) if shape == "instruction" else ()):
+        value = record.get(key, "")
+        if not isinstance(value, str):
+            return f"`{key}` must be a string, got {type(value).__name__}"
+    answer_key = {"text": "text", "prompt_completion": "completion", "instruction": "output"}[shape]
+    if not record[answer_key].strip():
+        return f"`{answer_key}` is empty"
+    return None
+
+
+def scan_jsonl(path: Path, split: str, forced: str, how: str) -> tuple[dict, list]:
+    """Check one JSONL split line by line. Returns ({samples, shape}, problems)."""
+    dotted = f"data.{split}_path"
+    if not path.exists():
+        parent = path.parent
+        while not parent.exists():
+            parent = parent.parent
+        return {}, [problem("DataPathNotFound", field=dotted, path=str(path), resolved=how,
+                            nearest_existing_parent=str(parent),
+                            suggestion=f"check {dotted}; relative paths are read from the config file's folder "
+                                       "first, then the working directory. Run DataPrepAgent first if the split "
+                                       "was never generated")]
+    if not path.is_file():
+        return {}, [problem("DataPathNotFound", field=dotted, path=str(path), resolved=how,
+                            suggestion=f"{dotted} is a directory; point it at the .jsonl file inside")]
+    problems, shapes, count, line_no = [], {}, 0, 0
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            snippet = raw[:120].decode("utf-8", "replace").rstrip()
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                why = f"not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})"
+                problems.append((line_no, snippet, why, "fix or remove this line (one JSON object per line)"))
+                continue
+            shape = detect_shape(record)
+            if shape is None:
+                keys = list(record) if isinstance(record, dict) else type(record).__name__
+                problems.append((line_no, snippet, f"unknown record shape (keys {keys})",
+                                 "use one of {text}, {prompt, completion}, {messages}, {instruction, input, output}"))
+                continue
+            if forced != "auto" and shape != forced:
+                problems.append((line_no, snippet, f"record is {shape}, data.format is {forced}",
+                                 f"convert the record or set data.format: {shape}"))
+                continue
+            why = _record_problem(record, shape)
+            if why:
+                problems.append((line_no, snippet, why, "fix the record or remove the line"))
+                continue
+            shapes.setdefault(shape, line_no)
+            count += 1
+    if len(shapes) > 1:
+        first = sorted(shapes.items(), key=lambda kv: kv[1])
+        problems.append((first[1][1], "", f"mixed record shapes in one file: {dict(first)} (shape: first line)",
+                         "use one record shape per file, or convert all records to one shape"))
+    if count == 0 and not problems:
+        return {}, [problem("EmptyDataset", field=dotted, path=str(path), line_count=0,
+                            suggestion="Run DataPrepAgent first to generate training data")]
+    out = [problem("InvalidDataset", field=dotted, path=str(path), line=ln, snippet=snip, problem=why,
+                   suggestion=fix) for ln, snip, why, fix in problems[:MAX_BAD_LINES]]
+    if len(problems) > MAX_BAD_LINES:
+        out[-1]["details"]["more_bad_lines"] = len(problems) - MAX_BAD_LINES
+    return {"path": str(path), "samples": count, "shape": next(iter(shapes), None)}, out
+
+
+def _data_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    for split in ("train", "valid", "test"):
+        entry = config.resolved_paths[f"data.{split}_path"]
+        info, problems = scan_jsonl(Path(entry["path"]), split, config.data.format, entry["resolved"])
+        res.errors.extend(problems)
+        if info:
+            res.data[split] = info
+
+
+HUB_SMOLLM3 = "HuggingFaceTB/SmolLM3-3B-Base or HuggingFaceTB/SmolLM3-3B"
+
+
+def _checkpoint_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    """The base checkpoint is reachable and is the model the YAML describes (config.json only, no weights)."""
+    ref = checkpoint_ref(config)
+    entry = config.resolved_paths.get("model.base_checkpoint")
+    if entry:
+        d = Path(ref)
+        missing = []
+        if not (d / "config.json").is_file():
+            missing.append("config.json")
+        if not (list(d.glob("*.safetensors")) or list(d.glob("pytorch_model*.bin"))):
+            missing.append("weights (*.safetensors)")
+        if not any((d / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            missing.append("tokenizer (tokenizer.json)")
+        if not d.is_dir() or missing:
+            res.errors.append(problem(
+                "CheckpointNotFound", field="model.base_checkpoint", value=config.model.base_checkpoint,
+                path=str(d), resolved=entry["resolved"], missing=missing if d.is_dir() else ["the directory"],
+                suggestion="point model.base_checkpoint at a directory written by save_pretrained (config.json, "
+                           f"*.safetensors, tokenizer files), or at a Hub id such as {HUB_SMOLLM3}"))
+            return
+        config_json = d / "config.json"
+    else:
+        config_json = _hub_cached_file(ref, "config.json")
+        if config_json is None:
+            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
+            if "/" not in ref:
+                res.errors.append(problem(
+                    "CheckpointNotFound", field="model.base_checkpoint", value=ref,
+                    suggestion=f"`{ref}` is neither a local directory nor a Hub id (org/name). The public "
+                               f"SmolLM3 checkpoints are {HUB_SMOLLM3}; or give the path to a local directory"))
+                return
+            if offline:
+                res.errors.append(problem(
+                    "CheckpointNotFound", field="model.base_checkpoint", value=ref,
+                    suggestion=f"HF_HUB_OFFLINE is set and `{ref}` is not in the local Hub cache: run "
+                               f"`huggingface-cli download {ref}` on a machine with access, or unset HF_HUB_OFFLINE"))
+                return
+            res.warnings.append(f"model.base_checkpoint {ref} is not cached locally; it will be downloaded")
+            return
+    try:
+        ckpt_cfg = json.loads(Path(config_json).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        res.errors.append(problem("CheckpointNotFound", field="model.base_checkpoint", value=ref,
+                                  path=str(config_json), suggestion=f"config.json is unreadable ({exc}); re-save it"))
+        return
+    res.checkpoint = ckpt_cfg
+    for key, ckpt_key in (("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"),
+                          ("num_layers", "num_hidden_layers"), ("num_heads", "num_attention_heads")):
+        yaml_value, real = getattr(config.model, key), ckpt_cfg.get(ckpt_key)
+        if yaml_value is not None and real is not None and yaml_value != real:
+            res.errors.append(config_problem(
+                f"model.{key}", yaml_value, f"{real} (the checkpoint's config.json {ckpt_key})",
+                f"set model.{key}: {real}, or point model.base_checkpoint at the model you meant to train"))
+    context = ckpt_cfg.get("max_position_embeddings")
+    if context and config.data.max_seq_length > context:
+        res.errors.append(config_problem(
+            "data.max_seq_length", config.data.max_seq_length, f"<= {context} (the model's context window)",
+            f"set max_seq_length: {context} or less"))
+    archs = ckpt_cfg.get("architectures") or []
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        res.errors.append(config_problem("model.base_checkpoint", ref, "a causal LM checkpoint (*ForCausalLM)",
+                                         f"config.json says architectures={archs}; use a SmolLM3 checkpoint"))
+
+
+def _hub_cached_file(repo_id: str, filename: str) -> Optional[str]:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        found = try_to_load_from_cache(repo_id, filename)
+    except Exception:  # malformed id: treated as not cached
+        return None
+    return found if isinstance(found, str) else None
+
+
+def world_size(config: TrainingConfig) -> int:
+    return int(os.environ.get("WORLD_SIZE", config.compute.num_gpus if config.compute.num_gpus > 1 else 1))
+
+
+def total_optimizer_steps(config: TrainingConfig, train_samples: int) -> int:
+    hp = config.training.hyperparameters
+    batches = math.ceil(train_samples / (hp.batch_size * world_size(config)))
+    per_epoch = max(1, math.ceil(batches / hp.gradient_accumulation_steps))
+    return max(1, math.ceil(per_epoch * hp.num_epochs))
+
+
+def _schedule_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    """Rules that need the sample count: warmup near 10% of total steps."""
+    if "train" not in res.data:
+        return
+    total = total_optimizer_steps(config, res.data["train"]["samples"])
+    ten = max(1, round(0.1 * total))
+    warmup = config.training.hyperparameters.warmup_steps
+    if warmup >= total:
+        res.errors.append(config_problem("training.hyperparameters.warmup_steps", warmup,
+                                         f"fewer than the {total} total optimizer steps",
+                                         f"set warmup_steps: {ten} (10% of {total} steps)"))
+    elif not ten / 2 <= warmup <= ten * 2:
+        res.warnings.append(f"training.hyperparameters.warmup_steps={warmup} is far from 10% of the {total} total "
+                            f"optimizer steps ({ten}); consider warmup_steps: {ten}")
+
+
+def _device_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    """Rules that need torch: CUDA present, GPU count, precision support."""
+    import torch
+    c, hp = config.compute, config.training.hyperparameters
+    if c.device == "cuda":
+        if not torch.cuda.is_available():
+            res.errors.append(config_problem(
+                "compute.device", "cuda", "a visible CUDA GPU",
+                f"found none (torch {torch.__version__}, built with CUDA {torch.version.cuda}); set compute.device: "
+                "cpu (with mixed_precision: no) for a CPU run, or install a CUDA build of torch"))
+            return
+        found = torch.cuda.device_count()
+        if c.num_gpus > found:
+            res.errors.append(config_problem("compute.num_gpus", c.num_gpus, f"<= {found} (GPUs visible)",
+                                             f"set num_gpus: {found}, or check CUDA_VISIBLE_DEVICES"))
+        if hp.bf16 and not torch.cuda.is_bf16_supported():
+            res.errors.append(config_problem("training.hyperparameters.bf16", True, "a GPU with bf16 support",
+                                             f"{torch.cuda.get_device_name(0)} lacks bf16: use fp16: true, bf16: false"))
+    elif hp.fp16:
+        res.errors.append(config_problem("training.hyperparameters.fp16", True, "fp16: false on CPU",
+                                         "fp16 mixed precision needs a CUDA GPU: on CPU set fp16: false "
+                                         "and compute.mixed_precision: no (or bf16)"))
+
+
+def validate_config(config: TrainingConfig, check_device: bool = True) -> ValidationResult:
+    """Every preflight check; cheap ones first. Torch is imported only once the rest has passed."""
+    res = ValidationResult(warnings=list(config.warnings))
+    _field_rules(config, res)
+    _output_rules(config, res)
+    _data_rules(config, res)
+    _checkpoint_rules(config, res)
+    _schedule_rules(config, res)
+    if check_device and not res.errors:
+        _device_rules(config, res)
+    return res
+
+
+def config_differences_from_defaults(config: TrainingConfig) -> list[str]:
+    """`section.key: value (default X)` for every key that differs from this script's defaults."""
+    out = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            dotted = f"{prefix}.{f.name}"
+            if dataclasses.is_dataclass(value):
+                walk(value, dotted)
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                continue
+            if value != default:
+                out.append(f"{dotted}: {value!r} (default {default!r})")
+
+    for name in SECTIONS:
+        walk(getattr(config, name), name)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Data: record shapes -> token ids with answer-only labels, through datasets.map (cached)
+# --------------------------------------------------------------------------------------------------
+
+def render_instruction_prompt(record: dict) -> str:
+    """Alpaca-style prompt for {instruction, input, output} records."""
+    prompt = f"### Instruction:\n{record['instruction'].strip()}\n\n"
+    if (record.get("input") or "").strip():
+        prompt += f"### Input:\n{record['input'].strip()}\n\n"
+    return prompt + "### Response:\n"
+
+
+def _chat_segments(messages: list, tokenizer) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into (text, is_answer) pieces by rendering growing prefixes.
+    Raises ValueError when the chat template is not prefix-stable (then answer masking is impossible)."""
+    segments, done = [], ""
+    for k, msg in enumerate(messages):
+        if msg["role"] == "assistant":
+            head = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True) if k else ""
+            if not head.startswith(done):
+                raise ValueError("chat template is not prefix-stable")
+            segments.append((head[len(done):], False))
+            done = head
+        full = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+        if not full.startswith(done):
+            raise ValueError("chat template is not prefix-stable")
+        segments.append((full[len(done):], msg["role"] == "assistant"))
+        done = full
+    return segments
+
+
+def tokenize_record(record: dict, tokenizer, shape: str, max_seq_length: int, train_on_prompt: bool) -> dict:
+    """One record -> input_ids, labels (IGNORE_INDEX on prompt tokens), truncation flag, answer token count."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if shape == "text":
+        pieces = [(record["text"], True)]
+    elif shape == "prompt_completion":
+        pieces = [(record["prompt"], False), (record["completion"], True)]
+    elif shape == "instruction":
+        pieces = [(render_instruction_prompt(record), False), (record["output"], True)]
+    else:
+        pieces = _chat_segments(record["messages"], tokenizer)
+    input_ids, labels = [], []
+    for text, is_answer in pieces:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        input_ids += ids
+        labels += ids if (is_answer or train_on_prompt) else [IGNORE_INDEX] * len(ids)
+    if shape != "messages":  # chat templates close turns themselves
+        input_ids += eos
+        labels += eos
+    truncated = len(input_ids) > max_seq_length
+    input_ids, labels = input_ids[:max_seq_length], labels[:max_seq_length]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
+            "truncated": truncated, "answer_tokens": sum(1 for x in labels[1:] if x != IGNORE_INDEX)}
+
+
+def _tokenize_batch(batch: dict, tokenizer, shape: str, max_seq_length: int, train_on_prompt: bool) -> dict:
+    keys = list(batch)
+    rows = [tokenize_record({k: batch[k][i] for k in keys}, tokenizer, shape, max_seq_length, train_on_prompt)
+            for i in range(len(batch[keys[0]]))]
+    return {k: [r[k] for r in rows] for k in rows[0]}
+
+
+def load_splits(config: TrainingConfig, tokenizer, shapes: dict, limit: Optional[int] = None) -> tuple[dict, dict]:
+    """Tokenized train/valid/test datasets plus per-split stats (samples, truncated, dropped, tokens).
+    Tokenization goes through datasets.map, so a second run with the same data and tokenizer is a cache hit."""
+    from datasets import load_dataset
+    files = {split: str(data_path(config, f"{split}_path")) for split in ("train", "valid", "test")}
+    raw = load_dataset("json", data_files=files)
+    out, stats = {}, {}
+    for split, ds in raw.items():
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        tok = ds.map(_tokenize_batch, batched=True, remove_columns=ds.column_names,
+                     fn_kwargs={"tokenizer": tokenizer, "shape": shapes[split],
+                                "max_seq_length": config.data.max_seq_length,
+                                "train_on_prompt": config.data.train_on_prompt},
+                     desc=f"tokenizing {split}")
+        truncated = int(sum(tok["truncated"]))
+        # A record whose answer was cut off entirely has nothing to learn from; a batch made only of such
+        # records would give a 0/0 loss, so they are dropped (and counted).
+        kept = tok.filter(lambda n: [x > 0 for x in n], input_columns="answer_tokens", batched=True,
+                          desc=f"dropping {split} records with no answer tokens")
+        stats[split] = {"records": len(ds), "samples": len(kept), "truncated": truncated,
+                        "dropped_no_answer_tokens": len(tok) - len(kept),
+                        "tokens": int(sum(len(x) for x in kept["input_ids"])),
+                        "answer_tokens": int(sum(kept["answer_tokens"]))}
+        out[split] = kept.remove_columns(["truncated", "answer_tokens"])
+        if truncated:
+            log.warning("%s: %d of %d records are longer than max_seq_length=%d and were truncated",
+                        split, truncated, len(ds), config.data.max_seq_length)
+        if stats[split]["dropped_no_answer_tokens"]:
+            log.warning("%s: %d records had no answer tokens left after truncation and were dropped",
+                        split, stats[split]["dropped_no_answer_tokens"])
+    return out, stats
+
+
+class PadToLongestCollator:
+    """Pads a batch to its longest record (never to max_seq_length); labels are padded with IGNORE_INDEX."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+        width = max(len(f["input_ids"]) for f in features)
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            pad = width - len(f["input_ids"])
+            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * pad)
+            batch["attention_mask"].append(list(f["attention_mask"]) + [0] * pad)
+            batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. Model
+# --------------------------------------------------------------------------------------------------
+
+def attention_implementation(config: TrainingConfig) -> str:
+    if not config.model.use_flash_attention_2:
+        return "sdpa"
+    import importlib.util
+    if importlib.util.find_spec("flash_attn") is None:
+        log.warning("model.use_flash_attention_2 is true but flash-attn is not installed: using sdpa "
+                    "(pip install flash-attn to enable it)")
+        return "sdpa"
+    if config.compute.device != "cuda":
+        log.warning("flash_attention_2 needs CUDA: using sdpa on %s", config.compute.device)
+        return "sdpa"
+    return "flash_attention_2"
+
+
+def load_tokenizer(config: TrainingConfig):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_ref(config))
+    if tokenizer.pad_token_id is None:  # padding is masked out of loss and attention, so eos is a safe pad
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(config: TrainingConfig, attn: str):
+    """Weights stay fp32 (the master copy) under fp16/bf16 mixed precision; autocast does the rest."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_ref(config), attn_implementation=attn)
+    if config.model.gradient_checkpointing:
+        model.config.use_cache = False  # the KV cache is useless in training and conflicts with recompute
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. Tracking: one metrics dict feeds the console/train.log line, the CSV curves, TensorBoard and W&B
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Tracker:
+    run_id: str
+    log_dir: Path  # <logging_dir>/<run_id>: train.log and the CSV curves
+    tensorboard_dir: Optional[Path] = None
+    tb_writer: Any = None
+    wandb_run: Any = None
+    is_main: bool = True
+
+    @property
+    def train_curve(self) -> Path:
+        return self.log_dir / "train_loss.csv"
+
+    @property
+    def val_curve(self) -> Path:
+        return self.log_dir / "val_loss.csv"
+
+    @property
+    def wandb_url(self) -> Optional[str]:
+        return getattr(self.wandb_run, "url", None) if self.wandb_run is not None else None
+
+    def close(self) -> None:
+        if self.tb_writer is not None:
+            self.tb_writer.close()
+            self.tb_writer = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def make_run_id(config: TrainingConfig) -> str:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y_%m_%d_%H%M%S")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.data.dataset_name) or "run"
+    return f"{name}_{stamp}"
+
+
+def run_paths(config: TrainingConfig, run_id: str) -> dict:
+    lg = config.logging
+    return {"run_dir": Path(lg.output_dir).expanduser().resolve() / run_id,
+            "log_dir": Path(lg.logging_dir).expanduser().resolve() / run_id,
+            "tensorboard_dir": (Path(lg.tensorboard.log_dir).expanduser().resolve() / run_id
+                                if lg.tensorboard.enabled else None)}
+
+
+def init_tracking(config: TrainingConfig, run_id: Optional[str] = None, resume: bool = False,
+                  is_main: bool = True, resume_step: Optional[int] = None) -> Tracker:
+    """Open the run's trackers. On resume the CSV curves continue from `resume_step` (rows logged after it by
+    the interrupted process are dropped, they are about to be recomputed) and W&B continues the same run id."""
+    run_id = run_id or make_run_id(config)
+    paths = run_paths(config, run_id)
+    tracker = Tracker(run_id=run_id, log_dir=paths["log_dir"], tensorboard_dir=paths["tensorboard_dir"],
+                      is_main=is_main)
+    if not is_main:
+        return tracker
+    tracker.log_dir.mkdir(parents=True, exist_ok=True)
+    for path in (tracker.train_curve, tracker.val_curve):
+        rows = []
+        if resume and path.exists():
+            with path.open(newline="") as fh:
+                rows = [r for r in list(csv.reader(fh))[1:] if resume_step is None or int(r[0]) <= resume_step]
+        tmp = path.with_name(TMP_PREFIX + path.name)
+        with tmp.open("w", newline="") as fh:
+            csv.writer(fh).writerows([["step", "epoch", "value"], *rows])
+        os.replace(tmp, path)
+    if tracker.tensorboard_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+        tracker.tensorboard_dir.mkdir(parents=True, exist_ok=True)
+        tracker.tb_writer = SummaryWriter(log_dir=str(tracker.tensorboard_dir))
+    wb = config.logging.wandb
+    if wb.enabled:
+        import wandb
+        wandb_dir = paths["run_dir"]  # W&B files live with the run, not in the working directory
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        tracker.wandb_run = wandb.init(
+            project=wb.project, entity=wb.entity, tags=list(wb.tags), name=run_id, id=run_id,
+            resume="allow", dir=str(wandb_dir), config=config.to_dict(),
+            settings=wandb.Settings(console="off", silent=True))
+    return tracker
+
+
+def format_metrics(step: int, metrics: dict, max_steps: Optional[int] = None) -> str:
+    parts = [f"step {step}" + (f"/{max_steps}" if max_steps else "")]
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            parts.append(f"{key} {value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{key} {value:.4f}")
+        else:
+            parts.append(f"{key} {value}")
+    return " | ".join(parts)
+
+
+def log_metrics(tracker: Tracker, step: int, metrics: dict, max_steps: Optional[int] = None) -> None:
+    """Log one metrics dict everywhere: console + train.log, CSV curves, TensorBoard, W&B."""
+    if not tracker.is_main:
+        return
+    log.info(format_metrics(step, metrics, max_steps))
+    epoch = metrics.get("epoch", "")
+    for key, path in (("train_loss", tracker.train_curve), ("val_loss", tracker.val_curve)):
+        if key in metrics:
+            with path.open("a", newline="") as fh:
+                csv.writer(fh).writerow([step, epoch, _csv_float(metrics[key])])
+    # train_loss -> train/loss, val_loss -> val/loss: dashboards group the curves by split
+    scalars = {(k.replace("_", "/", 1) if k.startswith(("train_", "val_")) else k): float(v)
+               for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if tracker.tb_writer is not None:
+        for key, value in scalars.items():
+            tracker.tb_writer.add_scalar(key, value, step)
+        tracker.tb_writer.flush()
+    if tracker.wandb_run is not None:
+        tracker.wandb_run.log(scalars, step=step)
+
+
+def _csv_float(value: Any) -> str:
+    return "NaN" if isinstance(value, float) and math.isnan(value) else str(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. Callbacks: small, one job each
+# --------------------------------------------------------------------------------------------------
+
+HF_TO_OURS = {"loss": "train_loss", "eval_loss": "val_loss", "eval_perplexity": "val_perplexity",
+              "eval_token_accuracy": "val_token_accuracy"}
+
+
+def _callback_base():
+    from transformers import TrainerCallback
+    return TrainerCallback
+
+
+def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistory", dry_run: bool) -> list:
+    """Build the callback instances (the classes subclass TrainerCallback, imported lazily)."""
+    TrainerCallback = _callback_base()
+
+    class MetricsCallback(TrainerCallback):
+        """Renames Trainer's log keys to ours, adds tokens/s, and sends the dict to log_metrics."""
+
+        def __init__(self):
+            self.last_time, self.last_tokens = None, 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = dict(logs or {})
+            if "train_runtime" in logs:  # Trainer's end-of-run summary, not a point on the curve
+                history.summary.update(logs)
+                return
+            metrics = {"epoch": round(state.epoch or 0.0, 4)}
+            for key, value in logs.items():
+                if key in ("epoch", "num_input_tokens_seen"):
+                    continue
+                metrics[HF_TO_OURS.get(key, key.replace("eval_", "val_"))] = value
+            if "train_loss" in metrics:
+                now = time.perf_counter()
+                tokens = state.num_input_tokens_seen
+                if self.last_time is not None and now > self.last_time and tokens >= self.last_tokens:
+                    metrics["tokens_per_second"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
+                self.last_time, self.last_tokens = now, tokens
+            history.record(state.global_step, metrics)
+            log_metrics(tracker, state.global_step, metrics, state.max_steps)
+
+    class EvalSaveFlowCallback(TrainerCallback):
+        """Checkpoint at every evaluation (spec: save before every eval, so the best is always on disk),
+        and evaluate + save at every epoch end under save_strategy: epoch."""
+
+        def __init__(self):
+            self.last_saved_step = -1
+
+        def on_step_end(self, args, state, control, **kw):
+            if control.should_evaluate and not dry_run:
+                control.should_save = True
+            return control
+
+        def on_epoch_end(self, args, state, control, **kw):
+            if (config.training.checkpointing.save_strategy == "epoch" and not dry_run
+                    and state.global_step != self.last_saved_step and state.global_step > 0):
+                control.should_evaluate = True
+                control.should_save = True
+            return control
+
+        def on_save(self, args, state, control, **kw):
+            self.last_saved_step = state.global_step
+
+    class EarlyStoppingCallback(TrainerCallback):
+        """Stop after `patience` evaluations without improvement of early_stopping_metric. Not an anomaly:
+        the run completes normally. Works whether or not load_best_at_end is on."""
+
+        def __init__(self, metric: str, patience: int):
+            self.key, self.patience = metric.replace("val_", "eval_"), patience
+            self.greater = EVAL_METRICS[metric]
+            self.best, self.bad_evals = None, 0
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            if state.global_step == 0 or not metrics or self.key not in metrics:
+                return  # the eval_on_start baseline is not an epoch of training
+            value = metrics[self.key]
+            if self.best is None or (value > self.best if self.greater else value < self.best):
+                self.best, self.bad_evals = value, 0
+                return
+            self.bad_evals += 1
+            if self.bad_evals >= self.patience:
+                control.should_training_stop = True
+                history.early_stopped = {"epoch": round(state.epoch, 4), "step": state.global_step,
+                                         "metric": self.key.replace("eval_", "val_"), "best": self.best,
+                                         "evals_without_improvement": self.bad_evals}
+                log.info("early stopping: %s has not improved for %d evaluations (best %.4f)",
+                         self.key, self.bad_evals, self.best)
+
+    callbacks = [MetricsCallback(), EvalSaveFlowCallback()]
+    opt = config.training.optimization
+    if opt.early_stopping_patience and not dry_run:
+        callbacks.append(EarlyStoppingCallback(opt.early_stopping_metric, opt.early_stopping_patience))
+    return callbacks
+
+
+@dataclass
+class RunHistory:
+    """What the callbacks saw, for the manifest."""
+    train: list = field(default_factory=list)  # (step, epoch, loss)
+    evals: list = field(default_factory=list)  # (step, epoch, {val metrics})
+    summary: dict = field(default_factory=dict)
+    early_stopped: Optional[dict] = None
+
+    def record(self, step: int, metrics: dict) -> None:
+        if "train_loss" in metrics:
+            self.train.append((step, metrics["epoch"], metrics["train_loss"]))
+        vals = {k: v for k, v in metrics.items() if k.startswith("val_")}
+        if vals:
+            self.evals.append((step, metrics["epoch"], vals))
+
+
+# --------------------------------------------------------------------------------------------------
+# 10. Trainer subclass: token-level eval metrics, atomic validated checkpoints, retention
+# --------------------------------------------------------------------------------------------------
+
+def preprocess_logits_for_metrics(logits, labels):
+    """Reduce [B, T, V] logits to per-token argmax and NLL on the device, so full logits are never stored."""
+    import torch
+    import torch.nn.functional as F
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    shift_logits, shift_labels = logits[:, :-1, :].float(), labels[:, 1:]
+    nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
+    # [B, T-1, 2]: Trainer pads batches of different lengths along dim 1, so time must be dim 1
+    return torch.stack([shift_logits.argmax(-1).float(), nll], dim=-1)
+
+
+def compute_metrics(eval_pred) -> dict:
+    """Token-level loss (mean NLL over answer tokens), perplexity = exp(loss), token accuracy."""
+    import numpy as np
+    preds, labels = eval_pred.predictions, eval_pred.label_ids
+    target = labels[:, 1:1 + preds.shape[1]]
+    mask = target != IGNORE_INDEX
+    if not mask.any():
+        return {"token_loss": float("nan"), "token_accuracy": float("nan")}
+    argmax, nll = preds[:, : target.shape[1], 0][mask], preds[:, : target.shape[1], 1][mask]
+    return {"token_loss": float(np.mean(nll)), "token_accuracy": float(np.mean(argmax == target[mask]))}
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class FinanceTrainer(Trainer):
+        """Trainer with checkpoints named as the spec names them, written atomically and verified."""
+
+        run_config: TrainingConfig
+        run_id: str
+        checkpoint_records: dict  # name -> meta
+
+        def evaluation_loop(self, *args, **kwargs):
+            out = super().evaluation_loop(*args, **kwargs)
+            prefix = kwargs.get("metric_key_prefix", args[-1] if len(args) >= 5 else "eval")
+            m = out.metrics
+            if f"{prefix}_token_loss" in m:  # token-level loss is the true per-token NLL: use it as the loss
+                m[f"{prefix}_loss"] = m.pop(f"{prefix}_token_loss")
+                m[f"{prefix}_perplexity"] = math.exp(min(m[f"{prefix}_loss"], 700.0))
+            if prefix == "eval":
+                self.last_eval = (self.state.global_step, {k.replace("eval_", "val_"): v for k, v in m.items()})
+            return out
+
+        def _save_checkpoint(self, model, trial):
+            save_checkpoint(self)
+
+    return FinanceTrainer
+
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(?:epoch-)?\d+$")
+
+
+def checkpoint_name(config: TrainingConfig, global_step: int, epoch: float) -> str:
+    """`checkpoint-epoch-N` for epoch-end saves under save_strategy: epoch (as the spec names them),
+    `checkpoint-<step>` otherwise."""
+    if config.training.checkpointing.save_strategy == "epoch" and epoch and abs(epoch - round(epoch)) < 1e-9:
+        return f"checkpoint-epoch-{round(epoch)}"
+    return f"checkpoint-{global_step}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # not supported on every filesystem; the rename is still atomic
+        pass
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary name in the same folder, fsync, then rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, default=str)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def verify_weights(ckpt_dir: Path, state_dict: Optional[dict]) -> dict:
+    """Reload every saved tensor; check it is finite and equal to the in-memory weights it came from."""
+    import torch
+    from safetensors import safe_open
+    files = sorted(ckpt_dir.glob("*.safetensors"))
+    report = {"weights_files": [f.name for f in files], "tensors": 0, "nonfinite_tensors": [],
+              "mismatched_tensors": [], "checksums": {}}
+    if not files:
+        report["health"] = "missing_weights"
+        return report
+    for f in files:
+        report["checksums"][f.name] = _sha256(f)
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                t = fh.get_tensor(key)
+                report["tensors"] += 1
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    report["nonfinite_tensors"].append(key)
+                ref = state_dict.get(key) if state_dict is not None else None
+                if ref is not None and not torch.equal(ref.detach().to("cpu", t.dtype), t):
+                    report["mismatched_tensors"].append(key)
+    report["health"] = ("nonfinite" if report["nonfinite_tensors"] else
+                        "mismatch" if report["mismatched_tensors"] else "ok")
+    return report
+
+
+def save_checkpoint(trainer) -> Path:
+    """Trainer._save_checkpoint, made atomic: write into `.tmp-<name>`, verify, write checkpoint_meta.json
+    last, then rename. An interrupted save never looks like a checkpoint to list_checkpoints or resume."""
+    from transformers.trainer_callback import ExportableState
+    args, st, config = trainer.args, trainer.state, trainer.run_config
+    run_dir = Path(args.output_dir)
+    name = checkpoint_name(config, st.global_step, st.epoch)
+    tmp, final = run_dir / f"{TMP_PREFIX}{name}", run_dir / name
+    if args.should_save and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+    trainer.store_flos()
+    trainer.save_model(str(tmp), _internal_call=True)
+    if not args.save_only_model:
+        trainer._save_optimizer_and_scheduler(str(tmp))
+        trainer._save_scaler(str(tmp))
+        trainer._save_rng_state(str(tmp))
+    trainer.accelerator.wait_for_everyone()
+    if args.should_save:
+        for cb in trainer.callback_handler.callbacks + [trainer.control]:
+            if isinstance(cb, ExportableState):
+                st.stateful_callbacks[cb.__class__.__name__] = cb.state()
+        st.save_to_json(str(tmp / "trainer_state.json"))
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        check = verify_weights(tmp, model.state_dict())
+        eval_step, eval_metrics = getattr(trainer, "last_eval", (None, None))
+        meta = {"name": name, "run_id": trainer.run_id, "step": st.global_step, "epoch": round(st.epoch or 0, 4),
+                "metrics": eval_metrics if eval_step == st.global_step else None,
+                "dataset": {"name": config.data.dataset_name, "version": config.data.dataset_version},
+                "base_model": config.model.base_checkpoint, "config": config.to_dict(),
+                "created_at": utc_now(), **check}
+        write_json_atomic(tmp / CHECKPOINT_META, meta)
+        if final.exists():  # resumed from an older checkpoint: keep the superseded one, out of the listing
+            aside = run_dir / f"{name}.superseded-{int(time.time())}"
+            os.rename(final, aside)
+            log.warning("%s already existed (resumed from an earlier step); kept it as %s", name, aside.name)
+        os.rename(tmp, final)
+        _fsync_dir(run_dir)
+        healthy = check["health"] == "ok"
+        log.info("saved %s (step %d, weights %s)", name, st.global_step, check["health"])
+        if not healthy:
+            log.error("checkpoint %s failed verification (%s); it will never be used as best or latest",
+                      name, check["health"])
+        if healthy and st.best_global_step == st.global_step and eval_step == st.global_step:
+            trainer.best_checkpoint = str(final)
+        apply_retention(run_dir, config.training.checkpointing.save_total_limit,
+                        getattr(trainer, "best_checkpoint", None))
+    trainer.accelerator.wait_for_everyone()
+    st.best_model_checkpoint = getattr(trainer, "best_checkpoint", None)
+    return final
+
+
+def read_checkpoints(run_dir: Path) -> list[dict]:
+    """Complete checkpoints of a run (those with checkpoint_meta.json), oldest first."""
+    out = []
+    for d in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
+        meta_path = d / CHECKPOINT_META
+        if d.is_dir() and CHECKPOINT_RE.match(d.name) and meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            meta["path"] = str(d)
+            out.append(meta)
+    return sorted(out, key=lambda m: (m["step"], m["name"]))
+
+
+def apply_retention(run_dir: Path, limit: int, best: Optional[str]) -> list[str]:
+    """Keep the newest `limit` checkpoints, and always the best, the latest healthy and one backup."""
+    ckpts = read_checkpoints(run_dir)
+    healthy = [c for c in ckpts if c.get("health") == "ok"]
+    keep = {c["path"] for c in ckpts[-limit:]} | {c["path"] for c in healthy[-2:]}
+    if best:
+        keep.add(best)
+    deleted = []
+    for c in ckpts:
+        if c["path"] not in keep:
+            doomed = Path(c["path"])
+            trash = doomed.with_name(f"{TMP_PREFIX}delete-{doomed.name}")
+            os.rename(doomed, trash)  # gone from the listing at once, even if rmtree is interrupted
+            shutil.rmtree(trash, ignore_errors=True)
+            deleted.append(doomed.name)
+    if deleted:
+        log.info("retention (save_total_limit=%d): deleted %s", limit, ", ".join(deleted))
+    return deleted
+
+
+def clean_partial_saves(run_dir: Path) -> list[str]:
+    """Remove leftovers of interrupted saves/deletes (`.tmp-*` dirs) from an earlier process."""
+    removed = []
+    for d in Path(run_dir).glob(f"{TMP_PREFIX}*"):
+        if d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+    if removed:
+        log.warning("removed incomplete checkpoint saves left by an interrupted run: %s", ", ".join(removed))
+    return removed
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --------------------------------------------------------------------------------------------------
+# 11. Manifest: the run record, written atomically at start (status running) and at the end
+# --------------------------------------------------------------------------------------------------
+
+def save_manifest(run_id: str, manifest: dict, output_path: str) -> str:
+    """Write the manifest for `run_id` atomically to `output_path` (a file, or a run dir)."""
+    path = Path(output_path)
+    if path.is_dir() or not path.suffix:
+        path = path / MANIFEST_NAME
+    if manifest.get("run_id") not in (None, run_id):
+        raise ValueError(f"manifest run_id {manifest.get('run_id')!r} does not match {run_id!r}")
+    write_json_atomic(path, {"run_id": run_id, **manifest})
+    return str(path)
+
+
+def _git_info() -> dict:
+    import subprocess
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode != 0:
+            return {"commit": None, "dirty": None}
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def _hardware() -> dict:
+    cpu = platform.processor() or None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        ram_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        ram_gb = None
+    hw = {"cpu_model": cpu, "cpu_cores": os.cpu_count(), "ram_gb": ram_gb, "platform": platform.platform(),
+          "gpu_model": None, "gpu_count": 0, "cuda_version": None, "gpu_driver": None}
+    try:
+        import torch
+        if torch.cuda.is_available():
+            hw.update(gpu_model=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
+                      cuda_version=torch.version.cuda)
+            try:
+                import subprocess
+                out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                     capture_output=True, text=True, timeout=10)
+                hw["gpu_driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+            except (OSError, IndexError, Exception):
+                pass
+    except ImportError:
+        pass
+    return hw
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "datasets", "accelerate", "numpy", "tokenizers", "safetensors", "wandb",
+                "tensorboard"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def reproducibility_block(config: TrainingConfig, validation: ValidationResult, argv: list[str]) -> dict:
+    return {
+        "seed": config.training.seed,
+        "git": _git_info(),
+        "config_path": config.config_path,
+        "config_sha256": hashlib.sha256((config.config_text or "").encode()).hexdigest(),
+        "config_text": config.config_text,
+        "config_overrides": config.overrides,
+        "resolved_config": config.to_dict(),
+        "resolved_paths": config.resolved_paths,
+        "data_files": {split: {"path": info["path"], "sha256": _sha256(Path(info["path"])),
+                               "samples": info["samples"], "shape": info["shape"]}
+                       for split, info in validation.data.items()},
+        "hardware": _hardware(),
+        "versions": _versions(),
+        "command_line": [sys.executable] + argv,
+        "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE"),
+    }
+
+
+def _best_epoch(epoch: Optional[float]) -> Optional[int]:
+    """The (1-based) epoch a checkpoint was saved in: 2.0 -> 2, 1.5 -> 2."""
+    return None if epoch is None else max(1, math.ceil(epoch - 1e-9))
+
+
+def build_manifest(ctx: "RunContext", status: str) -> dict:
+    config, hp = ctx.config, ctx.config.training.hyperparameters
+    ckpts = read_checkpoints(ctx.run_dir) if ctx.run_dir.is_dir() else []
+    healthy = [c for c in ckpts if c.get("health") == "ok"]
+    best = next((c for c in ckpts if c["path"] == ctx.best_checkpoint), None)
+    last_train = ctx.history.train[-1] if ctx.history.train else None
+    last_eval = ctx.history.evals[-1][2] if ctx.history.evals else {}
+    first_eval = ctx.history.evals[0] if ctx.history.evals and ctx.history.evals[0][0] == 0 else None
+    elapsed = (ctx.end_time or time.time()) - ctx.start_time
+    stats = ctx.data_stats
+    manifest = {
+        "run_id": ctx.run_id,
+        "status": status,
+        "base_model": config.model.base_checkpoint,
+        "dataset": {
+            "name": config.data.dataset_name, "version": config.data.dataset_version,
+            "train_samples": stats.get("train", {}).get("samples"),
+            "valid_samples": stats.get("valid", {}).get("samples"),
+            "test_samples": stats.get("test", {}).get("samples"),
+            "format": {s: i.get("shape") for s, i in ctx.validation.data.items()},
+            "paths": {s: i["path"] for s, i in ctx.validation.data.items()},
+            "truncated_records": {s: v["truncated"] for s, v in stats.items()},
+            "dropped_records": {s: v["dropped_no_answer_tokens"] for s, v in stats.items()},
+            "tokens": {s: v["tokens"] for s, v in stats.items()},
+            "max_seq_length": config.data.max_seq_length, "train_on_prompt": config.data.train_on_prompt,
+        },
+        "hyperparameters": {
+            "learning_rate": hp.learning_rate, "batch_size": hp.batch_size,
+            "gradient_accumulation_steps": hp.gradient_accumulation_steps, "num_epochs": hp.num_epochs,
+            "max_seq_length": config.data.max_seq_length, "warmup_steps": hp.warmup_steps,
+            "weight_decay": hp.weight_decay, "max_grad_norm": hp.max_grad_norm,
+            "optimizer": config.training.optimization.optimizer,
+            "lr_scheduler": config.training.optimization.lr_scheduler,
+            "mixed_precision": config.compute.mixed_precision, "seed": config.training.seed,
+            "world_size": world_size(config),
+            "effective_batch_size": hp.batch_size * hp.gradient_accumulation_steps * world_size(config),
+        },
+        "training_results": {
+            "final_train_loss": _json_float(last_train[2]) if last_train else None,
+            "final_val_loss": _json_float(last_eval.get("val_loss")),
+            "final_val_perplexity": _json_float(last_eval.get("val_perplexity")),
+            "final_val_token_accuracy": _json_float(last_eval.get("val_token_accuracy")),
+            "initial_val_loss": _json_float(first_eval[2].get("val_loss")) if first_eval else None,
+            "initial_val_perplexity": _json_float(first_eval[2].get("val_perplexity")) if first_eval else None,
+            "best_epoch": _best_epoch(best["epoch"]) if best else None,
+            "best_step": best["step"] if best else None,
+            "best_metric": ({"name": config.training.checkpointing.metric_for_best_model,
+                             "value": (best.get("metrics") or {}).get(config.training.checkpointing.metric_for_best_model)}
+                            if best else None),
+            "total_steps": ctx.global_step,
+            "max_steps": ctx.max_steps,
+            "epochs_completed": ctx.epoch,
+            "training_time_hours": round(elapsed / 3600, 6),
+            "early_stopped": ctx.history.early_stopped is not None,
+            "early_stopping": ctx.history.early_stopped,
+        },
+        "test_results": ctx.test_results,
+        "checkpoints": {
+            "best_checkpoint": ctx.best_checkpoint,
+            "final_checkpoint": healthy[-1]["path"] if healthy else None,
+            "all_checkpoints": [c["name"] for c in ckpts],
+            "details": [{k: c.get(k) for k in ("name", "step", "epoch", "health", "metrics")} for c in ckpts],
+        },
+        "metrics": {
+            "train_loss_curve": str(ctx.tracker.train_curve),
+            "val_loss_curve": str(ctx.tracker.val_curve),
+            "train_log": str(ctx.tracker.log_dir / "train.log"),
+            "tensorboard_logs": str(ctx.tracker.tensorboard_dir) if ctx.tracker.tensorboard_dir else None,
+            "wandb_url": ctx.wandb_url,
+            "wandb_dir": str(ctx.run_dir / "wandb") if config.logging.wandb.enabled else None,
+            "tokens_seen": ctx.tokens_seen,
+        },
+        "tags": list(config.logging.wandb.tags),
+        "created_at": ctx.created_at,
+        "completed_at": utc_now() if status != "running" else None,
+        "config": config.to_dict(),
+        "config_overrides": config.overrides,
+        "config_differences_from_defaults": config_differences_from_defaults(config),
+        "warnings": ctx.validation.warnings + ctx.runtime_warnings,
+        "resume_from": ctx.resume_from,
+        "resumes": ctx.resumes,
+        "history": {"train": ctx.history.train, "evals": ctx.history.evals},
+        "reproducibility": {**ctx.reproducibility, "started_at": ctx.created_at,
+                            "ended_at": utc_now() if status != "running" else None,
+                            "duration_seconds": round(elapsed, 3)},
+    }
+    if ctx.error is not None:
+        manifest["error"] = ctx.error
+    return manifest
+
+
+def _json_float(value: Any) -> Any:
+    """Floats as JSON allows: NaN/inf become the strings "NaN"/"inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# 12. train_model: validate -> data -> model -> Trainer -> test eval -> manifest
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunContext:
+    """Everything one run accumulates; build_manifest reads it."""
+    config: TrainingConfig
+    run_id: str
+    run_dir: Path
+    validation: ValidationResult
+    tracker: Tracker
+    history: RunHistory
+    reproducibility: dict
+    created_at: str
+    start_time: float
+    end_time: Optional[float] = None
+    data_stats: dict = field(default_factory=dict)
+    best_checkpoint: Optional[str] = None
+    global_step: int = 0
+    max_steps: Optional[int] = None
+    epoch: Optional[float] = None
+    tokens_seen: Optional[int] = None
+    wandb_url: Optional[str] = None
+    test_results: Optional[dict] = None
+    resume_from: Optional[dict] = None
+    resumes: list = field(default_factory=list)
+    runtime_warnings: list = field(default_factory=list)
+    error: Optional[dict] = None
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str  # completed | diverged | failed | interrupted | dry_run
+    run_dir: str
+    manifest_path: Optional[str]
+    manifest: dict
+    exit_code: int = EXIT_OK
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _add_file_log(path: Path) -> logging.Handler:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")  # flushed per record, so `tail -f` works
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    return handler
+
+
+def echo_config(config: TrainingConfig) -> None:
+    """Never silently change a hyperparameter: print the final config and what differs from defaults."""
+    import yaml
+    log.info("resolved config:\n%s", yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
+    if config.overrides:
+        log.info("overrides from --set: %s", ", ".join(config.overrides))
+    for line in config_differences_from_defaults(config):
+        log.warning("differs from default: %s", line)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy, torch and CUDA RNGs; data shuffling uses the same seed through TrainingArguments."""
+    from transformers import set_seed
+    set_seed(seed)
+
+
+def build_training_args(config: TrainingConfig, run_dir: Path, dry_run: bool, max_steps: Optional[int],
+                        resuming: bool):
+    from transformers import TrainingArguments
+    hp, opt, ck, lg, c = (config.training.hyperparameters, config.training.optimization,
+                          config.training.checkpointing, config.logging, config.compute)
+    metric = ck.metric_for_best_model
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=hp.batch_size,
+        per_device_eval_batch_size=hp.batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        num_train_epochs=hp.num_epochs,
+        max_steps=max_steps if max_steps else -1,
+        learning_rate=hp.learning_rate,
+        weight_decay=hp.weight_decay,
+        max_grad_norm=hp.max_grad_norm,
+        warmup_steps=hp.warmup_steps,
+        lr_scheduler_type=opt.lr_scheduler,
+        optim=OPTIMIZERS[opt.optimizer],
+        fp16=c.mixed_precision == "fp16",
+        bf16=c.mixed_precision == "bf16",
+        gradient_checkpointing=config.model.gradient_checkpointing,
+        logging_strategy="steps",
+        logging_steps=1 if dry_run else lg.logging_steps,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # the filter reports a NaN loss as a stale finite value
+        eval_strategy="no" if dry_run else "steps",
+        eval_steps=lg.eval_steps,
+        eval_on_start=not (dry_run or resuming),  # the "before" perplexity
+        # Trainer decides the best checkpoint only under a save strategy; our EvalSaveFlowCallback adds a
+        # save at every eval and every epoch end, so under `epoch` Trainer's own step saves coincide with evals.
+        save_strategy="no" if dry_run else "steps",
+        save_steps=lg.save_steps if ck.save_strategy == "steps" else lg.eval_steps,
+        save_total_limit=None,  # retention is ours (apply_retention keeps best + latest + backup)
+        metric_for_best_model=metric.replace("val_", ""),
+        greater_is_better=EVAL_METRICS[metric],
+        seed=config.training.seed,
+        data_seed=config.training.seed,
+        use_cpu=c.device == "cpu",
+        ddp_backend=c.distributed_backend if world_size(config) > 1 else None,
+        report_to="none",  # trackers are fed by MetricsCallback -> log_metrics
+        disable_tqdm=not sys.stderr.isatty(),
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+    )
+
+
+def train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Optional[str] = None, *,
+                run_id: Optional[str] = None, max_steps: Optional[int] = None, force: bool = False,
+                argv: Optional[list] = None) -> RunResult:
+    """Run the whole workflow for a validated-or-not config and return what happened.
+    Raises TrainerError for failures the user can fix (the manifest records them when a run dir exists)."""
+    validation = validate_config(config)
+    validation.raise_if_failed()
+    resume = resolve_resume(config, resume_from, run_id, force) if resume_from else None
+    if resume:
+        run_id = resume["run_id"]
+    run_id = run_id or make_run_id(config)
+    if not RUN_ID_RE.match(run_id) or run_id in (".", ".."):
+        raise TrainerError("InvalidConfig", {
+            "field": "--run-id", "value": run_id, "expected": "letters, digits, '-', '_' and '.' only",
+            "suggestion": "choose an id like finance_ssc_2025_11_17_a"})
+    paths = run_paths(config, run_id)
+    run_dir = paths["run_dir"]
+    manifest_path = run_dir / MANIFEST_NAME
+    if not dry_run and not resume and manifest_path.exists():
+        raise TrainerError("RunExists", {
+            "run_id": run_id, "path": str(manifest_path),
+            "suggestion": f"choose another --run-id, or continue it with --resume-from latest --run-id {run_id}"})
+    if resume and resume.get("config_diff"):
+        validation.warnings.extend(resume["config_diff"])
+
+    if dry_run:
+        return dry_run_model(config, validation, run_id, max_steps or 10)
+
+    main_proc = is_main_process()
+    if main_proc:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        clean_partial_saves(run_dir)
+    tracker = init_tracking(config, run_id, resume=bool(resume), is_main=main_proc,
+                            resume_step=resume["step"] if resume else None)
+    handler = _add_file_log(tracker.log_dir / "train.log") if main_proc else None
+    previous = _read_json(manifest_path) if resume else {}
+    ctx = RunContext(config=config, run_id=run_id, run_dir=run_dir, validation=validation, tracker=tracker,
+                     history=RunHistory(), reproducibility=reproducibility_block(config, validation, argv or sys.argv),
+                     created_at=previous.get("created_at") or utc_now(), start_time=time.time(),
+                     wandb_url=tracker.wandb_url, resumes=list(previous.get("resumes") or []))
+    if resume:
+        ctx.resume_from = {"path": resume["path"], "step": resume["step"], "epoch": resume["epoch"]}
+        ctx.resumes.append({**ctx.resume_from, "at": utc_now(), "config_differences": resume["config_diff"]})
+        ctx.history = _history_from_manifest(previous, resume["step"])
+    try:
+        for w in validation.warnings:
+            log.warning(w)
+        echo_config(config)
+        if main_proc:
+            save_manifest(run_id, build_manifest(ctx, "running"), str(manifest_path))
+        status = _train(ctx, resume["path"] if resume else None)
+        exit_code = EXIT_OK
+    except TrainerError as exc:
+        status, exit_code = ("diverged" if exc.kind == "TrainingDiverged" else "failed"), exc.exit_code
+        ctx.error = exc.payload
+        raise
+    except KeyboardInterrupt:
+        status, exit_code = "interrupted", 130
+        ctx.error = {"error": "Interrupted", "details": {"suggestion": f"continue with --resume-from latest "
+                                                                         f"--run-id {run_id}"}}
+        raise
+    except Exception as exc:
+        status, exit_code = "failed", EXIT_FAILED
+        ctx.error = {"error": "TrainingFailed", "details": {"exception": f"{type(exc).__name__}: {exc}",
+                                                            "suggestion": "rerun with --debug for the traceback"}}
+        raise
+    finally:
+        ctx.end_time = time.time()
+        if main_proc:
+            manifest = build_manifest(ctx, status if "status" in locals() else "failed")
+            save_manifest(run_id, manifest, str(manifest_path))
+            if ctx.error is not None:
+                write_json_atomic(run_dir / "error.json", ctx.error)
+        tracker.close()
+        if handler:
+            log.removeHandler(handler)
+            handler.close()
+    return RunResult(run_id, status, str(run_dir), str(manifest_path), manifest, exit_code)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _history_from_manifest(previous: dict, up_to_step: int) -> RunHistory:
+    """The curves up to the resume point, as the interrupted process recorded them in its manifest."""
+    h = previous.get("history") or {}
+    return RunHistory(train=[tuple(x) for x in h.get("train", []) if x[0] <= up_to_step],
+                      evals=[tuple(x) for x in h.get("evals", []) if x[0] <= up_to_step])
+
+
+def _prepare(ctx: RunContext, limit: Optional[int] = None):
+    """Tokenizer, tokenized splits and model, all seeded."""
+    config = ctx.config
+    seed_everything(config.training.seed)
+    tokenizer = load_tokenizer(config)
+    shapes = {s: i["shape"] for s, i in ctx.validation.data.items()}
+    datasets_, ctx.data_stats = load_splits(config, tokenizer, shapes, limit)
+    if len(datasets_["train"]) == 0:
+        raise TrainerError("EmptyDataset", {
+            "path": str(data_path(config, "train_path")), "line_count": ctx.data_stats["train"]["records"],
+            "suggestion": "every record lost its answer to truncation: raise data.max_seq_length"})
+    attn = attention_implementation(config)
+    model = load_base_model(config, attn)
+    return tokenizer, datasets_, model
+
+
+def _build_trainer(ctx: RunContext, tokenizer, datasets_, model, args, callbacks):
+    FinanceTrainer = _trainer_class()
+    trainer = FinanceTrainer(
+        model=model, args=args, train_dataset=datasets_["train"], eval_dataset=datasets_["valid"],
+        processing_class=tokenizer, data_collator=PadToLongestCollator(tokenizer.pad_token_id),
+        compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        callbacks=callbacks)
+    trainer.run_config, trainer.run_id = ctx.config, ctx.run_id
+    return trainer
+
+
+def _train(ctx: RunContext, resume_path: Optional[str]) -> str:
+    config = ctx.config
+    tokenizer, datasets_, model = _prepare(ctx)
+    args = build_training_args(config, ctx.run_dir, dry_run=False, max_steps=None, resuming=resume_path is not None)
+    callbacks = make_callbacks(config, ctx.tracker, ctx.history, dry_run=False)
+    trainer = _build_trainer(ctx, tokenizer, datasets_, model, args, callbacks)
+    if resume_path:
+        trainer.best_checkpoint = _read_json(ctx.run_dir / MANIFEST_NAME).get("checkpoints", {}).get("best_checkpoint")
+    log.info("training %s: %d train / %d valid samples, %d optimizer steps planned",
+             ctx.run_id, ctx.data_stats["train"]["samples"], ctx.data_stats["valid"]["samples"],
+             total_optimizer_steps(config, ctx.data_stats["train"]["samples"]))
+    try:
+        trainer.train(resume_from_checkpoint=resume_path)
+    except _oom_types() as exc:
+        raise out_of_memory_error(config, str(exc)) from exc
+    finally:
+        st = trainer.state
+        ctx.global_step, ctx.max_steps, ctx.epoch = st.global_step, st.max_steps, st.epoch
+        ctx.tokens_seen, ctx.best_checkpoint = st.num_input_tokens_seen, getattr(trainer, "best_checkpoint", None)
+    final_model = "final weights"
+    if config.training.checkpointing.load_best_at_end and ctx.best_checkpoint:
+        trainer.state.best_model_checkpoint = ctx.best_checkpoint
+        trainer._load_best_model()
+        final_model = Path(ctx.best_checkpoint).name
+    test = trainer.evaluate(datasets_["test"], metric_key_prefix="test")
+    ctx.test_results = {"evaluated": final_model, **{k: _json_float(v) for k, v in test.items()
+                                                    if k.startswith("test_") and "runtime" not in k
+                                                    and "per_second" not in k}}
+    _report_before_after(ctx)
+    return "completed"
+
+
+def _report_before_after(ctx: RunContext) -> None:
+    if not ctx.history.evals:
+        return
+    first, last = ctx.history.evals[0], ctx.history.evals[-1]
+    log.info("validation perplexity: %.3f at step %d -> %.3f at step %d; test perplexity %s (%s)",
+             first[2].get("val_perplexity", float("nan")), first[0], last[2].get("val_perplexity", float("nan")),
+             last[0], ctx.test_results.get("test_perplexity") if ctx.test_results else None,
+             ctx.test_results.get("evaluated") if ctx.test_results else "-")
+
+
+def _oom_types() -> tuple:
+    import torch
+    return (torch.OutOfMemoryError,)
+
+
+def out_of_memory_error(config: TrainingConfig, message: str, estimated_gb: Optional[float] = None,
+                        available_gb: Optional[float] = None) -> TrainerError:
+    hp = config.training.hyperparameters
+    smaller = max(1, hp.batch_size // 2)
+    fix = (f"Reduce batch_size to {smaller} (and double gradient_accumulation_steps to "
+           f"{hp.gradient_accumulation_steps * 2} to keep the effective batch)")
+    if not config.model.gradient_checkpointing:
+        fix += " or enable model.gradient_checkpointing"
+    return TrainerError("OutOfMemory", {"batch_size": hp.batch_size, "seq_length": config.data.max_seq_length,
+                                        "estimated_memory_gb": estimated_gb, "available_memory_gb": available_gb,
+                                        "message": message[:300], "suggestion": fix})
+
+
+# Keys whose change makes a resumed run a different experiment (error unless --force).
+RESUME_FATAL_KEYS = ("model.base_checkpoint", "data.max_seq_length", "data.train_path", "data.format",
+                     "data.train_on_prompt", "training.hyperparameters.batch_size",
+                     "training.hyperparameters.gradient_accumulation_steps", "compute.num_gpus",
+                     "training.seed")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def resolve_resume(config: TrainingConfig, resume_from: str, run_id: Optional[str], force: bool = False) -> dict:
+    """Find the checkpoint to resume from and compare its stored config with the current one."""
+    if resume_from == "latest":
+        if not run_id:
+            raise TrainerError("InvalidConfig", {
+                "field": "--resume-from", "value": "latest", "expected": "--run-id RUN with `latest`",
+                "suggestion": "add --run-id <run id>, or pass the checkpoint directory itself"})
+        run_dir = run_paths(config, run_id)["run_dir"]
+        healthy = [c for c in read_checkpoints(run_dir) if c.get("health") == "ok"]
+        if not healthy:
+            raise TrainerError("CheckpointNotFound", {
+                "field": "--resume-from", "value": "latest", "path": str(run_dir),
+                "suggestion": "this run has no complete, healthy checkpoint (an interrupted save is never used); "
+                              "start a new run, or pass a checkpoint directory explicitly"})
+        meta = healthy[-1]
+    else:
+        path = Path(resume_from).expanduser().resolve()
+        meta_path = path / CHECKPOINT_META
+        if not meta_path.is_file():
+            raise TrainerError("CheckpointNotFound", {
+                "field": "--resume-from", "value": resume_from, "path": str(path),
+                "suggestion": ("the directory has no checkpoint_meta.json, so it is not a complete checkpoint of "
+                               "this tool; use --resume-from latest --run-id RUN") if path.is_dir()
+                else "no such directory; list the run's checkpoints with `ls <output_dir>/<run_id>`"})
+        meta = {**json.loads(meta_path.read_text()), "path": str(path)}
+        if meta.get("health") != "ok":
+            raise TrainerError("CheckpointNotFound", {
+                "field": "--resume-from", "value": resume_from, "health": meta.get("health"),
+                "suggestion": "this checkpoint failed verification after saving; resume from an earlier one"})
+    old, new = _flatten(meta.get("config") or {}), _flatten(config.to_dict())
+    diffs = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    fatal = [problem("InvalidConfig", field=k, value=_jsonable(n), expected=_jsonable(o),
+                     suggestion=f"the checkpoint was trained with {k}={o!r}; restore it, start a new run, or pass "
+                                "--force to resume anyway") for k, o, n in diffs if k in RESUME_FATAL_KEYS]
+    if fatal and not force:
+        raise TrainerError.collected(fatal)
+    return {"run_id": meta["run_id"], "path": meta["path"], "step": meta["step"], "epoch": meta["epoch"],
+            "config_diff": [f"config differs from the checkpoint's: {k}: {o!r} -> {n!r}" for k, o, n in diffs]}
+
+
+def dry_run_model(config: TrainingConfig, validation: ValidationResult, run_id: str, steps: int) -> RunResult:
+    """The real pipeline on a slice: data, batches, model, `steps` optimizer steps, logging setup.
+    Writes dry_run_report.json in the run dir; no checkpoints, no manifest (so it cannot block the real run)."""
+    run_dir = run_paths(config, run_id)["run_dir"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Trackers get their own `-dryrun` id so the real run's curves and W&B run start clean.
+    tracker = init_tracking(config, f"{run_id}-dryrun")
+    history = RunHistory()
+    ctx = RunContext(config=config, run_id=run_id, run_dir=run_dir, validation=validation, tracker=tracker,
+                     history=history, reproducibility={}, created_at=utc_now(), start_time=time.time())
+    hp = config.training.hyperparameters
+    limit = max(hp.batch_size * hp.gradient_accumulation_steps * world_size(config) * steps, hp.batch_size)
+    try:
+        echo_config(config)
+        tokenizer, datasets_, model = _prepare(ctx, limit=limit)
+        collator = PadToLongestCollator(tokenizer.pad_token_id)
+        first = collator([datasets_["train"][i] for i in range(min(hp.batch_size, len(datasets_["train"])))])
+        sample = datasets_["train"][0]
+        args = build_training_args(config, run_dir / "dry_run_tmp", dry_run=True, max_steps=steps, resuming=False)
+        trainer = _build_trainer(ctx, tokenizer, datasets_, model, args,
+                                 make_callbacks(config, tracker, history, dry_run=True))
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+    except _oom_types() as exc:
+        raise out_of_memory_error(config, str(exc)) from exc
+    finally:
+        tracker.close()
+        shutil.rmtree(run_dir / "dry_run_tmp", ignore_errors=True)
+    losses = [x[2] for x in history.train]
+    initial = losses[0] if losses else float("nan")
+    vocab = model.config.vocab_size
+    checks = {"initial_loss_finite": math.isfinite(initial),
+              "final_loss_finite": bool(losses) and math.isfinite(losses[-1]),
+              "logging_ok": tracker.train_curve.exists()}
+    report = {
+        "run_id": run_id, "status": "passed" if all(checks.values()) else "failed", "steps": steps,
+        "batch_shapes": {k: list(v.shape) for k, v in first.items()},
+        "sample": _masked_sample(tokenizer, sample),
+        "initial_loss": _json_float(initial), "ln_vocab": round(math.log(vocab), 4),
+        "loss_after_steps": _json_float(losses[-1]) if losses else None,
+        "tokens_per_second": round(trainer.state.num_input_tokens_seen / seconds, 1) if seconds else None,
+        "data": ctx.data_stats, "checks": checks, "warnings": validation.warnings,
+        "tracking": {"csv": str(tracker.log_dir), "tensorboard": str(tracker.tensorboard_dir)
+                     if tracker.tensorboard_dir else None, "wandb": config.logging.wandb.enabled},
+        "created_at": utc_now(),
+    }
+    path = run_dir / "dry_run_report.json"
+    write_json_atomic(path, report)
+    log.info("dry run %s: initial loss %.4f (ln vocab = %.4f), loss after %d steps %.4f -> %s",
+             report["status"], initial, report["ln_vocab"], steps, losses[-1] if losses else float("nan"), path)
+    return RunResult(run_id, "dry_run", str(run_dir), None, report,
+                     EXIT_OK if report["status"] == "passed" else EXIT_FAILED)
+
+
+def _masked_sample(tokenizer, example: dict) -> dict:
+    """The first training record decoded, with the prompt (no loss) and answer (loss) parts shown apart."""
+    ids, labels = example["input_ids"], example["labels"]
+    prompt = tokenizer.decode([i for i, l in zip(ids, labels) if l == IGNORE_INDEX])
+    answer = tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX])
+    return {"tokens": len(ids), "answer_tokens": sum(l != IGNORE_INDEX for l in labels),
+            "prompt_text_masked": prompt[:400], "answer_text_trained": answer[:400]}
+
+
+# --------------------------------------------------------------------------------------------------
+# 13. CLI
+# --------------------------------------------------------------------------------------------------
+
+EPILOG = """exit codes: 0 success; 2 invalid config, data, checkpoint or paths (nothing trained);
+3 training stopped by an anomaly guard; 4 out of memory; 1 anything else.
+Failures end with one JSON object on stderr: {"error": Kind, "details": {...}, "errors": [...]}."""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="train_finance_ssc_model.py", description="Fine-tune SmolLM3 on finance data from a YAML config.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="path to training_config.yaml")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run the real pipeline for --max-steps steps on a slice; no checkpoints or manifest")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps for --dry-run (default 10)")
+    p.add_argument("--validate-only", action="store_true", help="check config, data and checkpoint, then exit")
+    p.add_argument("--resume-from", metavar="PATH|latest",
+                   help="continue a run from a checkpoint dir, or from its newest healthy one (with --run-id)")
+    p.add_argument("--force", action="store_true",
+                   help="resume even if a config change makes the resume a different experiment")
+    p.add_argument("--run-id", help="run id (letters, digits, - _ .); default: <dataset_name>_<UTC time>")
+    p.add_argument("--output-dir", help="override logging.output_dir")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set training.hyperparameters.learning_rate=1e-5 "
+                        "(repeatable; recorded in the manifest)")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    return p.parse_args(argv)
+
+
+def setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+    if not debug:
+        for noisy in ("transformers", "datasets", "accelerate", "torch"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def emit_error(payload: dict) -> None:
+    """The last thing on stderr: one JSON object."""
+    sys.stdout.flush()
+    sys.stderr.write(json.dumps(payload, default=str) + "\n")
+    sys.stderr.flush()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    setup_logging(args.debug)
+    try:
+        overrides = list(args.overrides) + ([f"logging.output_dir={args.output_dir}"] if args.output_dir else [])
+        config = load_training_config(args.config, overrides)
+        if args.validate_only:
+            result = validate_config(config)
+            for w in result.warnings:
+                log.warning(w)
+            result.raise_if_failed()
+            log.info("config OK: %s", ", ".join(f"{s} {i['samples']} samples ({i['shape']})"
+                                                 for s, i in result.data.items()))
+            return EXIT_OK
+        result = train_model(config, dry_run=args.dry_run, resume_from=args.resume_from, run_id=args.run_id,
+                             max_steps=args.max_steps, force=args.force, argv=argv)
+        if result.manifest_path:
+            log.info("run %s %s; manifest: %s", result.run_id, result.status, result.manifest_path)
+        return result.exit_code
+    except TrainerError as exc:
+        if args.debug:
+            import traceback
+            traceback.print_exc()
+        emit_error(exc.payload)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        emit_error({"error": "Interrupted", "details": {"suggestion": "resume with --resume-from latest --run-id RUN"}})
+        return 130
+    except Exception as exc:  # unexpected: still one JSON object, traceback only with --debug
+        if args.debug:
+            import traceback
+            traceback.print_exc()
+        emit_error({"error": "TrainingFailed", "details": {"exception": f"{type(exc).__name__}: {exc}",
+                                                           "suggestion": "rerun with --debug for the traceback"}})
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
