@@ -179,10 +179,21 @@ class ComputeConfig:
 
 
 @dataclass(kw_only=True)
+class GuardsConfig:
+    """Anomaly guards (spec: Training Stability). A stop ends the run with exit code 3."""
+    grad_norm_limit: float = field(default=100.0, metadata={"doc": "stop when the pre-clip grad norm exceeds it"})
+    divergence_increase: float = field(default=0.10, metadata={"doc": "val loss above best by this fraction..."})
+    divergence_evals: int = field(default=3, metadata={"doc": "...for this many consecutive evals: stop"})
+    spike_factor: float = field(default=3.0, metadata={"doc": "warn when train loss > factor x recent mean"})
+    spike_window: int = field(default=10, metadata={"doc": "logged train losses in the recent mean"})
+
+
+@dataclass(kw_only=True)
 class TrainingSection:
     hyperparameters: HyperparametersConfig = field(default_factory=HyperparametersConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
     seed: int = field(default=42, metadata={"doc": "seeds python, numpy, torch, CUDA and data shuffling"})
 
 
@@ -540,6 +551,16 @@ def _field_rules(config: TrainingConfig, res: ValidationResult) -> None:
     elif ck.save_total_limit < 3:
         warn(f"training.checkpointing.save_total_limit={ck.save_total_limit}: the best, the latest and one "
              "backup checkpoint are always kept, so up to 3 checkpoints stay on disk")
+
+    g = config.training.guards
+    for key, ok, expected, fix in (
+            ("grad_norm_limit", g.grad_norm_limit > 0, "number > 0", "grad_norm_limit: 100 (spec default)"),
+            ("divergence_increase", g.divergence_increase > 0, "number > 0", "divergence_increase: 0.10"),
+            ("divergence_evals", g.divergence_evals >= 1, "integer >= 1", "divergence_evals: 3"),
+            ("spike_factor", g.spike_factor > 1, "number > 1", "spike_factor: 3.0"),
+            ("spike_window", g.spike_window >= 2, "integer >= 2", "spike_window: 10")):
+        if not ok:
+            err(config_problem(f"training.guards.{key}", getattr(g, key), expected, f"set {fix}"))
 
     lg = config.logging
     for key in ("logging_steps", "eval_steps", "save_steps"):
@@ -1171,6 +1192,7 @@ def _csv_float(value: Any) -> str:
 # 9. Callbacks: small, one job each
 # --------------------------------------------------------------------------------------------------
 
+NOISE_SUFFIXES = ("_runtime", "_per_second")  # Trainer's timing keys; tokens_per_second is ours
 HF_TO_OURS = {"loss": "train_loss", "eval_loss": "val_loss", "eval_perplexity": "val_perplexity",
               "eval_token_accuracy": "val_token_accuracy"}
 
@@ -1180,7 +1202,8 @@ def _callback_base():
     return TrainerCallback
 
 
-def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistory", dry_run: bool) -> list:
+def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistory", probe: "StepProbe",
+                   dry_run: bool) -> list:
     """Build the callback instances (the classes subclass TrainerCallback, imported lazily)."""
     TrainerCallback = _callback_base()
 
@@ -1195,12 +1218,12 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
-            if "train_runtime" in logs:  # Trainer's end-of-run summary, not a point on the curve
+            if "train_loss" in logs and "loss" not in logs:  # Trainer's end-of-run summary, not a curve point
                 history.summary.update(logs)
                 return
             metrics = {"epoch": round(state.epoch or 0.0, 4)}
             for key, value in logs.items():
-                if key in ("epoch", "num_input_tokens_seen"):
+                if key in ("epoch", "num_input_tokens_seen") or key.endswith(NOISE_SUFFIXES):
                     continue
                 metrics[HF_TO_OURS.get(key, key.replace("eval_", "val_"))] = value
             if "train_loss" in metrics:
@@ -1259,7 +1282,97 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
                 log.info("early stopping: %s has not improved for %d evaluations (best %.4f)",
                          self.key, self.bad_evals, self.best)
 
-    callbacks = [MetricsCallback(), EvalSaveFlowCallback()]
+    g = config.training.guards
+
+    def record_anomaly(kind: str, state, stop: bool, step: Optional[int] = None, **details) -> None:
+        event = {"kind": kind, "step": state.global_step if step is None else step,
+                 "epoch": round(state.epoch or 0.0, 4),
+                 "action": "stopped" if stop else "warned", **details}
+        history.anomalies.append(event)
+        if stop and history.stop is None:
+            history.stop = event
+        (log.error if stop else log.warning)("anomaly: %s", json.dumps(event, default=str))
+
+    class NonFiniteAndExplodingGradGuard(TrainerCallback):
+        """NaN/inf loss or grad norm, or grad norm > grad_norm_limit: skip the update and stop.
+        Runs in on_pre_optimizer_step, while gradients exist and before the weights change; a guard in
+        on_log would fire after the poisoned update. The grad norm is all-reduced under DDP, so every rank
+        takes the same decision."""
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            norm = probe.grad_norm
+            loss = float(probe.loss_sum) if probe.loss_sum is not None else None
+            reason = None
+            if probe.nonfinite_loss or (loss is not None and not math.isfinite(loss)):
+                reason = "loss is NaN/inf"
+            elif norm is not None and not math.isfinite(norm):
+                reason = "gradient norm is NaN/inf"
+            elif norm is not None and norm > g.grad_norm_limit:
+                reason = f"gradient norm {norm:.4g} exceeds grad_norm_limit {g.grad_norm_limit:g}"
+            if reason:
+                for p in model.parameters():  # optimizers skip parameters without a gradient
+                    p.grad = None
+                control.should_training_stop = True
+                record_anomaly("nonfinite" if "NaN" in reason else "grad_explosion", state, stop=True,
+                               step=state.global_step + 1, reason=reason, train_loss=_json_float(loss), grad_norm=_json_float(norm),
+                               update_skipped=True)
+            probe.loss_sum, probe.nonfinite_loss, probe.grad_norm = None, False, None
+            return control
+
+        def on_step_end(self, args, state, control, **kw):
+            if history.stop is not None and history.stop["step"] == state.global_step and not dry_run:
+                control.should_save = True  # a checkpoint of the last good weights to resume from
+            return control
+
+    class DivergenceGuard(TrainerCallback):
+        """Validation loss above the best so far by more than divergence_increase for divergence_evals
+        consecutive evaluations: stop."""
+
+        def __init__(self):
+            self.best, self.bad = None, 0
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            loss = (metrics or {}).get("eval_loss")
+            if loss is None:
+                return
+            if not math.isfinite(loss):
+                control.should_training_stop = True
+                record_anomaly("nonfinite_val_loss", state, stop=True, val_loss=_json_float(loss),
+                               reason="validation loss is NaN/inf")
+                return
+            if self.best is None or loss < self.best:
+                self.best, self.bad = loss, 0
+                return
+            if loss > self.best * (1 + g.divergence_increase):
+                self.bad += 1
+                if self.bad >= g.divergence_evals:
+                    control.should_training_stop = True
+                    record_anomaly("divergence", state, stop=True, val_loss=loss, best_val_loss=self.best,
+                                   reason=f"validation loss {loss:.4f} has been more than "
+                                          f"{g.divergence_increase:.0%} above the best ({self.best:.4f}) for "
+                                          f"{self.bad} consecutive evaluations")
+            else:
+                self.bad = 0
+
+    class LossSpikeWarning(TrainerCallback):
+        """Train loss far above its recent mean: a warning in the manifest, training goes on."""
+
+        def __init__(self):
+            self.recent: list = []
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            loss = (logs or {}).get("loss")
+            if loss is None or not math.isfinite(loss):
+                return
+            if len(self.recent) >= 3:
+                mean = sum(self.recent) / len(self.recent)
+                if loss > g.spike_factor * mean:
+                    record_anomaly("loss_spike", state, stop=False, train_loss=loss, recent_mean=mean,
+                                   reason=f"train loss {loss:.4f} is over {g.spike_factor:g}x its recent mean")
+            self.recent = (self.recent + [loss])[-g.spike_window:]
+
+    callbacks = [MetricsCallback(), EvalSaveFlowCallback(), NonFiniteAndExplodingGradGuard(), DivergenceGuard(),
+                 LossSpikeWarning()]
     opt = config.training.optimization
     if opt.early_stopping_patience and not dry_run:
         callbacks.append(EarlyStoppingCallback(opt.early_stopping_metric, opt.early_stopping_patience))
@@ -1273,6 +1386,8 @@ class RunHistory:
     evals: list = field(default_factory=list)  # (step, epoch, {val metrics})
     summary: dict = field(default_factory=dict)
     early_stopped: Optional[dict] = None
+    anomalies: list = field(default_factory=list)  # every guard event, warnings included
+    stop: Optional[dict] = None  # the anomaly that stopped the run
 
     def record(self, step: int, metrics: dict) -> None:
         if "train_loss" in metrics:
@@ -1280,6 +1395,15 @@ class RunHistory:
         vals = {k: v for k, v in metrics.items() if k.startswith("val_")}
         if vals:
             self.evals.append((step, metrics["epoch"], vals))
+
+
+@dataclass
+class StepProbe:
+    """Filled by FinanceTrainer inside each optimizer step, read by the guards before the update."""
+    loss_sum: Any = None  # sum of this step's micro-batch losses (a tensor: no sync until a guard reads it)
+    nonfinite_loss: bool = False
+    grad_norm: Optional[float] = None  # pre-clip norm
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1310,6 +1434,22 @@ def compute_metrics(eval_pred) -> dict:
     return {"token_loss": float(np.mean(nll)), "token_accuracy": float(np.mean(argmax == target[mask]))}
 
 
+# Test hooks (documented in the README): make one optimizer step see a NaN loss or an exploding gradient norm,
+# so the guards can be tested deterministically. Unset in normal use.
+_INJECT_NAN_AT_STEP = int(os.environ["FINANCE_TRAINER_INJECT_NAN_AT_STEP"]) \
+    if os.environ.get("FINANCE_TRAINER_INJECT_NAN_AT_STEP") else None
+_INJECT_GRAD_SCALE_AT_STEP = tuple(float(x) for x in os.environ["FINANCE_TRAINER_INJECT_GRAD_SCALE"].split(":")) \
+    if os.environ.get("FINANCE_TRAINER_INJECT_GRAD_SCALE") else None  # "STEP:FACTOR"
+
+
+def _inject_nan(model, loss):
+    """Poison every gradient with NaN, as a real overflow would."""
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.fill_(float("nan"))
+    return loss * float("nan")
+
+
 def _trainer_class():
     from transformers import Trainer
 
@@ -1333,6 +1473,20 @@ def _trainer_class():
 
         def _save_checkpoint(self, model, trial):
             save_checkpoint(self)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if _INJECT_NAN_AT_STEP is not None and self.state.global_step + 1 == _INJECT_NAN_AT_STEP:
+                loss = _inject_nan(model, loss)
+            self.probe.loss_sum = loss if self.probe.loss_sum is None else self.probe.loss_sum + loss
+            return loss
+
+        def _clip_grad_norm(self, model):
+            norm = super()._clip_grad_norm(model)
+            self.probe.grad_norm = float(norm)  # a sync point Trainer pays anyway when it logs the norm
+            if _INJECT_GRAD_SCALE_AT_STEP is not None and self.state.global_step + 1 == _INJECT_GRAD_SCALE_AT_STEP[0]:
+                self.probe.grad_norm *= _INJECT_GRAD_SCALE_AT_STEP[1]
+            return norm
 
     return FinanceTrainer
 
@@ -1664,6 +1818,7 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
             "early_stopping": ctx.history.early_stopped,
         },
         "test_results": ctx.test_results,
+        "anomalies": ctx.history.anomalies,
         "checkpoints": {
             "best_checkpoint": ctx.best_checkpoint,
             "final_checkpoint": healthy[-1]["path"] if healthy else None,
@@ -1795,7 +1950,7 @@ def build_training_args(config: TrainingConfig, run_dir: Path, dry_run: bool, ma
         optim=OPTIMIZERS[opt.optimizer],
         fp16=c.mixed_precision == "fp16",
         bf16=c.mixed_precision == "bf16",
-        gradient_checkpointing=config.model.gradient_checkpointing,
+        activation_checkpointing=config.model.gradient_checkpointing,
         logging_strategy="steps",
         logging_steps=1 if dry_run else lg.logging_steps,
         logging_first_step=True,
@@ -1918,6 +2073,9 @@ def _history_from_manifest(previous: dict, up_to_step: int) -> RunHistory:
 def _prepare(ctx: RunContext, limit: Optional[int] = None):
     """Tokenizer, tokenized splits and model, all seeded."""
     config = ctx.config
+    if not sys.stderr.isatty():  # progress bars in a log file are noise
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     seed_everything(config.training.seed)
     tokenizer = load_tokenizer(config)
     shapes = {s: i["shape"] for s, i in ctx.validation.data.items()}
@@ -1931,14 +2089,18 @@ def _prepare(ctx: RunContext, limit: Optional[int] = None):
     return tokenizer, datasets_, model
 
 
-def _build_trainer(ctx: RunContext, tokenizer, datasets_, model, args, callbacks):
+def _build_trainer(ctx: RunContext, tokenizer, datasets_, model, args, dry_run: bool):
     FinanceTrainer = _trainer_class()
+    probe = StepProbe()
+    callbacks = make_callbacks(ctx.config, ctx.tracker, ctx.history, probe, dry_run=dry_run)
     trainer = FinanceTrainer(
         model=model, args=args, train_dataset=datasets_["train"], eval_dataset=datasets_["valid"],
         processing_class=tokenizer, data_collator=PadToLongestCollator(tokenizer.pad_token_id),
         compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         callbacks=callbacks)
-    trainer.run_config, trainer.run_id = ctx.config, ctx.run_id
+    trainer.run_config, trainer.run_id, trainer.probe = ctx.config, ctx.run_id, probe
+    from transformers.trainer_callback import PrinterCallback
+    trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one formatted line instead
     return trainer
 
 
@@ -1946,8 +2108,7 @@ def _train(ctx: RunContext, resume_path: Optional[str]) -> str:
     config = ctx.config
     tokenizer, datasets_, model = _prepare(ctx)
     args = build_training_args(config, ctx.run_dir, dry_run=False, max_steps=None, resuming=resume_path is not None)
-    callbacks = make_callbacks(config, ctx.tracker, ctx.history, dry_run=False)
-    trainer = _build_trainer(ctx, tokenizer, datasets_, model, args, callbacks)
+    trainer = _build_trainer(ctx, tokenizer, datasets_, model, args, dry_run=False)
     if resume_path:
         trainer.best_checkpoint = _read_json(ctx.run_dir / MANIFEST_NAME).get("checkpoints", {}).get("best_checkpoint")
     log.info("training %s: %d train / %d valid samples, %d optimizer steps planned",
@@ -1961,6 +2122,8 @@ def _train(ctx: RunContext, resume_path: Optional[str]) -> str:
         st = trainer.state
         ctx.global_step, ctx.max_steps, ctx.epoch = st.global_step, st.max_steps, st.epoch
         ctx.tokens_seen, ctx.best_checkpoint = st.num_input_tokens_seen, getattr(trainer, "best_checkpoint", None)
+    if ctx.history.stop is not None:
+        raise diverged_error(ctx)
     final_model = "final weights"
     if config.training.checkpointing.load_best_at_end and ctx.best_checkpoint:
         trainer.state.best_model_checkpoint = ctx.best_checkpoint
@@ -1974,13 +2137,32 @@ def _train(ctx: RunContext, resume_path: Optional[str]) -> str:
     return "completed"
 
 
+def diverged_error(ctx: RunContext) -> TrainerError:
+    """The spec's TrainingDiverged payload, with a checkpoint that exists, loads and is finite."""
+    stop = ctx.history.stop
+    healthy = [c for c in read_checkpoints(ctx.run_dir) if c.get("health") == "ok"]
+    last_valid = healthy[-1]["path"] if healthy else None
+    lr = ctx.config.training.hyperparameters.learning_rate
+    new_lr = max(lr / 10, 1e-6)
+    train_loss = stop.get("train_loss")
+    if train_loss is None and ctx.history.train:
+        train_loss = _json_float(ctx.history.train[-1][2])
+    how = (f" (--resume-from {last_valid} --set training.hyperparameters.learning_rate={new_lr:.1e})"
+           if last_valid else "")
+    return TrainerError("TrainingDiverged", {
+        "epoch": _best_epoch(stop["epoch"]) if stop["epoch"] else 1, "epoch_float": stop["epoch"],
+        "step": stop["step"], "train_loss": train_loss, "reason": stop["reason"], "kind": stop["kind"],
+        "last_valid_checkpoint": last_valid,
+        "suggestion": f"Reduce learning rate to {new_lr:.1e} and try again{how}"})
+
+
 def _report_before_after(ctx: RunContext) -> None:
     if not ctx.history.evals:
         return
     first, last = ctx.history.evals[0], ctx.history.evals[-1]
-    log.info("validation perplexity: %.3f at step %d -> %.3f at step %d; test perplexity %s (%s)",
+    log.info("validation perplexity: %.3f at step %d -> %.3f at step %d; test perplexity %.3f (%s)",
              first[2].get("val_perplexity", float("nan")), first[0], last[2].get("val_perplexity", float("nan")),
-             last[0], ctx.test_results.get("test_perplexity") if ctx.test_results else None,
+             last[0], (ctx.test_results or {}).get("test_perplexity", float("nan")),
              ctx.test_results.get("evaluated") if ctx.test_results else "-")
 
 
@@ -2076,8 +2258,7 @@ def dry_run_model(config: TrainingConfig, validation: ValidationResult, run_id: 
         first = collator([datasets_["train"][i] for i in range(min(hp.batch_size, len(datasets_["train"])))])
         sample = datasets_["train"][0]
         args = build_training_args(config, run_dir / "dry_run_tmp", dry_run=True, max_steps=steps, resuming=False)
-        trainer = _build_trainer(ctx, tokenizer, datasets_, model, args,
-                                 make_callbacks(config, tracker, history, dry_run=True))
+        trainer = _build_trainer(ctx, tokenizer, datasets_, model, args, dry_run=True)
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
@@ -2164,6 +2345,7 @@ def setup_logging(debug: bool) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("WANDB_SILENT", "true")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def emit_error(payload: dict) -> None:

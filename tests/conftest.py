@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny SmolLM3 + tokenizer and seeded finance data, built once per test session."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "train_finance_ssc_model.py"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import make_demo_assets as assets  # noqa: E402
+
+N_TRAIN, N_VALID, N_TEST = 96, 24, 16
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """Tiny model (tens of thousands of parameters), tokenizer and data in all four record shapes."""
+    root = tmp_path_factory.mktemp("tiny")
+    records = assets.generate_records(seed=7, n=N_TRAIN + N_VALID + N_TEST, fmt="messages")
+    texts = [m["content"] for r in records for m in r["messages"]]
+    tokenizer = assets.build_tokenizer(texts, vocab_size=384)
+    assets.build_tiny_model(tokenizer, root / "model", hidden_size=32, intermediate_size=64, num_layers=1,
+                            num_heads=2, num_kv_heads=1, max_position_embeddings=256, seed=0)
+    for fmt in ("messages", "prompt_completion", "instruction", "text"):
+        recs = assets.generate_records(seed=7, n=N_TRAIN + N_VALID + N_TEST, fmt=fmt)
+        assets.write_jsonl(root / fmt / "train.jsonl", recs[:N_TRAIN])
+        assets.write_jsonl(root / fmt / "valid.jsonl", recs[N_TRAIN:N_TRAIN + N_VALID])
+        assets.write_jsonl(root / fmt / "test.jsonl", recs[N_TRAIN + N_VALID:])
+    return root
+
+
+def base_config(tiny_dir: Path, out: Path, fmt: str = "messages") -> dict:
+    """A config that trains the tiny model for a few steps on CPU."""
+    return {
+        "model": {"base_checkpoint": str(tiny_dir / "model"), "architecture": "decoder-only-transformer"},
+        "data": {"train_path": str(tiny_dir / fmt / "train.jsonl"), "valid_path": str(tiny_dir / fmt / "valid.jsonl"),
+                 "test_path": str(tiny_dir / fmt / "test.jsonl"), "max_seq_length": 128,
+                 "dataset_name": "finance_ssc_bir_v1", "dataset_version": "test"},
+        "training": {
+            "hyperparameters": {"learning_rate": 1.0e-2, "batch_size": 8, "gradient_accumulation_steps": 1,
+                                "num_epochs": 2, "warmup_steps": 2, "weight_decay": 0.0, "max_grad_norm": 1.0,
+                                "fp16": False, "bf16": False},
+            "optimization": {"optimizer": "adamw", "lr_scheduler": "cosine", "early_stopping_patience": None,
+                             "early_stopping_metric": "val_loss"},
+            "checkpointing": {"save_strategy": "epoch", "save_total_limit": 3, "load_best_at_end": True,
+                              "metric_for_best_model": "val_perplexity"},
+            "seed": 42,
+        },
+        "logging": {"output_dir": str(out / "runs"), "logging_dir": str(out / "logs"), "logging_steps": 2,
+                    "eval_steps": 6, "save_steps": 6,
+                    "wandb": {"enabled": False, "project": "finance-smollm3", "tags": ["test"]},
+                    "tensorboard": {"enabled": True, "log_dir": str(out / "tb")}},
+        "compute": {"device": "cpu", "num_gpus": 1, "distributed_backend": "gloo", "mixed_precision": "no"},
+    }
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def set_key(cfg: dict, dotted: str, value) -> dict:
+    cfg = copy.deepcopy(cfg)
+    node = cfg
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    return cfg
+
+
+def run_cli(*args, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **(env or {})}
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+def last_json(stderr: str) -> dict:
+    """The error contract: the last line on stderr is one JSON object."""
+    return json.loads(stderr.strip().splitlines()[-1])
