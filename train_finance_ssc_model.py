@@ -1606,6 +1606,8 @@ def save_checkpoint(trainer) -> Path:
             trainer.best_checkpoint = str(final)
         apply_retention(run_dir, config.training.checkpointing.save_total_limit,
                         getattr(trainer, "best_checkpoint", None))
+        if getattr(trainer, "after_save", None):
+            trainer.after_save()
     trainer.accelerator.wait_for_everyone()
     st.best_model_checkpoint = getattr(trainer, "best_checkpoint", None)
     return final
@@ -2111,6 +2113,17 @@ def _train(ctx: RunContext, resume_path: Optional[str]) -> str:
     trainer = _build_trainer(ctx, tokenizer, datasets_, model, args, dry_run=False)
     if resume_path:
         trainer.best_checkpoint = _read_json(ctx.run_dir / MANIFEST_NAME).get("checkpoints", {}).get("best_checkpoint")
+
+    def sync_ctx() -> None:
+        st = trainer.state
+        ctx.global_step, ctx.max_steps, ctx.epoch = st.global_step, st.max_steps, st.epoch
+        ctx.tokens_seen, ctx.best_checkpoint = st.num_input_tokens_seen, getattr(trainer, "best_checkpoint", None)
+
+    def after_save() -> None:  # the manifest follows every checkpoint, so a killed run can resume its history
+        sync_ctx()
+        save_manifest(ctx.run_id, build_manifest(ctx, "running"), str(ctx.run_dir / MANIFEST_NAME))
+
+    trainer.after_save = after_save
     log.info("training %s: %d train / %d valid samples, %d optimizer steps planned",
              ctx.run_id, ctx.data_stats["train"]["samples"], ctx.data_stats["valid"]["samples"],
              total_optimizer_steps(config, ctx.data_stats["train"]["samples"]))
@@ -2119,9 +2132,7 @@ def _train(ctx: RunContext, resume_path: Optional[str]) -> str:
     except _oom_types() as exc:
         raise out_of_memory_error(config, str(exc)) from exc
     finally:
-        st = trainer.state
-        ctx.global_step, ctx.max_steps, ctx.epoch = st.global_step, st.max_steps, st.epoch
-        ctx.tokens_seen, ctx.best_checkpoint = st.num_input_tokens_seen, getattr(trainer, "best_checkpoint", None)
+        sync_ctx()
     if ctx.history.stop is not None:
         raise diverged_error(ctx)
     final_model = "final weights"
