@@ -488,6 +488,7 @@ class ValidationResult:
     warnings: list = field(default_factory=list)
     data: dict = field(default_factory=dict)  # split -> {"path", "samples", "shape"}
     checkpoint: dict = field(default_factory=dict)  # config.json of the base checkpoint, where readable
+    memory: dict = field(default_factory=dict)  # estimate_memory + what is available
 
     @property
     def ok(self) -> bool:
@@ -891,6 +892,11 @@ def validate_config(config: TrainingConfig, check_device: bool = True) -> Valida
     _schedule_rules(config, res)
     if check_device and not res.errors:
         _device_rules(config, res)
+    if check_device and not res.errors and res.checkpoint:
+        try:
+            res.memory = check_memory(config, res.checkpoint, res)
+        except TrainerError as exc:
+            res.errors.extend(exc.errors)
     return res
 
 
@@ -1067,6 +1073,125 @@ def load_base_model(config: TrainingConfig, attn: str):
     if config.model.gradient_checkpointing:
         model.config.use_cache = False  # the KV cache is useless in training and conflicts with recompute
     return model
+
+
+def count_parameters(ckpt_dir: Optional[Path], ckpt_cfg: dict) -> int:
+    """Parameter count from the safetensors headers (no weights loaded), else from config.json."""
+    if ckpt_dir is not None and list(Path(ckpt_dir).glob("*.safetensors")):
+        total = 0
+        for f in Path(ckpt_dir).glob("*.safetensors"):
+            with f.open("rb") as fh:
+                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+            total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        return total
+    H, I, L, V = (ckpt_cfg.get(k, 0) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    heads = ckpt_cfg.get("num_attention_heads", 1)
+    kv_dim = ckpt_cfg.get("num_key_value_heads", heads) * ckpt_cfg.get("head_dim", H // max(heads, 1))
+    per_layer = 2 * H * H + 2 * H * kv_dim + 3 * H * I + 2 * H
+    return V * H * (1 if ckpt_cfg.get("tie_word_embeddings", True) else 2) + L * per_layer + H
+
+
+def estimate_memory(config: TrainingConfig, ckpt_cfg: dict, n_params: int) -> dict:
+    """Peak training memory per device, in bytes, before any weight is loaded.
+    Model states: fp32 weights (the master copy) + fp32 grads + AdamW's two fp32 moments = 16 B/param, plus a
+    2 B/param autocast weight copy under fp16/bf16. Activations saved for backward, per token and layer:
+    about 10*hidden + 4*intermediate + 2*kv_dim elements (measured on SmolLM3 with sdpa, which stores no
+    seq x seq attention matrix); with gradient checkpointing only each layer's input (hidden) plus one
+    layer's full set. Logits: fp32 logits and log-softmax, 2 x vocab x 4 B per token."""
+    hp = config.training.hyperparameters
+    H, I, L, V = (ckpt_cfg.get(k, 0) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    heads = ckpt_cfg.get("num_attention_heads", 1)
+    kv_dim = ckpt_cfg.get("num_key_value_heads", heads) * ckpt_cfg.get("head_dim", H // max(heads, 1))
+    amp = config.compute.mixed_precision in ("fp16", "bf16")
+    elem = 2 if amp else 4
+    state_bytes_per_param = 16 + (2 if amp else 0)
+    optimizer_bytes = {"adamw": 8, "adamw_fused": 8, "adafactor": 4, "sgd": 0}[config.training.optimization.optimizer]
+    state_bytes_per_param += optimizer_bytes - 8
+    tokens = hp.batch_size * config.data.max_seq_length
+    per_layer = (10 * H + 4 * I + 2 * kv_dim) * elem
+    if config.model.gradient_checkpointing:
+        activations = tokens * (L * H * elem + per_layer)
+    else:
+        activations = tokens * L * per_layer
+    logits = tokens * V * 4 * 2
+    out = {"parameters": n_params, "weights_grads_optimizer_bytes": n_params * state_bytes_per_param,
+           "activation_bytes": activations, "logits_bytes": logits}
+    out["total_bytes"] = sum(v for k, v in out.items() if k.endswith("_bytes"))
+    out["total_gb"] = round(out["total_bytes"] / 2**30, 3)
+    return out
+
+
+def available_memory_bytes(config: TrainingConfig) -> tuple[Optional[int], str]:
+    """Free memory of the smallest GPU in use, or the host's available RAM on CPU."""
+    if config.compute.device == "cuda":
+        import torch
+        if torch.cuda.is_available():
+            n = min(config.compute.num_gpus, torch.cuda.device_count())
+            return min(torch.cuda.mem_get_info(i)[0] for i in range(n)), torch.cuda.get_device_name(0)
+        return None, "no CUDA device"
+    for line in _read_text(Path("/proc/meminfo")).splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024, "host RAM"
+    return None, "unknown"
+
+
+def check_memory(config: TrainingConfig, ckpt_cfg: dict, validation: ValidationResult) -> dict:
+    """Estimate vs available: warn above 80%, OutOfMemory above 100% with a batch size that would fit."""
+    ref = config.resolved_paths.get("model.base_checkpoint")
+    n_params = count_parameters(Path(ref["path"]) if ref else None, ckpt_cfg)
+    est = estimate_memory(config, ckpt_cfg, n_params)
+    available, device = available_memory_bytes(config)
+    est.update(available_bytes=available, available_gb=round(available / 2**30, 3) if available else None,
+               device=device)
+    if not available:
+        return est
+    ratio = est["total_bytes"] / available
+    est["fraction_of_available"] = round(ratio, 4)
+    if ratio > 1:
+        per_sample = (est["activation_bytes"] + est["logits_bytes"]) / config.training.hyperparameters.batch_size
+        room = 0.8 * available - est["weights_grads_optimizer_bytes"]
+        fits = int(room // per_sample) if per_sample and room > 0 else 0
+        hp = config.training.hyperparameters
+        if fits >= 1:
+            fix = (f"Reduce batch_size to {fits} and raise gradient_accumulation_steps to "
+                   f"{math.ceil(hp.batch_size * hp.gradient_accumulation_steps / fits)} to keep the effective batch")
+        else:
+            fix = ("the weights, gradients and optimizer states alone do not fit: shard them across GPUs "
+                   "(FSDP/DeepSpeed), use a smaller model, or LoRA")
+        if not config.model.gradient_checkpointing:
+            fix += ", or enable model.gradient_checkpointing"
+        raise out_of_memory_error(config, f"estimated {est['total_gb']} GB > {est['available_gb']} GB available on "
+                                          f"{device}", est["total_gb"], est["available_gb"], fix)
+    if ratio > 0.8:
+        validation.warnings.append(f"estimated peak memory {est['total_gb']} GB is {ratio:.0%} of the "
+                                   f"{est['available_gb']} GB available on {device} (spec: stay under 80%)")
+    return est
+
+
+def measure_training_memory(model, optimizer, batch: dict) -> dict:
+    """What the estimate predicts, measured: bytes of weights, grads and optimizer states held now, and of
+    the tensors autograd saves for backward on `batch` (storage-deduplicated), plus the logits."""
+    import torch
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    states = sum(p.numel() * p.element_size() for p in model.parameters())
+    states += sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # grads
+    for st in optimizer.state.values():
+        states += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(**batch)
+    logits = out.logits.numel() * out.logits.element_size()
+    del out
+    return {"weights_grads_optimizer_bytes": states, "saved_activation_bytes": sum(saved.values()),
+            "logits_bytes": logits, "total_bytes": states + sum(saved.values()) + logits}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1821,6 +1946,7 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
         },
         "test_results": ctx.test_results,
         "anomalies": ctx.history.anomalies,
+        "memory_estimate": ctx.validation.memory,
         "checkpoints": {
             "best_checkpoint": ctx.best_checkpoint,
             "final_checkpoint": healthy[-1]["path"] if healthy else None,
@@ -2183,13 +2309,14 @@ def _oom_types() -> tuple:
 
 
 def out_of_memory_error(config: TrainingConfig, message: str, estimated_gb: Optional[float] = None,
-                        available_gb: Optional[float] = None) -> TrainerError:
+                        available_gb: Optional[float] = None, fix: Optional[str] = None) -> TrainerError:
     hp = config.training.hyperparameters
-    smaller = max(1, hp.batch_size // 2)
-    fix = (f"Reduce batch_size to {smaller} (and double gradient_accumulation_steps to "
-           f"{hp.gradient_accumulation_steps * 2} to keep the effective batch)")
-    if not config.model.gradient_checkpointing:
-        fix += " or enable model.gradient_checkpointing"
+    if fix is None:
+        smaller = max(1, hp.batch_size // 2)
+        fix = (f"Reduce batch_size to {smaller} (and double gradient_accumulation_steps to "
+               f"{hp.gradient_accumulation_steps * 2} to keep the effective batch)")
+        if not config.model.gradient_checkpointing:
+            fix += " or enable model.gradient_checkpointing"
     return TrainerError("OutOfMemory", {"batch_size": hp.batch_size, "seq_length": config.data.max_seq_length,
                                         "estimated_memory_gb": estimated_gb, "available_memory_gb": available_gb,
                                         "message": message[:300], "suggestion": fix})
@@ -2273,6 +2400,7 @@ def dry_run_model(config: TrainingConfig, validation: ValidationResult, run_id: 
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
+        measured = _measure_after_dry_run(trainer, config, tokenizer)
     except _oom_types() as exc:
         raise out_of_memory_error(config, str(exc)) from exc
     finally:
@@ -2291,6 +2419,9 @@ def dry_run_model(config: TrainingConfig, validation: ValidationResult, run_id: 
         "initial_loss": _json_float(initial), "ln_vocab": round(math.log(vocab), 4),
         "loss_after_steps": _json_float(losses[-1]) if losses else None,
         "tokens_per_second": round(trainer.state.num_input_tokens_seen / seconds, 1) if seconds else None,
+        "memory": {"estimated": validation.memory, "measured": measured,
+                   "measured_over_estimated": round(measured["total_bytes"] / validation.memory["total_bytes"], 4)
+                   if validation.memory.get("total_bytes") else None},
         "data": ctx.data_stats, "checks": checks, "warnings": validation.warnings,
         "tracking": {"csv": str(tracker.log_dir), "tensorboard": str(tracker.tensorboard_dir)
                      if tracker.tensorboard_dir else None, "wandb": config.logging.wandb.enabled},
@@ -2302,6 +2433,22 @@ def dry_run_model(config: TrainingConfig, validation: ValidationResult, run_id: 
              report["status"], initial, report["ln_vocab"], steps, losses[-1] if losses else float("nan"), path)
     return RunResult(run_id, "dry_run", str(run_dir), None, report,
                      EXIT_OK if report["status"] == "passed" else EXIT_FAILED)
+
+
+def _measure_after_dry_run(trainer, config: TrainingConfig, tokenizer) -> dict:
+    """Memory of a full-length batch (batch_size x max_seq_length), measured the way the estimate counts it;
+    on CUDA also the allocator's peak over the dry run."""
+    import torch
+    hp, device = config.training.hyperparameters, trainer.args.device
+    ids = torch.full((hp.batch_size, config.data.max_seq_length), tokenizer.pad_token_id or 0, device=device)
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    autocast = torch.autocast(device.type, dtype=torch.float16 if config.compute.mixed_precision == "fp16"
+                              else torch.bfloat16, enabled=config.compute.mixed_precision != "no")
+    with autocast:
+        out = measure_training_memory(trainer.model, trainer.optimizer, batch)
+    if device.type == "cuda":
+        out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
 
 
 def _masked_sample(tokenizer, example: dict) -> dict:
