@@ -1753,6 +1753,44 @@ def read_checkpoints(run_dir: Path) -> list[dict]:
     return sorted(out, key=lambda m: (m["step"], m["name"]))
 
 
+def find_run_dir(run: str, output_dir: Optional[str] = None) -> Path:
+    """A run named by its directory, or by run_id under `output_dir` (default: the working directory)."""
+    p = Path(run).expanduser()
+    if p.is_dir():
+        return p.resolve()
+    candidate = Path(output_dir or ".").expanduser().resolve() / run
+    if candidate.is_dir():
+        return candidate
+    raise TrainerError("CheckpointNotFound", {
+        "field": "run", "value": run, "path": str(candidate),
+        "suggestion": "name the run by its directory (<output_dir>/<run_id>), or pass the output_dir it lives in"})
+
+
+def list_checkpoints(run_id: str, output_dir: Optional[str] = None) -> list[dict]:
+    """Complete checkpoints of a run, oldest first: name, path, step, epoch, metrics, health, and which one is
+    the best (the manifest's best_checkpoint) and the latest (newest healthy). Interrupted saves never appear."""
+    run_dir = find_run_dir(run_id, output_dir)
+    ckpts = read_checkpoints(run_dir)
+    best = _read_json(run_dir / MANIFEST_NAME).get("checkpoints", {}).get("best_checkpoint")
+    healthy = [c["path"] for c in ckpts if c.get("health") == "ok"]
+    return [{"name": c["name"], "path": c["path"], "step": c["step"], "epoch": c["epoch"],
+             "metrics": c.get("metrics"), "health": c.get("health"), "run_id": c.get("run_id"),
+             "dataset": c.get("dataset"), "is_best": c["path"] == best,
+             "is_latest": bool(healthy) and c["path"] == healthy[-1]} for c in ckpts]
+
+
+def load_checkpoint(path: str):
+    """A checkpoint's model, loaded exactly as the inference side will load it (plain from_pretrained)."""
+    from transformers import AutoModelForCausalLM
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        raise TrainerError("CheckpointNotFound", {
+            "field": "path", "value": str(path), "path": str(p.resolve()),
+            "suggestion": "pass a checkpoint directory (it holds config.json and *.safetensors); "
+                          "list a run's checkpoints with list_checkpoints(run_id)"})
+    return AutoModelForCausalLM.from_pretrained(str(p))
+
+
 def apply_retention(run_dir: Path, limit: int, best: Optional[str]) -> list[str]:
     """Keep the newest `limit` checkpoints, and always the best, the latest healthy and one backup."""
     ckpts = read_checkpoints(run_dir)

@@ -30,10 +30,10 @@ def tiny_dir(tmp_path_factory) -> Path:
     """Tiny model (tens of thousands of parameters), tokenizer and data in all four record shapes."""
     root = tmp_path_factory.mktemp("tiny")
     records = assets.generate_records(seed=7, n=N_TRAIN + N_VALID + N_TEST, fmt="messages")
-    texts = [m["content"] for r in records for m in r["messages"]]
+    texts = [t for r in records for t in assets.record_texts(r)]
     tokenizer = assets.build_tokenizer(texts, vocab_size=384)
     assets.build_tiny_model(tokenizer, root / "model", hidden_size=32, intermediate_size=64, num_layers=1,
-                            num_heads=2, num_kv_heads=1, max_position_embeddings=256, seed=0)
+                            num_heads=2, num_kv_heads=1, max_position_embeddings=512, seed=0)
     for fmt in ("messages", "prompt_completion", "instruction", "text"):
         recs = assets.generate_records(seed=7, n=N_TRAIN + N_VALID + N_TEST, fmt=fmt)
         assets.write_jsonl(root / fmt / "train.jsonl", recs[:N_TRAIN])
@@ -47,7 +47,7 @@ def base_config(tiny_dir: Path, out: Path, fmt: str = "messages") -> dict:
     return {
         "model": {"base_checkpoint": str(tiny_dir / "model"), "architecture": "decoder-only-transformer"},
         "data": {"train_path": str(tiny_dir / fmt / "train.jsonl"), "valid_path": str(tiny_dir / fmt / "valid.jsonl"),
-                 "test_path": str(tiny_dir / fmt / "test.jsonl"), "max_seq_length": 128,
+                 "test_path": str(tiny_dir / fmt / "test.jsonl"), "max_seq_length": 384,
                  "dataset_name": "finance_ssc_bir_v1", "dataset_version": "test"},
         "training": {
             "hyperparameters": {"learning_rate": 1.0e-2, "batch_size": 8, "gradient_accumulation_steps": 1,

@@ -81,17 +81,21 @@ def test_truncation_is_flagged(tiny_dir, tok):
 
 
 def test_load_splits_counts_truncated_and_drops_answerless(tiny_dir, tok, tmp_path):
+    rows = [json.loads(line) for line in (tiny_dir / "prompt_completion" / "train.jsonl").read_text().splitlines()]
+    prompt_lens = [len(tok(r["prompt"])["input_ids"]) for r in rows]
+    lengths = [p + len(tok(r["completion"])["input_ids"]) + 1 for p, r in zip(prompt_lens, rows)]
+    limit = sorted(lengths)[len(lengths) // 2]  # half the records get truncated
     cfg = base_config(tiny_dir, tmp_path, "prompt_completion")
-    cfg["data"]["max_seq_length"] = 24
+    cfg["data"]["max_seq_length"] = limit
     config = tf.load_training_config(str(write_config(tmp_path / "c.yaml", cfg)))
     shapes = {s: "prompt_completion" for s in ("train", "valid", "test")}
     splits, stats = tf.load_splits(config, tok, shapes)
-    lengths = [len(tok(json.loads(line)["prompt"] + json.loads(line)["completion"])["input_ids"]) + 1
-               for line in (tiny_dir / "prompt_completion" / "train.jsonl").read_text().splitlines()]
-    assert stats["train"]["truncated"] == sum(n > 24 for n in lengths) > 0
+    assert stats["train"]["truncated"] == sum(n > limit for n in lengths) > 0
+    # a record keeps at least one trainable (shifted) answer token only if its prompt leaves room for one
+    assert stats["train"]["dropped_no_answer_tokens"] == sum(p >= limit for p in prompt_lens)
     assert stats["train"]["samples"] == len(splits["train"]) == 96 - stats["train"]["dropped_no_answer_tokens"]
     assert all(any(l != IGNORE for l in row["labels"][1:]) for row in splits["train"])
-    assert max(len(r["input_ids"]) for r in splits["train"]) <= 24
+    assert max(len(r["input_ids"]) for r in splits["train"]) <= limit
 
 
 def test_collator_pads_to_longest_in_batch_not_max_seq_length():

@@ -31,7 +31,7 @@ def test_run_succeeds_and_writes_spec_manifest(finished_run):
     assert (m["dataset"]["train_samples"], m["dataset"]["valid_samples"], m["dataset"]["test_samples"]) == (96, 24, 16)
     hp = m["hyperparameters"]
     assert (hp["learning_rate"], hp["batch_size"], hp["gradient_accumulation_steps"], hp["num_epochs"],
-            hp["max_seq_length"]) == (0.01, 8, 1, 2, 128)
+            hp["max_seq_length"]) == (0.01, 8, 1, 2, 384)
     tr = m["training_results"]
     assert tr["total_steps"] == 24  # 96 samples / batch 8 = 12 steps per epoch, 2 epochs
     assert tr["training_time_hours"] > 0
@@ -66,7 +66,7 @@ def test_checkpoints_load_with_plain_from_pretrained(finished_run):
         meta = json.loads((Path(path) / "checkpoint_meta.json").read_text())
         assert meta["health"] == "ok" and meta["run_id"] == "e2e_run"
         assert meta["dataset"] == {"name": "finance_ssc_bir_v1", "version": "test"}
-        assert meta["config"]["data"]["max_seq_length"] == 128
+        assert meta["config"]["data"]["max_seq_length"] == 384
 
 
 def test_csv_curves(finished_run):

@@ -1,0 +1,175 @@
+"""Anomaly guards stop bad runs within one step; checkpoints are atomic, verified and retained safely."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import train_finance_ssc_model as tf
+from conftest import SCRIPT, base_config, last_json, run_cli, set_key, write_config
+
+
+def finite_weights(path: str) -> bool:
+    import torch
+    from safetensors.torch import load_file
+    tensors = {}
+    for f in Path(path).glob("*.safetensors"):
+        tensors.update(load_file(f))
+    return bool(tensors) and all(bool(torch.isfinite(t).all()) for t in tensors.values())
+
+
+def assert_diverged(proc, out: Path, run_id: str) -> dict:
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    err = last_json(proc.stderr)
+    assert err["error"] == "TrainingDiverged"
+    d = err["details"]
+    for key in ("epoch", "step", "train_loss", "reason", "last_valid_checkpoint", "suggestion"):
+        assert key in d
+    ckpt = d["last_valid_checkpoint"]
+    assert Path(ckpt).is_dir() and finite_weights(ckpt)
+    tf.load_checkpoint(ckpt)  # loadable by plain from_pretrained
+    m = json.loads((out / "runs" / run_id / "run_manifest.json").read_text())
+    assert m["status"] == "diverged" and m["error"]["error"] == "TrainingDiverged"
+    assert m["anomalies"] and m["anomalies"][-1]["action"] == "stopped"
+    assert json.loads((out / "runs" / run_id / "error.json").read_text())["error"] == "TrainingDiverged"
+    return d
+
+
+def test_injected_nan_is_caught_within_one_step(tiny_dir, tmp_path):
+    path = write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))
+    proc = run_cli("--config", path, "--run-id", "nan", env={"FINANCE_TRAINER_INJECT_NAN_AT_STEP": "5"})
+    d = assert_diverged(proc, tmp_path, "nan")
+    assert d["step"] == 5 and d["train_loss"] == "NaN"
+    assert "1.0e-03" in d["suggestion"]  # lr 1e-2 / 10
+    # the checkpoint saved at the stop holds the step-4 weights: the poisoned update was skipped
+    m = json.loads((tmp_path / "runs" / "nan" / "run_manifest.json").read_text())
+    assert m["anomalies"][0]["update_skipped"] is True
+
+
+def test_injected_gradient_explosion_stops(tiny_dir, tmp_path):
+    path = write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))
+    proc = run_cli("--config", path, "--run-id", "boom", env={"FINANCE_TRAINER_INJECT_GRAD_SCALE": "3:1000"})
+    d = assert_diverged(proc, tmp_path, "boom")
+    assert d["step"] == 3 and "exceeds grad_norm_limit 100" in d["reason"]
+
+
+def test_absurd_learning_rate_diverges_by_itself(tiny_dir, tmp_path):
+    cfg = set_key(base_config(tiny_dir, tmp_path), "training.hyperparameters.learning_rate", 50.0)
+    cfg = set_key(cfg, "training.hyperparameters.max_grad_norm", 1.0e6)  # let the update blow up
+    cfg = set_key(cfg, "training.hyperparameters.warmup_steps", 0)
+    cfg = set_key(cfg, "logging.eval_steps", 2)
+    proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--run-id", "wild")
+    assert_diverged(proc, tmp_path, "wild")
+
+
+class FakeState:
+    def __init__(self, step, epoch=1.0):
+        self.global_step, self.epoch, self.max_steps = step, epoch, 100
+
+
+def guards(tmp_path, tiny_dir, **overrides):
+    cfg = base_config(tiny_dir, tmp_path)
+    for k, v in overrides.items():
+        cfg = set_key(cfg, k, v)
+    config = tf.load_training_config(str(write_config(tmp_path / "g.yaml", cfg)))
+    tracker = tf.Tracker(run_id="t", log_dir=tmp_path, is_main=False)
+    history = tf.RunHistory()
+    cbs = tf.make_callbacks(config, tracker, history, tf.StepProbe(), dry_run=False)
+    return {type(c).__name__: c for c in cbs}, history
+
+
+def test_divergence_needs_three_consecutive_evals_above_best(tmp_path, tiny_dir):
+    from transformers import TrainerControl
+    cbs, history = guards(tmp_path, tiny_dir)
+    guard, control = cbs["DivergenceGuard"], TrainerControl()
+    for step, loss in enumerate([2.0, 1.5, 1.70, 1.40, 1.60, 1.70, 1.55], 1):  # resets after 1.40 and 1.55
+        guard.on_evaluate(None, FakeState(step), control, metrics={"eval_loss": loss})
+    assert not control.should_training_stop
+    guard.on_evaluate(None, FakeState(8), control, metrics={"eval_loss": 1.60})
+    assert control.should_training_stop and history.stop["kind"] == "divergence" and history.stop["step"] == 8
+
+
+def test_loss_spike_warns_without_stopping(tmp_path, tiny_dir):
+    from transformers import TrainerControl
+    cbs, history = guards(tmp_path, tiny_dir)
+    control = TrainerControl()
+    for step, loss in enumerate([2.0, 1.9, 1.8, 1.7, 9.0, 1.6], 1):
+        cbs["LossSpikeWarning"].on_log(None, FakeState(step), control, logs={"loss": loss})
+    assert not control.should_training_stop
+    assert [a["step"] for a in history.anomalies] == [5] and history.anomalies[0]["action"] == "warned"
+
+
+def test_early_stopping_completes_normally(tiny_dir, tmp_path):
+    cfg = base_config(tiny_dir, tmp_path)
+    cfg = set_key(cfg, "training.optimization.early_stopping_patience", 1)
+    cfg = set_key(cfg, "training.hyperparameters.num_epochs", 30)
+    cfg = set_key(cfg, "training.hyperparameters.learning_rate", 0.05)
+    cfg = set_key(cfg, "training.hyperparameters.warmup_steps", 0)
+    cfg = set_key(cfg, "training.checkpointing.load_best_at_end", False)
+    cfg = set_key(cfg, "logging.eval_steps", 12)
+    proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--run-id", "es")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((tmp_path / "runs" / "es" / "run_manifest.json").read_text())
+    tr = m["training_results"]
+    assert m["status"] == "completed" and tr["early_stopped"] is True
+    assert tr["early_stopping"]["step"] == tr["total_steps"] < 30 * 12
+    assert not [a for a in m["anomalies"] if a["action"] == "stopped"]
+
+
+def test_retention_keeps_best_latest_and_backup(tiny_dir, tmp_path):
+    cfg = base_config(tiny_dir, tmp_path)
+    cfg = set_key(cfg, "training.checkpointing.save_total_limit", 1)
+    cfg = set_key(cfg, "training.checkpointing.save_strategy", "steps")
+    cfg = set_key(cfg, "logging.eval_steps", 4)
+    cfg = set_key(cfg, "logging.save_steps", 4)
+    proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--run-id", "keep")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((tmp_path / "runs" / "keep" / "run_manifest.json").read_text())
+    ckpts = tf.list_checkpoints("keep", str(tmp_path / "runs"))
+    names = [c["name"] for c in ckpts]
+    assert len(names) <= 3 and "checkpoint-24" in names and "checkpoint-20" in names
+    assert Path(m["checkpoints"]["best_checkpoint"]).name in names
+    assert [c["name"] for c in ckpts if c["is_latest"]] == ["checkpoint-24"]
+    assert [c["path"] for c in ckpts if c["is_best"]] == [m["checkpoints"]["best_checkpoint"]]
+    assert all(c["health"] == "ok" and c["run_id"] == "keep" for c in ckpts)
+    log = Path(m["metrics"]["train_log"]).read_text()
+    assert "retention (save_total_limit=1): deleted checkpoint-4" in log
+
+
+def test_retention_unit(tmp_path):
+    for step in (10, 20, 30, 40, 50):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / tf.CHECKPOINT_META).write_text(json.dumps({"name": d.name, "step": step, "epoch": step / 10,
+                                                        "health": "ok" if step != 50 else "nonfinite"}))
+    deleted = tf.apply_retention(tmp_path, 1, best=str(tmp_path / "checkpoint-10"))
+    # newest (50, unhealthy), latest healthy (40), backup (30), best (10)
+    assert sorted(deleted) == ["checkpoint-20"]
+
+
+def test_kill_during_checkpoint_save_leaves_no_half_checkpoint(tiny_dir, tmp_path):
+    cfg = set_key(base_config(tiny_dir, tmp_path), "training.checkpointing.save_strategy", "steps")
+    path = write_config(tmp_path / "c.yaml", cfg)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SLOW_SAVE_SECONDS": "30",
+           "PYTHONPATH": str(Path(__file__).parent / "slowfs")}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(path), "--run-id", "slow"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "runs" / "slow"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(run_dir.glob(".tmp-checkpoint-*/model.safetensors")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(run_dir.glob(".tmp-checkpoint-*")), "the save should have been in progress"
+    assert tf.list_checkpoints(str(run_dir)) == []
+    assert not [p for p in run_dir.iterdir() if p.name.startswith("checkpoint-")]
+    res = run_cli("--config", path, "--run-id", "slow", "--resume-from", "latest")
+    assert res.returncode == 2 and last_json(res.stderr)["error"] == "CheckpointNotFound"

@@ -1,0 +1,103 @@
+"""Resume after kill -9 is bit-exact; config changes are listed, dangerous ones refused."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import train_finance_ssc_model as tf
+from conftest import SCRIPT, base_config, last_json, run_cli, set_key, write_config
+
+
+def weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(path / "model.safetensors")
+
+
+def kill_after(path: Path, run_id: str, marker: str) -> None:
+    """Start a run and kill -9 it as soon as `marker` (a path under the run dir) exists."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(path), "--run-id", run_id], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = path.parent / "runs" / run_id / marker
+    deadline = time.time() + 180
+    while time.time() < deadline and not target.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists(), f"{marker} never appeared"
+    assert not (path.parent / "runs" / run_id / "checkpoint-epoch-2").exists(), "killed too late"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir, tmp_path_factory):
+    """One uninterrupted run to compare against."""
+    out = tmp_path_factory.mktemp("resume")
+    cfg = set_key(base_config(tiny_dir, out), "logging.eval_steps", 5)
+    path = write_config(out / "c.yaml", cfg)
+    proc = run_cli("--config", path, "--run-id", "ref")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, path, cfg
+
+
+@pytest.mark.parametrize("marker", ["checkpoint-10/checkpoint_meta.json",  # mid epoch 1, step-based
+                                    "checkpoint-epoch-1/checkpoint_meta.json"])  # across the epoch boundary
+def test_kill9_then_resume_latest_is_bit_identical(reference, marker):
+    out, path, _ = reference
+    run_id = "k" + marker.split("/")[0].replace("checkpoint-", "")
+    kill_after(path, run_id, marker)
+    proc = run_cli("--config", path, "--run-id", run_id, "--resume-from", "latest")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a = weights(out / "runs" / "ref" / "checkpoint-epoch-2")
+    b = weights(out / "runs" / run_id / "checkpoint-epoch-2")
+    import torch
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for curve in ("train_loss.csv", "val_loss.csv"):
+        assert (out / "logs" / run_id / curve).read_text() == (out / "logs" / "ref" / curve).read_text()
+    m = json.loads((out / "runs" / run_id / "run_manifest.json").read_text())
+    ref = json.loads((out / "runs" / "ref" / "run_manifest.json").read_text())
+    assert m["status"] == "completed" and m["resume_from"]["step"] >= 5 and len(m["resumes"]) == 1
+    assert m["training_results"]["final_val_loss"] == ref["training_results"]["final_val_loss"]
+    assert m["training_results"]["initial_val_loss"] == ref["training_results"]["initial_val_loss"]
+    assert m["created_at"] == json.loads((out / "runs" / run_id / "run_manifest.json").read_text())["created_at"]
+
+
+def test_config_change_is_warned_and_recorded(reference):
+    out, path, cfg = reference
+    src = out / "runs" / "ref" / "checkpoint-epoch-1"
+    proc = run_cli("--config", path, "--resume-from", src, "--set", "training.hyperparameters.weight_decay=0.05")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "training.hyperparameters.weight_decay: 0.0 -> 0.05" in proc.stdout
+    m = json.loads((out / "runs" / "ref" / "run_manifest.json").read_text())
+    assert m["resume_from"]["path"] == str(src)
+    assert any("weight_decay" in d for d in m["resumes"][-1]["config_differences"])
+
+
+def test_dangerous_change_is_refused_unless_forced(reference):
+    out, path, _ = reference
+    src = out / "runs" / "ref" / "checkpoint-epoch-1"
+    before = (out / "runs" / "ref" / "run_manifest.json").read_bytes()
+    proc = run_cli("--config", path, "--resume-from", src, "--set", "data.max_seq_length=200")
+    assert proc.returncode == 2
+    err = last_json(proc.stderr)
+    assert err["error"] == "InvalidConfig" and err["details"]["field"] == "data.max_seq_length"
+    assert "--force" in err["details"]["suggestion"]
+    assert (out / "runs" / "ref" / "run_manifest.json").read_bytes() == before
+
+
+def test_resume_without_complete_checkpoint_is_a_clear_error(reference, tmp_path):
+    out, path, _ = reference
+    (out / "runs" / "empty").mkdir()
+    (out / "runs" / "empty" / ".tmp-checkpoint-3").mkdir()
+    proc = run_cli("--config", path, "--run-id", "empty", "--resume-from", "latest")
+    assert proc.returncode == 2
+    err = last_json(proc.stderr)
+    assert err["error"] == "CheckpointNotFound" and "no complete, healthy checkpoint" in err["details"]["suggestion"]
+    proc = run_cli("--config", path, "--resume-from", out / "runs" / "empty" / ".tmp-checkpoint-3")
+    assert proc.returncode == 2 and last_json(proc.stderr)["error"] == "CheckpointNotFound"
