@@ -588,7 +588,7 @@ def generate_records(seed: int = 1234, n: int = 3000, fmt: str = "messages") -> 
         if tries > 50 * n + 1000:
             raise RuntimeError(f"could not generate {n} distinct records (got {len(out)})")
         template = rng.choice(TEMPLATES)
-        q, a, instruction, inp = template(rng)
+        q, a, instruction, inp = (t.replace("..", ".") for t in template(rng))  # "Inc." at a sentence end
         use_input = rng.random() < 0.7
         if (q, a) in seen:
             continue
@@ -604,15 +604,18 @@ def record_texts(record: dict) -> list[str]:
     return [v for v in record.values() if isinstance(v, str) and v]
 
 
+def jsonl_bytes(records) -> bytes:
+    """The exact bytes write_jsonl writes: one JSON object per line, UTF-8, keys in insertion order."""
+    return "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records).encode("utf-8")
+
+
 def write_jsonl(path, records) -> Path:
-    """Write records one JSON object per line (UTF-8, stable key order); atomic via a temp file + os.replace."""
+    """Write records as JSONL (see jsonl_bytes), creating parent folders; atomic via a temp file + os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        tmp.write_bytes(jsonl_bytes(records))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -709,9 +712,13 @@ def make_demo(out_dir=".", seed: int = 1234, n_train: int = 2400, n_valid: int =
     result = {"data": {}, "model": None, "model_rebuilt": False}
     if data:
         for split, recs in splits.items():
-            write_jsonl(paths[split], recs)
-            result["data"][split] = paths[split]
-            log(f"wrote {len(recs):5d} {fmt} records -> {paths[split]}")
+            path = paths[split]
+            result["data"][split] = path
+            if path.is_file() and path.read_bytes() == jsonl_bytes(recs):
+                log(f"data up to date, kept {len(recs):5d} {fmt} records -> {path}")
+                continue
+            write_jsonl(path, recs)
+            log(f"wrote {len(recs):5d} {fmt} records -> {path}")
     if model:
         model_dir = out_dir / MODEL_SUBDIR
         train_digest = hashlib.sha256("\n".join(json.dumps(r, ensure_ascii=False) for r in splits["train"])
@@ -768,6 +775,9 @@ def main(argv=None) -> int:
             ap.error(f"--{name.replace('_', '-')} must be positive")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.data_only:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     make_demo(args.out, seed=args.seed, n_train=args.n_train, n_valid=args.n_valid, n_test=args.n_test,
               fmt=args.fmt, vocab_size=args.vocab_size, data=not args.model_only, model=not args.data_only,
               force=args.force)

@@ -70,7 +70,7 @@ def test_kill9_then_resume_latest_is_bit_identical(reference, marker):
 
 def test_config_change_is_warned_and_recorded(reference):
     out, path, cfg = reference
-    src = out / "runs" / "ref" / "checkpoint-epoch-1"
+    src = Path(tf.list_checkpoints("ref", str(out / "runs"))[-2]["path"])  # the backup, one before the latest
     proc = run_cli("--config", path, "--resume-from", src, "--set", "training.hyperparameters.weight_decay=0.05")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "training.hyperparameters.weight_decay: 0.0 -> 0.05" in proc.stdout
@@ -81,7 +81,7 @@ def test_config_change_is_warned_and_recorded(reference):
 
 def test_dangerous_change_is_refused_unless_forced(reference):
     out, path, _ = reference
-    src = out / "runs" / "ref" / "checkpoint-epoch-1"
+    src = tf.list_checkpoints("ref", str(out / "runs"))[0]["path"]
     before = (out / "runs" / "ref" / "run_manifest.json").read_bytes()
     proc = run_cli("--config", path, "--resume-from", src, "--set", "data.max_seq_length=200")
     assert proc.returncode == 2
