@@ -160,6 +160,13 @@ class TensorboardConfig:
 
 
 @dataclass(kw_only=True)
+class MlflowConfig:
+    enabled: bool = False
+    tracking_uri: Optional[str] = field(default=None, metadata={"doc": "default sqlite:///<output_dir>/mlflow.db"})
+    experiment: str = "finance-smollm3"
+
+
+@dataclass(kw_only=True)
 class LoggingConfig:
     output_dir: str = field(default=REQUIRED, metadata={"doc": "runs go to <output_dir>/<run_id>"})
     logging_dir: str = field(default="logs", metadata={"doc": "train.log and CSV curves go to <logging_dir>/<run_id>"})
@@ -168,6 +175,7 @@ class LoggingConfig:
     save_steps: int = 500
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 @dataclass(kw_only=True)
@@ -198,12 +206,31 @@ class TrainingSection:
 
 
 @dataclass(kw_only=True)
+class EvaluationConfig:
+    """Post-training analysis on the test split (spec Phase 4)."""
+    num_samples: int = field(default=5, metadata={"doc": "test prompts to generate completions for (0 = none)"})
+    max_new_tokens: int = field(default=128, metadata={"doc": "greedy generation length limit"})
+    baseline: Optional[str] = field(default=None, metadata={"doc": "manifest or run dir to compare against"})
+
+
+@dataclass(kw_only=True)
+class CostConfig:
+    """Inputs of the cost and ROI lines in the manifest (spec: Cost Tracking)."""
+    gpu_hourly_usd: float = field(default=3.39, metadata={"doc": "price of one GPU for one hour"})
+    gpu_price_source: str = "DigitalOcean GPU Droplet, NVIDIA H100 1x on-demand list price (May 2026)"
+    api_usd_per_million_tokens: float = field(default=10.0, metadata={"doc": "API price the run is compared with"})
+    api_name: str = "GPT-4 Turbo (input tokens)"
+
+
+@dataclass(kw_only=True)
 class TrainingConfig:
     model: ModelConfig
     data: DataConfig
     training: TrainingSection
     logging: LoggingConfig
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
     # Not YAML keys: filled in by load_training_config.
     config_path: Optional[str] = None
     config_text: Optional[str] = None
@@ -220,7 +247,7 @@ class TrainingConfig:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingSection,
-            "logging": LoggingConfig, "compute": ComputeConfig}
+            "logging": LoggingConfig, "compute": ComputeConfig, "evaluation": EvaluationConfig, "cost": CostConfig}
 REQUIRED_SECTIONS = ("model", "data", "logging")
 
 
@@ -248,6 +275,11 @@ class TrainerError(Exception):
     def collected(cls, problems: list[dict]) -> "TrainerError":
         """One error for many problems: the first describes the top object, all go in `errors`."""
         return cls(problems[0]["error"], problems[0]["details"], problems)
+
+
+def unexpected_error(exc: BaseException) -> TrainerError:
+    return TrainerError("TrainingFailed", {"exception": f"{type(exc).__name__}: {exc}",
+                                           "suggestion": "rerun with --debug for the traceback"})
 
 
 def problem(kind: str, **details) -> dict:
@@ -414,7 +446,13 @@ def load_training_config(path: str, overrides: list[str] | None = None) -> Train
             "field": "--config", "value": str(path), "expected": "an existing YAML file",
             "resolved_path": str(config_path.resolve()),
             "suggestion": "pass --config with the path to training_config.yaml"})
-    text = config_path.read_text(encoding="utf-8")
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TrainerError("InvalidConfig", {
+            "field": None, "value": None, "path": str(config_path), "byte_offset": exc.start,
+            "expected": "a UTF-8 text file", "suggestion": f"save {config_path.name} as UTF-8 (bad byte at offset "
+                                                            f"{exc.start})"})
     raw = _parse_yaml(text, str(config_path))
     if raw is None:
         raw = {}
@@ -589,6 +627,18 @@ def _field_rules(config: TrainingConfig, res: ValidationResult) -> None:
         if value is not None and value < 1:
             err(config_problem(f"model.{key}", value, "integer >= 1 (or omit it)", f"copy {key} from config.json"))
 
+    ev, cost = config.evaluation, config.cost
+    if ev.num_samples < 0:
+        err(config_problem("evaluation.num_samples", ev.num_samples, "integer >= 0", "set num_samples: 5 (0 = none)"))
+    if ev.max_new_tokens < 1:
+        err(config_problem("evaluation.max_new_tokens", ev.max_new_tokens, "integer >= 1", "set max_new_tokens: 128"))
+    if ev.baseline is not None and not _baseline_manifest_path(ev.baseline):
+        err(config_problem("evaluation.baseline", ev.baseline, "a run_manifest.json or a run dir holding one",
+                           "point it at a finished run's directory, or remove it"))
+    for key in ("gpu_hourly_usd", "api_usd_per_million_tokens"):
+        if not (math.isfinite(getattr(cost, key)) and getattr(cost, key) >= 0):
+            err(config_problem(f"cost.{key}", getattr(cost, key), "number >= 0", f"set {key} to a price in USD"))
+
     c = config.compute
     if c.device not in ("cuda", "cpu"):
         err(config_problem("compute.device", c.device, "cuda or cpu", "use device: cuda (cpu for testing)"))
@@ -646,6 +696,12 @@ def _output_rules(config: TrainingConfig, res: ValidationResult) -> None:
         if not wb.project:
             res.errors.append(config_problem("logging.wandb.project", wb.project, "a W&B project name",
                                              "set project: finance-smollm3"))
+
+
+def _baseline_manifest_path(ref: str) -> Optional[Path]:
+    p = Path(ref).expanduser()
+    p = p / MANIFEST_NAME if p.is_dir() else p
+    return p.resolve() if p.is_file() else None
 
 
 def _read_text(path: Path) -> str:
@@ -749,7 +805,8 @@ def scan_jsonl(path: Path, split: str, forced: str, how: str) -> tuple[dict, lis
 def _data_rules(config: TrainingConfig, res: ValidationResult) -> None:
     for split in ("train", "valid", "test"):
         entry = config.resolved_paths[f"data.{split}_path"]
-        info, problems = scan_jsonl(Path(entry["path"]), split, config.data.format, entry["resolved"])
+        forced = config.data.format if config.data.format in DATA_FORMATS else "auto"  # bad format: reported once
+        info, problems = scan_jsonl(Path(entry["path"]), split, forced, entry["resolved"])
         res.errors.extend(problems)
         if info:
             res.data[split] = info
@@ -799,7 +856,9 @@ def _checkpoint_rules(config: TrainingConfig, res: ValidationResult) -> None:
             return
     try:
         ckpt_cfg = json.loads(Path(config_json).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        if not isinstance(ckpt_cfg, dict):
+            raise ValueError("config.json is not a JSON object")
+    except (OSError, ValueError) as exc:
         res.errors.append(problem("CheckpointNotFound", field="model.base_checkpoint", value=ref,
                                   path=str(config_json), suggestion=f"config.json is unreadable ({exc}); re-save it"))
         return
@@ -844,8 +903,10 @@ def total_optimizer_steps(config: TrainingConfig, train_samples: int) -> int:
 
 def _schedule_rules(config: TrainingConfig, res: ValidationResult) -> None:
     """Rules that need the sample count: warmup near 10% of total steps."""
-    if "train" not in res.data:
-        return
+    inputs = {"training.hyperparameters.batch_size", "training.hyperparameters.gradient_accumulation_steps",
+              "training.hyperparameters.num_epochs", "data.train_path", "data.format"}
+    if "train" not in res.data or any(e["details"].get("field") in inputs for e in res.errors):
+        return  # the step count would be computed from a value already reported as wrong
     total = total_optimizer_steps(config, res.data["train"]["samples"])
     ten = max(1, round(0.1 * total))
     warmup = config.training.hyperparameters.warmup_steps
@@ -1080,9 +1141,15 @@ def count_parameters(ckpt_dir: Optional[Path], ckpt_cfg: dict) -> int:
     if ckpt_dir is not None and list(Path(ckpt_dir).glob("*.safetensors")):
         total = 0
         for f in Path(ckpt_dir).glob("*.safetensors"):
-            with f.open("rb") as fh:
-                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-            total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+            try:
+                with f.open("rb") as fh:
+                    header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+                total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise TrainerError("CheckpointNotFound", {
+                    "field": "model.base_checkpoint", "value": str(ckpt_dir), "path": str(f),
+                    "problem": f"unreadable safetensors header ({type(exc).__name__})",
+                    "suggestion": f"{f.name} is truncated or corrupt: copy the checkpoint again"}) from exc
         return total
     H, I, L, V = (ckpt_cfg.get(k, 0) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
     heads = ckpt_cfg.get("num_attention_heads", 1)
@@ -1205,6 +1272,8 @@ class Tracker:
     tensorboard_dir: Optional[Path] = None
     tb_writer: Any = None
     wandb_run: Any = None
+    mlflow_client: Any = None
+    mlflow_run_id: Optional[str] = None
     is_main: bool = True
 
     @property
@@ -1219,13 +1288,20 @@ class Tracker:
     def wandb_url(self) -> Optional[str]:
         return getattr(self.wandb_run, "url", None) if self.wandb_run is not None else None
 
-    def close(self) -> None:
+    def close(self, status: str = "completed", manifest_path: Optional[Path] = None) -> None:
+        """Flush and close every tracker; the manifest becomes an MLflow artifact."""
         if self.tb_writer is not None:
             self.tb_writer.close()
             self.tb_writer = None
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self.wandb_run.finish(exit_code=0 if status == "completed" else 1)
             self.wandb_run = None
+        if self.mlflow_client is not None:
+            if manifest_path is not None and Path(manifest_path).is_file():
+                self.mlflow_client.log_artifact(self.mlflow_run_id, str(manifest_path))
+            self.mlflow_client.set_terminated(self.mlflow_run_id, {"completed": "FINISHED", "interrupted": "KILLED",
+                                                                    }.get(status, "FAILED"))
+            self.mlflow_client = None
 
 
 def make_run_id(config: TrainingConfig) -> str:
@@ -1275,7 +1351,42 @@ def init_tracking(config: TrainingConfig, run_id: Optional[str] = None, resume: 
             project=wb.project, entity=wb.entity, tags=list(wb.tags), name=run_id, id=run_id,
             resume="allow", dir=str(wandb_dir), config=config.to_dict(),
             settings=wandb.Settings(console="off", silent=True))
+    if config.logging.mlflow.enabled:
+        _init_mlflow(tracker, config, run_id, resume)
     return tracker
+
+
+def mlflow_uri(config: TrainingConfig) -> str:
+    """The configured tracking URI, or a SQLite store in the output dir (no server needed)."""
+    uri = config.logging.mlflow.tracking_uri
+    return uri or f"sqlite:///{Path(config.logging.output_dir).expanduser().resolve() / 'mlflow.db'}"
+
+
+def _init_mlflow(tracker: Tracker, config: TrainingConfig, run_id: str, resume: bool) -> None:
+    """One MLflow run per run_id: params (the flattened config), tags, metrics per step, the manifest at the end.
+    A resumed run continues the same MLflow run."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+    out_dir = Path(config.logging.output_dir).expanduser().resolve()
+    client = MlflowClient(tracking_uri=mlflow_uri(config))
+    name = config.logging.mlflow.experiment
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        name, artifact_location=(out_dir / "mlartifacts").as_uri())
+    found = client.search_runs([exp_id], filter_string=f"tags.run_id = '{run_id}'", max_results=1)
+    if found:
+        tracker.mlflow_run_id = found[0].info.run_id
+        client.update_run(tracker.mlflow_run_id, status="RUNNING")
+    else:
+        tags = {"run_id": run_id, "dataset": config.data.dataset_name,
+                "dataset_version": config.data.dataset_version, "base_model": config.model.base_checkpoint,
+                **{f"tag.{t}": "true" for t in config.logging.wandb.tags}}
+        run = client.create_run(exp_id, run_name=run_id, tags=tags)
+        tracker.mlflow_run_id = run.info.run_id
+        params = [Param(k, str(v)[:6000]) for k, v in _flatten(config.to_dict()).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(tracker.mlflow_run_id, params=params[i:i + 100])
+    tracker.mlflow_client = client
 
 
 def format_metrics(step: int, metrics: dict, max_steps: Optional[int] = None) -> str:
@@ -1307,6 +1418,11 @@ def log_metrics(tracker: Tracker, step: int, metrics: dict, max_steps: Optional[
         tracker.tb_writer.flush()
     if tracker.wandb_run is not None:
         tracker.wandb_run.log(scalars, step=step)
+    if tracker.mlflow_client is not None:
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        tracker.mlflow_client.log_batch(tracker.mlflow_run_id, metrics=[
+            Metric(k, v, now, step) for k, v in scalars.items() if math.isfinite(v)])
 
 
 def _csv_float(value: Any) -> str:
@@ -1328,7 +1444,7 @@ def _callback_base():
 
 
 def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistory", probe: "StepProbe",
-                   dry_run: bool) -> list:
+                   dry_run: bool, status_dir: Optional[Path] = None) -> list:
     """Build the callback instances (the classes subclass TrainerCallback, imported lazily)."""
     TrainerCallback = _callback_base()
 
@@ -1337,9 +1453,34 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
 
         def __init__(self):
             self.last_time, self.last_tokens = None, 0
+            self.start_time, self.start_step, self.epoch_start = time.time(), 0, None
+            self.latest: dict = {}
 
         def on_train_begin(self, args, state, control, **kw):
             self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
+            self.start_time, self.start_step = time.time(), state.global_step
+            history.start_tokens = state.num_input_tokens_seen
+
+        def on_save(self, args, state, control, **kw):
+            history.checkpoints_saved += 1
+
+        def on_epoch_begin(self, args, state, control, **kw):
+            self.epoch_start = time.time()
+
+        def on_epoch_end(self, args, state, control, **kw):
+            if self.epoch_start is not None:
+                history.epoch_seconds.append(round(time.time() - self.epoch_start, 3))
+
+        def write_status(self, state, status: str = "running") -> None:
+            if status_dir is None or not tracker.is_main:
+                return
+            elapsed = time.time() - self.start_time
+            done = state.global_step - self.start_step
+            eta = elapsed / done * (state.max_steps - state.global_step) if done > 0 else None
+            write_status(status_dir, {"run_id": tracker.run_id, "status": status, "step": state.global_step,
+                                      "max_steps": state.max_steps, "epoch": round(state.epoch or 0.0, 4),
+                                      "elapsed_seconds": round(elapsed, 1),
+                                      "eta_seconds": round(eta, 1) if eta is not None else None, **self.latest})
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
@@ -1352,6 +1493,9 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
                     continue
                 metrics[HF_TO_OURS.get(key, key.replace("eval_", "val_"))] = value
             if "train_loss" in metrics:
+                util = _gpu_utilization()
+                if util is not None:
+                    history.gpu_utilization.append(util)
                 now = time.perf_counter()
                 tokens = state.num_input_tokens_seen
                 if self.last_time is not None and now > self.last_time and tokens >= self.last_tokens:
@@ -1359,6 +1503,9 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
                 self.last_time, self.last_tokens = now, tokens
             history.record(state.global_step, metrics)
             log_metrics(tracker, state.global_step, metrics, state.max_steps)
+            self.latest.update({k: _json_float(metrics[k]) for k in ("train_loss", "val_loss", "tokens_per_second")
+                                if k in metrics})
+            self.write_status(state)
 
     class EvalSaveFlowCallback(TrainerCallback):
         """Checkpoint at every evaluation (spec: save before every eval, so the best is always on disk),
@@ -1504,6 +1651,26 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
     return callbacks
 
 
+def _gpu_utilization() -> Optional[float]:
+    """GPU utilisation in % (needs CUDA and NVML); None where it cannot be measured."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return float(torch.cuda.utilization())
+    except Exception:  # NVML missing: not measurable here
+        return None
+    return None
+
+
+def peak_memory() -> dict:
+    import resource
+    out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    import torch
+    if torch.cuda.is_available():
+        out["gpu_peak_allocated_bytes"] = [torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())]
+    return out
+
+
 @dataclass
 class RunHistory:
     """What the callbacks saw, for the manifest."""
@@ -1512,6 +1679,10 @@ class RunHistory:
     summary: dict = field(default_factory=dict)
     early_stopped: Optional[dict] = None
     anomalies: list = field(default_factory=list)  # every guard event, warnings included
+    epoch_seconds: list = field(default_factory=list)  # wall time of each epoch run in this process
+    start_tokens: int = 0  # tokens seen before this process started (resume)
+    gpu_utilization: list = field(default_factory=list)  # % samples taken at log steps
+    checkpoints_saved: int = 0
     stop: Optional[dict] = None  # the anomaly that stopped the run
 
     def record(self, step: int, metrics: dict) -> None:
@@ -1554,9 +1725,14 @@ def compute_metrics(eval_pred) -> dict:
     target = labels[:, 1:1 + preds.shape[1]]
     mask = target != IGNORE_INDEX
     if not mask.any():
-        return {"token_loss": float("nan"), "token_accuracy": float("nan")}
-    argmax, nll = preds[:, : target.shape[1], 0][mask], preds[:, : target.shape[1], 1][mask]
-    return {"token_loss": float(np.mean(nll)), "token_accuracy": float(np.mean(argmax == target[mask]))}
+        return {"token_loss": float("nan"), "token_accuracy": float("nan"), "exact_match": float("nan")}
+    argmax, nll = preds[:, : target.shape[1], 0], preds[:, : target.shape[1], 1]
+    correct = (argmax == target) | ~mask
+    rows = mask.any(axis=1)
+    # A record is an exact match when every answer token is the argmax under teacher forcing, which is
+    # exactly when greedy decoding reproduces the whole answer.
+    return {"token_loss": float(np.mean(nll[mask])), "token_accuracy": float(np.mean((argmax == target)[mask])),
+            "exact_match": float(np.mean(correct.all(axis=1)[rows]))}
 
 
 # Test hooks (documented in the README): make one optimizer step see a NaN loss or an exploding gradient norm,
@@ -1791,6 +1967,41 @@ def load_checkpoint(path: str):
     return AutoModelForCausalLM.from_pretrained(str(p))
 
 
+def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_length: Optional[int] = None,
+                        batch_size: int = 8) -> dict:
+    """Test metrics of any checkpoint on any JSONL file, computed exactly as the post-training evaluation
+    computes them: test_loss (mean NLL per answer token), test_perplexity, test_token_accuracy, test_exact_match."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainingArguments
+    ckpt = Path(checkpoint_path).expanduser()
+    model = load_checkpoint(str(ckpt))
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    stored = _read_json(ckpt / CHECKPOINT_META).get("config") or {}
+    max_len = max_seq_length or (stored.get("data") or {}).get("max_seq_length") \
+        or model.config.max_position_embeddings
+    info, problems = scan_jsonl(Path(test_data_path).expanduser().resolve(), "test", "auto", "as given")
+    if problems:
+        raise TrainerError.collected(problems)
+    rows = [tokenize_record(r, tokenizer, info["shape"], max_len, False) for r in _read_jsonl(Path(info["path"]))]
+    rows = [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows if r["answer_tokens"] > 0]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none",
+                                 use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+        trainer = _trainer_class()(model=model, args=args, eval_dataset=Dataset.from_list(rows),
+                                   processing_class=tokenizer, data_collator=PadToLongestCollator(tokenizer.pad_token_id),
+                                   compute_metrics=compute_metrics,
+                                   preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+        metrics = trainer.evaluate(metric_key_prefix="test")
+    out = {k: _json_float(v) for k, v in metrics.items() if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)}
+    return {**out, "samples": len(rows), "checkpoint": str(ckpt.resolve()), "test_data": info["path"],
+            "max_seq_length": max_len}
+
+
 def apply_retention(run_dir: Path, limit: int, best: Optional[str]) -> list[str]:
     """Keep the newest `limit` checkpoints, and always the best, the latest healthy and one backup."""
     ckpts = read_checkpoints(run_dir)
@@ -1825,6 +2036,217 @@ def clean_partial_saves(run_dir: Path) -> list[str]:
 
 def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --------------------------------------------------------------------------------------------------
+# 10b. Post-training analysis: samples, baseline comparison, plots, archive, cost, live status
+# --------------------------------------------------------------------------------------------------
+
+def prompt_and_reference(record: dict, shape: str, tokenizer) -> tuple[str, str]:
+    """The text a user would send, and the answer the data says is right."""
+    if shape == "messages":
+        msgs = record["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return (tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True),
+                msgs[last]["content"])
+    if shape == "prompt_completion":
+        return record["prompt"], record["completion"]
+    if shape == "instruction":
+        return render_instruction_prompt(record), record["output"]
+    ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"]  # text: first half -> second half
+    cut = max(1, len(ids) // 2)
+    return tokenizer.decode(ids[:cut]), tokenizer.decode(ids[cut:])
+
+
+def generate_samples(model, tokenizer, records: list[dict], shape: str, max_new_tokens: int) -> list[dict]:
+    """Greedy (deterministic) completions for test prompts."""
+    import torch
+    stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+            if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id]
+    device = next(model.parameters()).device
+    out = []
+    model.eval()
+    for rec in records:
+        prompt, reference = prompt_and_reference(rec, shape, tokenizer)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+        with torch.no_grad():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=stop or None,
+                                 pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+        out.append({"prompt": prompt, "reference": reference, "generated": text,
+                    "exact_match": text.strip() == reference.strip()})
+    return out
+
+
+def _read_jsonl(path: Path, limit: Optional[int] = None) -> list[dict]:
+    out = []
+    with Path(path).open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                out.append(json.loads(line))
+                if limit is not None and len(out) >= limit:
+                    break
+    return out
+
+
+COMPARED_METRICS = {  # manifest location -> lower is better
+    ("training_results", "final_val_loss"): True, ("training_results", "final_val_perplexity"): True,
+    ("training_results", "final_val_token_accuracy"): False, ("test_results", "test_loss"): True,
+    ("test_results", "test_perplexity"): True, ("test_results", "test_token_accuracy"): False,
+    ("test_results", "test_exact_match"): False,
+}
+
+
+def compare_to_baseline(manifest: dict, baseline_ref: str) -> dict:
+    """Each validation and test metric of this run against the baseline run's: both values, delta, improved."""
+    path = _baseline_manifest_path(baseline_ref)
+    if path is None:
+        raise TrainerError("InvalidConfig", {"field": "--baseline", "value": baseline_ref,
+                                             "expected": "a run_manifest.json or a run dir holding one",
+                                             "suggestion": "point it at a finished run's directory"})
+    base = json.loads(path.read_text())
+    rows = []
+    for (section, key), lower_better in COMPARED_METRICS.items():
+        old, new = (base.get(section) or {}).get(key), (manifest.get(section) or {}).get(key)
+        if not isinstance(old, (int, float)) or not isinstance(new, (int, float)):
+            continue
+        rows.append({"metric": key, "baseline": old, "current": new, "delta": new - old,
+                     "improved": new < old if lower_better else new > old})
+    return {"baseline_run_id": base.get("run_id"), "baseline_manifest": str(path), "metrics": rows}
+
+
+def format_comparison(cmp: dict) -> str:
+    lines = [f"baseline comparison against {cmp['baseline_run_id']}:",
+             f"{'metric':<26}{'baseline':>12}{'current':>12}{'delta':>12}  improved"]
+    for r in cmp["metrics"]:
+        lines.append(f"{r['metric']:<26}{r['baseline']:>12.4f}{r['current']:>12.4f}{r['delta']:>+12.4f}  "
+                     f"{'yes' if r['improved'] else 'no'}")
+    return "\n".join(lines)
+
+
+def plot_loss_curves(train_csv: Path, val_csv: Path, best_step: Optional[int], out: Path) -> Path:
+    """loss_curves.png: train and validation loss against step, best checkpoint marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def read(path: Path) -> tuple[list, list]:
+        with path.open(newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if r["value"] not in ("NaN", "")]
+        return [int(r["step"]) for r in rows], [float(r["value"]) for r in rows]
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for path, label in ((train_csv, "train loss"), (val_csv, "validation loss")):
+        steps, values = read(path)
+        ax.plot(steps, values, marker="o" if label.startswith("val") else None, markersize=3, label=label)
+    if best_step is not None:
+        ax.axvline(best_step, color="green", linestyle="--", label=f"best checkpoint (step {best_step})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean NLL per answer token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    tmp = out.with_name(TMP_PREFIX + out.name)
+    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+INFERENCE_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+                   "tokenizer*", "special_tokens_map.json", "chat_template.jinja", "*.model", "vocab.json",
+                   "merges.txt", CHECKPOINT_META, "adapter_config.json")
+
+
+def archive_best(run_dir: Path, best_checkpoint: str, manifest: dict) -> Path:
+    """`<run_dir>/best`: what inference needs from the best checkpoint (hard links where the filesystem allows,
+    so no second full copy), the manifest and SHA256SUMS. Built under a temporary name, then renamed."""
+    src, final = Path(best_checkpoint), run_dir / "best"
+    tmp = run_dir / f"{TMP_PREFIX}best"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    sums = []
+    for pattern in INFERENCE_FILES:
+        for f in sorted(src.glob(pattern)):
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+            sums.append(f"{_sha256(f)}  {f.name}")
+    write_json_atomic(tmp / MANIFEST_NAME, manifest)
+    (tmp / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+    (tmp / "SOURCE").write_text(f"{src.name}\n")
+    if final.exists():
+        old = run_dir / f"{TMP_PREFIX}delete-best"
+        os.rename(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.rename(tmp, final)
+    return final
+
+
+def compute_cost(wall_seconds: float, gpu_count: int, checkpoints_saved: int, tokens: int,
+                 cost: CostConfig) -> dict:
+    """GPU hours, cost per run and per checkpoint, and the spec's ROI line against an API price.
+    Every input is recorded next to the result."""
+    gpu_hours = wall_seconds / 3600 * gpu_count
+    run_cost = gpu_hours * cost.gpu_hourly_usd
+    api_cost = tokens / 1e6 * cost.api_usd_per_million_tokens
+    per_token = cost.api_usd_per_million_tokens / 1e6
+    return {
+        "inputs": {"wall_seconds": round(wall_seconds, 3), "gpu_count": gpu_count,
+                   "gpu_hourly_usd": cost.gpu_hourly_usd, "gpu_price_source": cost.gpu_price_source,
+                   "checkpoints_saved": checkpoints_saved, "tokens": tokens, "api_name": cost.api_name,
+                   "api_usd_per_million_tokens": cost.api_usd_per_million_tokens},
+        "gpu_hours": round(gpu_hours, 6),
+        "cost_per_run_usd": round(run_cost, 4),
+        "cost_per_checkpoint_usd": round(run_cost / checkpoints_saved, 4) if checkpoints_saved else None,
+        "api_cost_same_tokens_usd": round(api_cost, 4),
+        "break_even_tokens": math.ceil(run_cost / per_token) if per_token > 0 else None,
+        "roi_note": ("the run costs as much as sending break_even_tokens tokens through the API once; the "
+                     "fine-tuned model is cheaper than the API beyond that volume (serving cost not included)"),
+    }
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def write_status(run_dir: Path, status: dict) -> None:
+    """status.json, rewritten atomically at every log step, read by monitor_training from another shell."""
+    write_json_atomic(run_dir / "status.json", {**status, "pid": os.getpid(), "hostname": platform.node(),
+                                                "updated_at": utc_now()})
+
+
+def monitor_training(run_id: str, output_dir: Optional[str] = None) -> dict:
+    """The state of a run, running or not: status, step/max_steps, epoch, latest losses, tokens/s, elapsed,
+    ETA, last checkpoint. A run whose process died without finishing is reported as failed."""
+    run_dir = find_run_dir(run_id, output_dir)
+    status = _read_json(run_dir / "status.json")
+    manifest = _read_json(run_dir / MANIFEST_NAME)
+    if not status and not manifest:
+        raise TrainerError("CheckpointNotFound", {"field": "run", "value": run_id, "path": str(run_dir),
+                                                  "suggestion": "no status.json or manifest: is this a run dir?"})
+    out = {"run_id": manifest.get("run_id") or status.get("run_id"), "run_dir": str(run_dir),
+           **{k: status.get(k) for k in ("status", "step", "max_steps", "epoch", "train_loss", "val_loss",
+                                         "tokens_per_second", "elapsed_seconds", "eta_seconds", "updated_at",
+                                         "pid", "hostname")}}
+    healthy = [c for c in read_checkpoints(run_dir) if c.get("health") == "ok"]
+    out["last_checkpoint"] = healthy[-1]["path"] if healthy else None
+    final = manifest.get("status")
+    if final and final != "running":
+        out["status"] = final
+    elif out["status"] == "running" and out["hostname"] == platform.node() and out["pid"] \
+            and not _process_alive(int(out["pid"])):
+        out["status"] = "failed"
+        out["note"] = (f"process {out['pid']} is gone and never wrote a final status (killed?); "
+                       f"resume with --resume-from latest --run-id {out['run_id']}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1983,11 +2405,17 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
             "early_stopping": ctx.history.early_stopped,
         },
         "test_results": ctx.test_results,
+        "samples": ctx.samples,
+        "baseline_comparison": ctx.baseline_comparison,
         "anomalies": ctx.history.anomalies,
+        "performance": ctx.performance,
+        "cost": compute_cost(elapsed, world_size(config) if config.compute.device == "cuda" else 0,
+                             ctx.history.checkpoints_saved, ctx.tokens_seen or 0, config.cost),
         "memory_estimate": ctx.validation.memory,
         "checkpoints": {
             "best_checkpoint": ctx.best_checkpoint,
             "final_checkpoint": healthy[-1]["path"] if healthy else None,
+            "best_archive": ctx.best_archive,
             "all_checkpoints": [c["name"] for c in ckpts],
             "details": [{k: c.get(k) for k in ("name", "step", "epoch", "health", "metrics")} for c in ckpts],
         },
@@ -1995,6 +2423,9 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
             "train_loss_curve": str(ctx.tracker.train_curve),
             "val_loss_curve": str(ctx.tracker.val_curve),
             "train_log": str(ctx.tracker.log_dir / "train.log"),
+            "loss_curves_plot": ctx.loss_plot,
+            "mlflow": ({"tracking_uri": mlflow_uri(config), "experiment": config.logging.mlflow.experiment,
+                        "run_id": ctx.tracker.mlflow_run_id} if config.logging.mlflow.enabled else None),
             "tensorboard_logs": str(ctx.tracker.tensorboard_dir) if ctx.tracker.tensorboard_dir else None,
             "wandb_url": ctx.wandb_url,
             "wandb_dir": str(ctx.run_dir / "wandb") if config.logging.wandb.enabled else None,
@@ -2055,6 +2486,11 @@ class RunContext:
     resumes: list = field(default_factory=list)
     runtime_warnings: list = field(default_factory=list)
     error: Optional[dict] = None
+    performance: Optional[dict] = None
+    samples: Optional[dict] = None
+    loss_plot: Optional[str] = None
+    baseline_comparison: Optional[dict] = None
+    best_archive: Optional[str] = None
 
 
 @dataclass
@@ -2200,26 +2636,49 @@ def train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opti
         raise
     except KeyboardInterrupt:
         status, exit_code = "interrupted", 130
-        ctx.error = {"error": "Interrupted", "details": {"suggestion": f"continue with --resume-from latest "
-                                                                         f"--run-id {run_id}"}}
+        ctx.error = TrainerError("Interrupted", {"suggestion": f"continue with --resume-from latest "
+                                                               f"--run-id {run_id}"}).payload
         raise
     except Exception as exc:
         status, exit_code = "failed", EXIT_FAILED
-        ctx.error = {"error": "TrainingFailed", "details": {"exception": f"{type(exc).__name__}: {exc}",
-                                                            "suggestion": "rerun with --debug for the traceback"}}
+        ctx.error = unexpected_error(exc).payload
         raise
     finally:
         ctx.end_time = time.time()
+        final_status = status if "status" in locals() else "failed"
+        manifest = {}
         if main_proc:
-            manifest = build_manifest(ctx, status if "status" in locals() else "failed")
-            save_manifest(run_id, manifest, str(manifest_path))
+            manifest = finalize_manifest(ctx, final_status)
             if ctx.error is not None:
                 write_json_atomic(run_dir / "error.json", ctx.error)
-        tracker.close()
+        tracker.close(final_status, manifest_path if main_proc else None)
         if handler:
             log.removeHandler(handler)
             handler.close()
     return RunResult(run_id, status, str(run_dir), str(manifest_path), manifest, exit_code)
+
+
+def finalize_manifest(ctx: RunContext, status: str) -> dict:
+    """The final manifest; for a completed run also the baseline comparison and the `best` archive."""
+    path = ctx.run_dir / MANIFEST_NAME
+    manifest = build_manifest(ctx, status)
+    if status == "completed":
+        if ctx.config.evaluation.baseline:
+            ctx.baseline_comparison = compare_to_baseline(manifest, ctx.config.evaluation.baseline)
+            log.info(format_comparison(ctx.baseline_comparison))
+        if ctx.best_checkpoint:
+            ctx.best_archive = str(ctx.run_dir / "best")
+        manifest = build_manifest(ctx, status)
+        if ctx.best_checkpoint:
+            archive_best(ctx.run_dir, ctx.best_checkpoint, manifest)
+    save_manifest(ctx.run_id, manifest, str(path))
+    monitor = ctx.history.train[-1] if ctx.history.train else None
+    write_status(ctx.run_dir, {"run_id": ctx.run_id, "status": status, "step": ctx.global_step,
+                               "max_steps": ctx.max_steps, "epoch": ctx.epoch,
+                               "train_loss": _json_float(monitor[2]) if monitor else None,
+                               "val_loss": manifest["training_results"]["final_val_loss"],
+                               "elapsed_seconds": round(ctx.end_time - ctx.start_time, 1), "eta_seconds": 0})
+    return manifest
 
 
 def _read_json(path: Path) -> dict:
@@ -2258,7 +2717,8 @@ def _prepare(ctx: RunContext, limit: Optional[int] = None):
 def _build_trainer(ctx: RunContext, tokenizer, datasets_, model, args, dry_run: bool):
     FinanceTrainer = _trainer_class()
     probe = StepProbe()
-    callbacks = make_callbacks(ctx.config, ctx.tracker, ctx.history, probe, dry_run=dry_run)
+    callbacks = make_callbacks(ctx.config, ctx.tracker, ctx.history, probe, dry_run=dry_run,
+                               status_dir=None if dry_run else ctx.run_dir)
     trainer = FinanceTrainer(
         model=model, args=args, train_dataset=datasets_["train"], eval_dataset=datasets_["valid"],
         processing_class=tokenizer, data_collator=PadToLongestCollator(tokenizer.pad_token_id),
@@ -2306,10 +2766,47 @@ def _train(ctx: RunContext, resume_path: Optional[str]) -> str:
         final_model = Path(ctx.best_checkpoint).name
     test = trainer.evaluate(datasets_["test"], metric_key_prefix="test")
     ctx.test_results = {"evaluated": final_model, **{k: _json_float(v) for k, v in test.items()
-                                                    if k.startswith("test_") and "runtime" not in k
-                                                    and "per_second" not in k}}
+                                                    if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)}}
+    ctx.performance = performance_block(ctx)
+    if is_main_process():
+        analyse_run(ctx, trainer.model, tokenizer)
     _report_before_after(ctx)
     return "completed"
+
+
+def analyse_run(ctx: RunContext, model, tokenizer) -> None:
+    """Spec Phase 4 after a completed run: sample completions, loss plot (baseline comparison and the best
+    archive follow once the final manifest exists)."""
+    ev = ctx.config.evaluation
+    if ev.num_samples:
+        shape = ctx.validation.data["test"]["shape"]
+        records = _read_jsonl(data_path(ctx.config, "test_path"), ev.num_samples)
+        samples = generate_samples(model, tokenizer, records, shape, ev.max_new_tokens)
+        path = ctx.run_dir / "samples.jsonl"
+        tmp = path.with_name(TMP_PREFIX + path.name)
+        tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples), encoding="utf-8")
+        os.replace(tmp, path)
+        ctx.samples = {"path": str(path), "count": len(samples), "greedy": True,
+                       "max_new_tokens": ev.max_new_tokens,
+                       "exact_match_rate": sum(x["exact_match"] for x in samples) / len(samples),
+                       "first": samples[0] if samples else None}
+        log.info("sample completion: %r -> %r", samples[0]["prompt"][-80:], samples[0]["generated"][:120])
+    png = ctx.tracker.log_dir / "loss_curves.png"
+    best_step = next((c["step"] for c in read_checkpoints(ctx.run_dir) if c["path"] == ctx.best_checkpoint), None)
+    ctx.loss_plot = str(plot_loss_curves(ctx.tracker.train_curve, ctx.tracker.val_curve, best_step, png))
+
+
+def performance_block(ctx: RunContext) -> dict:
+    """Throughput on real (non-padding) tokens, per-epoch wall time, peak memory, GPU utilisation."""
+    h = ctx.history
+    runtime = h.summary.get("train_runtime")
+    tokens = (ctx.tokens_seen or 0) - h.start_tokens
+    return {"train_runtime_seconds": runtime, "tokens_trained_this_process": tokens,
+            "tokens_per_second": round(tokens / runtime, 2) if runtime else None,
+            "samples_per_second": h.summary.get("train_samples_per_second"),
+            "epoch_wall_seconds": h.epoch_seconds, "peak_memory": peak_memory(),
+            "gpu_utilization_percent_mean": round(sum(h.gpu_utilization) / len(h.gpu_utilization), 1)
+            if h.gpu_utilization else None}
 
 
 def diverged_error(ctx: RunContext) -> TrainerError:
@@ -2511,7 +3008,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="train_finance_ssc_model.py", description="Fine-tune SmolLM3 on finance data from a YAML config.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="path to training_config.yaml")
+    p.add_argument("--config", help="path to training_config.yaml (required to train, validate or dry-run)")
     p.add_argument("--dry-run", action="store_true",
                    help="run the real pipeline for --max-steps steps on a slice; no checkpoints or manifest")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps for --dry-run (default 10)")
@@ -2525,8 +3022,55 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set training.hyperparameters.learning_rate=1e-5 "
                         "(repeatable; recorded in the manifest)")
+    p.add_argument("--baseline", metavar="MANIFEST_OR_RUN_DIR",
+                   help="compare this run's validation and test metrics with a previous run's")
+    tools = p.add_argument_group("monitoring and checkpoint tools (RUN = run dir, or run_id under the output dir)")
+    tools.add_argument("--status", metavar="RUN", help="status of a running or finished run, with ETA")
+    tools.add_argument("--list-checkpoints", metavar="RUN", help="complete checkpoints with metrics and health")
+    tools.add_argument("--evaluate", metavar="CHECKPOINT", help="test metrics of a checkpoint (with --test-data)")
+    tools.add_argument("--test-data", metavar="PATH", help="JSONL file for --evaluate")
+    tools.add_argument("--json", action="store_true", help="print tool output as JSON instead of a table")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not (args.config or args.status or args.list_checkpoints or args.evaluate):
+        p.error("--config is required (or one of --status, --list-checkpoints, --evaluate)")
+    if args.evaluate and not args.test_data:
+        p.error("--evaluate needs --test-data PATH")
+    return args
+
+
+def run_tool(args: argparse.Namespace) -> int:
+    """--status / --list-checkpoints / --evaluate: a table for people, --json for machines."""
+    output_dir = args.output_dir
+    if output_dir is None and args.config:
+        output_dir = load_training_config(args.config).logging.output_dir
+    if args.status:
+        result: Any = monitor_training(args.status, output_dir)
+        rows = [[k, result.get(k)] for k in ("run_id", "status", "step", "max_steps", "epoch", "train_loss",
+                                              "val_loss", "tokens_per_second", "elapsed_seconds", "eta_seconds",
+                                              "last_checkpoint", "note") if k in result]
+    elif args.list_checkpoints:
+        result = list_checkpoints(args.list_checkpoints, output_dir)
+        rows = [["name", "step", "epoch", "health", "val_loss", "val_perplexity", "best", "latest"]] + [
+            [c["name"], c["step"], c["epoch"], c["health"], (c["metrics"] or {}).get("val_loss"),
+             (c["metrics"] or {}).get("val_perplexity"), "*" if c["is_best"] else "", "*" if c["is_latest"] else ""]
+            for c in result]
+    else:
+        result = evaluate_checkpoint(args.evaluate, args.test_data)
+        rows = [[k, v] for k, v in result.items()]
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(_table(rows))
+    return EXIT_OK
+
+
+def _table(rows: list[list]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
+    cells = [[cell(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells if i < len(r)) for i in range(max(map(len, cells)))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
 def setup_logging(debug: bool) -> None:
@@ -2556,7 +3100,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     setup_logging(args.debug)
     try:
-        overrides = list(args.overrides) + ([f"logging.output_dir={args.output_dir}"] if args.output_dir else [])
+        if args.status or args.list_checkpoints or args.evaluate:
+            return run_tool(args)
+        overrides = list(args.overrides) + ([f"logging.output_dir={args.output_dir}"] if args.output_dir else []) \
+            + ([f"evaluation.baseline={args.baseline}"] if args.baseline else [])
         config = load_training_config(args.config, overrides)
         if args.validate_only:
             result = validate_config(config)
@@ -2578,14 +3125,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         emit_error(exc.payload)
         return exc.exit_code
     except KeyboardInterrupt:
-        emit_error({"error": "Interrupted", "details": {"suggestion": "resume with --resume-from latest --run-id RUN"}})
+        emit_error(TrainerError("Interrupted", {"suggestion": "resume with --resume-from latest --run-id RUN"}).payload)
         return 130
     except Exception as exc:  # unexpected: still one JSON object, traceback only with --debug
         if args.debug:
             import traceback
             traceback.print_exc()
-        emit_error({"error": "TrainingFailed", "details": {"exception": f"{type(exc).__name__}: {exc}",
-                                                           "suggestion": "rerun with --debug for the traceback"}})
+        emit_error(unexpected_error(exc).payload)
         return EXIT_FAILED
 
 
