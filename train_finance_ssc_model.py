@@ -93,6 +93,20 @@ REQUIRED: Any = dataclasses.MISSING  # marks a key the YAML must set
 
 
 @dataclass(kw_only=True)
+class LoraConfig:
+    """Parameter-efficient fine-tuning with peft. Checkpoints then hold the adapter only."""
+    enabled: bool = False
+    r: int = field(default=16, metadata={"doc": "adapter rank"})
+    alpha: float = field(default=32, metadata={"doc": "scaling numerator (scale = alpha / r)"})
+    dropout: float = field(default=0.05, metadata={"doc": "dropout on the adapter input"})
+    target_modules: Optional[list] = field(default=None, metadata={
+        "doc": "module names; null = the attention and MLP projections found in the model"})
+    bias: str = field(default="none", metadata={"doc": "none|all|lora_only"})
+    quantization: str = field(default="none", metadata={"doc": "none|4bit|8bit (QLoRA, bitsandbytes, CUDA only)"})
+    merge_at_end: bool = field(default=True, metadata={"doc": "save the best adapter merged into the base weights"})
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     base_checkpoint: str = field(default=REQUIRED, metadata={"doc": "local directory or Hub id"})
     architecture: str = field(default="decoder-only-transformer", metadata={"doc": "informational, must be a decoder"})
@@ -102,6 +116,7 @@ class ModelConfig:
     num_heads: Optional[int] = field(default=None, metadata={"doc": "checked against config.json num_attention_heads"})
     gradient_checkpointing: bool = field(default=False, metadata={"doc": "trade compute for activation memory"})
     use_flash_attention_2: bool = field(default=False, metadata={"doc": "needs flash-attn; falls back to sdpa"})
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass(kw_only=True)
@@ -627,6 +642,27 @@ def _field_rules(config: TrainingConfig, res: ValidationResult) -> None:
         if value is not None and value < 1:
             err(config_problem(f"model.{key}", value, "integer >= 1 (or omit it)", f"copy {key} from config.json"))
 
+    lo = config.model.lora
+    if lo.enabled:
+        for key, ok, expected, fix in (
+                ("r", lo.r >= 1, "integer >= 1", "r: 16"), ("alpha", lo.alpha > 0, "number > 0", "alpha: 32"),
+                ("dropout", 0 <= lo.dropout < 1, "number in [0, 1)", "dropout: 0.05"),
+                ("bias", lo.bias in ("none", "all", "lora_only"), "none, all or lora_only", "bias: none"),
+                ("quantization", lo.quantization in ("none", "4bit", "8bit"), "none, 4bit or 8bit",
+                 "quantization: none")):
+            if not ok:
+                err(config_problem(f"model.lora.{key}", getattr(lo, key), expected, f"set {fix}"))
+        if lo.target_modules is not None and not lo.target_modules:
+            err(config_problem("model.lora.target_modules", lo.target_modules, "a non-empty list, or null",
+                               "remove target_modules to adapt the attention and MLP projections"))
+        if lo.quantization in ("4bit", "8bit") and config.compute.device != "cuda":
+            err(config_problem("model.lora.quantization", lo.quantization, "none when compute.device is cpu",
+                               "QLoRA (bitsandbytes 4/8-bit) needs a CUDA GPU: set quantization: none for a "
+                               "CPU run, or compute.device: cuda on a GPU machine"))
+    elif lo.quantization != "none":
+        err(config_problem("model.lora.quantization", lo.quantization, "none unless model.lora.enabled is true",
+                           "set model.lora.enabled: true (QLoRA trains adapters on the quantized model)"))
+
     ev, cost = config.evaluation, config.cost
     if ev.num_samples < 0:
         err(config_problem("evaluation.num_samples", ev.num_samples, "integer >= 0", "set num_samples: 5 (0 = none)"))
@@ -1128,12 +1164,74 @@ def load_tokenizer(config: TrainingConfig):
 
 
 def load_base_model(config: TrainingConfig, attn: str):
-    """Weights stay fp32 (the master copy) under fp16/bf16 mixed precision; autocast does the rest."""
+    """Weights stay fp32 (the master copy) under fp16/bf16 mixed precision; autocast does the rest.
+    With model.lora the base is frozen (4/8-bit quantized under QLoRA) and peft adapters are added."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(checkpoint_ref(config), attn_implementation=attn)
+    lo = config.model.lora
+    kwargs: dict = {"attn_implementation": attn}
+    if lo.enabled and lo.quantization != "none":
+        import torch
+        from transformers import BitsAndBytesConfig
+        compute = torch.bfloat16 if config.compute.mixed_precision == "bf16" else torch.float16
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                               bnb_4bit_use_double_quant=True) if lo.quantization == "4bit"
+            else BitsAndBytesConfig(load_in_8bit=True))
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_ref(config), **kwargs)
     if config.model.gradient_checkpointing:
         model.config.use_cache = False  # the KV cache is useless in training and conflicts with recompute
+    if lo.enabled:
+        model = add_lora(model, config)
     return model
+
+
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_targets(model, config: TrainingConfig) -> list[str]:
+    """The configured target modules, or the attention and MLP projections this architecture has."""
+    if config.model.lora.target_modules:
+        return list(config.model.lora.target_modules)
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    found = [t for t in LORA_DEFAULT_TARGETS if t in names]
+    if not found:
+        raise TrainerError("InvalidConfig", {
+            "field": "model.lora.target_modules", "value": None, "expected": "module names of this model",
+            "suggestion": "list the linear layers to adapt, e.g. [q_proj, v_proj]"})
+    return found
+
+
+def add_lora(model, config: TrainingConfig):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    lo = config.model.lora
+    if lo.quantization != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.model.gradient_checkpointing)
+    targets = lora_targets(model, config)
+    missing = [t for t in targets if not any(n.endswith(t) for n, _ in model.named_modules())]
+    if missing:
+        raise TrainerError("InvalidConfig", {
+            "field": "model.lora.target_modules", "value": missing, "expected": "module names of this model",
+            "suggestion": f"this model has none named {missing}; its projections are "
+                          f"{[t for t in LORA_DEFAULT_TARGETS if t not in missing]}"})
+    peft_config = PeftLoraConfig(task_type="CAUSAL_LM", r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                                 target_modules=targets, bias=lo.bias)
+    model = get_peft_model(model, peft_config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("LoRA r=%d alpha=%g on %s: %s trainable of %s parameters (%.3f%%)", lo.r, lo.alpha,
+             ", ".join(targets), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def parameter_counts(model) -> dict:
+    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total": sum(p.numel() for p in model.parameters())}
 
 
 def count_parameters(ckpt_dir: Optional[Path], ckpt_cfg: dict) -> int:
@@ -1171,9 +1269,19 @@ def estimate_memory(config: TrainingConfig, ckpt_cfg: dict, n_params: int) -> di
     kv_dim = ckpt_cfg.get("num_key_value_heads", heads) * ckpt_cfg.get("head_dim", H // max(heads, 1))
     amp = config.compute.mixed_precision in ("fp16", "bf16")
     elem = 2 if amp else 4
-    state_bytes_per_param = 16 + (2 if amp else 0)
     optimizer_bytes = {"adamw": 8, "adamw_fused": 8, "adafactor": 4, "sgd": 0}[config.training.optimization.optimizer]
-    state_bytes_per_param += optimizer_bytes - 8
+    lo = config.model.lora
+    if lo.enabled:
+        # frozen base: weights only (fp32, or 4/8-bit under QLoRA); adapters: weights + grads + optimizer
+        frozen = {"none": 4 + (2 if amp else 0), "8bit": 1, "4bit": 0.5}[lo.quantization]
+        dims = {"q_proj": (H, heads * (H // max(heads, 1))), "k_proj": (H, kv_dim), "v_proj": (H, kv_dim),
+                "o_proj": (H, H), "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+        targets = lo.target_modules or list(LORA_DEFAULT_TARGETS)
+        adapter = L * sum(lo.r * sum(dims[t]) for t in targets if t in dims)
+        states = int(n_params * frozen + adapter * (8 + optimizer_bytes))
+    else:
+        adapter = None
+        states = n_params * (16 + (2 if amp else 0) + optimizer_bytes - 8)
     tokens = hp.batch_size * config.data.max_seq_length
     per_layer = (10 * H + 4 * I + 2 * kv_dim) * elem
     if config.model.gradient_checkpointing:
@@ -1181,9 +1289,9 @@ def estimate_memory(config: TrainingConfig, ckpt_cfg: dict, n_params: int) -> di
     else:
         activations = tokens * L * per_layer
     logits = tokens * V * 4 * 2
-    out = {"parameters": n_params, "weights_grads_optimizer_bytes": n_params * state_bytes_per_param,
-           "activation_bytes": activations, "logits_bytes": logits}
-    out["total_bytes"] = sum(v for k, v in out.items() if k.endswith("_bytes"))
+    out = {"parameters": n_params, "trainable_parameters": adapter if adapter is not None else n_params,
+           "weights_grads_optimizer_bytes": states, "activation_bytes": activations, "logits_bytes": logits}
+    out["total_bytes"] = int(sum(v for k, v in out.items() if k.endswith("_bytes")))
     out["total_gb"] = round(out["total_bytes"] / 2**30, 3)
     return out
 
@@ -1884,12 +1992,17 @@ def save_checkpoint(trainer) -> Path:
                 st.stateful_callbacks[cb.__class__.__name__] = cb.state()
         st.save_to_json(str(tmp / "trainer_state.json"))
         model = trainer.accelerator.unwrap_model(trainer.model)
-        check = verify_weights(tmp, model.state_dict())
+        if is_peft_model(model):  # the adapter file holds these keys (no adapter name, trainable only)
+            from peft import get_peft_model_state_dict
+            check = verify_weights(tmp, get_peft_model_state_dict(model))
+        else:
+            check = verify_weights(tmp, model.state_dict())
         eval_step, eval_metrics = getattr(trainer, "last_eval", (None, None))
         meta = {"name": name, "run_id": trainer.run_id, "step": st.global_step, "epoch": round(st.epoch or 0, 4),
                 "metrics": eval_metrics if eval_step == st.global_step else None,
                 "dataset": {"name": config.data.dataset_name, "version": config.data.dataset_version},
-                "base_model": config.model.base_checkpoint, "config": config.to_dict(),
+                "base_model": config.model.base_checkpoint, "base_config_sha256": base_config_sha256(config),
+                "adapter": is_peft_model(model), "config": config.to_dict(),
                 "created_at": utc_now(), **check}
         write_json_atomic(tmp / CHECKPOINT_META, meta)
         if final.exists():  # resumed from an older checkpoint: keep the superseded one, out of the listing
@@ -1912,6 +2025,13 @@ def save_checkpoint(trainer) -> Path:
     trainer.accelerator.wait_for_everyone()
     st.best_model_checkpoint = getattr(trainer, "best_checkpoint", None)
     return final
+
+
+def base_config_sha256(config: TrainingConfig) -> Optional[str]:
+    """sha256 of the base checkpoint's config.json: an adapter checkpoint names the exact base it needs."""
+    ref = config.resolved_paths.get("model.base_checkpoint")
+    path = Path(ref["path"]) / "config.json" if ref else _hub_cached_file(config.model.base_checkpoint, "config.json")
+    return _sha256(Path(path)) if path and Path(path).is_file() else None
 
 
 def read_checkpoints(run_dir: Path) -> list[dict]:
@@ -1959,6 +2079,15 @@ def load_checkpoint(path: str):
     """A checkpoint's model, loaded exactly as the inference side will load it (plain from_pretrained)."""
     from transformers import AutoModelForCausalLM
     p = Path(path).expanduser()
+    if (p / "adapter_config.json").is_file():  # LoRA checkpoint: base + adapter, as peft loads it
+        from peft import AutoPeftModelForCausalLM
+        base = (_read_json(p / CHECKPOINT_META).get("config") or {}).get("model", {}).get("base_checkpoint")
+        try:
+            return AutoPeftModelForCausalLM.from_pretrained(str(p))
+        except OSError as exc:
+            raise TrainerError("CheckpointNotFound", {
+                "field": "path", "value": str(path), "base_checkpoint": base,
+                "suggestion": f"this adapter needs its base model ({base}) at the path it was trained from"}) from exc
     if not (p / "config.json").is_file():
         raise TrainerError("CheckpointNotFound", {
             "field": "path", "value": str(path), "path": str(p.resolve()),
@@ -2412,6 +2541,7 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
         "cost": compute_cost(elapsed, world_size(config) if config.compute.device == "cuda" else 0,
                              ctx.history.checkpoints_saved, ctx.tokens_seen or 0, config.cost),
         "memory_estimate": ctx.validation.memory,
+        "lora": ctx.lora,
         "checkpoints": {
             "best_checkpoint": ctx.best_checkpoint,
             "final_checkpoint": healthy[-1]["path"] if healthy else None,
@@ -2491,6 +2621,7 @@ class RunContext:
     loss_plot: Optional[str] = None
     baseline_comparison: Optional[dict] = None
     best_archive: Optional[str] = None
+    lora: Optional[dict] = None
 
 
 @dataclass
@@ -2768,8 +2899,16 @@ def _train(ctx: RunContext, resume_path: Optional[str]) -> str:
     ctx.test_results = {"evaluated": final_model, **{k: _json_float(v) for k, v in test.items()
                                                     if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)}}
     ctx.performance = performance_block(ctx)
+    if config.model.lora.enabled:
+        ctx.lora = {**dataclasses.asdict(config.model.lora), **parameter_counts(trainer.model),
+                    "target_modules": sorted(trainer.model.peft_config["default"].target_modules),
+                    "adapter_checkpoint": ctx.best_checkpoint, "merged_checkpoint": None}
     if is_main_process():
         analyse_run(ctx, trainer.model, tokenizer)
+        if config.model.lora.enabled and config.model.lora.merge_at_end:
+            source = ctx.best_checkpoint or (read_checkpoints(ctx.run_dir) or [{}])[-1].get("path")
+            if source:
+                ctx.lora["merged_checkpoint"] = str(merge_adapter(config, Path(source), ctx.run_dir / "merged"))
     _report_before_after(ctx)
     return "completed"
 
@@ -2794,6 +2933,27 @@ def analyse_run(ctx: RunContext, model, tokenizer) -> None:
     png = ctx.tracker.log_dir / "loss_curves.png"
     best_step = next((c["step"] for c in read_checkpoints(ctx.run_dir) if c["path"] == ctx.best_checkpoint), None)
     ctx.loss_plot = str(plot_loss_curves(ctx.tracker.train_curve, ctx.tracker.val_curve, best_step, png))
+
+
+def merge_adapter(config: TrainingConfig, adapter_dir: Path, out: Path) -> Path:
+    """Merge a LoRA adapter into a fresh copy of the base weights (never into quantized weights) and save a
+    plain checkpoint, loadable by AutoModelForCausalLM.from_pretrained without peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    base = AutoModelForCausalLM.from_pretrained(checkpoint_ref(config))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    tmp = out.with_name(TMP_PREFIX + out.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp))
+    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))
+    write_json_atomic(tmp / "merge_info.json", {"adapter": str(adapter_dir), "base_model": config.model.base_checkpoint,
+                                                "base_config_sha256": base_config_sha256(config),
+                                                "created_at": utc_now()})
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    log.info("merged %s into the base weights: %s", adapter_dir.name, out)
+    return out
 
 
 def performance_block(ctx: RunContext) -> dict:

@@ -758,7 +758,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Build the offline demo data and tiny SmolLM3 model.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1]),
-                    help="root folder for data/ and models/ (default: the repository root)")
+                    help="root folder for data/ and models/ (the repository root)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--n-train", type=int, default=2400)
     ap.add_argument("--n-valid", type=int, default=300)
