@@ -129,6 +129,7 @@ class DataConfig:
     dataset_version: str = field(default=REQUIRED, metadata={"doc": "recorded in manifest and checkpoints"})
     format: str = field(default="auto", metadata={"doc": "auto|text|prompt_completion|messages|instruction"})
     train_on_prompt: bool = field(default=False, metadata={"doc": "also compute loss on prompt tokens"})
+    packing: bool = field(default=False, metadata={"doc": "pack records into full max_seq_length rows"})
 
 
 @dataclass(kw_only=True)
@@ -196,9 +197,12 @@ class LoggingConfig:
 @dataclass(kw_only=True)
 class ComputeConfig:
     device: str = field(default="cuda", metadata={"doc": "cuda|cpu"})
-    num_gpus: int = 1
+    num_gpus: int = field(default=1, metadata={"doc": "processes per node (GPUs; CPU processes with gloo)"})
     distributed_backend: str = field(default="nccl", metadata={"doc": "nccl (GPU) | gloo (CPU)"})
     mixed_precision: str = field(default="no", metadata={"doc": "no|fp16|bf16; must agree with fp16/bf16 flags"})
+    fsdp: Optional[str] = field(default=None, metadata={"doc": "passed to TrainingArguments.fsdp"})
+    fsdp_config: Optional[dict] = field(default=None, metadata={"doc": "passed to TrainingArguments.fsdp_config"})
+    deepspeed: Optional[str] = field(default=None, metadata={"doc": "DeepSpeed JSON path for TrainingArguments"})
 
 
 @dataclass(kw_only=True)
@@ -365,7 +369,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> None:
         node[parts[-1]] = _parse_yaml(value, f"--set {item}") if value.strip() else None
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean (true/false)", str: "a string", list: "a list"}
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean (true/false)", str: "a string", list: "a list",
+               dict: "a mapping"}
 
 
 def _check_type(value: Any, tp: Any) -> bool:
@@ -1110,6 +1115,12 @@ def load_splits(config: TrainingConfig, tokenizer, shapes: dict, limit: Optional
                         "tokens": int(sum(len(x) for x in kept["input_ids"])),
                         "answer_tokens": int(sum(kept["answer_tokens"]))}
         out[split] = kept.remove_columns(["truncated", "answer_tokens"])
+        if config.data.packing and split == "train":
+            out[split] = pack_dataset(out[split], config.data.max_seq_length)
+            stats[split]["packed_rows"] = len(out[split])
+            stats[split]["packing_fill"] = round(stats[split]["tokens"] / (len(out[split]) * config.data.max_seq_length), 4)
+            log.info("packed %d train records into %d rows of %d tokens (%.1f%% filled)", len(kept),
+                     len(out[split]), config.data.max_seq_length, 100 * stats[split]["packing_fill"])
         if truncated:
             log.warning("%s: %d of %d records are longer than max_seq_length=%d and were truncated",
                         split, truncated, len(ds), config.data.max_seq_length)
@@ -1117,6 +1128,37 @@ def load_splits(config: TrainingConfig, tokenizer, shapes: dict, limit: Optional
             log.warning("%s: %d records had no answer tokens left after truncation and were dropped",
                         split, stats[split]["dropped_no_answer_tokens"])
     return out, stats
+
+
+def pack_dataset(ds, max_seq_length: int):
+    """Best-fit-decreasing packing of tokenized records into rows of at most max_seq_length tokens.
+    position_ids restart at 0 for every record; with no attention_mask, transformers builds a block-diagonal
+    causal mask from them (sdpa, eager and flash-attention 2), so no token attends across records. The first
+    label of every record is masked: nothing is predicted across a record boundary."""
+    import bisect
+
+    from datasets import Dataset
+    lengths = [len(x) for x in ds["input_ids"]]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (remaining capacity, row index), sorted
+    for i in order:
+        k = bisect.bisect_left(free, (lengths[i], -1))
+        if k < len(free):
+            cap, r = free.pop(k)
+        else:
+            cap, r = max_seq_length, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if cap - lengths[i] > 0:
+            bisect.insort(free, (cap - lengths[i], r))
+    ids, labels = ds["input_ids"], ds["labels"]
+    packed = {"input_ids": [], "labels": [], "position_ids": []}
+    for row in rows:
+        packed["input_ids"].append([t for i in row for t in ids[i]])
+        packed["labels"].append([lab for i in row for lab in [IGNORE_INDEX] + list(labels[i][1:])])
+        packed["position_ids"].append([p for i in row for p in range(lengths[i])])
+    return Dataset.from_dict(packed)
 
 
 class PadToLongestCollator:
@@ -1128,12 +1170,16 @@ class PadToLongestCollator:
     def __call__(self, features: list[dict]) -> dict:
         import torch
         width = max(len(f["input_ids"]) for f in features)
-        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        packed = "position_ids" in features[0]
+        batch: dict = {"input_ids": [], "labels": [], ("position_ids" if packed else "attention_mask"): []}
         for f in features:
             pad = width - len(f["input_ids"])
             batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * pad)
-            batch["attention_mask"].append(list(f["attention_mask"]) + [0] * pad)
             batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
+            if packed:  # padding becomes one more "record" of its own, masked out of the loss
+                batch["position_ids"].append(list(f["position_ids"]) + list(range(pad)))
+            else:
+                batch["attention_mask"].append(list(f["attention_mask"]) + [0] * pad)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
 
@@ -1689,6 +1735,8 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
                 reason = "gradient norm is NaN/inf"
             elif norm is not None and norm > g.grad_norm_limit:
                 reason = f"gradient norm {norm:.4g} exceeds grad_norm_limit {g.grad_norm_limit:g}"
+            if _any_rank(reason is not None, model) and reason is None:
+                reason = "another rank saw a NaN/inf loss or gradient"  # every rank stops at the same step
             if reason:
                 for p in model.parameters():  # optimizers skip parameters without a gradient
                     p.grad = None
@@ -1757,6 +1805,17 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
     if opt.early_stopping_patience and not dry_run:
         callbacks.append(EarlyStoppingCallback(opt.early_stopping_metric, opt.early_stopping_patience))
     return callbacks
+
+
+def _any_rank(flag: bool, model) -> bool:
+    """True on every rank when it is True on one (a one-element all-reduce per optimizer step under DDP)."""
+    import torch
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=next(model.parameters()).device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _gpu_utilization() -> Optional[float]:
@@ -1845,8 +1904,9 @@ def compute_metrics(eval_pred) -> dict:
 
 # Test hooks (documented in the README): make one optimizer step see a NaN loss or an exploding gradient norm,
 # so the guards can be tested deterministically. Unset in normal use.
-_INJECT_NAN_AT_STEP = int(os.environ["FINANCE_TRAINER_INJECT_NAN_AT_STEP"]) \
-    if os.environ.get("FINANCE_TRAINER_INJECT_NAN_AT_STEP") else None
+_NAN_HOOK = os.environ.get("FINANCE_TRAINER_INJECT_NAN_AT_STEP", "")  # "STEP" or "STEP:RANK" (one rank only)
+_INJECT_NAN_AT_STEP = int(_NAN_HOOK.split(":")[0]) if _NAN_HOOK and (
+    ":" not in _NAN_HOOK or _NAN_HOOK.split(":")[1] == os.environ.get("RANK", "0")) else None
 _INJECT_GRAD_SCALE_AT_STEP = tuple(float(x) for x in os.environ["FINANCE_TRAINER_INJECT_GRAD_SCALE"].split(":")) \
     if os.environ.get("FINANCE_TRAINER_INJECT_GRAD_SCALE") else None  # "STEP:FACTOR"
 
@@ -2023,6 +2083,11 @@ def save_checkpoint(trainer) -> Path:
         if getattr(trainer, "after_save", None):
             trainer.after_save()
     trainer.accelerator.wait_for_everyone()
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():  # rank 0 verified the save: every rank adopts its verdict
+        shared = [getattr(trainer, "best_checkpoint", None)]
+        dist.broadcast_object_list(shared, src=0)
+        trainer.best_checkpoint = shared[0]
     st.best_model_checkpoint = getattr(trainer, "best_checkpoint", None)
     return final
 
@@ -2502,6 +2567,8 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
             "dropped_records": {s: v["dropped_no_answer_tokens"] for s, v in stats.items()},
             "tokens": {s: v["tokens"] for s, v in stats.items()},
             "max_seq_length": config.data.max_seq_length, "train_on_prompt": config.data.train_on_prompt,
+            "packing": ({"rows": stats["train"].get("packed_rows"), "fill": stats["train"].get("packing_fill")}
+                        if config.data.packing and "train" in stats else None),
         },
         "hyperparameters": {
             "learning_rate": hp.learning_rate, "batch_size": hp.batch_size,
@@ -2542,6 +2609,7 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
                              ctx.history.checkpoints_saved, ctx.tokens_seen or 0, config.cost),
         "memory_estimate": ctx.validation.memory,
         "lora": ctx.lora,
+        "distributed": ctx.distributed,
         "checkpoints": {
             "best_checkpoint": ctx.best_checkpoint,
             "final_checkpoint": healthy[-1]["path"] if healthy else None,
@@ -2622,6 +2690,7 @@ class RunContext:
     baseline_comparison: Optional[dict] = None
     best_archive: Optional[str] = None
     lora: Optional[dict] = None
+    distributed: Optional[dict] = None
 
 
 @dataclass
@@ -2702,6 +2771,9 @@ def build_training_args(config: TrainingConfig, run_dir: Path, dry_run: bool, ma
         data_seed=config.training.seed,
         use_cpu=c.device == "cpu",
         ddp_backend=c.distributed_backend if world_size(config) > 1 else None,
+        fsdp=c.fsdp or "",
+        fsdp_config=c.fsdp_config,
+        deepspeed=c.deepspeed,
         report_to="none",  # trackers are fed by MetricsCallback -> log_metrics
         disable_tqdm=not sys.stderr.isatty(),
         include_num_input_tokens_seen="non_padding",
@@ -2727,7 +2799,7 @@ def train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opti
     paths = run_paths(config, run_id)
     run_dir = paths["run_dir"]
     manifest_path = run_dir / MANIFEST_NAME
-    if not dry_run and not resume and manifest_path.exists():
+    if not dry_run and not resume and manifest_path.exists() and is_main_process():
         raise TrainerError("RunExists", {
             "run_id": run_id, "path": str(manifest_path),
             "suggestion": f"choose another --run-id, or continue it with --resume-from latest --run-id {run_id}"})
@@ -2746,7 +2818,8 @@ def train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opti
     handler = _add_file_log(tracker.log_dir / "train.log") if main_proc else None
     previous = _read_json(manifest_path) if resume else {}
     ctx = RunContext(config=config, run_id=run_id, run_dir=run_dir, validation=validation, tracker=tracker,
-                     history=RunHistory(), reproducibility=reproducibility_block(config, validation, argv or sys.argv),
+                     history=RunHistory(),
+                     reproducibility=reproducibility_block(config, validation, argv or sys.argv) if main_proc else {},
                      created_at=previous.get("created_at") or utc_now(), start_time=time.time(),
                      wandb_url=tracker.wandb_url, resumes=list(previous.get("resumes") or []))
     if resume:
@@ -2888,6 +2961,8 @@ def _train(ctx: RunContext, resume_path: Optional[str]) -> str:
         raise out_of_memory_error(config, str(exc)) from exc
     finally:
         sync_ctx()
+    if world_size(config) > 1:
+        ctx.distributed = rank_weight_agreement(trainer)
     if ctx.history.stop is not None:
         raise diverged_error(ctx)
     final_model = "final weights"
@@ -2933,6 +3008,24 @@ def analyse_run(ctx: RunContext, model, tokenizer) -> None:
     png = ctx.tracker.log_dir / "loss_curves.png"
     best_step = next((c["step"] for c in read_checkpoints(ctx.run_dir) if c["path"] == ctx.best_checkpoint), None)
     ctx.loss_plot = str(plot_loss_curves(ctx.tracker.train_curve, ctx.tracker.val_curve, best_step, png))
+
+
+def rank_weight_agreement(trainer) -> dict:
+    """sha256 of every rank's weights after training: DDP keeps replicas identical, this proves it."""
+    import torch.distributed as dist
+    h = hashlib.sha256()
+    for _, p in sorted(trainer.accelerator.unwrap_model(trainer.model).state_dict().items()):
+        h.update(p.detach().to("cpu").contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    hashes = [None] * dist.get_world_size() if dist.is_initialized() else [None]
+    if dist.is_initialized():
+        dist.all_gather_object(hashes, h.hexdigest())
+    else:
+        hashes = [h.hexdigest()]
+    agree = len(set(hashes)) == 1
+    if not agree:
+        log.error("ranks finished with different weights: %s", hashes)
+    return {"world_size": len(hashes), "backend": trainer.args.ddp_backend, "rank_weight_sha256": hashes,
+            "ranks_agree": agree}
 
 
 def merge_adapter(config: TrainingConfig, adapter_dir: Path, out: Path) -> Path:
@@ -3233,11 +3326,58 @@ def _table(rows: list[list]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
+def launch_distributed(config: TrainingConfig, args: argparse.Namespace, argv: list[str]) -> int:
+    """Launched plainly with compute.num_gpus > 1: validate here, then start this script under
+    torch.distributed.run with that many processes. Under torchrun / accelerate launch (LOCAL_RANK set)
+    this is skipped and the launcher's processes are used as they are."""
+    import subprocess
+    validate_config(config).raise_if_failed()  # one error report, before any process starts
+    run_id = args.run_id or make_run_id(config)  # every rank must use the same id
+    manifest = run_paths(config, run_id)["run_dir"] / MANIFEST_NAME
+    if manifest.exists() and not args.resume_from:
+        raise TrainerError("RunExists", {
+            "run_id": run_id, "path": str(manifest),
+            "suggestion": f"choose another --run-id, or continue it with --resume-from latest --run-id {run_id}"})
+    n = config.compute.num_gpus
+    child_argv = list(argv) + ([] if args.run_id else ["--run-id", run_id])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           str(Path(__file__).resolve()), *child_argv]
+    log.info("compute.num_gpus=%d: starting %d processes with torch.distributed.run (backend %s), run %s",
+             n, n, config.compute.distributed_backend, run_id)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    last_error, in_launcher_trace = None, False
+    for line in proc.stderr:  # forward the ranks' stderr; keep the launcher's own failure report out of it
+        payload = _error_payload(line)
+        if payload is not None:
+            last_error = payload
+            continue
+        if line.startswith("Traceback") or "torch.distributed.elastic" in line or "ChildFailedError" in line:
+            in_launcher_trace = True
+        if not in_launcher_trace or args.debug:
+            sys.stderr.write(line)
+    rc = proc.wait()
+    if rc == 0:
+        return EXIT_OK
+    last_error = last_error or unexpected_error(RuntimeError(f"torch.distributed.run exited with {rc}")).payload
+    emit_error(last_error)
+    return ERROR_EXIT_CODES.get(last_error.get("error"), EXIT_FAILED)
+
+
+def _error_payload(line: str) -> Optional[dict]:
+    if not line.startswith('{"error"'):
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 def setup_logging(debug: bool) -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    # other ranks only report problems: rank 0 speaks for the run
+    log.setLevel(logging.DEBUG if debug else logging.INFO if is_main_process() else logging.WARNING)
     log.propagate = False
     if not debug:
         for noisy in ("transformers", "datasets", "accelerate", "torch"):
@@ -3273,6 +3413,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             log.info("config OK: %s", ", ".join(f"{s} {i['samples']} samples ({i['shape']})"
                                                  for s, i in result.data.items()))
             return EXIT_OK
+        if config.compute.num_gpus > 1 and "LOCAL_RANK" not in os.environ and not args.dry_run:
+            return launch_distributed(config, args, argv)
         result = train_model(config, dry_run=args.dry_run, resume_from=args.resume_from, run_id=args.run_id,
                              max_steps=args.max_steps, force=args.force, argv=argv)
         if result.manifest_path:

@@ -1,0 +1,94 @@
+"""Packing without cross-contamination, and a real 2-process gloo run through the script's own launch path."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+
+import train_finance_ssc_model as tf
+from conftest import base_config, last_json, run_cli, set_key, write_config
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_row_gives_each_record_its_own_logits(tiny_dir, attn):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation=attn).eval()
+    recs = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16], [20, 21]]
+    packed = tf.pack_dataset(Dataset.from_dict({"input_ids": recs, "labels": recs}), 9)
+    assert sorted(len(r) for r in packed["input_ids"]) == [5, 9]  # best fit: 5+4 fill a row, then 3+2
+    batch = tf.PadToLongestCollator(pad_token_id=1)(list(packed))
+    assert "attention_mask" not in batch  # the block mask comes from position_ids
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        for row, ids in enumerate(batch["input_ids"].tolist()):
+            pos = batch["position_ids"][row].tolist()
+            starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+            for a, b in zip(starts, starts[1:]):
+                seg = ids[a:b]
+                if seg in recs:
+                    alone = model(input_ids=torch.tensor([seg]), use_cache=False).logits[0]
+                    assert torch.allclose(alone, logits[row, a:b], atol=1e-5)
+                    assert batch["labels"][row, a] == tf.IGNORE_INDEX  # nothing predicted across a boundary
+
+
+def test_packing_run_fills_rows(tiny_dir, tmp_path):
+    cfg = set_key(base_config(tiny_dir, tmp_path, "prompt_completion"), "data.packing", True)
+    cfg = set_key(cfg, "data.max_seq_length", 512)
+    proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--run-id", "packed")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((tmp_path / "runs" / "packed" / "run_manifest.json").read_text())
+    packing, tokens = m["dataset"]["packing"], m["dataset"]["tokens"]["train"]
+    assert f"packed 96 train records into {packing['rows']} rows" in proc.stdout
+    assert packing["fill"] == pytest.approx(tokens / (packing["rows"] * 512), abs=1e-4)
+    assert packing["rows"] <= 96 * 0.6 and packing["fill"] > 0.8
+    assert m["training_results"]["final_val_loss"] < m["training_results"]["initial_val_loss"]
+
+
+@pytest.fixture(scope="module")
+def ddp_pair(tiny_dir, tmp_path_factory):
+    """The same global batch (8) as one process x 8 and as two gloo processes x 4."""
+    out = tmp_path_factory.mktemp("ddp")
+    single = write_config(out / "one.yaml", base_config(tiny_dir, out))
+    cfg = set_key(base_config(tiny_dir, out), "compute.num_gpus", 2)
+    double = write_config(out / "two.yaml", set_key(cfg, "training.hyperparameters.batch_size", 4))
+    p1 = run_cli("--config", single, "--run-id", "one")
+    p2 = run_cli("--config", double, "--run-id", "two")
+    return out, p1, p2
+
+
+def test_two_process_gloo_run_through_own_launcher(ddp_pair):
+    out, p1, p2 = ddp_pair
+    assert p1.returncode == 0, p1.stderr[-2000:]
+    assert p2.returncode == 0, p2.stderr[-2000:]
+    assert "starting 2 processes with torch.distributed.run" in p2.stdout
+    m = json.loads((out / "runs" / "two" / "run_manifest.json").read_text())
+    d = m["distributed"]
+    assert d["world_size"] == 2 and d["backend"] == "gloo" and d["ranks_agree"] is True
+    assert len(set(d["rank_weight_sha256"])) == 1
+    assert m["hyperparameters"]["effective_batch_size"] == 8
+    assert [p.name for p in (out / "runs").iterdir() if p.name.startswith("two")] == ["two"]  # one run dir
+    assert (out / "logs" / "two" / "train.log").read_text().count("INFO validation perplexity") == 1  # rank 0 only
+    single = json.loads((out / "runs" / "one" / "run_manifest.json").read_text())
+    a, b = single["training_results"]["final_val_loss"], m["training_results"]["final_val_loss"]
+    assert abs(a - b) / a < 0.05, (a, b)
+
+
+def test_one_rank_nan_stops_every_rank(tiny_dir, tmp_path):
+    cfg = set_key(base_config(tiny_dir, tmp_path), "compute.num_gpus", 2)
+    cfg = set_key(cfg, "training.hyperparameters.batch_size", 4)
+    proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--run-id", "nan2",
+                   env={"FINANCE_TRAINER_INJECT_NAN_AT_STEP": "4:1"}, timeout=240)  # rank 1 only
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    err = last_json(proc.stderr)
+    assert err["error"] == "TrainingDiverged" and err["details"]["step"] == 4
+    assert "Traceback" not in proc.stderr
+    m = json.loads((tmp_path / "runs" / "nan2" / "run_manifest.json").read_text())
+    assert m["status"] == "diverged"
+
+
+def test_nccl_without_cuda_is_refused(tiny_dir, tmp_path):
+    cfg = set_key(base_config(tiny_dir, tmp_path), "compute.distributed_backend", "nccl")
+    proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--validate-only")
+    assert proc.returncode == 2 and last_json(proc.stderr)["details"]["field"] == "compute.distributed_backend"
