@@ -7,6 +7,8 @@ Usage:
     python train_finance_ssc_model.py --config training_config.yaml --validate-only  # check config + data, < 1 s
     python train_finance_ssc_model.py --config training_config.yaml --resume-from latest --run-id RUN
     python train_finance_ssc_model.py --config c.yaml --set training.hyperparameters.learning_rate=1e-5
+    python train_finance_ssc_model.py --status RUN_DIR            # or --list-checkpoints RUN_DIR, --json
+    python train_finance_ssc_model.py --evaluate CHECKPOINT --test-data test.jsonl
 
 Every run writes `<logging.output_dir>/<run_id>/run_manifest.json` (status `running` at start, the final
 status at the end) with everything needed to reproduce it. Failures end with one JSON object on stderr,
@@ -14,10 +16,13 @@ status at the end) with everything needed to reproduce it. Failures end with one
 
 Sections, in the order a run flows through them:
     1. constants          2. config dataclasses     3. errors
-    4. config loading     5. validation             6. data
-    7. model              8. tracking               9. callbacks
-   10. trainer + checkpoints                        11. manifest
-   12. train_model        13. CLI / main
+    4. config loading     5. validation             6. data (+ packing)
+    7. model (+ LoRA, memory estimate)              8. tracking (CSV, TensorBoard, W&B, MLflow)
+    9. callbacks (metrics, eval/save flow, guards, early stopping)
+   10. trainer + checkpoints (atomic, verified, retention, list/load/evaluate)
+   10b. post-training analysis (samples, baseline, plot, archive, cost, status)
+   11. manifest           12. train_model / dry run / resume
+   13. CLI / main (+ distributed self-launch)
 """
 from __future__ import annotations
 
@@ -975,6 +980,12 @@ def _device_rules(config: TrainingConfig, res: ValidationResult) -> None:
         if c.num_gpus > found:
             res.errors.append(config_problem("compute.num_gpus", c.num_gpus, f"<= {found} (GPUs visible)",
                                              f"set num_gpus: {found}, or check CUDA_VISIBLE_DEVICES"))
+        if config.model.lora.enabled and config.model.lora.quantization != "none":
+            import importlib.util
+            if importlib.util.find_spec("bitsandbytes") is None:
+                res.errors.append(config_problem("model.lora.quantization", config.model.lora.quantization,
+                                                 "the bitsandbytes package (QLoRA)",
+                                                 "pip install bitsandbytes, or set quantization: none"))
         if hp.bf16 and not torch.cuda.is_bf16_supported():
             res.errors.append(config_problem("training.hyperparameters.bf16", True, "a GPU with bf16 support",
                                              f"{torch.cuda.get_device_name(0)} lacks bf16: use fp16: true, bf16: false"))
@@ -3049,13 +3060,35 @@ def merge_adapter(config: TrainingConfig, adapter_dir: Path, out: Path) -> Path:
     return out
 
 
+# Dense bf16/fp16 tensor-core peak FLOP/s per GPU (vendor datasheets, SXM parts); MFU is reported only for these.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+
+
+def model_flops_utilization(ctx: RunContext, tokens_per_second: Optional[float]) -> Optional[dict]:
+    """MFU = achieved model FLOP/s / peak. Training FLOPs per token ~ 6 x parameters + 12 x layers x hidden x
+    seq (attention), with the parameter count of the full model (LoRA still runs the full forward/backward)."""
+    hw = ctx.reproducibility.get("hardware") or {}
+    gpu = hw.get("gpu_model") or ""
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu.upper().replace(" ", "")), None)
+    if not (peak and tokens_per_second and ctx.validation.memory):
+        return None
+    ck = ctx.validation.checkpoint
+    per_token = 6 * ctx.validation.memory["parameters"] + 12 * ck.get("num_hidden_layers", 0) \
+        * ck.get("hidden_size", 0) * ctx.config.data.max_seq_length
+    gpus = max(1, world_size(ctx.config))
+    return {"value": round(tokens_per_second * per_token / (peak * gpus), 4), "peak_flops_per_gpu": peak,
+            "gpu": gpu, "gpus": gpus, "flops_per_token": per_token}
+
+
 def performance_block(ctx: RunContext) -> dict:
     """Throughput on real (non-padding) tokens, per-epoch wall time, peak memory, GPU utilisation."""
     h = ctx.history
     runtime = h.summary.get("train_runtime")
     tokens = (ctx.tokens_seen or 0) - h.start_tokens
+    tps = tokens / runtime if runtime else None
     return {"train_runtime_seconds": runtime, "tokens_trained_this_process": tokens,
-            "tokens_per_second": round(tokens / runtime, 2) if runtime else None,
+            "tokens_per_second": round(tps, 2) if tps else None,
+            "mfu": model_flops_utilization(ctx, tps),
             "samples_per_second": h.summary.get("train_samples_per_second"),
             "epoch_wall_seconds": h.epoch_seconds, "peak_memory": peak_memory(),
             "gpu_utilization_percent_mean": round(sum(h.gpu_utilization) / len(h.gpu_utilization), 1)
