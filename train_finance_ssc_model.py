@@ -1598,7 +1598,7 @@ def _csv_float(value: Any) -> str:
 # 9. Callbacks: small, one job each
 # --------------------------------------------------------------------------------------------------
 
-NOISE_SUFFIXES = ("_runtime", "_per_second")  # Trainer's timing keys; tokens_per_second is ours
+NOISE_SUFFIXES = ("_runtime", "_per_second", "_preparation_time")  # Trainer's timing keys; tokens_per_second is ours
 HF_TO_OURS = {"loss": "train_loss", "eval_loss": "val_loss", "eval_perplexity": "val_perplexity",
               "eval_token_accuracy": "val_token_accuracy"}
 
@@ -2201,9 +2201,11 @@ def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_lengt
                                    processing_class=tokenizer, data_collator=PadToLongestCollator(tokenizer.pad_token_id),
                                    compute_metrics=compute_metrics,
                                    preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+        from transformers.trainer_callback import PrinterCallback
+        trainer.remove_callback(PrinterCallback)
         metrics = trainer.evaluate(metric_key_prefix="test")
     out = {k: _json_float(v) for k, v in metrics.items() if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)}
-    return {**out, "samples": len(rows), "checkpoint": str(ckpt.resolve()), "test_data": info["path"],
+    return {**out, "samples": len(rows), "checkpoint": str(ckpt.resolve()), "data_path": info["path"],
             "max_seq_length": max_len}
 
 
@@ -2406,7 +2408,8 @@ def compute_cost(wall_seconds: float, gpu_count: int, checkpoints_saved: int, to
         "cost_per_run_usd": round(run_cost, 4),
         "cost_per_checkpoint_usd": round(run_cost / checkpoints_saved, 4) if checkpoints_saved else None,
         "api_cost_same_tokens_usd": round(api_cost, 4),
-        "break_even_tokens": math.ceil(run_cost / per_token) if per_token > 0 else None,
+        # rounded before ceil: 1.1 / 0.5e-6 is 2200000.0000000005 in floating point, not a token more
+        "break_even_tokens": math.ceil(round(run_cost / per_token, 6)) if per_token > 0 else None,
         "roi_note": ("the run costs as much as sending break_even_tokens tokens through the API once; the "
                      "fine-tuned model is cheaper than the API beyond that volume (serving cost not included)"),
     }
@@ -3327,6 +3330,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run_tool(args: argparse.Namespace) -> int:
     """--status / --list-checkpoints / --evaluate: a table for people, --json for machines."""
+    import contextlib
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # libraries' chatter must not corrupt --json output
+        result, rows = _tool_result(args)
+    out = json.dumps(result, indent=2, default=str) if args.json else _table(rows)
+    print(out, file=real_stdout)
+    return EXIT_OK
+
+
+def _tool_result(args: argparse.Namespace) -> tuple[Any, list]:
     output_dir = args.output_dir
     if output_dir is None and args.config:
         output_dir = load_training_config(args.config).logging.output_dir
@@ -3344,11 +3357,7 @@ def run_tool(args: argparse.Namespace) -> int:
     else:
         result = evaluate_checkpoint(args.evaluate, args.test_data)
         rows = [[k, v] for k, v in result.items()]
-    if args.json:
-        print(json.dumps(result, indent=2, default=str))
-    else:
-        print(_table(rows))
-    return EXIT_OK
+    return result, rows
 
 
 def _table(rows: list[list]) -> str:
