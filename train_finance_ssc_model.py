@@ -2073,6 +2073,7 @@ def save_checkpoint(trainer) -> Path:
                 "metrics": eval_metrics if eval_step == st.global_step else None,
                 "dataset": {"name": config.data.dataset_name, "version": config.data.dataset_version},
                 "base_model": config.model.base_checkpoint, "base_config_sha256": base_config_sha256(config),
+                "data_sha256": getattr(trainer, "data_sha256", None), "world_size": world_size(config),
                 "adapter": is_peft_model(model), "config": config.to_dict(),
                 "created_at": utc_now(), **check}
         write_json_atomic(tmp / CHECKPOINT_META, meta)
@@ -2943,6 +2944,7 @@ def _build_trainer(ctx: RunContext, tokenizer, datasets_, model, args, dry_run: 
         compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         callbacks=callbacks)
     trainer.run_config, trainer.run_id, trainer.probe = ctx.config, ctx.run_id, probe
+    trainer.data_sha256 = {k: v["sha256"] for k, v in (ctx.reproducibility.get("data_files") or {}).items()}
     from transformers.trainer_callback import PrinterCallback
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one formatted line instead
     return trainer
@@ -3147,10 +3149,14 @@ def out_of_memory_error(config: TrainingConfig, message: str, estimated_gb: Opti
 
 
 # Keys whose change makes a resumed run a different experiment (error unless --force).
-RESUME_FATAL_KEYS = ("model.base_checkpoint", "data.max_seq_length", "data.train_path", "data.format",
-                     "data.train_on_prompt", "training.hyperparameters.batch_size",
-                     "training.hyperparameters.gradient_accumulation_steps", "compute.num_gpus",
-                     "training.seed")
+# Changes that make a resumed run a different experiment (error unless --force); the training data's
+# checksum and the global batch (world size x batch size x accumulation) are checked besides these keys.
+RESUME_FATAL_KEYS = ("model.base_checkpoint", "data.max_seq_length")
+
+
+def global_batch(cfg: dict, world: int) -> int:
+    hp = cfg["training"]["hyperparameters"]
+    return world * hp["batch_size"] * hp["gradient_accumulation_steps"]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -3195,6 +3201,21 @@ def resolve_resume(config: TrainingConfig, resume_from: str, run_id: Optional[st
     fatal = [problem("InvalidConfig", field=k, value=_jsonable(n), expected=_jsonable(o),
                      suggestion=f"the checkpoint was trained with {k}={o!r}; restore it, start a new run, or pass "
                                 "--force to resume anyway") for k, o, n in diffs if k in RESUME_FATAL_KEYS]
+    old_sha = (meta.get("data_sha256") or {}).get("train")
+    new_sha = _sha256(data_path(config, "train_path"))
+    if old_sha and old_sha != new_sha:
+        fatal.append(problem("InvalidConfig", field="data.train_path", value=str(data_path(config, "train_path")),
+                             expected=f"training data with sha256 {old_sha}", actual_sha256=new_sha,
+                             suggestion="the training data changed since the checkpoint was saved: restore it, start "
+                                        "a new run, or pass --force to resume anyway"))
+    if meta.get("config") and meta.get("world_size"):
+        before, now = global_batch(meta["config"], meta["world_size"]), global_batch(config.to_dict(), world_size(config))
+        if before != now:
+            fatal.append(problem("InvalidConfig", field="training.hyperparameters.batch_size",
+                                 value=f"global batch {now}", expected=f"global batch {before}",
+                                 suggestion="world size x batch_size x gradient_accumulation_steps must stay "
+                                            f"{before} (it was {meta['world_size']} x ...); restore them, start a "
+                                            "new run, or pass --force"))
     if fatal and not force:
         raise TrainerError.collected(fatal)
     return {"run_id": meta["run_id"], "path": meta["path"], "step": meta["step"], "epoch": meta["epoch"],

@@ -91,6 +91,24 @@ def test_dangerous_change_is_refused_unless_forced(reference):
     assert (out / "runs" / "ref" / "run_manifest.json").read_bytes() == before
 
 
+def test_changed_training_data_or_global_batch_is_refused(reference, tmp_path):
+    out, path, cfg = reference
+    src = tf.list_checkpoints("ref", str(out / "runs"))[0]["path"]
+    changed = tmp_path / "train.jsonl"
+    changed.write_text(Path(cfg["data"]["train_path"]).read_text().replace("PHP", "USD", 1))
+    proc = run_cli("--config", path, "--resume-from", src, "--set", f"data.train_path={changed}")
+    assert proc.returncode == 2
+    err = last_json(proc.stderr)
+    assert err["details"]["field"] == "data.train_path" and "changed" in err["details"]["suggestion"]
+    proc = run_cli("--config", path, "--resume-from", src, "--set", "training.hyperparameters.batch_size=4")
+    assert proc.returncode == 2 and last_json(proc.stderr)["details"]["field"] == "training.hyperparameters.batch_size"
+    # the same global batch split differently is only a warning
+    proc = run_cli("--config", path, "--resume-from", src, "--set", "training.hyperparameters.batch_size=4",
+                   "--set", "training.hyperparameters.gradient_accumulation_steps=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "training.hyperparameters.batch_size: 8 -> 4" in proc.stdout
+
+
 def test_resume_without_complete_checkpoint_is_a_clear_error(reference, tmp_path):
     out, path, _ = reference
     (out / "runs" / "empty").mkdir()
