@@ -49,6 +49,20 @@ def test_run_succeeds_and_writes_spec_manifest(finished_run):
     assert rep["seed"] == 42 and rep["versions"]["torch"] and rep["versions"]["transformers"]
     assert rep["resolved_paths"]["data.train_path"]["path"] == cfg["data"]["train_path"]
     assert "--run-id" in rep["command_line"]
+    import hashlib
+    cfg_path = out / "config.yaml"
+    assert rep["config_sha256"] == hashlib.sha256(cfg_path.read_bytes()).hexdigest()
+    assert rep["config_text"] == cfg_path.read_text()
+    for split, key in (("train", "train_path"), ("valid", "valid_path"), ("test", "test_path")):
+        f = rep["data_files"][split]
+        assert f["sha256"] == hashlib.sha256(Path(cfg["data"][key]).read_bytes()).hexdigest()
+        assert f["samples"] == m["dataset"][f"{split}_samples"]
+    assert rep["git"]["commit"] is None or len(rep["git"]["commit"]) == 40
+    assert rep["git"]["dirty"] in (None, True, False)
+    hw = rep["hardware"]
+    assert hw["cpu_cores"] >= 1 and hw["ram_gb"] > 0 and hw["gpu_count"] == 0
+    assert all(rep["versions"][k] for k in ("python", "torch", "transformers", "datasets", "accelerate"))
+    assert rep["duration_seconds"] > 0 and rep["started_at"] and rep["ended_at"]
     assert m["test_results"]["test_loss"] > 0 and 0 <= m["test_results"]["test_token_accuracy"] <= 1
 
 
@@ -115,3 +129,16 @@ def test_existing_run_is_never_overwritten(finished_run):
     assert err["error"] == "RunExists" and "--resume-from" in err["details"]["suggestion"]
     assert manifest.read_bytes() == before
     assert "Traceback" not in proc.stderr
+
+
+def test_git_info_is_null_outside_a_checkout(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from conftest import SCRIPT
+    shutil.copy(SCRIPT, tmp_path / "train_finance_ssc_model.py")
+    out = subprocess.run([sys.executable, "-c", "import json, train_finance_ssc_model as t; print(json.dumps(t._git_info()))"],
+                         cwd=tmp_path, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                                                                             "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"commit": None, "dirty": None}
