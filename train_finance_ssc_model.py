@@ -86,6 +86,7 @@ RECORD_SHAPES = {  # shape -> keys that identify it
     "text": ("text",),
 }
 IGNORE_INDEX = -100  # label value that the loss skips
+FP16_MAX_OVERFLOWS = 25  # consecutive fp16 loss-scaler overflows before the guard calls the run broken
 
 log = logging.getLogger("finance_trainer")
 
@@ -419,6 +420,8 @@ def _build_section(cls: type, raw: Any, path: str, problems: list) -> Any:
             values[name] = _build_section(tp, value, dotted, problems)
         elif value is None and optional:
             values[name] = None
+        elif tp is str and isinstance(value, (int, float, dt.date)) and not isinstance(value, bool):
+            values[name] = value.isoformat() if isinstance(value, dt.date) else str(value)  # unquoted 2025-11-17
         elif not _check_type(value, tp):
             problems.append(config_problem(dotted, value, _TYPE_NAMES.get(tp, tp.__name__),
                                            _type_fix(name, value, tp, f)))
@@ -463,8 +466,11 @@ def _resolve_input_path(value: str, config_dir: Path) -> tuple[Path, str]:
     return by_config, "relative to the config file's folder (not found there nor in the working directory)"
 
 
-def load_training_config(path: str, overrides: list[str] | None = None) -> TrainingConfig:
-    """Read, override and type-check the YAML config. Raises TrainerError listing every problem found."""
+def load_training_config(path: str, overrides: list[str] | None = None,
+                         literal: dict | None = None) -> TrainingConfig:
+    """Read, override and type-check the YAML config. Raises TrainerError listing every problem found.
+    `overrides` are `dotted.key=value` strings whose values are YAML scalars (--set); `literal` maps dotted
+    keys to values used as they are (paths from --output-dir and --baseline: `runs #2` stays `runs #2`)."""
     config_path = Path(path).expanduser()
     if not config_path.is_file():
         raise TrainerError("InvalidConfig", {
@@ -486,6 +492,13 @@ def load_training_config(path: str, overrides: list[str] | None = None) -> Train
             "field": None, "value": _jsonable(raw), "expected": "a YAML mapping with sections "
             + ", ".join(SECTIONS), "suggestion": "start the file with `model:`, `data:`, `training:`, `logging:`"})
     apply_overrides(raw, overrides or [])
+    for dotted, value in (literal or {}).items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
+        node[last] = value
+    overrides = list(overrides or []) + [f"{k}={v}" for k, v in (literal or {}).items()]
 
     problems: list[dict] = []
     for key in raw:
@@ -745,9 +758,10 @@ def _output_rules(config: TrainingConfig, res: ValidationResult) -> None:
 
 
 def _baseline_manifest_path(ref: str) -> Optional[Path]:
+    """The baseline's manifest, if `ref` is a manifest or a run dir holding one and it is a JSON object."""
     p = Path(ref).expanduser()
     p = p / MANIFEST_NAME if p.is_dir() else p
-    return p.resolve() if p.is_file() else None
+    return p.resolve() if p.is_file() and isinstance(_read_json(p), dict) and _read_json(p) else None
 
 
 def _read_text(path: Path) -> str:
@@ -1125,6 +1139,11 @@ def load_splits(config: TrainingConfig, tokenizer, shapes: dict, limit: Optional
                         "dropped_no_answer_tokens": len(tok) - len(kept),
                         "tokens": int(sum(len(x) for x in kept["input_ids"])),
                         "answer_tokens": int(sum(kept["answer_tokens"]))}
+        if len(kept) == 0:
+            raise TrainerError("EmptyDataset", {
+                "field": f"data.{split}_path", "path": files[split], "line_count": len(ds),
+                "suggestion": f"every {split} record lost its answer to truncation: raise data.max_seq_length "
+                              f"(now {config.data.max_seq_length}) or shorten the prompts"})
         out[split] = kept.remove_columns(["truncated", "answer_tokens"])
         if config.data.packing and split == "train":
             out[split] = pack_dataset(out[split], config.data.max_seq_length)
@@ -1275,8 +1294,8 @@ def add_lora(model, config: TrainingConfig):
     peft_config = PeftLoraConfig(task_type="CAUSAL_LM", r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
                                  target_modules=targets, bias=lo.bias)
     model = get_peft_model(model, peft_config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    counts = parameter_counts(model)
+    trainable, total = counts["trainable"], counts["total"]
     log.info("LoRA r=%d alpha=%g on %s: %s trainable of %s parameters (%.3f%%)", lo.r, lo.alpha,
              ", ".join(targets), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
@@ -1358,8 +1377,11 @@ def available_memory_bytes(config: TrainingConfig) -> tuple[Optional[int], str]:
     if config.compute.device == "cuda":
         import torch
         if torch.cuda.is_available():
-            n = min(config.compute.num_gpus, torch.cuda.device_count())
-            return min(torch.cuda.mem_get_info(i)[0] for i in range(n)), torch.cuda.get_device_name(0)
+            # a rank asks only about its own GPU: touching the others would put a CUDA context on each
+            local = os.environ.get("LOCAL_RANK")
+            devices = [int(local)] if local is not None else range(min(config.compute.num_gpus,
+                                                                       torch.cuda.device_count()))
+            return min(torch.cuda.mem_get_info(i)[0] for i in devices), torch.cuda.get_device_name(0)
         return None, "no CUDA device"
     for line in _read_text(Path("/proc/meminfo")).splitlines():
         if line.startswith("MemAvailable:"):
@@ -1736,12 +1758,24 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
         on_log would fire after the poisoned update. The grad norm is all-reduced under DDP, so every rank
         takes the same decision."""
 
+        def __init__(self):
+            self.fp16_overflows = 0  # consecutive steps the fp16 loss scaler skipped
+
         def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
             norm = probe.grad_norm
             loss = float(probe.loss_sum) if probe.loss_sum is not None else None
             reason = None
-            if probe.nonfinite_loss or (loss is not None and not math.isfinite(loss)):
+            if loss is not None and not math.isfinite(loss):
                 reason = "loss is NaN/inf"
+            elif norm is not None and not math.isfinite(norm) and config.compute.mixed_precision == "fp16":
+                # fp16 gradient overflow with a finite loss: routine while the loss scaler finds its scale; the
+                # scaler skips this update itself. Only a long run of them means the training is broken.
+                self.fp16_overflows += 1
+                if self.fp16_overflows >= FP16_MAX_OVERFLOWS:
+                    reason = f"{self.fp16_overflows} consecutive fp16 gradient overflows (loss scaler cannot recover)"
+                elif self.fp16_overflows == 1:
+                    record_anomaly("fp16_overflow", state, stop=False, step=state.global_step + 1,
+                                   reason="fp16 gradient overflow: the loss scaler skips the step and lowers its scale")
             elif norm is not None and not math.isfinite(norm):
                 reason = "gradient norm is NaN/inf"
             elif norm is not None and norm > g.grad_norm_limit:
@@ -1755,7 +1789,9 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
                 record_anomaly("nonfinite" if "NaN" in reason else "grad_explosion", state, stop=True,
                                step=state.global_step + 1, reason=reason, train_loss=_json_float(loss), grad_norm=_json_float(norm),
                                update_skipped=True)
-            probe.loss_sum, probe.nonfinite_loss, probe.grad_norm = None, False, None
+            if norm is not None and math.isfinite(norm):
+                self.fp16_overflows = 0
+            probe.loss_sum, probe.grad_norm = None, None
             return control
 
         def on_step_end(self, args, state, control, **kw):
@@ -1798,6 +1834,7 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
 
         def __init__(self):
             self.recent: list = []
+            self.window = g.spike_window
 
         def on_log(self, args, state, control, logs=None, **kw):
             loss = (logs or {}).get("loss")
@@ -1815,7 +1852,26 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
     opt = config.training.optimization
     if opt.early_stopping_patience and not dry_run:
         callbacks.append(EarlyStoppingCallback(opt.early_stopping_metric, opt.early_stopping_patience))
+    _replay_history(callbacks, history)
     return callbacks
+
+
+def _replay_history(callbacks: list, history: "RunHistory") -> None:
+    """On resume, feed the evaluations and train losses the interrupted process saw (restored from its
+    manifest) back through the callbacks that count them, so patience and divergence counters, and the
+    spike window, continue exactly where they were."""
+    if not (history.evals or history.train):
+        return
+    from transformers import TrainerControl, TrainerState
+    for step, epoch, vals in history.evals:
+        state, metrics = TrainerState(global_step=step, epoch=epoch), {k.replace("val_", "eval_"): v
+                                                                       for k, v in vals.items()}
+        for cb in callbacks:
+            if type(cb).__name__ in ("EarlyStoppingCallback", "DivergenceGuard"):
+                cb.on_evaluate(None, state, TrainerControl(), metrics=metrics)
+    for cb in callbacks:
+        if type(cb).__name__ == "LossSpikeWarning":
+            cb.recent = [x[2] for x in history.train if isinstance(x[2], float)][-cb.window:]
 
 
 def _any_rank(flag: bool, model) -> bool:
@@ -1875,7 +1931,6 @@ class RunHistory:
 class StepProbe:
     """Filled by FinanceTrainer inside each optimizer step, read by the guards before the update."""
     loss_sum: Any = None  # sum of this step's micro-batch losses (a tensor: no sync until a guard reads it)
-    nonfinite_loss: bool = False
     grad_norm: Optional[float] = None  # pre-clip norm
 
 
@@ -2565,7 +2620,7 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
     last_train = ctx.history.train[-1] if ctx.history.train else None
     last_eval = ctx.history.evals[-1][2] if ctx.history.evals else {}
     first_eval = ctx.history.evals[0] if ctx.history.evals and ctx.history.evals[0][0] == 0 else None
-    elapsed = (ctx.end_time or time.time()) - ctx.start_time
+    elapsed = ctx.prior_seconds + (ctx.end_time or time.time()) - ctx.start_time  # all processes of the run
     stats = ctx.data_stats
     manifest = {
         "run_id": ctx.run_id,
@@ -2687,6 +2742,7 @@ class RunContext:
     created_at: str
     start_time: float
     end_time: Optional[float] = None
+    prior_seconds: float = 0.0  # wall time of the processes before a resume (GPU time was paid for)
     data_stats: dict = field(default_factory=dict)
     best_checkpoint: Optional[str] = None
     global_step: int = 0
@@ -2841,6 +2897,7 @@ def train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opti
         ctx.resume_from = {"path": resume["path"], "step": resume["step"], "epoch": resume["epoch"]}
         ctx.resumes.append({**ctx.resume_from, "at": utc_now(), "config_differences": resume["config_diff"]})
         ctx.history = _history_from_manifest(previous, resume["step"])
+        ctx.prior_seconds = float((previous.get("reproducibility") or {}).get("duration_seconds") or 0.0)
     try:
         for w in validation.warnings:
             log.warning(w)
@@ -2850,16 +2907,16 @@ def train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opti
         status = _train(ctx, resume["path"] if resume else None)
         exit_code = EXIT_OK
     except TrainerError as exc:
-        status, exit_code = ("diverged" if exc.kind == "TrainingDiverged" else "failed"), exc.exit_code
+        status = "diverged" if exc.kind == "TrainingDiverged" else "failed"
         ctx.error = exc.payload
         raise
     except KeyboardInterrupt:
-        status, exit_code = "interrupted", 130
+        status = "interrupted"
         ctx.error = TrainerError("Interrupted", {"suggestion": f"continue with --resume-from latest "
                                                                f"--run-id {run_id}"}).payload
         raise
     except Exception as exc:
-        status, exit_code = "failed", EXIT_FAILED
+        status = "failed"
         ctx.error = unexpected_error(exc).payload
         raise
     finally:
@@ -2911,7 +2968,9 @@ def _history_from_manifest(previous: dict, up_to_step: int) -> RunHistory:
     """The curves up to the resume point, as the interrupted process recorded them in its manifest."""
     h = previous.get("history") or {}
     return RunHistory(train=[tuple(x) for x in h.get("train", []) if x[0] <= up_to_step],
-                      evals=[tuple(x) for x in h.get("evals", []) if x[0] <= up_to_step])
+                      evals=[tuple(x) for x in h.get("evals", []) if x[0] <= up_to_step],
+                      anomalies=[a for a in previous.get("anomalies") or [] if a.get("step", 0) <= up_to_step],
+                      checkpoints_saved=((previous.get("cost") or {}).get("inputs") or {}).get("checkpoints_saved", 0))
 
 
 def _prepare(ctx: RunContext, limit: Optional[int] = None):
@@ -2924,10 +2983,6 @@ def _prepare(ctx: RunContext, limit: Optional[int] = None):
     tokenizer = load_tokenizer(config)
     shapes = {s: i["shape"] for s, i in ctx.validation.data.items()}
     datasets_, ctx.data_stats = load_splits(config, tokenizer, shapes, limit)
-    if len(datasets_["train"]) == 0:
-        raise TrainerError("EmptyDataset", {
-            "path": str(data_path(config, "train_path")), "line_count": ctx.data_stats["train"]["records"],
-            "suggestion": "every record lost its answer to truncation: raise data.max_seq_length"})
     attn = attention_implementation(config)
     model = load_base_model(config, attn)
     return tokenizer, datasets_, model
@@ -2955,8 +3010,10 @@ def _train(ctx: RunContext, resume_path: Optional[str]) -> str:
     tokenizer, datasets_, model = _prepare(ctx)
     args = build_training_args(config, ctx.run_dir, dry_run=False, max_steps=None, resuming=resume_path is not None)
     trainer = _build_trainer(ctx, tokenizer, datasets_, model, args, dry_run=False)
-    if resume_path:
-        trainer.best_checkpoint = _read_json(ctx.run_dir / MANIFEST_NAME).get("checkpoints", {}).get("best_checkpoint")
+    if resume_path:  # the best as of the resumed checkpoint, never a later one from the abandoned timeline
+        best_step = _read_json(Path(resume_path) / "trainer_state.json").get("best_global_step")
+        trainer.best_checkpoint = next((c["path"] for c in read_checkpoints(ctx.run_dir)
+                                        if c["step"] == best_step and c.get("health") == "ok"), None)
 
     def sync_ctx() -> None:
         st = trainer.state
@@ -3148,7 +3205,6 @@ def out_of_memory_error(config: TrainingConfig, message: str, estimated_gb: Opti
                                         "message": message[:300], "suggestion": fix})
 
 
-# Keys whose change makes a resumed run a different experiment (error unless --force).
 # Changes that make a resumed run a different experiment (error unless --force); the training data's
 # checksum and the global batch (world size x batch size x accumulation) are checked besides these keys.
 RESUME_FATAL_KEYS = ("model.base_checkpoint", "data.max_seq_length")
@@ -3228,7 +3284,7 @@ def dry_run_model(config: TrainingConfig, validation: ValidationResult, run_id: 
     run_dir = run_paths(config, run_id)["run_dir"]
     run_dir.mkdir(parents=True, exist_ok=True)
     # Trackers get their own `-dryrun` id so the real run's curves and W&B run start clean.
-    tracker = init_tracking(config, f"{run_id}-dryrun")
+    tracker = init_tracking(config, f"{run_id}-dryrun", is_main=is_main_process())
     history = RunHistory()
     ctx = RunContext(config=config, run_id=run_id, run_dir=run_dir, validation=validation, tracker=tracker,
                      history=history, reproducibility={}, created_at=utc_now(), start_time=time.time())
@@ -3276,6 +3332,10 @@ def dry_run_model(config: TrainingConfig, validation: ValidationResult, run_id: 
     write_json_atomic(path, report)
     log.info("dry run %s: initial loss %.4f (ln vocab = %.4f), loss after %d steps %.4f -> %s",
              report["status"], initial, report["ln_vocab"], steps, losses[-1] if losses else float("nan"), path)
+    if report["status"] != "passed":
+        raise TrainerError("TrainingFailed", {
+            "checks": checks, "report": str(path), "initial_loss": report["initial_loss"],
+            "suggestion": "a non-finite loss on the first steps: check the data and lower the learning rate"})
     return RunResult(run_id, "dry_run", str(run_dir), None, report,
                      EXIT_OK if report["status"] == "passed" else EXIT_FAILED)
 
@@ -3394,7 +3454,11 @@ def launch_distributed(config: TrainingConfig, args: argparse.Namespace, argv: l
     torch.distributed.run with that many processes. Under torchrun / accelerate launch (LOCAL_RANK set)
     this is skipped and the launcher's processes are used as they are."""
     import subprocess
-    validate_config(config).raise_if_failed()  # one error report, before any process starts
+    # one error report before any process starts; the device probe is left to the ranks, so this parent
+    # never holds a CUDA context while they train
+    validate_config(config, check_device=False).raise_if_failed()
+    if args.resume_from == "latest" and not args.run_id:
+        resolve_resume(config, "latest", None)  # raises the "needs --run-id" error
     run_id = args.run_id or make_run_id(config)  # every rank must use the same id
     manifest = run_paths(config, run_id)["run_dir"] / MANIFEST_NAME
     if manifest.exists() and not args.resume_from:
@@ -3411,8 +3475,9 @@ def launch_distributed(config: TrainingConfig, args: argparse.Namespace, argv: l
     last_error, in_launcher_trace = None, False
     for line in proc.stderr:  # forward the ranks' stderr; keep the launcher's own failure report out of it
         payload = _error_payload(line)
-        if payload is not None:
-            last_error = payload
+        if payload is not None:  # the first specific error wins over a rank's generic follow-up failure
+            if last_error is None or last_error.get("error") == "TrainingFailed":
+                last_error = payload
             continue
         if line.startswith("Traceback") or "torch.distributed.elastic" in line or "ChildFailedError" in line:
             in_launcher_trace = True
@@ -3423,7 +3488,8 @@ def launch_distributed(config: TrainingConfig, args: argparse.Namespace, argv: l
         return EXIT_OK
     last_error = last_error or unexpected_error(RuntimeError(f"torch.distributed.run exited with {rc}")).payload
     emit_error(last_error)
-    return ERROR_EXIT_CODES.get(last_error.get("error"), EXIT_FAILED)
+    return 130 if last_error.get("error") == "Interrupted" else ERROR_EXIT_CODES.get(last_error.get("error"),
+                                                                                     EXIT_FAILED)
 
 
 def _error_payload(line: str) -> Optional[dict]:
@@ -3465,9 +3531,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.status or args.list_checkpoints or args.evaluate:
             return run_tool(args)
-        overrides = list(args.overrides) + ([f"logging.output_dir={args.output_dir}"] if args.output_dir else []) \
-            + ([f"evaluation.baseline={args.baseline}"] if args.baseline else [])
-        config = load_training_config(args.config, overrides)
+        literal = {k: v for k, v in (("logging.output_dir", args.output_dir),
+                                     ("evaluation.baseline", args.baseline)) if v is not None}
+        config = load_training_config(args.config, list(args.overrides), literal)
+        if config.compute.device == "cuda" and config.compute.num_gpus == 1 and "LOCAL_RANK" not in os.environ \
+                and "CUDA_VISIBLE_DEVICES" not in os.environ:
+            # one GPU asked for: without this, Trainer wraps the model in DataParallel over every visible GPU
+            os.environ["CUDA_VISIBLE_DEVICES"] = "0"
         if args.validate_only:
             result = validate_config(config)
             for w in result.warnings:

@@ -95,3 +95,14 @@ def test_differences_from_defaults_are_listed(tmp_path, tiny_dir):
     cfg = tf.load_training_config(str(write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))))
     diffs = tf.config_differences_from_defaults(cfg)
     assert any(d.startswith("training.hyperparameters.learning_rate: 0.01 (default 2e-05)") for d in diffs)
+
+
+def test_literal_paths_and_unquoted_versions(tmp_path, tiny_dir):
+    cfg = base_config(tiny_dir, tmp_path)
+    path = write_config(tmp_path / "c.yaml", cfg)
+    path.write_text(path.read_text().replace("dataset_version: test", "dataset_version: 2025-11-17"))
+    loaded = tf.load_training_config(str(path), literal={"logging.output_dir": "runs #2",
+                                                         "evaluation.baseline": "2025"})
+    assert loaded.data.dataset_version == "2025-11-17"
+    assert loaded.logging.output_dir == "runs #2" and loaded.evaluation.baseline == "2025"
+    assert "logging.output_dir=runs #2" in loaded.overrides

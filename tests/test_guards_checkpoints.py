@@ -81,14 +81,14 @@ def guards(tmp_path, tiny_dir, **overrides):
         cfg = set_key(cfg, k, v)
     config = tf.load_training_config(str(write_config(tmp_path / "g.yaml", cfg)))
     tracker = tf.Tracker(run_id="t", log_dir=tmp_path, is_main=False)
-    history = tf.RunHistory()
-    cbs = tf.make_callbacks(config, tracker, history, tf.StepProbe(), dry_run=False)
-    return {type(c).__name__: c for c in cbs}, history
+    history, probe = tf.RunHistory(), tf.StepProbe()
+    cbs = tf.make_callbacks(config, tracker, history, probe, dry_run=False)
+    return {type(c).__name__: c for c in cbs}, history, probe
 
 
 def test_divergence_needs_three_consecutive_evals_above_best(tmp_path, tiny_dir):
     from transformers import TrainerControl
-    cbs, history = guards(tmp_path, tiny_dir)
+    cbs, history, _ = guards(tmp_path, tiny_dir)
     guard, control = cbs["DivergenceGuard"], TrainerControl()
     # best 1.40 after step 4; 1.60 and 1.70 are >10% above it, 1.52 is not and resets the count
     for step, loss in enumerate([2.0, 1.5, 1.70, 1.40, 1.60, 1.70, 1.52, 1.60, 1.65], 1):
@@ -100,7 +100,7 @@ def test_divergence_needs_three_consecutive_evals_above_best(tmp_path, tiny_dir)
 
 def test_loss_spike_warns_without_stopping(tmp_path, tiny_dir):
     from transformers import TrainerControl
-    cbs, history = guards(tmp_path, tiny_dir)
+    cbs, history, _ = guards(tmp_path, tiny_dir)
     control = TrainerControl()
     for step, loss in enumerate([2.0, 1.9, 1.8, 1.7, 9.0, 1.6], 1):
         cbs["LossSpikeWarning"].on_log(None, FakeState(step), control, logs={"loss": loss})
@@ -174,3 +174,37 @@ def test_kill_during_checkpoint_save_leaves_no_half_checkpoint(tiny_dir, tmp_pat
     assert not [p for p in run_dir.iterdir() if p.name.startswith("checkpoint-")]
     res = run_cli("--config", path, "--run-id", "slow", "--resume-from", "latest")
     assert res.returncode == 2 and last_json(res.stderr)["error"] == "CheckpointNotFound"
+
+
+def test_fp16_overflow_is_the_loss_scalers_business_until_it_persists(tmp_path, tiny_dir):
+    from transformers import TrainerControl
+    cbs, history, probe = guards(tmp_path, tiny_dir, **{"compute.mixed_precision": "fp16",
+                                                "training.hyperparameters.fp16": True})
+    guard = cbs["NonFiniteAndExplodingGradGuard"]
+    import torch
+    model = torch.nn.Linear(2, 2)
+    control = TrainerControl()
+    # what FinanceTrainer's probe would report: a finite loss with an inf norm, step after step
+    for step in range(tf.FP16_MAX_OVERFLOWS - 1):
+        probe.loss_sum, probe.grad_norm = torch.tensor(2.0), float("inf")
+        guard.on_pre_optimizer_step(None, FakeState(step), control, model=model)
+    assert not control.should_training_stop
+    assert [a["kind"] for a in history.anomalies] == ["fp16_overflow"]  # warned once
+    probe.loss_sum, probe.grad_norm = torch.tensor(2.0), float("inf")
+    guard.on_pre_optimizer_step(None, FakeState(99), control, model=model)
+    assert control.should_training_stop and "consecutive fp16" in history.stop["reason"]
+
+
+def test_resume_replays_patience_and_divergence_counters(tmp_path, tiny_dir):
+    cfg = set_key(base_config(tiny_dir, tmp_path), "training.optimization.early_stopping_patience", 3)
+    config = tf.load_training_config(str(write_config(tmp_path / "g.yaml", cfg)))
+    history = tf.RunHistory(evals=[(0, 0.0, {"val_loss": 5.0}), (6, 0.5, {"val_loss": 2.0}),
+                                   (12, 1.0, {"val_loss": 2.5}), (18, 1.5, {"val_loss": 2.4})],
+                            train=[(s, 0.1, 3.0) for s in range(1, 19)])
+    tracker = tf.Tracker(run_id="t", log_dir=tmp_path, is_main=False)
+    cbs = {type(c).__name__: c for c in tf.make_callbacks(config, tracker, history, tf.StepProbe(), dry_run=False)}
+    es, div = cbs["EarlyStoppingCallback"], cbs["DivergenceGuard"]
+    assert (es.best, es.bad_evals) == (2.0, 2)  # two evaluations without improvement before the kill
+    assert (div.best, div.bad) == (2.0, 2)  # 2.5 and 2.4 are both > 10% above 2.0
+    assert cbs["LossSpikeWarning"].recent == [3.0] * 10
+    assert not history.anomalies and history.stop is None  # replay decides nothing new
