@@ -979,6 +979,33 @@ def _schedule_rules(config: TrainingConfig, res: ValidationResult) -> None:
                             f"optimizer steps ({ten}); consider warmup_steps: {ten}")
 
 
+def _chat_template_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    """`messages` data needs a chat template that renders growing prefixes consistently (answer masking
+    depends on it): render the first record of each such split now, not deep inside tokenization."""
+    splits = [s for s, i in res.data.items() if i.get("shape") == "messages"]
+    if not splits:
+        return
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_ref(config))
+    if not getattr(tokenizer, "chat_template", None):
+        res.errors.append(config_problem(
+            "model.base_checkpoint", config.model.base_checkpoint, "a tokenizer with a chat template",
+            "the data is in `messages` form but this tokenizer has no chat_template: use an instruct/chat "
+            "checkpoint's tokenizer, add a chat_template to tokenizer_config.json, or convert the data to "
+            "prompt_completion"))
+        return
+    for split in splits:
+        record = _read_jsonl(Path(res.data[split]["path"]), 1)[0]
+        try:
+            _chat_segments(record["messages"], tokenizer)
+        except Exception as exc:  # a template error, or one that is not prefix-stable
+            res.errors.append(problem(
+                "InvalidDataset", field=f"data.{split}_path", path=res.data[split]["path"], line=1,
+                problem=f"the chat template cannot render this conversation turn by turn ({exc})",
+                suggestion="use a chat template whose rendering of a conversation prefix is a prefix of the "
+                           "full rendering, or set data.train_on_prompt: true with format text"))
+
+
 def _device_rules(config: TrainingConfig, res: ValidationResult) -> None:
     """Rules that need torch: CUDA present, GPU count, precision support."""
     import torch
@@ -1017,6 +1044,8 @@ def validate_config(config: TrainingConfig, check_device: bool = True) -> Valida
     _data_rules(config, res)
     _checkpoint_rules(config, res)
     _schedule_rules(config, res)
+    if check_device and not res.errors:
+        _chat_template_rules(config, res)
     if check_device and not res.errors:
         _device_rules(config, res)
     if check_device and not res.errors and res.checkpoint:

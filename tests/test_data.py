@@ -105,3 +105,20 @@ def test_collator_pads_to_longest_in_batch_not_max_seq_length():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 6, 7], [5, IGNORE, IGNORE]]
+
+
+def test_messages_without_a_chat_template_fail_in_preflight(tiny_dir, tmp_path):
+    import shutil
+    from conftest import last_json, run_cli
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir / "model", model)
+    (model / "chat_template.jinja").unlink()
+    cfg_json = json.loads((model / "tokenizer_config.json").read_text())
+    cfg_json.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg_json))
+    cfg = base_config(tiny_dir, tmp_path, "messages")
+    cfg["model"]["base_checkpoint"] = str(model)
+    proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--validate-only")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    err = last_json(proc.stderr)
+    assert err["details"]["field"] == "model.base_checkpoint" and "chat_template" in err["details"]["suggestion"]
