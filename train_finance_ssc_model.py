@@ -1339,6 +1339,14 @@ def parameter_counts(model) -> dict:
             "total": sum(p.numel() for p in model.parameters())}
 
 
+def architecture_dims(ckpt_cfg: dict) -> tuple[int, int, int, int, int, int]:
+    """hidden, intermediate, layers, vocab, attention heads and key/value width from a config.json."""
+    H, I, L, V = (ckpt_cfg.get(k, 0) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    heads = ckpt_cfg.get("num_attention_heads", 1)
+    kv_dim = ckpt_cfg.get("num_key_value_heads", heads) * ckpt_cfg.get("head_dim", H // max(heads, 1))
+    return H, I, L, V, heads, kv_dim
+
+
 def count_parameters(ckpt_dir: Optional[Path], ckpt_cfg: dict) -> int:
     """Parameter count from the safetensors headers (no weights loaded), else from config.json."""
     if ckpt_dir is not None and list(Path(ckpt_dir).glob("*.safetensors")):
@@ -1354,9 +1362,7 @@ def count_parameters(ckpt_dir: Optional[Path], ckpt_cfg: dict) -> int:
                     "problem": f"unreadable safetensors header ({type(exc).__name__})",
                     "suggestion": f"{f.name} is truncated or corrupt: copy the checkpoint again"}) from exc
         return total
-    H, I, L, V = (ckpt_cfg.get(k, 0) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
-    heads = ckpt_cfg.get("num_attention_heads", 1)
-    kv_dim = ckpt_cfg.get("num_key_value_heads", heads) * ckpt_cfg.get("head_dim", H // max(heads, 1))
+    H, I, L, V, heads, kv_dim = architecture_dims(ckpt_cfg)
     per_layer = 2 * H * H + 2 * H * kv_dim + 3 * H * I + 2 * H
     return V * H * (1 if ckpt_cfg.get("tie_word_embeddings", True) else 2) + L * per_layer + H
 
@@ -1369,9 +1375,7 @@ def estimate_memory(config: TrainingConfig, ckpt_cfg: dict, n_params: int) -> di
     seq x seq attention matrix); with gradient checkpointing only each layer's input (hidden) plus one
     layer's full set. Logits: fp32 logits and log-softmax, 2 x vocab x 4 B per token."""
     hp = config.training.hyperparameters
-    H, I, L, V = (ckpt_cfg.get(k, 0) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
-    heads = ckpt_cfg.get("num_attention_heads", 1)
-    kv_dim = ckpt_cfg.get("num_key_value_heads", heads) * ckpt_cfg.get("head_dim", H // max(heads, 1))
+    H, I, L, V, heads, kv_dim = architecture_dims(ckpt_cfg)
     amp = config.compute.mixed_precision in ("fp16", "bf16")
     elem = 2 if amp else 4
     optimizer_bytes = {"adamw": 8, "adamw_fused": 8, "adafactor": 4, "sgd": 0}[config.training.optimization.optimizer]
@@ -2734,7 +2738,7 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
         "config": config.to_dict(),
         "config_overrides": config.overrides,
         "config_differences_from_defaults": config_differences_from_defaults(config),
-        "warnings": ctx.validation.warnings + ctx.runtime_warnings,
+        "warnings": ctx.validation.warnings,
         "resume_from": ctx.resume_from,
         "resumes": ctx.resumes,
         "history": {"train": ctx.history.train, "evals": ctx.history.evals},
@@ -2782,7 +2786,6 @@ class RunContext:
     test_results: Optional[dict] = None
     resume_from: Optional[dict] = None
     resumes: list = field(default_factory=list)
-    runtime_warnings: list = field(default_factory=list)
     error: Optional[dict] = None
     performance: Optional[dict] = None
     samples: Optional[dict] = None
@@ -2899,10 +2902,8 @@ def train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opti
     paths = run_paths(config, run_id)
     run_dir = paths["run_dir"]
     manifest_path = run_dir / MANIFEST_NAME
-    if not dry_run and not resume and manifest_path.exists() and is_main_process():
-        raise TrainerError("RunExists", {
-            "run_id": run_id, "path": str(manifest_path),
-            "suggestion": f"choose another --run-id, or continue it with --resume-from latest --run-id {run_id}"})
+    if not dry_run and not resume and is_main_process():
+        refuse_existing_run(manifest_path, run_id)
     if resume and resume.get("config_diff"):
         validation.warnings.extend(resume["config_diff"])
 
@@ -2984,6 +2985,14 @@ def finalize_manifest(ctx: RunContext, status: str) -> dict:
                                "val_loss": manifest["training_results"]["final_val_loss"],
                                "elapsed_seconds": round(ctx.end_time - ctx.start_time, 1), "eta_seconds": 0})
     return manifest
+
+
+def refuse_existing_run(manifest_path: Path, run_id: str) -> None:
+    """A run dir that already holds a manifest is never overwritten."""
+    if manifest_path.exists():
+        raise TrainerError("RunExists", {
+            "run_id": run_id, "path": str(manifest_path),
+            "suggestion": f"choose another --run-id, or continue it with --resume-from latest --run-id {run_id}"})
 
 
 def _read_json(path: Path) -> dict:
@@ -3489,11 +3498,8 @@ def launch_distributed(config: TrainingConfig, args: argparse.Namespace, argv: l
     if args.resume_from == "latest" and not args.run_id:
         resolve_resume(config, "latest", None)  # raises the "needs --run-id" error
     run_id = args.run_id or make_run_id(config)  # every rank must use the same id
-    manifest = run_paths(config, run_id)["run_dir"] / MANIFEST_NAME
-    if manifest.exists() and not args.resume_from:
-        raise TrainerError("RunExists", {
-            "run_id": run_id, "path": str(manifest),
-            "suggestion": f"choose another --run-id, or continue it with --resume-from latest --run-id {run_id}"})
+    if not args.resume_from:
+        refuse_existing_run(run_paths(config, run_id)["run_dir"] / MANIFEST_NAME, run_id)
     n = config.compute.num_gpus
     child_argv = list(argv) + ([] if args.run_id else ["--run-id", run_id])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
