@@ -39,6 +39,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import sys
 import time
 import typing
@@ -2008,6 +2009,15 @@ _INJECT_NAN_AT_STEP = int(_NAN_HOOK.split(":")[0]) if _NAN_HOOK and (
     ":" not in _NAN_HOOK or _NAN_HOOK.split(":")[1] == os.environ.get("RANK", "0")) else None
 _INJECT_GRAD_SCALE_AT_STEP = tuple(float(x) for x in os.environ["FINANCE_TRAINER_INJECT_GRAD_SCALE"].split(":")) \
     if os.environ.get("FINANCE_TRAINER_INJECT_GRAD_SCALE") else None  # "STEP:FACTOR"
+# "L0,L1,...": the validation losses that successive evaluations report (the training run itself is real), so
+# early stopping, best-checkpoint choice and the divergence guard can be tested without relying on how fast a
+# tiny model learns on one CPU. Evaluations past the list report their real loss.
+_INJECT_VAL_LOSSES = [float(x) for x in os.environ.get("FINANCE_TRAINER_INJECT_VAL_LOSSES", "").split(",") if x]
+# "STEP:SIGNAL" (e.g. "11:SIGKILL"): this process sends itself SIGNAL inside optimizer step STEP, as an
+# operator or a cluster would, at a moment the test knows. "STEP:SIGNAL:RANK" for one rank only.
+_SIGNAL_HOOK = os.environ.get("FINANCE_TRAINER_INJECT_SIGNAL", "").split(":")
+_INJECT_SIGNAL = (int(_SIGNAL_HOOK[0]), getattr(signal, _SIGNAL_HOOK[1])) if len(_SIGNAL_HOOK) >= 2 and (
+    len(_SIGNAL_HOOK) == 2 or _SIGNAL_HOOK[2] == os.environ.get("RANK", "0")) else None
 
 
 def _inject_nan(model, loss):
@@ -2032,6 +2042,8 @@ def _trainer_class():
             out = super().evaluation_loop(*args, **kwargs)
             prefix = kwargs.get("metric_key_prefix", args[-1] if len(args) >= 5 else "eval")
             m = out.metrics
+            if prefix == "eval" and _INJECT_VAL_LOSSES and f"{prefix}_token_loss" in m:
+                m[f"{prefix}_token_loss"] = _INJECT_VAL_LOSSES.pop(0)
             if f"{prefix}_token_loss" in m:  # token-level loss is the true per-token NLL: use it as the loss
                 m[f"{prefix}_loss"] = m.pop(f"{prefix}_token_loss")
                 m[f"{prefix}_perplexity"] = math.exp(min(m[f"{prefix}_loss"], 700.0))
@@ -2044,6 +2056,10 @@ def _trainer_class():
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
+            if _INJECT_SIGNAL is not None and self.state.global_step + 1 == _INJECT_SIGNAL[0] \
+                    and not getattr(self, "_signal_sent", False):
+                self._signal_sent = True  # once, even with gradient accumulation
+                os.kill(os.getpid(), _INJECT_SIGNAL[1])
             if _INJECT_NAN_AT_STEP is not None and self.state.global_step + 1 == _INJECT_NAN_AT_STEP:
                 loss = _inject_nan(model, loss)
             self.probe.loss_sum = loss if self.probe.loss_sum is None else self.probe.loss_sum + loss

@@ -37,7 +37,7 @@ def manifest_of(run_dir: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# Shared runs: A (1 epoch, low learning rate) is the baseline; B (2 epochs, 10x the learning rate, MLflow on)
+# Shared runs: A (1 epoch, a learning rate too low to learn) is the baseline; B (2 epochs, 10x the learning rate, MLflow on)
 # is compared against it with --baseline.
 # --------------------------------------------------------------------------------------------------
 
@@ -46,7 +46,9 @@ def runs(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis")
     cfg = base_config(tiny_dir, out, FMT)
     cfg["evaluation"] = {"num_samples": N_SAMPLES, "max_new_tokens": MAX_NEW_TOKENS}
-    cfg_a = set_key(set_key(cfg, "training.hyperparameters.learning_rate", 1.0e-3),
+    # A barely trains (lr 1e-5, 12 steps: its val loss stays near ln(vocab) = 5.95) and B trains for real (lr 1e-2,
+    # 24 steps: 5.95 -> about 4.1), so "B is better" holds by a margin no CPU or thread count can flip.
+    cfg_a = set_key(set_key(cfg, "training.hyperparameters.learning_rate", 1.0e-5),
                     "training.hyperparameters.num_epochs", 1)
     proc_a = run_cli("--config", write_config(out / "a.yaml", cfg_a), "--run-id", "A")
     assert proc_a.returncode == 0, proc_a.stderr[-3000:]
@@ -259,7 +261,7 @@ def test_baseline_comparison_better_run(runs):
     ma, mb = manifest_of(runs.a_dir), manifest_of(runs.b_dir)
     a_val = read_curve(ma["metrics"]["val_loss_curve"])[-1][1]
     b_val = read_curve(mb["metrics"]["val_loss_curve"])[-1][1]
-    assert b_val < a_val, "B (more steps, higher lr) should end with a lower val loss than A"
+    assert b_val < a_val, "B (trained) should end with a lower val loss than A (barely trained)"
     cmp = mb["baseline_comparison"]
     assert cmp["baseline_run_id"] == "A"
     assert Path(cmp["baseline_manifest"]) == (runs.a_dir / "run_manifest.json").resolve()
@@ -343,7 +345,7 @@ def live_run(tiny_dir, tmp_path_factory):
     status_file = out / "runs" / "live" / "status.json"
     seen = {}
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + 300  # generous: a loaded machine starts slowly
         while time.time() < deadline and proc.poll() is None:
             try:
                 seen = json.loads(status_file.read_text())

@@ -36,7 +36,8 @@ def test_run_succeeds_and_writes_spec_manifest(finished_run):
     assert tr["total_steps"] == 24  # 96 samples / batch 8 = 12 steps per epoch, 2 epochs
     assert tr["training_time_hours"] > 0
     assert tr["final_val_perplexity"] == pytest.approx(2.718281828 ** tr["final_val_loss"], rel=1e-6)
-    assert tr["final_val_loss"] < tr["initial_val_loss"]  # it learned something
+    # it learned something: 5.95 -> about 4.1 on the tiny model, a margin no CPU or thread count can close
+    assert tr["final_val_loss"] < tr["initial_val_loss"] - 0.5
     assert tr["best_epoch"] in (1, 2)
     ck = m["checkpoints"]
     assert Path(ck["best_checkpoint"]).is_dir() and Path(ck["final_checkpoint"]).is_dir()

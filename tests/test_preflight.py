@@ -427,7 +427,7 @@ def test_broken_config_is_rejected_by_validate_only(case: Case, tmp_path: Path, 
     config_path = case.build(ctx)
     before = snapshot(tmp_path, tiny_dir)
 
-    proc = run_cli("--config", config_path, "--validate-only", *ctx.args, env=ctx.env, timeout=120)
+    proc = run_cli("--config", config_path, "--validate-only", *ctx.args, env=ctx.env, timeout=600)
 
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == case.exit, (proc.returncode, proc.stderr.strip().splitlines()[-1:])

@@ -43,7 +43,8 @@ def test_packing_run_fills_rows(tiny_dir, tmp_path):
     assert f"packed 96 train records into {packing['rows']} rows" in proc.stdout
     assert packing["fill"] == pytest.approx(tokens / (packing["rows"] * 512), abs=1e-4)
     assert packing["rows"] <= 96 * 0.6 and packing["fill"] > 0.8
-    assert m["training_results"]["final_val_loss"] < m["training_results"]["initial_val_loss"]
+    # packed training learns (5.95 -> about 4.6 measured): a margin no CPU or thread count can close
+    assert m["training_results"]["final_val_loss"] < m["training_results"]["initial_val_loss"] - 0.5
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,8 @@ def test_two_process_gloo_run_through_own_launcher(ddp_pair):
     assert (out / "logs" / "two" / "train.log").read_text().count("INFO validation perplexity") == 1  # rank 0 only
     single = json.loads((out / "runs" / "one" / "run_manifest.json").read_text())
     a, b = single["training_results"]["final_val_loss"], m["training_results"]["final_val_loss"]
+    # same global batch, same data order: the two runs differ only by float summation order (about 1e-6
+    # relative); 5% leaves room for any BLAS or thread count and still catches a wrong gradient average (2x lr)
     assert abs(a - b) / a < 0.05, (a, b)
 
 
@@ -79,7 +82,7 @@ def test_one_rank_nan_stops_every_rank(tiny_dir, tmp_path):
     cfg = set_key(base_config(tiny_dir, tmp_path), "compute.num_gpus", 2)
     cfg = set_key(cfg, "training.hyperparameters.batch_size", 4)
     proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--run-id", "nan2",
-                   env={"FINANCE_TRAINER_INJECT_NAN_AT_STEP": "4:1"}, timeout=240)  # rank 1 only
+                   env={"FINANCE_TRAINER_INJECT_NAN_AT_STEP": "4:1"}, timeout=600)  # rank 1 only
     assert proc.returncode == 3, proc.stderr[-2000:]
     err = last_json(proc.stderr)
     assert err["error"] == "TrainingDiverged" and err["details"]["step"] == 4
