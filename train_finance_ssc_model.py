@@ -11,7 +11,8 @@ Usage:
     python train_finance_ssc_model.py --evaluate CHECKPOINT --test-data test.jsonl
 
 Every run writes `<logging.output_dir>/<run_id>/run_manifest.json` (status `running` at start, the final
-status at the end) with everything needed to reproduce it. Failures end with one JSON object on stderr,
+status at the end) with everything needed to reproduce it; its last stdout line is the spec's Output object
+(run_id, status, best_checkpoint, final_val_perplexity, training_time_hours). Failures end with one JSON object on stderr,
 `{"error": Kind, "details": {...}, "errors": [...]}`, and a documented exit code (see EXIT_* below).
 
 Sections, in the order a run flows through them:
@@ -39,6 +40,7 @@ import os
 import platform
 import re
 import shutil
+import shlex
 import signal
 import sys
 import time
@@ -59,6 +61,7 @@ EXIT_FAILED = 1  # anything unexpected
 EXIT_INVALID = 2  # invalid config, data, checkpoint or paths: nothing was trained
 EXIT_DIVERGED = 3  # stopped by an anomaly guard
 EXIT_OOM = 4  # out of memory, predicted or real
+EXIT_PREEMPTED = 143  # SIGTERM / SIGUSR1: saved a checkpoint at the step boundary and stopped (128 + SIGTERM)
 
 ERROR_EXIT_CODES = {
     "InvalidConfig": EXIT_INVALID,
@@ -67,14 +70,17 @@ ERROR_EXIT_CODES = {
     "DataPathNotFound": EXIT_INVALID,
     "CheckpointNotFound": EXIT_INVALID,
     "RunExists": EXIT_INVALID,
+    "RunLocked": EXIT_INVALID,  # another live process is writing the same run dir
     "TrainingDiverged": EXIT_DIVERGED,
     "OutOfMemory": EXIT_OOM,
     "TrainingFailed": EXIT_FAILED,
+    "Preempted": EXIT_PREEMPTED,
 }
 
 MANIFEST_NAME = "run_manifest.json"
 CHECKPOINT_META = "checkpoint_meta.json"  # written last inside a checkpoint; its presence = complete
 TMP_PREFIX = ".tmp-"
+RUN_LOCK = ".lock"  # flock'd by the one process writing a run dir; holds its pid, host and start time
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 # Metrics this script reports at every evaluation; `val_x` in the config is Trainer's `eval_x`.
@@ -1620,6 +1626,15 @@ def format_metrics(step: int, metrics: dict, max_steps: Optional[int] = None) ->
     return " | ".join(parts)
 
 
+def format_epoch_line(epoch: int, total: Any, val_loss: Optional[float], val_perplexity: Optional[float],
+                      best: bool) -> str:
+    """`epoch 2/3: val_loss 0.80, val_perplexity 2.23 (best)`; total is num_epochs as the config gave it."""
+    def num(v: Optional[float]) -> str:
+        return "-" if v is None else f"{v:.2f}"
+    return (f"epoch {epoch}/{total:g}: val_loss {num(val_loss)}, val_perplexity {num(val_perplexity)}"
+            + (" (best)" if best else ""))
+
+
 def log_metrics(tracker: Tracker, step: int, metrics: dict, max_steps: Optional[int] = None) -> None:
     """Log one metrics dict everywhere: console + train.log, CSV curves, TensorBoard, W&B."""
     if not tracker.is_main:
@@ -1750,6 +1765,45 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
         def on_save(self, args, state, control, **kw):
             self.last_saved_step = state.global_step
 
+    class EpochSummaryCallback(TrainerCallback):
+        """One line per epoch end, as the spec's Session 1 shows it: `epoch 2/3: val_loss 0.80, val_perplexity
+        2.23 (best)`. The epoch-end evaluation arrives in on_evaluate (after on_epoch_end, or before it when a
+        step evaluation falls on the epoch's last step), so the line is printed there for an evaluation at a whole
+        epoch. `(best)` is Trainer's own test, made just after on_evaluate: metric_for_best_model strictly better
+        than state.best_metric (the best of every earlier evaluation), which is how the best checkpoint is chosen."""
+
+        def __init__(self):
+            self.total = config.training.hyperparameters.num_epochs
+            self.metric = config.training.checkpointing.metric_for_best_model
+            self.printed: set = set()
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            epoch = state.epoch or 0.0
+            if dry_run or state.global_step == 0 or not metrics or abs(epoch - round(epoch)) > 1e-6 \
+                    or round(epoch) in self.printed:
+                return
+            greater = EVAL_METRICS[self.metric]
+            ref = state.best_metric if state.best_metric is not None else (-math.inf if greater else math.inf)
+            value = metrics.get(self.metric.replace("val_", "eval_"))
+            best = value is not None and (value > ref if greater else value < ref)  # NaN is never best
+            self.printed.add(round(epoch))
+            log.info(format_epoch_line(round(epoch), self.total, metrics.get("eval_loss"),
+                                       metrics.get("eval_perplexity"), best))
+
+        def on_epoch_end(self, args, state, control, **kw):
+            # Runs after EvalSaveFlowCallback: no evaluation at this epoch end (save_strategy: steps with
+            # eval_steps off the epoch boundary) still gets its line, from the latest evaluation.
+            epoch = state.epoch or 0.0
+            if dry_run or control.should_evaluate or abs(epoch - round(epoch)) > 1e-6 \
+                    or round(epoch) in self.printed:
+                return
+            last = next((e for e in reversed(history.evals) if e[0] > 0), None)
+            self.printed.add(round(epoch))
+            log.info(format_epoch_line(round(epoch), self.total, last[2].get("val_loss") if last else None,
+                                       last[2].get("val_perplexity") if last else None, False)
+                     + (f" (no evaluation at this epoch end; last at step {last[0]})" if last
+                        else " (no evaluation yet)"))
+
     class EarlyStoppingCallback(TrainerCallback):
         """Stop after `patience` evaluations without improvement of early_stopping_metric. Not an anomaly:
         the run completes normally. Works whether or not load_best_at_end is on."""
@@ -1874,15 +1928,39 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
             loss = (logs or {}).get("loss")
             if loss is None or not math.isfinite(loss):
                 return
+            # the recent mean once 3 losses exist; before that the initial validation loss, so a blow-up in the
+            # first steps (lr far too high) is flagged at once
+            initial = history.evals[0][2].get("val_loss") if history.evals and history.evals[0][0] == 0 else None
             if len(self.recent) >= 3:
-                mean = sum(self.recent) / len(self.recent)
-                if loss > g.spike_factor * mean:
-                    record_anomaly("loss_spike", state, stop=False, train_loss=loss, recent_mean=mean,
-                                   reason=f"train loss {loss:.4f} is over {g.spike_factor:g}x its recent mean")
+                ref, what = sum(self.recent) / len(self.recent), "its recent mean"
+            elif isinstance(initial, float) and math.isfinite(initial):
+                ref, what = initial, "the initial validation loss"
+            else:
+                ref = None
+            if ref is not None and loss > g.spike_factor * ref:
+                record_anomaly("loss_spike", state, stop=False, train_loss=loss, recent_mean=ref,
+                               reason=f"train loss {loss:.4f} is over {g.spike_factor:g}x {what} ({ref:.4f})")
             self.recent = (self.recent + [loss])[-g.spike_window:]
 
-    callbacks = [MetricsCallback(), EvalSaveFlowCallback(), NonFiniteAndExplodingGradGuard(), DivergenceGuard(),
-                 LossSpikeWarning()]
+    class PreemptionCallback(TrainerCallback):
+        """A SIGTERM/SIGUSR1 (install_preemption_handlers) stops at the end of the optimizer step under way, with a
+        verified checkpoint of it. Under DDP the flag is all-reduced, so every rank saves and stops at the same
+        step when any one of them got the signal."""
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if dry_run or not _any_rank(bool(_preempt), model):
+                return control
+            if history.preempted is None:
+                history.preempted = {"signal": _preempt.get("signal", "signal on another rank"),
+                                     "step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+                log.warning("preempted (%s): saving a checkpoint at step %d and stopping",
+                            history.preempted["signal"], state.global_step)
+            control.should_save = True
+            control.should_training_stop = True
+            return control
+
+    callbacks = [MetricsCallback(), EvalSaveFlowCallback(), EpochSummaryCallback(), NonFiniteAndExplodingGradGuard(),
+                 DivergenceGuard(), LossSpikeWarning(), PreemptionCallback()]
     opt = config.training.optimization
     if opt.early_stopping_patience and not dry_run:
         callbacks.append(EarlyStoppingCallback(opt.early_stopping_metric, opt.early_stopping_patience))
@@ -1906,6 +1984,38 @@ def _replay_history(callbacks: list, history: "RunHistory") -> None:
     for cb in callbacks:
         if type(cb).__name__ == "LossSpikeWarning":
             cb.recent = [x[2] for x in history.train if isinstance(x[2], float)][-cb.window:]
+
+
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")  # Docker/Kubernetes/spot reclaim; SLURM's --signal
+_preempt: dict = {}  # {"signal": name, "at": time} once one arrived
+
+
+def _on_preempt_signal(signum, frame) -> None:
+    name = signal.Signals(signum).name
+    if _preempt:  # a second signal: stop now, no save
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    _preempt.update(signal=name, at=time.time())
+    log.warning("%s received: finishing this optimizer step, then saving a checkpoint and stopping "
+                "(send it again to stop at once)", name)
+
+
+def install_preemption_handlers() -> dict:
+    """SIGTERM/SIGUSR1 set a flag that PreemptionCallback reads at the next step boundary. Returns the
+    previous handlers, for restore_signal_handlers."""
+    _preempt.clear()
+    previous = {}
+    for name in PREEMPT_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            previous[sig] = signal.signal(sig, _on_preempt_signal)
+    return previous
+
+
+def restore_signal_handlers(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _any_rank(flag: bool, model) -> bool:
@@ -1952,6 +2062,7 @@ class RunHistory:
     gpu_utilization: list = field(default_factory=list)  # % samples taken at log steps
     checkpoints_saved: int = 0
     stop: Optional[dict] = None  # the anomaly that stopped the run
+    preempted: Optional[dict] = None  # {"signal", "step", "epoch"} when SIGTERM/SIGUSR1 stopped it
 
     def record(self, step: int, metrics: dict) -> None:
         if "train_loss" in metrics:
@@ -2054,6 +2165,11 @@ def _trainer_class():
         def _save_checkpoint(self, model, trial):
             save_checkpoint(self)
 
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            super()._load_optimizer_and_scheduler(checkpoint)
+            if checkpoint is not None and getattr(self, "resume_plan", None) is not None:
+                apply_resume_plan(self, checkpoint)
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             if _INJECT_SIGNAL is not None and self.state.global_step + 1 == _INJECT_SIGNAL[0] \
@@ -2094,6 +2210,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_HASHED: dict[tuple, str] = {}  # (device, inode, size, mtime) -> sha256
+
+
+def _sha256_cached(path: Path) -> str:
+    """_sha256, remembered per file version: retention and the manifest check the checkpoints at every save,
+    and files this process saved (or already checked) must not be read again each time."""
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = _sha256(path)
+    return _HASHED[key]
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -2128,7 +2257,7 @@ def verify_weights(ckpt_dir: Path, state_dict: Optional[dict]) -> dict:
         report["health"] = "missing_weights"
         return report
     for f in files:
-        report["checksums"][f.name] = _sha256(f)
+        report["checksums"][f.name] = _sha256_cached(f)
         with safe_open(str(f), framework="pt") as fh:
             for key in fh.keys():
                 t = fh.get_tensor(key)
@@ -2141,6 +2270,46 @@ def verify_weights(ckpt_dir: Path, state_dict: Optional[dict]) -> dict:
     report["health"] = ("nonfinite" if report["nonfinite_tensors"] else
                         "mismatch" if report["mismatched_tensors"] else "ok")
     return report
+
+
+RESUME_STATE_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")  # besides the weights
+
+
+def check_checkpoint_integrity(ckpt_dir: Path, meta: Optional[dict] = None, resume: bool = True) -> Optional[str]:
+    """None when every file recorded in checkpoint_meta.json is present with the sha256 recorded at save time;
+    else a short reason naming the first damaged file. Without it a file torn by a crash or a disk error after
+    the save loads silently (Trainer even skips a missing optimizer.pt). `resume=False`: only what inference
+    loads. A dir without checkpoint_meta.json is checked against its SHA256SUMS if it has one, else not at all."""
+    d = Path(ckpt_dir)
+    meta = _read_json(d / CHECKPOINT_META) if meta is None else meta
+    sums = dict(meta.get("checksums") or {})
+    if not meta and (d / "SHA256SUMS").is_file():
+        sums = {name: sha for sha, _, name in (line.partition("  ") for line in
+                                               (d / "SHA256SUMS").read_text().splitlines()) if name}
+    needed = set(sums) | set(meta.get("weights_files") or [])
+    if meta.get("weights_files") and "trainer_state.json" not in sums:  # saved before every file was hashed
+        compute = (meta.get("config") or {}).get("compute") or {}  # FSDP/DeepSpeed keep the optimizer elsewhere
+        needed |= {"trainer_state.json"} if compute.get("fsdp") or compute.get("deepspeed") else set(RESUME_STATE_FILES)
+    if not resume:
+        import fnmatch
+        needed = {n for n in needed if any(fnmatch.fnmatch(n, pat) for pat in INFERENCE_FILES)}
+    for name in sorted(needed, key=lambda n: (not n.endswith(".safetensors"), n)):  # weights first
+        f = d / name
+        if not f.is_file():
+            return f"{name}: file missing"
+        now = _sha256_cached(f) if name in sums else None
+        if now is not None and now != sums[name]:
+            return (f"{name}: sha256 mismatch (recorded {sums[name][:12]}..., now {now[:12]}..., "
+                    f"{f.stat().st_size} bytes)")
+    return None
+
+
+def damaged_checkpoint_error(field_: str, value: Any, ckpt_dir: Path, reason: str, suggestion: str) -> TrainerError:
+    """Exit 2 naming the damaged file and what is wrong with it (reason from check_checkpoint_integrity)."""
+    d = Path(ckpt_dir).resolve()
+    return TrainerError("CheckpointNotFound", {"field": field_, "value": str(value), "path": str(d),
+                                               "file": str(d / reason.split(":", 1)[0]), "reason": reason,
+                                               "suggestion": suggestion})
 
 
 def save_checkpoint(trainer) -> Path:
@@ -2172,6 +2341,9 @@ def save_checkpoint(trainer) -> Path:
             check = verify_weights(tmp, get_peft_model_state_dict(model))
         else:
             check = verify_weights(tmp, model.state_dict())
+        for f in sorted(tmp.iterdir()):  # optimizer, scheduler, RNG, trainer state, config: one read each
+            if f.is_file() and f.name not in check["checksums"]:
+                check["checksums"][f.name] = _sha256_cached(f)
         eval_step, eval_metrics = getattr(trainer, "last_eval", (None, None))
         meta = {"name": name, "run_id": trainer.run_id, "step": st.global_step, "epoch": round(st.epoch or 0, 4),
                 "metrics": eval_metrics if eval_step == st.global_step else None,
@@ -2179,6 +2351,7 @@ def save_checkpoint(trainer) -> Path:
                 "base_model": config.model.base_checkpoint, "base_config_sha256": base_config_sha256(config),
                 "data_sha256": getattr(trainer, "data_sha256", None), "world_size": world_size(config),
                 "adapter": is_peft_model(model), "config": config.to_dict(),
+                "schedule": getattr(trainer, "schedule", None) or schedule_spec(config, st.max_steps),
                 "created_at": utc_now(), **check}
         write_json_atomic(tmp / CHECKPOINT_META, meta)
         if final.exists():  # resumed from an older checkpoint: keep the superseded one, out of the listing
@@ -2208,6 +2381,59 @@ def save_checkpoint(trainer) -> Path:
     return final
 
 
+def schedule_spec(config: TrainingConfig, num_training_steps: int, start_step: int = 0) -> dict:
+    """The learning-rate schedule a checkpoint continues: Trainer's own from step 0, or one restarted at a resume
+    that changed the schedule. Recorded in checkpoint_meta.json so a later resume rebuilds the same one."""
+    hp = config.training.hyperparameters
+    return {"type": config.training.optimization.lr_scheduler, "peak_lr": hp.learning_rate,
+            "warmup_steps": min(hp.warmup_steps, num_training_steps), "num_training_steps": num_training_steps,
+            "start_step": start_step}
+
+
+def _build_scheduler(trainer, spec: dict):
+    from transformers import get_scheduler
+    for group in trainer.optimizer.param_groups:  # the scheduler's base lr is each group's initial_lr
+        group["initial_lr"] = group["lr"] = spec["peak_lr"]
+    return get_scheduler(spec["type"], optimizer=trainer.optimizer, num_warmup_steps=spec["warmup_steps"],
+                         num_training_steps=spec["num_training_steps"],
+                         scheduler_specific_kwargs=trainer.args.lr_scheduler_kwargs)
+
+
+def apply_resume_plan(trainer, checkpoint: str) -> None:
+    """Trainer restores optimizer.pt and scheduler.pt as saved, so on its own a resume with a new learning rate,
+    warmup, scheduler or epoch count would keep the old schedule (and a new weight decay would be ignored).
+    Optimizer moments are kept; then:
+    - a changed schedule key restarts the schedule at the resume step: a fresh warmup of warmup_steps to the new
+      peak learning rate, then the configured decay over the steps that remain;
+    - a checkpoint that already runs a restarted schedule (an earlier resume changed it) gets that same schedule
+      back, with its saved position;
+    - a changed weight_decay is set on the decayed parameter group (Trainer's group 0)."""
+    import torch
+    plan, config, st = trainer.resume_plan, trainer.run_config, trainer.state
+    changes = plan["changes"]
+    if any(k in changes for k in SCHEDULE_KEYS):
+        spec = schedule_spec(config, max(st.max_steps - st.global_step, 1), st.global_step)
+        trainer.lr_scheduler = _build_scheduler(trainer, spec)
+        log.info("resume: learning-rate schedule restarted at step %d: %s warmup over %d steps to lr %g, then %s "
+                 "decay over the remaining %d steps (%s)", st.global_step, spec["type"], spec["warmup_steps"],
+                 spec["peak_lr"], spec["type"], spec["num_training_steps"],
+                 ", ".join(f"{k.rsplit('.', 1)[1]} {o!r} -> {n!r}" for k, (o, n) in changes.items()))
+    elif plan.get("schedule") and plan["schedule"].get("start_step"):
+        spec = plan["schedule"]
+        saved_lrs = [g["lr"] for g in trainer.optimizer.param_groups]  # restored from optimizer.pt: the position
+        trainer.lr_scheduler = _build_scheduler(trainer, spec)
+        trainer.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
+        for group, lr in zip(trainer.optimizer.param_groups, saved_lrs):
+            group["lr"] = lr
+    else:
+        spec = None
+    if spec is not None:
+        trainer.schedule = spec
+    if OPTIMIZER_GROUP_KEYS[0] in changes:
+        trainer.optimizer.param_groups[0]["weight_decay"] = config.training.hyperparameters.weight_decay
+        log.info("resume: weight_decay %r -> %r on the decayed parameters", *changes[OPTIMIZER_GROUP_KEYS[0]])
+
+
 def base_config_sha256(config: TrainingConfig) -> Optional[str]:
     """sha256 of the base checkpoint's config.json: an adapter checkpoint names the exact base it needs."""
     ref = config.resolved_paths.get("model.base_checkpoint")
@@ -2215,8 +2441,10 @@ def base_config_sha256(config: TrainingConfig) -> Optional[str]:
     return _sha256(Path(path)) if path and Path(path).is_file() else None
 
 
-def read_checkpoints(run_dir: Path) -> list[dict]:
-    """Complete checkpoints of a run (those with checkpoint_meta.json), oldest first."""
+def read_checkpoints(run_dir: Path, verify: bool = False) -> list[dict]:
+    """Complete checkpoints of a run (those with checkpoint_meta.json), oldest first. `verify`: health is the
+    measured one: a checkpoint damaged since its save (check_checkpoint_integrity) becomes `corrupt`, with the
+    reason in `integrity`, so whoever picks the latest, best or backup from this list passes it over."""
     out = []
     for d in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
         meta_path = d / CHECKPOINT_META
@@ -2226,40 +2454,96 @@ def read_checkpoints(run_dir: Path) -> list[dict]:
             except (OSError, json.JSONDecodeError):
                 continue
             meta["path"] = str(d)
+            if verify and meta.get("health") == "ok":
+                reason = check_checkpoint_integrity(d, meta)
+                if reason:
+                    meta.update(health="corrupt", integrity=reason)
             out.append(meta)
     return sorted(out, key=lambda m: (m["step"], m["name"]))
 
 
+def run_index_path() -> Path:
+    """$XDG_CACHE_HOME/finance_smollm3/runs.json (default ~/.cache/...): run_id -> run dir of every training run
+    this machine started, so a bare run id is found from any working directory."""
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(cache) if os.path.isabs(cache) else Path.home() / ".cache"  # the XDG spec ignores relative values
+    return base / "finance_smollm3" / "runs.json"
+
+
+def _run_index() -> dict:
+    index = _read_json(run_index_path())
+    return index if isinstance(index, dict) else {}
+
+
+def register_run(run_id: str, run_dir: Path) -> None:
+    """Record the run in the run index (written atomically). Never fails the run: without a writable cache the
+    run is still found by its directory or output_dir."""
+    try:
+        write_json_atomic(run_index_path(), {**_run_index(), run_id: str(Path(run_dir).resolve())})
+    except Exception as exc:  # noqa: BLE001 - a read-only or full home must not stop training
+        log.debug("run index %s not updated: %s", run_index_path(), exc)
+
+
+def _config_output_dir(config_file: str = "training_config.yaml") -> Optional[str]:
+    """logging.output_dir of the working directory's training_config.yaml, if it exists and parses."""
+    try:
+        raw = _parse_yaml(Path(config_file).read_text(encoding="utf-8"), config_file)
+        value = raw["logging"]["output_dir"]
+    except (OSError, UnicodeDecodeError, TrainerError, TypeError, KeyError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
 def find_run_dir(run: str, output_dir: Optional[str] = None) -> Path:
-    """A run named by its directory, or by run_id under `output_dir` (default: the working directory)."""
+    """A run named by its directory, or by run_id: under `output_dir` when given, else under the working
+    directory and then the logging.output_dir of ./training_config.yaml; last, in the index of runs this machine
+    started (run_index_path). The error lists every place it looked."""
     p = Path(run).expanduser()
     if p.is_dir():
         return p.resolve()
-    candidate = Path(output_dir or ".").expanduser().resolve() / run
-    if candidate.is_dir():
-        return candidate
+    looked: list[str] = []
+    for base in [output_dir] if output_dir else [".", _config_output_dir()]:
+        candidate = Path(base).expanduser().resolve() / run if base else None
+        if candidate is None or str(candidate) in looked:
+            continue
+        if candidate.is_dir():
+            return candidate
+        looked.append(str(candidate))
+    indexed = _run_index().get(run) if RUN_ID_RE.match(run) else None
+    if isinstance(indexed, str) and Path(indexed).is_dir():
+        return Path(indexed)
+    looked.append(f"{run_index_path()} ({'its entry ' + repr(indexed) + ' no longer exists' if indexed else 'no entry'})")
     raise TrainerError("CheckpointNotFound", {
-        "field": "run", "value": run, "path": str(candidate),
-        "suggestion": "name the run by its directory (<output_dir>/<run_id>), or pass the output_dir it lives in"})
+        "field": "run", "value": run, "path": looked[0], "looked_in": looked,
+        "suggestion": "name the run by its directory (<output_dir>/<run_id>), pass the output_dir it lives in "
+                      "(--output-dir or --config), or run from the folder whose training_config.yaml trained it"})
 
 
 def list_checkpoints(run_id: str, output_dir: Optional[str] = None) -> list[dict]:
     """Complete checkpoints of a run, oldest first: name, path, step, epoch, metrics, health, and which one is
-    the best (the manifest's best_checkpoint) and the latest (newest healthy). Interrupted saves never appear."""
+    the best (the manifest's best_checkpoint) and the latest (newest healthy). Interrupted saves never appear.
+    Health is measured (every file hashed): a checkpoint damaged since its save is `corrupt`, never best or
+    latest, and `integrity` says which file and how."""
     run_dir = find_run_dir(run_id, output_dir)
-    ckpts = read_checkpoints(run_dir)
+    ckpts = read_checkpoints(run_dir, verify=True)
     best = _read_json(run_dir / MANIFEST_NAME).get("checkpoints", {}).get("best_checkpoint")
     healthy = [c["path"] for c in ckpts if c.get("health") == "ok"]
     return [{"name": c["name"], "path": c["path"], "step": c["step"], "epoch": c["epoch"],
-             "metrics": c.get("metrics"), "health": c.get("health"), "run_id": c.get("run_id"),
-             "dataset": c.get("dataset"), "is_best": c["path"] == best,
+             "metrics": c.get("metrics"), "health": c.get("health"), "integrity": c.get("integrity"),
+             "run_id": c.get("run_id"), "dataset": c.get("dataset"),
+             "is_best": c["path"] == best and c["path"] in healthy,
              "is_latest": bool(healthy) and c["path"] == healthy[-1]} for c in ckpts]
 
 
 def load_checkpoint(path: str):
     """A checkpoint's model, loaded exactly as the inference side will load it (plain from_pretrained)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     p = Path(path).expanduser()
+    reason = check_checkpoint_integrity(p, resume=False) if p.is_dir() else None
+    if reason:
+        raise damaged_checkpoint_error("path", path, p, reason, "this checkpoint was damaged after it was saved; "
+                                       "use another one (--list-checkpoints RUN shows which are intact)")
     if (p / "adapter_config.json").is_file():  # LoRA checkpoint: base + adapter, as peft loads it
         from peft import AutoPeftModelForCausalLM
         base = (_read_json(p / CHECKPOINT_META).get("config") or {}).get("model", {}).get("base_checkpoint")
@@ -2274,7 +2558,12 @@ def load_checkpoint(path: str):
             "field": "path", "value": str(path), "path": str(p.resolve()),
             "suggestion": "pass a checkpoint directory (it holds config.json and *.safetensors); "
                           "list a run's checkpoints with list_checkpoints(run_id)"})
-    return AutoModelForCausalLM.from_pretrained(str(p))
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(p))
+    except SafetensorError as exc:  # a damaged file in a dir with no recorded checksums to catch it earlier
+        raise TrainerError("CheckpointNotFound", {
+            "field": "path", "value": str(path), "path": str(p.resolve()), "reason": f"{type(exc).__name__}: {exc}",
+            "suggestion": "a weights file in this directory is damaged; use another checkpoint"}) from exc
 
 
 def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_length: Optional[int] = None,
@@ -2316,7 +2605,7 @@ def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_lengt
 
 def apply_retention(run_dir: Path, limit: int, best: Optional[str]) -> list[str]:
     """Keep the newest `limit` checkpoints, and always the best, the latest healthy and one backup."""
-    ckpts = read_checkpoints(run_dir)
+    ckpts = read_checkpoints(run_dir, verify=True)  # a damaged checkpoint is never kept as latest or backup
     healthy = [c for c in ckpts if c.get("health") == "ok"]
     keep = {c["path"] for c in ckpts[-limit:]} | {c["path"] for c in healthy[-2:]}
     if best:
@@ -2663,7 +2952,7 @@ def _best_epoch(epoch: Optional[float]) -> Optional[int]:
 
 def build_manifest(ctx: "RunContext", status: str) -> dict:
     config, hp = ctx.config, ctx.config.training.hyperparameters
-    ckpts = read_checkpoints(ctx.run_dir) if ctx.run_dir.is_dir() else []
+    ckpts = read_checkpoints(ctx.run_dir, verify=True) if ctx.run_dir.is_dir() else []
     healthy = [c for c in ckpts if c.get("health") == "ok"]
     best = next((c for c in ckpts if c["path"] == ctx.best_checkpoint), None)
     last_train = ctx.history.train[-1] if ctx.history.train else None
@@ -2810,6 +3099,7 @@ class RunContext:
     best_archive: Optional[str] = None
     lora: Optional[dict] = None
     distributed: Optional[dict] = None
+    resume_plan: Optional[dict] = None  # hyperparameter changes a resume applies (apply_resume_plan)
 
 
 @dataclass
@@ -2904,9 +3194,24 @@ def train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opti
                 run_id: Optional[str] = None, max_steps: Optional[int] = None, force: bool = False,
                 argv: Optional[list] = None) -> RunResult:
     """Run the whole workflow for a validated-or-not config and return what happened.
-    Raises TrainerError for failures the user can fix (the manifest records them when a run dir exists)."""
+    Raises TrainerError for failures the user can fix (the manifest records them when a run dir exists).
+    The run dir lock taken on the way (lock_run_dir) is released when this returns or raises."""
+    held = set(_RUN_LOCKS)
+    try:
+        return _train_model(config, dry_run, resume_from, run_id=run_id, max_steps=max_steps, force=force,
+                            argv=argv)
+    finally:
+        for locked in set(_RUN_LOCKS) - held:
+            unlock_run_dir(Path(locked))
+
+
+def _train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Optional[str] = None, *,
+                 run_id: Optional[str] = None, max_steps: Optional[int] = None, force: bool = False,
+                 argv: Optional[list] = None) -> RunResult:
     validation = validate_config(config)
     validation.raise_if_failed()
+    if resume_from == "latest" and run_id and is_main_process() and run_paths(config, run_id)["run_dir"].is_dir():
+        lock_run_dir(run_paths(config, run_id)["run_dir"])  # before `latest` is chosen: its writer may be saving it
     resume = resolve_resume(config, resume_from, run_id, force) if resume_from else None
     if resume:
         run_id = resume["run_id"]
@@ -2918,6 +3223,8 @@ def train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opti
     paths = run_paths(config, run_id)
     run_dir = paths["run_dir"]
     manifest_path = run_dir / MANIFEST_NAME
+    if is_main_process():
+        lock_run_dir(run_dir)  # one writer per run dir (dry run included), before RunExists and any write
     if not dry_run and not resume and is_main_process():
         refuse_existing_run(manifest_path, run_id)
     if resume and resume.get("config_diff"):
@@ -2930,6 +3237,7 @@ def train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opti
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         clean_partial_saves(run_dir)
+        register_run(run_id, run_dir)
     tracker = init_tracking(config, run_id, resume=bool(resume), is_main=main_proc,
                             resume_step=resume["step"] if resume else None)
     handler = _add_file_log(tracker.log_dir / "train.log") if main_proc else None
@@ -2941,19 +3249,28 @@ def train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opti
                      wandb_url=tracker.wandb_url, resumes=list(previous.get("resumes") or []))
     if resume:
         ctx.resume_from = {"path": resume["path"], "step": resume["step"], "epoch": resume["epoch"]}
-        ctx.resumes.append({**ctx.resume_from, "at": utc_now(), "config_differences": resume["config_diff"]})
+        ctx.resumes.append({**ctx.resume_from, "at": utc_now(), "config_differences": resume["config_diff"],
+                            "hyperparameter_changes": {k: {"old": o, "new": n} for k, (o, n)
+                                                       in resume["hyperparameter_changes"].items()}})
+        ctx.resume_plan = {"changes": resume["hyperparameter_changes"], "schedule": resume["schedule"]}
         ctx.history = _history_from_manifest(previous, resume["step"])
         ctx.prior_seconds = float((previous.get("reproducibility") or {}).get("duration_seconds") or 0.0)
     try:
         for w in validation.warnings:
             log.warning(w)
+        if resume:
+            log.info(format_resume_line(resume))
         echo_config(config)
         if main_proc:
             save_manifest(run_id, build_manifest(ctx, "running"), str(manifest_path))
-        status = _train(ctx, resume["path"] if resume else None)
+        previous_handlers = install_preemption_handlers()
+        try:
+            status = _train(ctx, resume["path"] if resume else None)
+        finally:
+            restore_signal_handlers(previous_handlers)
         exit_code = EXIT_OK
     except TrainerError as exc:
-        status = "diverged" if exc.kind == "TrainingDiverged" else "failed"
+        status = {"TrainingDiverged": "diverged", "Preempted": "interrupted"}.get(exc.kind, "failed")
         ctx.error = exc.payload
         raise
     except KeyboardInterrupt:
@@ -2977,7 +3294,30 @@ def train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opti
         if handler:
             log.removeHandler(handler)
             handler.close()
+        raised = sys.exc_info()[1] if "exit_code" not in locals() else None
+        if raised is not None and manifest:  # main prints it on stdout before the error JSON on stderr
+            raised.run_output = run_output(manifest, manifest_path)
     return RunResult(run_id, status, str(run_dir), str(manifest_path), manifest, exit_code)
+
+
+def run_output(manifest: dict, manifest_path: Path) -> dict:
+    """The spec's Output object (Example Session 1), printed as the last line on stdout at the end of a run
+    (completed, diverged, failed or interrupted): its values are the final manifest's, plus the manifest's path."""
+    results, ckpts = manifest.get("training_results") or {}, manifest.get("checkpoints") or {}
+    return {"run_id": manifest.get("run_id"), "status": manifest.get("status"),
+            "best_checkpoint": ckpts.get("best_checkpoint"),
+            "final_val_perplexity": results.get("final_val_perplexity"),
+            "training_time_hours": results.get("training_time_hours"), "manifest": str(manifest_path)}
+
+
+def print_run_output(output: Optional[dict]) -> None:
+    """One JSON line on stdout, after every log line (the logger writes to stdout too), so a caller reads
+    the last stdout line."""
+    if not output:
+        return
+    for h in log.handlers:
+        h.flush()
+    print(json.dumps(output, default=str), file=sys.stdout, flush=True)
 
 
 def finalize_manifest(ctx: RunContext, status: str) -> dict:
@@ -3001,6 +3341,50 @@ def finalize_manifest(ctx: RunContext, status: str) -> dict:
                                "val_loss": manifest["training_results"]["final_val_loss"],
                                "elapsed_seconds": round(ctx.end_time - ctx.start_time, 1), "eta_seconds": 0})
     return manifest
+
+
+_RUN_LOCKS: dict[str, int] = {}  # resolved run dir -> fd holding its flock
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """One writer per run dir: an exclusive flock on `<run_dir>/.lock`, held until unlock_run_dir or the end of
+    the process. The OS drops it when the process dies, however it dies, so the file a killed run leaves behind
+    never blocks. The holder writes its pid, host and start time into it for the second writer's RunLocked."""
+    import fcntl
+    key = str(Path(run_dir).resolve())
+    if key in _RUN_LOCKS:
+        return
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(run_dir) / RUN_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = _read_json(path)
+        who = f"pid {holder.get('pid')} on {holder.get('hostname')}, since {holder.get('started_at')}"
+        raise TrainerError("RunLocked", {
+            "path": str(path), "pid": holder.get("pid"), "hostname": holder.get("hostname"),
+            "started_at": holder.get("started_at"),
+            "suggestion": f"another process ({who}) is writing this run; wait for it to end (follow it with "
+                          f"--status {Path(run_dir).resolve()}), or stop it first"}) from None
+    except OSError as exc:  # a filesystem without locks: train anyway, unguarded
+        os.close(fd)
+        log.warning("could not lock %s (%s): a second writer to this run would not be refused", path, exc)
+        return
+    os.ftruncate(fd, 0)
+    os.write(fd, (json.dumps({"pid": os.getpid(), "hostname": platform.node(), "started_at": utc_now(),
+                              "argv": sys.argv}) + "\n").encode())
+    _RUN_LOCKS[key] = fd
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    """Release lock_run_dir's lock (the file stays: unlocked, it blocks nobody)."""
+    import fcntl
+    fd = _RUN_LOCKS.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def refuse_existing_run(manifest_path: Path, run_id: str) -> None:
@@ -3064,9 +3448,11 @@ def _train(ctx: RunContext, resume_path: Optional[str]) -> str:
     tokenizer, datasets_, model = _prepare(ctx)
     args = build_training_args(config, ctx.run_dir, dry_run=False, max_steps=None, resuming=resume_path is not None)
     trainer = _build_trainer(ctx, tokenizer, datasets_, model, args, dry_run=False)
+    if resume_path:
+        trainer.resume_plan = ctx.resume_plan
     if resume_path:  # the best as of the resumed checkpoint, never a later one from the abandoned timeline
         best_step = _read_json(Path(resume_path) / "trainer_state.json").get("best_global_step")
-        trainer.best_checkpoint = next((c["path"] for c in read_checkpoints(ctx.run_dir)
+        trainer.best_checkpoint = next((c["path"] for c in read_checkpoints(ctx.run_dir, verify=True)
                                         if c["step"] == best_step and c.get("health") == "ok"), None)
 
     def sync_ctx() -> None:
@@ -3091,7 +3477,9 @@ def _train(ctx: RunContext, resume_path: Optional[str]) -> str:
     if world_size(config) > 1:
         ctx.distributed = rank_weight_agreement(trainer)
     if ctx.history.stop is not None:
-        raise diverged_error(ctx)
+        raise diverged_error(ctx, stop_validation_loss(trainer, datasets_["valid"]))
+    if ctx.history.preempted is not None:
+        raise preempted_error(ctx)
     final_model = "final weights"
     if config.training.checkpointing.load_best_at_end and ctx.best_checkpoint:
         trainer.state.best_model_checkpoint = ctx.best_checkpoint
@@ -3211,22 +3599,77 @@ def performance_block(ctx: RunContext) -> dict:
             if h.gpu_utilization else None}
 
 
-def diverged_error(ctx: RunContext) -> TrainerError:
-    """The spec's TrainingDiverged payload, with a checkpoint that exists, loads and is finite."""
+def resume_command(ctx: RunContext) -> str:
+    overrides = "".join(f" --set {shlex.quote(o)}" for o in ctx.config.overrides)
+    return (f"python {Path(sys.argv[0]).name} --config {shlex.quote(ctx.config.config_path or 'CONFIG')}{overrides} "
+            f"--resume-from latest --run-id {ctx.run_id}")
+
+
+def preempted_error(ctx: RunContext) -> TrainerError:
+    """SIGTERM/SIGUSR1 stopped the run after a checkpoint of the step under way: exit EXIT_PREEMPTED, manifest
+    `interrupted`, and the command that continues it."""
+    p = ctx.history.preempted
+    saved = next((c for c in reversed(read_checkpoints(ctx.run_dir)) if c["step"] == p["step"]
+                  and c.get("health") == "ok"), None)
+    return TrainerError("Preempted", {
+        "signal": p["signal"], "step": p["step"], "epoch": p["epoch"],
+        "checkpoint": saved["path"] if saved else None, "resume_command": resume_command(ctx),
+        "suggestion": "continue exactly where it stopped with the resume_command"})
+
+
+def stop_validation_loss(trainer, valid) -> Optional[float]:
+    """Validation loss of the weights in memory at a stop (the update that tripped a guard was skipped, so they
+    are the weights of the checkpoint saved at the stop). No callbacks run: this is a check, not a curve point."""
+    try:
+        out = trainer.evaluation_loop(trainer.get_eval_dataloader(valid), "restart check", metric_key_prefix="check")
+    except Exception as exc:  # a check that cannot run must not hide the divergence report
+        log.warning("could not evaluate the weights at the stop: %s", exc)
+        return None
+    loss = out.metrics.get("check_loss")
+    return float(loss) if loss is not None else None
+
+
+def last_valid_checkpoint(ctx: RunContext, stop_val_loss: Optional[float]) -> tuple[Optional[str], str]:
+    """The newest checkpoint whose weights are healthy, and why. A checkpoint is healthy when it verified at save
+    time and its validation loss (recorded at its evaluation; for the checkpoint saved at the stop, measured on
+    its weights now) is finite and at most spike_factor x the lowest validation loss of the run (initial
+    included), or, for a divergence stop, within divergence_increase of it. Skipping only the last update is
+    not enough: at a learning rate far too high, the updates before the stop may already have ruined the
+    weights. None means no checkpoint qualifies: restart from the base model."""
+    g, stop = ctx.config.training.guards, ctx.history.stop
+    vals = [v["val_loss"] for _, _, v in ctx.history.evals
+            if isinstance(v.get("val_loss"), float) and math.isfinite(v["val_loss"])]
+    best = min(vals) if vals else None
+    factor = 1 + g.divergence_increase if stop["kind"] == "divergence" else g.spike_factor
+    rejected = []
+    for c in reversed([c for c in read_checkpoints(ctx.run_dir, verify=True) if c.get("health") == "ok"]):
+        loss = stop_val_loss if c["step"] == ctx.global_step else (c.get("metrics") or {}).get("val_loss")
+        if best is None and loss is not None and math.isfinite(loss):
+            return c["path"], f"{c['name']}: validation loss {loss:.4g} (no earlier evaluation to compare with)"
+        if loss is not None and math.isfinite(loss) and best is not None and loss <= factor * best:
+            return c["path"], (f"{c['name']}: validation loss {loss:.4g} is within {factor:g}x the run's best "
+                               f"({best:.4g})" + (f"; rejected {', '.join(rejected)}" if rejected else ""))
+        rejected.append(f"{c['name']} (validation loss {_json_float(loss)})")
+    return None, (f"no checkpoint has a validation loss within {factor:g}x the run's best ({_json_float(best)}); "
+                  f"rejected {', '.join(rejected) or 'none saved'}: restart from the base model")
+
+
+def diverged_error(ctx: RunContext, stop_val_loss: Optional[float] = None) -> TrainerError:
+    """The spec's TrainingDiverged payload, naming a checkpoint whose weights are healthy (last_valid_checkpoint)."""
     stop = ctx.history.stop
-    healthy = [c for c in read_checkpoints(ctx.run_dir) if c.get("health") == "ok"]
-    last_valid = healthy[-1]["path"] if healthy else None
+    last_valid, why = last_valid_checkpoint(ctx, stop_val_loss)
     lr = ctx.config.training.hyperparameters.learning_rate
     new_lr = max(lr / 10, 1e-6)
     train_loss = stop.get("train_loss")
     if train_loss is None and ctx.history.train:
         train_loss = _json_float(ctx.history.train[-1][2])
     how = (f" (--resume-from {last_valid} --set training.hyperparameters.learning_rate={new_lr:.1e})"
-           if last_valid else "")
+           if last_valid else f" as a new run from the base model (--set training.hyperparameters.learning_rate="
+                              f"{new_lr:.1e} --run-id NEW_ID): {why}")
     return TrainerError("TrainingDiverged", {
         "epoch": _best_epoch(stop["epoch"]) if stop["epoch"] else 1, "epoch_float": stop["epoch"],
         "step": stop["step"], "train_loss": train_loss, "reason": stop["reason"], "kind": stop["kind"],
-        "last_valid_checkpoint": last_valid,
+        "last_valid_checkpoint": last_valid, "last_valid_checkpoint_reason": why,
         "suggestion": f"Reduce learning rate to {new_lr:.1e} and try again{how}"})
 
 
@@ -3262,6 +3705,11 @@ def out_of_memory_error(config: TrainingConfig, message: str, estimated_gb: Opti
 # Changes that make a resumed run a different experiment (error unless --force); the training data's
 # checksum and the global batch (world size x batch size x accumulation) are checked besides these keys.
 RESUME_FATAL_KEYS = ("model.base_checkpoint", "data.max_seq_length")
+# Changes a resume applies to the restored optimizer and scheduler (Trainer would restore the old ones):
+# any of these restarts the learning-rate schedule at the resume step; weight_decay updates the param group.
+SCHEDULE_KEYS = ("training.hyperparameters.learning_rate", "training.hyperparameters.warmup_steps",
+                 "training.hyperparameters.num_epochs", "training.optimization.lr_scheduler")
+OPTIMIZER_GROUP_KEYS = ("training.hyperparameters.weight_decay",)
 
 
 def global_batch(cfg: dict, world: int) -> int:
@@ -3285,13 +3733,21 @@ def resolve_resume(config: TrainingConfig, resume_from: str, run_id: Optional[st
                 "field": "--resume-from", "value": "latest", "expected": "--run-id RUN with `latest`",
                 "suggestion": "add --run-id <run id>, or pass the checkpoint directory itself"})
         run_dir = run_paths(config, run_id)["run_dir"]
-        healthy = [c for c in read_checkpoints(run_dir) if c.get("health") == "ok"]
-        if not healthy:
+        damaged, meta = {}, None
+        for c in reversed([c for c in read_checkpoints(run_dir) if c.get("health") == "ok"]):  # newest intact
+            reason = check_checkpoint_integrity(Path(c["path"]), c)
+            if not reason:
+                meta = c
+                break
+            damaged[c["name"]] = reason
+            log.warning("checkpoint %s is damaged (%s): not resuming from it", c["path"], reason)
+        if meta is None:
             raise TrainerError("CheckpointNotFound", {
-                "field": "--resume-from", "value": "latest", "path": str(run_dir),
+                "field": "--resume-from", "value": "latest", "path": str(run_dir), "damaged": damaged,
                 "suggestion": "this run has no complete, healthy checkpoint (an interrupted save is never used); "
                               "start a new run, or pass a checkpoint directory explicitly"})
-        meta = healthy[-1]
+        if damaged:
+            log.warning("resuming from %s, the newest intact checkpoint", meta["name"])
     else:
         path = Path(resume_from).expanduser().resolve()
         meta_path = path / CHECKPOINT_META
@@ -3306,6 +3762,11 @@ def resolve_resume(config: TrainingConfig, resume_from: str, run_id: Optional[st
             raise TrainerError("CheckpointNotFound", {
                 "field": "--resume-from", "value": resume_from, "health": meta.get("health"),
                 "suggestion": "this checkpoint failed verification after saving; resume from an earlier one"})
+        reason = check_checkpoint_integrity(path, meta)
+        if reason:
+            raise damaged_checkpoint_error("--resume-from", resume_from, path, reason,
+                                           "this checkpoint was damaged after it was saved; resume from an earlier "
+                                           "one (--resume-from latest --run-id RUN picks the newest intact one)")
     old, new = _flatten(meta.get("config") or {}), _flatten(config.to_dict())
     diffs = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     fatal = [problem("InvalidConfig", field=k, value=_jsonable(n), expected=_jsonable(o),
@@ -3329,7 +3790,17 @@ def resolve_resume(config: TrainingConfig, resume_from: str, run_id: Optional[st
     if fatal and not force:
         raise TrainerError.collected(fatal)
     return {"run_id": meta["run_id"], "path": meta["path"], "step": meta["step"], "epoch": meta["epoch"],
-            "config_diff": [f"config differs from the checkpoint's: {k}: {o!r} -> {n!r}" for k, o, n in diffs]}
+            "config_diff": [f"config differs from the checkpoint's: {k}: {o!r} -> {n!r}" for k, o, n in diffs],
+            "hyperparameter_changes": {k: [o, n] for k, o, n in diffs if k in SCHEDULE_KEYS + OPTIMIZER_GROUP_KEYS},
+            "schedule": meta.get("schedule")}
+
+
+def format_resume_line(resume: dict) -> str:
+    """`resuming from checkpoint-epoch-2 (step 4980, epoch 2): config unchanged` (spec Session 2); the config
+    differences themselves are logged as warnings just before this line."""
+    n = len(resume["config_diff"])
+    verdict = "config unchanged" if not n else f"{n} config difference{'s' if n > 1 else ''} (listed above)"
+    return f"resuming from {Path(resume['path']).name} (step {resume['step']}, epoch {resume['epoch']:g}): {verdict}"
 
 
 def dry_run_model(config: TrainingConfig, validation: ValidationResult, run_id: str, steps: int) -> RunResult:
@@ -3423,8 +3894,10 @@ def _masked_sample(tokenizer, example: dict) -> dict:
 # 13. CLI
 # --------------------------------------------------------------------------------------------------
 
-EPILOG = """exit codes: 0 success; 2 invalid config, data, checkpoint or paths (nothing trained);
-3 training stopped by an anomaly guard; 4 out of memory; 1 anything else.
+EPILOG = """exit codes: 0 success; 2 invalid config, data, checkpoint or paths, or the run dir is in use by
+another process (nothing trained); 3 training stopped by an anomaly guard; 4 out of memory;
+143 preempted (SIGTERM/SIGUSR1: checkpoint saved, resume with --resume-from latest); 130 Ctrl-C;
+1 anything else.
 Failures end with one JSON object on stderr: {"error": Kind, "details": {...}, "errors": [...]}."""
 
 
@@ -3448,7 +3921,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "(repeatable; recorded in the manifest)")
     p.add_argument("--baseline", metavar="MANIFEST_OR_RUN_DIR",
                    help="compare this run's validation and test metrics with a previous run's")
-    tools = p.add_argument_group("monitoring and checkpoint tools (RUN = run dir, or run_id under the output dir)")
+    tools = p.add_argument_group("monitoring and checkpoint tools (RUN = run dir, or run_id under the output dir; "
+                                 "a bare run_id is also looked up under ./training_config.yaml's output_dir and in "
+                                 "the index of runs started here, $XDG_CACHE_HOME/finance_smollm3/runs.json)")
     tools.add_argument("--status", metavar="RUN", help="status of a running or finished run, with ETA")
     tools.add_argument("--list-checkpoints", metavar="RUN", help="complete checkpoints with metrics and health")
     tools.add_argument("--evaluate", metavar="CHECKPOINT", help="test metrics of a checkpoint (with --test-data)")
@@ -3514,6 +3989,9 @@ def launch_distributed(config: TrainingConfig, args: argparse.Namespace, argv: l
     if args.resume_from == "latest" and not args.run_id:
         resolve_resume(config, "latest", None)  # raises the "needs --run-id" error
     run_id = args.run_id or make_run_id(config)  # every rank must use the same id
+    if run_paths(config, run_id)["run_dir"].is_dir():  # a live writer answers RunLocked now, before any rank starts
+        lock_run_dir(run_paths(config, run_id)["run_dir"])
+        unlock_run_dir(run_paths(config, run_id)["run_dir"])  # rank 0 takes it for the run
     if not args.resume_from:
         refuse_existing_run(run_paths(config, run_id)["run_dir"] / MANIFEST_NAME, run_id)
     n = config.compute.num_gpus
@@ -3603,20 +4081,25 @@ def main(argv: Optional[list[str]] = None) -> int:
                              max_steps=args.max_steps, force=args.force, argv=argv)
         if result.manifest_path:
             log.info("run %s %s; manifest: %s", result.run_id, result.status, result.manifest_path)
+        if result.manifest_path and result.manifest:  # a dry run has no manifest: its report is logged above
+            print_run_output(run_output(result.manifest, result.manifest_path))
         return result.exit_code
     except TrainerError as exc:
         if args.debug:
             import traceback
             traceback.print_exc()
+        print_run_output(getattr(exc, "run_output", None))
         emit_error(exc.payload)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        print_run_output(getattr(exc, "run_output", None))
         emit_error(TrainerError("Interrupted", {"suggestion": "resume with --resume-from latest --run-id RUN"}).payload)
         return 130
     except Exception as exc:  # unexpected: still one JSON object, traceback only with --debug
         if args.debug:
             import traceback
             traceback.print_exc()
+        print_run_output(getattr(exc, "run_output", None))
         emit_error(unexpected_error(exc).payload)
         return EXIT_FAILED
 

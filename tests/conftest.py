@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Training runs register themselves in $XDG_CACHE_HOME/finance_smollm3/runs.json: keep the suite out of the real
+# home (HF_HOME stays where XDG_CACHE_HOME put it, so the Hugging Face cache does not move).
+os.environ.setdefault("HF_HOME", str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"))
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="finance-trainer-test-cache-")
 
 import make_demo_assets as assets  # noqa: E402
 

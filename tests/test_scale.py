@@ -95,3 +95,24 @@ def test_nccl_without_cuda_is_refused(tiny_dir, tmp_path):
     cfg = set_key(base_config(tiny_dir, tmp_path), "compute.distributed_backend", "nccl")
     proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--validate-only")
     assert proc.returncode == 2 and last_json(proc.stderr)["details"]["field"] == "compute.distributed_backend"
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(ddp_pair):
+    """Rank 1 alone gets SIGTERM inside step 5: the flag is all-reduced, both ranks save checkpoint-5 and stop,
+    and resuming gives the uninterrupted two-process run's weights."""
+    from safetensors.torch import load_file
+    out, _, p2 = ddp_pair
+    assert p2.returncode == 0, p2.stderr[-2000:]
+    path = out / "two.yaml"
+    proc = run_cli("--config", path, "--run-id", "two_term", env={"FINANCE_TRAINER_INJECT_SIGNAL": "5:SIGTERM:1"})
+    assert proc.returncode == tf.EXIT_PREEMPTED, proc.stderr[-2000:]
+    err = last_json(proc.stderr)
+    assert err["error"] == "Preempted" and err["details"]["step"] == 5
+    run_dir = out / "runs" / "two_term"
+    assert [c["name"] for c in tf.list_checkpoints(str(run_dir)) if c["is_latest"]] == ["checkpoint-5"]
+    assert json.loads((run_dir / "run_manifest.json").read_text())["status"] == "interrupted"
+    res = run_cli("--config", path, "--run-id", "two_term", "--resume-from", "latest")
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = load_file(out / "runs" / "two" / "checkpoint-epoch-2" / "model.safetensors")
+    b = load_file(run_dir / "checkpoint-epoch-2" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,113 @@
+"""Results that are right on every path: a resume with new hyperparameters uses them, the checkpoint offered
+after a divergence is a healthy one, and a loss spike is seen from the first logged loss."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+import train_finance_ssc_model as tf
+from conftest import base_config, last_json, run_cli, set_key, write_config
+
+
+def logged(stdout: str, key: str) -> dict[int, float]:
+    """{step: value} of one metric from the console's step lines."""
+    out = {}
+    for line in stdout.splitlines():
+        m = re.search(r"step (\d+)/\d+ \|.*\b" + key + r" ([-+.\deE]+|nan|inf)", line)
+        if m:
+            out[int(m.group(1))] = float(m.group(2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def diverged(tiny_dir, tmp_path_factory):
+    """A run at lr 1e-2 whose step 5 sees a NaN (test hook): certain to stop at step 5 on any machine."""
+    out = tmp_path_factory.mktemp("div")
+    cfg = set_key(base_config(tiny_dir, out), "logging.logging_steps", 1)
+    path = write_config(out / "c.yaml", cfg)
+    proc = run_cli("--config", path, "--run-id", "d", env={"FINANCE_TRAINER_INJECT_NAN_AT_STEP": "5"})
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    return out, path, last_json(proc.stderr)["details"]
+
+
+def test_resume_with_the_suggested_learning_rate_uses_it(diverged):
+    out, path, d = diverged
+    assert "1.0e-03" in d["suggestion"] and d["last_valid_checkpoint"]
+    proc = run_cli("--config", path, "--resume-from", d["last_valid_checkpoint"],
+                   "--set", "training.hyperparameters.learning_rate=1.0e-03")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "schedule restarted at step 5" in proc.stdout
+    lrs = {s: v for s, v in logged(proc.stdout, "learning_rate").items() if s > 5}
+    # a fresh 2-step warmup to the new peak, then cosine decay over the remaining 19 steps; the old schedule
+    # would still be near 1e-2 here
+    assert lrs and max(lrs.values()) <= 1.0e-3 * (1 + 1e-9) and max(lrs.values()) > 0.9e-3, lrs
+    assert lrs[6] == 0.0 and lrs[7] == pytest.approx(0.5e-3, rel=1e-6)  # the warmup starts again from 0
+    assert lrs[24] < 0.05e-3  # the restarted schedule decays to the run's end
+    m = json.loads((out / "runs" / "d" / "run_manifest.json").read_text())
+    assert m["status"] == "completed"
+    change = m["resumes"][-1]["hyperparameter_changes"]["training.hyperparameters.learning_rate"]
+    assert change == {"old": 0.01, "new": 0.001}
+    losses = [v for s, v in logged(proc.stdout, "train_loss").items() if s > 5]
+    assert losses and all(math.isfinite(x) for x in losses)
+    meta = json.loads((out / "runs" / "d" / "checkpoint-epoch-2" / "checkpoint_meta.json").read_text())
+    assert meta["schedule"]["start_step"] == 5 and meta["schedule"]["peak_lr"] == 1.0e-3
+
+
+def test_second_resume_keeps_the_restarted_schedule(diverged):
+    """A checkpoint written after a schedule restart resumes onto that same schedule, bit for bit."""
+    out, path, _ = diverged
+    run_dir = out / "runs" / "d"
+    ckpts = {c["name"]: c for c in tf.list_checkpoints(str(run_dir))}
+    src = ckpts["checkpoint-epoch-1"]["path"]
+    before = (run_dir / "checkpoint-epoch-2" / "model.safetensors").read_bytes()
+    proc = run_cli("--config", path, "--resume-from", src, "--set", "training.hyperparameters.learning_rate=1.0e-03")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "schedule restarted" not in proc.stdout  # nothing changed against this checkpoint
+    assert (run_dir / "checkpoint-epoch-2" / "model.safetensors").read_bytes() == before
+
+
+def test_nan_stop_offers_the_checkpoint_saved_at_the_stop(diverged):
+    """The NaN update was skipped, so the weights saved at the stop are step 4's: measured, they are healthy."""
+    out, _, d = diverged
+    assert Path(d["last_valid_checkpoint"]).name == "checkpoint-5"
+    assert "checkpoint-5: validation loss" in d["last_valid_checkpoint_reason"]
+
+
+def test_weights_ruined_before_the_stop_are_never_offered(tiny_dir, tmp_path):
+    """lr 50 with no clipping: Adam moves every weight by about 50 in its first step, so the weights are ruined
+    long before the grad-norm guard (forced at step 3 by the test hook, or earlier by itself) stops the run.
+    The checkpoint saved at the stop holds those weights: it must not be offered as valid."""
+    cfg = base_config(tiny_dir, tmp_path)
+    cfg = set_key(cfg, "training.hyperparameters.learning_rate", 50.0)
+    cfg = set_key(cfg, "training.hyperparameters.max_grad_norm", 1.0e6)
+    cfg = set_key(cfg, "training.hyperparameters.warmup_steps", 0)
+    cfg = set_key(cfg, "logging.logging_steps", 1)
+    proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--run-id", "ruin",
+                   env={"FINANCE_TRAINER_INJECT_GRAD_SCALE": "3:1000000"})
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    d = last_json(proc.stderr)["details"]
+    assert d["step"] <= 3
+    stop_ckpt = tmp_path / "runs" / "ruin" / f"checkpoint-{d['step']}"
+    assert stop_ckpt.is_dir()  # saved (the record of where it stopped), but not offered
+    assert d["last_valid_checkpoint"] is None
+    assert f"checkpoint-{d['step']}" in d["last_valid_checkpoint_reason"] and "base model" in d["suggestion"]
+    m = json.loads((tmp_path / "runs" / "ruin" / "run_manifest.json").read_text())
+    # the blow-up is flagged from the first logged losses, before any 3-loss window exists
+    spikes = [a for a in m["anomalies"] if a["kind"] == "loss_spike"]
+    assert spikes and spikes[0]["step"] <= d["step"] and "initial validation loss" in spikes[0]["reason"]
+
+
+def test_spike_is_flagged_from_the_first_logged_loss(tmp_path, tiny_dir):
+    """6.94 -> 75.7 at the second logged loss: no 3-loss window yet, so the initial validation loss is the
+    reference (spike_factor 3 by default)."""
+    from transformers import TrainerControl
+    from test_guards_checkpoints import FakeState, guards
+    cbs, history, _ = guards(tmp_path, tiny_dir)
+    history.evals.append((0, 0.0, {"val_loss": 6.93}))
+    for step, loss in ((1, 6.94), (2, 75.7)):
+        cbs["LossSpikeWarning"].on_log(None, FakeState(step), TrainerControl(), logs={"loss": loss})
+    assert [(a["kind"], a["step"], a["action"]) for a in history.anomalies] == [("loss_spike", 2, "warned")]
