@@ -42,7 +42,8 @@ def assert_diverged(proc, out: Path, run_id: str) -> dict:
         assert "base model" in d["suggestion"]
     m = json.loads((out / "runs" / run_id / "run_manifest.json").read_text())
     assert m["status"] == "diverged" and m["error"]["error"] == "TrainingDiverged"
-    assert m["anomalies"] and m["anomalies"][-1]["action"] == "stopped"
+    # the stop is recorded (a loss-spike warning of the same step may follow it)
+    assert "stopped" in [a["action"] for a in m["anomalies"]]
     assert json.loads((out / "runs" / run_id / "error.json").read_text())["error"] == "TrainingDiverged"
     return d
 
