@@ -2,7 +2,7 @@
 """Fine-tune SmolLM3 on finance data (Philippine BIR tax, Odoo accounting) with Hugging Face Trainer.
 
 Usage:
-    python train_finance_ssc_model.py --config training_config.yaml                  # train
+    python train_finance_ssc_model.py --config training_config.yaml                  # dry run, then train
     python train_finance_ssc_model.py --config training_config.yaml --dry-run        # 10 real steps, no checkpoints
     python train_finance_ssc_model.py --config training_config.yaml --validate-only  # check config + data, < 1 s
     python train_finance_ssc_model.py --config training_config.yaml --resume-from latest --run-id RUN
@@ -71,17 +71,28 @@ ERROR_EXIT_CODES = {
     "CheckpointNotFound": EXIT_INVALID,
     "RunExists": EXIT_INVALID,
     "RunLocked": EXIT_INVALID,  # another live process is writing the same run dir
+    "RunRecordDamaged": EXIT_INVALID,  # a run's manifest or status.json is empty, truncated or not a JSON object
+    "InsufficientDisk": EXIT_INVALID,  # preflight: the output filesystem cannot hold two checkpoints
     "TrainingDiverged": EXIT_DIVERGED,
     "OutOfMemory": EXIT_OOM,
+    "DiskFull": EXIT_FAILED,  # a write failed with ENOSPC/EDQUOT during the run (what was saved stays usable)
     "TrainingFailed": EXIT_FAILED,
     "Preempted": EXIT_PREEMPTED,
 }
 
 MANIFEST_NAME = "run_manifest.json"
+DAMAGED_MANIFEST_HINT = (  # RunRecordDamaged's suggestion for a damaged manifest, outside a resume
+    "the manifest is written atomically, so something else damaged it (a copy, a full disk, an editor). Restore "
+    "it from a backup; the checkpoints are unaffected (each has its own checkpoint_meta.json), and "
+    "--resume-from latest --run-id RUN --force continues the run without the earlier history")
 CHECKPOINT_META = "checkpoint_meta.json"  # written last inside a checkpoint; its presence = complete
 TMP_PREFIX = ".tmp-"
 RUN_LOCK = ".lock"  # flock'd by the one process writing a run dir; holds its pid, host and start time
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+MAX_RUN_ID_LENGTH = 128  # a run id names directories (plus suffixes such as `.abandoned-<time>`): stay far below 255
+YAML_MAX_NODES = 10_000  # a config's YAML nodes once aliases are expanded (a real config has ~100): alias bombs
+YAML_MAX_CHARS = 1_000_000  # ... and characters of scalar text once aliases are expanded
+MAX_ECHO_CHARS = 300  # a value echoed in an error payload is cut to this many characters, with a marker
 
 # Metrics this script reports at every evaluation; `val_x` in the config is Trainer's `eval_x`.
 EVAL_METRICS = {"val_loss": False, "val_perplexity": False, "val_token_accuracy": True}  # name -> greater is better
@@ -310,7 +321,9 @@ class TrainerError(Exception):
 
 
 def unexpected_error(exc: BaseException) -> TrainerError:
-    return TrainerError("TrainingFailed", {"exception": f"{type(exc).__name__}: {exc}",
+    if is_disk_full(exc):
+        return disk_full_error(exc)
+    return TrainerError("TrainingFailed", {"exception": f"{type(exc).__name__}: {str(exc)[:2000]}",
                                            "suggestion": "rerun with --debug for the traceback"})
 
 
@@ -323,11 +336,130 @@ def config_problem(field_: str, value: Any, expected: str, suggestion: str) -> d
 
 
 def _jsonable(value: Any) -> Any:
+    """`value` as an error payload can echo it: itself when it is strict JSON of at most MAX_ECHO_CHARS
+    characters, else its JSON (or repr) cut to that length with a marker saying how long it was."""
     try:
-        json.dumps(value, allow_nan=False)
+        text = json.dumps(value, allow_nan=False)
+        echo = value
+    except (TypeError, ValueError, RecursionError):
+        text = echo = repr(value)
+    if len(text) > MAX_ECHO_CHARS:
+        return f"{text[:MAX_ECHO_CHARS]}... [truncated: {len(text)} characters]"
+    return echo
+
+
+# Secrets never leave the process: redact() masks URL userinfo passwords (`http://user:***@host/`) and the value of
+# every secret-looking environment variable in what is written (JSON files, stdout, logs, trackers, errors).
+# The real values stay in the config object, so connections still use them.
+SECRET_ENV_RE = re.compile(r"(?:^|_)(?:TOKEN|KEY|PASSWORD|PASSWD|SECRET)$", re.I)  # HF_TOKEN, WANDB_API_KEY, ...
+SECRET_MIN_LENGTH = 8  # shorter env values ("1", "true") are not secrets, and masking them would mangle the text
+URL_USERINFO_RE = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s\"'<>]*)@")
+REDACTED = "***"
+
+
+def _secret_env_values() -> list[str]:
+    values = {v for k, v in os.environ.items() if SECRET_ENV_RE.search(k) and len(v) >= SECRET_MIN_LENGTH}
+    return sorted(values, key=len, reverse=True)
+
+
+def _mask_userinfo(m: re.Match) -> str:
+    user, colon, _ = m["userinfo"].partition(":")
+    return f"{m['scheme']}{user}:{REDACTED}@" if colon else f"{m['scheme']}{REDACTED}@"  # a bare userinfo is a token
+
+
+def redact(value: Any, _secrets: Optional[list] = None) -> Any:
+    """`value` (a string, or dicts/lists/tuples of them, keys included) with URL userinfo passwords masked
+    (`http://user:***@host/`; a userinfo without a password, often a token, becomes `***@`) and the value of every
+    environment variable named like *_TOKEN, *_KEY, *_PASSWORD, *_SECRET (at least SECRET_MIN_LENGTH characters)
+    replaced by `***`. Other values are returned as they are."""
+    secrets = _secret_env_values() if _secrets is None else _secrets
+    if isinstance(value, str):
+        if "@" in value:
+            value = URL_USERINFO_RE.sub(_mask_userinfo, value)
+        for s in secrets:
+            if s in value:
+                value = value.replace(s, REDACTED)
         return value
-    except (TypeError, ValueError):
-        return repr(value)
+    if isinstance(value, dict):
+        return {redact(k, secrets): redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, secrets) for v in value] if isinstance(value, list) else tuple(redact(v, secrets)
+                                                                                          for v in value)
+    return value
+
+
+def _finite_json(value: Any) -> Any:
+    """NaN/inf anywhere in `value` as the strings "NaN"/"inf"/"-inf" (_json_float), so it dumps as strict JSON."""
+    if isinstance(value, float):
+        return _json_float(value)
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def json_text(data: Any, indent: Optional[int] = None) -> str:
+    """The one way this script turns data into JSON it writes or prints: secrets redacted, strict JSON (no bare
+    NaN/Infinity), anything else JSON cannot hold written as its (redacted) str."""
+    return json.dumps(_finite_json(redact(data)), indent=indent, allow_nan=False, default=lambda o: redact(str(o)))
+
+
+class RedactingFormatter(logging.Formatter):
+    """The formatter of this script's log handlers (console, train.log): every line, traceback included, redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+# A full disk is reported as a full disk: the first failed write, its errno, the path and the free space.
+DISK_FULL_ERRNOS = {28: "ENOSPC", 122: "EDQUOT"}
+DISK_FULL_MARKERS = ("No space left on device", "Disk quota exceeded", "StorageFull", "os error 28")
+SAVE_FULL_BELOW_BYTES = 2**20  # a checkpoint write that fails with less than this free is reported as DiskFull
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A failed write because the filesystem is full: an OSError with ENOSPC/EDQUOT anywhere in the exception's
+    chain, or a library's wrapped message saying so (safetensors: `IoError(Os { code: 28, kind: StorageFull })`)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(marker in str(exc) for marker in DISK_FULL_MARKERS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _free_bytes(path: Any) -> Optional[int]:
+    """Free bytes on the filesystem holding `path` (its nearest existing ancestor)."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def disk_full_error(exc: BaseException, path: Any = None, free_at_failure: Optional[int] = None,
+                    run_id: Optional[str] = None) -> TrainerError:
+    """DiskFull (exit 1) for the first write that failed: errno, the file (the OSError's own filename, else `path`),
+    the free space at the failure and now, and how to continue."""
+    err = next((e for e in (exc, exc.__cause__, exc.__context__) if isinstance(e, OSError) and e.errno), None)
+    where = (err.filename if err is not None and err.filename else None) or (str(path) if path else None)
+    free_now = _free_bytes(where) if where else None
+    number = err.errno if err is not None and err.errno in DISK_FULL_ERRNOS else 28
+    resume = f"--resume-from latest --run-id {run_id}" if run_id else "--resume-from latest --run-id RUN"
+    return TrainerError("DiskFull", {
+        "errno": number, "errno_name": DISK_FULL_ERRNOS.get(number, "ENOSPC"), "path": where,
+        "message": f"{type(exc).__name__}: {str(exc)[:500]}",
+        "free_bytes_at_failure": free_at_failure, "free_bytes": free_now,
+        "free_gb": round(free_now / 2**30, 3) if free_now is not None else None,
+        "suggestion": "the filesystem is full: free space there (or move logging.output_dir to a larger disk, e.g. "
+                      f"with --output-dir), then continue with {resume}. Complete checkpoints are unaffected; a "
+                      "partial save is removed"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,7 +471,15 @@ def _yaml_loader():
 
     class Loader(yaml.SafeLoader):
         """SafeLoader (no object construction) that also reads `2e-5` as a float, as YAML 1.2 does.
-        PyYAML's YAML 1.1 resolver reads it as the string "2e-5", the classic learning-rate typo trap."""
+        PyYAML's YAML 1.1 resolver reads it as the string "2e-5", the classic learning-rate typo trap.
+        Aliases are bounded: a document whose aliases expand past YAML_MAX_NODES nodes or YAML_MAX_CHARS
+        characters (a "billion laughs" bomb: 300 bytes that expand to gigabytes), or that uses an anchor inside
+        itself, is refused before anything walks the expansion."""
+
+        def compose_document(self):
+            node = super().compose_document()
+            _check_yaml_expansion(node)
+            return node
 
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
@@ -352,10 +492,60 @@ def _yaml_loader():
     return Loader
 
 
+class YamlExpansionError(ValueError):
+    """A YAML document whose aliases expand past the limits, or refer to themselves (_check_yaml_expansion)."""
+
+
+def _check_yaml_expansion(root: Any) -> None:
+    """Nodes and scalar characters of the composed document as if every alias were expanded, counted on the shared
+    node graph (each node once, memoised), so a bomb is measured in microseconds without being expanded."""
+    import yaml
+    sizes: dict[int, tuple[int, int]] = {}
+    open_: set[int] = set()
+
+    def size(node) -> tuple[int, int]:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise YamlExpansionError("an anchor is used inside itself (a recursive alias)")
+        open_.add(key)
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        nodes, chars = 1, len(node.value) if isinstance(node, yaml.ScalarNode) else 0
+        for child in children:
+            n, c = size(child)
+            nodes, chars = nodes + n, chars + c
+            if nodes > YAML_MAX_NODES or chars > YAML_MAX_CHARS:
+                raise YamlExpansionError(f"its aliases expand to more than {YAML_MAX_NODES} nodes or {YAML_MAX_CHARS} "
+                                         "characters (an alias bomb?)")
+        open_.discard(key)
+        sizes[key] = (nodes, chars)
+        return nodes, chars
+
+    if root is not None:
+        size(root)
+
+
 def _parse_yaml(text: str, source: str) -> Any:
     import yaml
     try:
         return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except YamlExpansionError as exc:
+        raise TrainerError("InvalidConfig", {
+            "field": None, "value": None, "path": source, "problem": str(exc),
+            "expected": f"at most {YAML_MAX_NODES} YAML nodes and {YAML_MAX_CHARS} characters with every alias "
+                        "(*name) expanded, and no anchor used inside itself",
+            "suggestion": f"write the values out in {source} instead of nesting aliases; a training config needs "
+                          "only a few hundred nodes"}) from None
+    except RecursionError:
+        raise TrainerError("InvalidConfig", {
+            "field": None, "value": None, "path": source, "expected": "YAML nested a few levels deep",
+            "problem": "nested too deeply to read", "suggestion": f"flatten the nesting in {source}"}) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
@@ -572,6 +762,7 @@ class ValidationResult:
     data: dict = field(default_factory=dict)  # split -> {"path", "samples", "shape"}
     checkpoint: dict = field(default_factory=dict)  # config.json of the base checkpoint, where readable
     memory: dict = field(default_factory=dict)  # estimate_memory + what is available
+    disk: dict = field(default_factory=dict)  # check_disk: free space on the output filesystem vs the checkpoints
 
     @property
     def ok(self) -> bool:
@@ -726,6 +917,14 @@ def _field_rules(config: TrainingConfig, res: ValidationResult) -> None:
                                f"{flags} (training.hyperparameters has fp16={hp.fp16}, bf16={hp.bf16})",
                                f"set compute.mixed_precision: {flags}, or change the fp16/bf16 flags to match"))
 
+    # inf/nan is never a setting (`grad_norm_limit: .inf` would switch a guard off unseen, and JSON cannot hold it):
+    # every number of the config must be finite, whether or not its section is enabled
+    reported = {e["details"].get("field") for e in res.errors}
+    for dotted, value in _flatten(config.to_dict()).items():
+        if isinstance(value, float) and not math.isfinite(value) and dotted not in reported:
+            err(config_problem(dotted, value, "a finite number",
+                               f"set {dotted.rsplit('.', 1)[-1]} to a finite number (inf and nan are not settings)"))
+
 
 def _writable_dir_problem(dotted: str, value: str) -> Optional[dict]:
     """The directory exists and is writable, or can be created."""
@@ -833,6 +1032,11 @@ def scan_jsonl(path: Path, split: str, forced: str, how: str) -> tuple[dict, lis
             if not raw.strip():
                 continue
             snippet = raw[:120].decode("utf-8", "replace").rstrip()
+            if line_no > 1 and raw.startswith(b"\xef\xbb\xbf"):  # line 1's BOM is read past (utf-8-sig) everywhere
+                problems.append((line_no, snippet, "a UTF-8 byte order mark (BOM) starts this line; only the start "
+                                 "of a file may have one (files concatenated?)", "remove the 3 bytes EF BB BF at the "
+                                 "start of this line"))
+                continue
             try:
                 record = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -968,22 +1172,44 @@ def total_optimizer_steps(config: TrainingConfig, train_samples: int) -> int:
     return max(1, math.ceil(per_epoch * hp.num_epochs))
 
 
+def train_rows(stats: dict) -> int:
+    """What one epoch iterates over: the packed rows under data.packing, else the records."""
+    return stats["packed_rows"] if "packed_rows" in stats else stats["samples"]
+
+
 def _schedule_rules(config: TrainingConfig, res: ValidationResult) -> None:
-    """Rules that need the sample count: warmup near 10% of total steps."""
+    """Rules that need the sample count: warmup near 10% of total steps. Under data.packing the steps come from
+    the packed row count, known only once the train split is tokenized: _packing_rules calls this again then."""
     inputs = {"training.hyperparameters.batch_size", "training.hyperparameters.gradient_accumulation_steps",
-              "training.hyperparameters.num_epochs", "data.train_path", "data.format"}
+              "training.hyperparameters.num_epochs", "data.train_path", "data.format", "data.max_seq_length"}
     if "train" not in res.data or any(e["details"].get("field") in inputs for e in res.errors):
         return  # the step count would be computed from a value already reported as wrong
-    total = total_optimizer_steps(config, res.data["train"]["samples"])
+    if config.data.packing and "packed_rows" not in res.data["train"]:
+        return
+    total = total_optimizer_steps(config, train_rows(res.data["train"]))
+    of = (f"the {total} total optimizer steps"
+          + (f" ({res.data['train']['packed_rows']} packed rows of {config.data.max_seq_length} tokens from "
+             f"{res.data['train']['samples']} records)" if config.data.packing else ""))
     ten = max(1, round(0.1 * total))
     warmup = config.training.hyperparameters.warmup_steps
     if warmup >= total:
-        res.errors.append(config_problem("training.hyperparameters.warmup_steps", warmup,
-                                         f"fewer than the {total} total optimizer steps",
+        res.errors.append(config_problem("training.hyperparameters.warmup_steps", warmup, f"fewer than {of}",
                                          f"set warmup_steps: {ten} (10% of {total} steps)"))
     elif not ten / 2 <= warmup <= ten * 2:
-        res.warnings.append(f"training.hyperparameters.warmup_steps={warmup} is far from 10% of the {total} total "
-                            f"optimizer steps ({ten}); consider warmup_steps: {ten}")
+        res.warnings.append(f"training.hyperparameters.warmup_steps={warmup} is far from 10% of {of} ({ten}); "
+                            f"consider warmup_steps: {ten}")
+
+
+def _packing_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    """data.packing: pack the train split as training will (same tokenization, through the datasets cache that
+    load_splits then hits, same pack_rows), so the warmup rule and the planned step count see the packed rows."""
+    if not config.data.packing or "train" not in res.data:
+        return
+    tokenizer = load_tokenizer(config)
+    tok = _tokenize_split(_raw_splits(config)["train"], config, tokenizer, res.data["train"]["shape"], "train")
+    lengths = [len(ids) for ids, n in zip(tok["input_ids"], tok["answer_tokens"]) if n > 0]
+    res.data["train"]["packed_rows"] = len(pack_rows(lengths, config.data.max_seq_length))
+    _schedule_rules(config, res)
 
 
 def _chat_template_rules(config: TrainingConfig, res: ValidationResult) -> None:
@@ -1043,21 +1269,57 @@ def _device_rules(config: TrainingConfig, res: ValidationResult) -> None:
                                          "and compute.mixed_precision: no (or bf16)"))
 
 
-def validate_config(config: TrainingConfig, check_device: bool = True) -> ValidationResult:
-    """Every preflight check; cheap ones first. Torch is imported only once the rest has passed."""
+# Optional packages: a feature's key -> (module, install command). Only what the config turns on is required,
+# and nothing here is imported before it is used.
+OPTIONAL_PACKAGES = (
+    ("logging.mlflow.enabled", lambda c: c.logging.mlflow.enabled, "mlflow", "pip install -r requirements-mlflow.txt"),
+    ("logging.wandb.enabled", lambda c: c.logging.wandb.enabled, "wandb", "pip install wandb"),
+    ("logging.tensorboard.enabled", lambda c: c.logging.tensorboard.enabled, "tensorboard", "pip install tensorboard"),
+    ("model.lora.enabled", lambda c: c.model.lora.enabled, "peft", "pip install peft"),
+)
+
+
+def package_missing(module: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):  # a broken or hidden install counts as missing
+        return True
+
+
+def _package_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    """A tracker or feature turned on whose package is not installed: exit 2 now, naming the key and the
+    install command, not an ImportError after the model has loaded."""
+    for key, enabled, module, install in OPTIONAL_PACKAGES:
+        if enabled(config) and package_missing(module):
+            res.errors.append(config_problem(key, True, f"the `{module}` package installed",
+                                             f"`{install}`, or set {key}: false"))
+
+
+def validate_config(config: TrainingConfig, check_device: bool = True, resuming: bool = False) -> ValidationResult:
+    """Every preflight check; cheap ones first. Torch is imported only once the rest has passed.
+    `resuming`: the disk check asks room for one more checkpoint instead of two."""
     res = ValidationResult(warnings=list(config.warnings))
     _field_rules(config, res)
     _output_rules(config, res)
     _data_rules(config, res)
     _checkpoint_rules(config, res)
     _schedule_rules(config, res)
+    _package_rules(config, res)
     if check_device and not res.errors:
         _chat_template_rules(config, res)
+    if check_device and not res.errors:
+        _packing_rules(config, res)
     if check_device and not res.errors:
         _device_rules(config, res)
     if check_device and not res.errors and res.checkpoint:
         try:
             res.memory = check_memory(config, res.checkpoint, res)
+        except TrainerError as exc:
+            res.errors.extend(exc.errors)
+    if not res.errors and res.checkpoint:
+        try:
+            res.disk = check_disk(config, res.checkpoint, res, res.memory.get("parameters"), resuming=resuming)
         except TrainerError as exc:
             res.errors.extend(exc.errors)
     return res
@@ -1151,30 +1413,44 @@ def _tokenize_batch(batch: dict, tokenizer, shape: str, max_seq_length: int, tra
     return {k: [r[k] for r in rows] for k in rows[0]}
 
 
+def _raw_splits(config: TrainingConfig):
+    """The three JSONL files as one DatasetDict (always all three: the cache fingerprint depends on it)."""
+    from datasets import load_dataset
+    files = {split: str(data_path(config, f"{split}_path")) for split in ("train", "valid", "test")}
+    return load_dataset("json", data_files=files)
+
+
+def _tokenize_split(ds, config: TrainingConfig, tokenizer, shape: str, split: str):
+    """datasets.map over tokenize_record: preflight (_packing_rules) and load_splits make the same call, so the
+    second one is a cache hit."""
+    return ds.map(_tokenize_batch, batched=True, remove_columns=ds.column_names,
+                  fn_kwargs={"tokenizer": tokenizer, "shape": shape, "max_seq_length": config.data.max_seq_length,
+                             "train_on_prompt": config.data.train_on_prompt},
+                  desc=f"tokenizing {split}")
+
+
 def load_splits(config: TrainingConfig, tokenizer, shapes: dict, limit: Optional[int] = None) -> tuple[dict, dict]:
     """Tokenized train/valid/test datasets plus per-split stats (samples, truncated, dropped, tokens).
     Tokenization goes through datasets.map, so a second run with the same data and tokenizer is a cache hit."""
-    from datasets import load_dataset
-    files = {split: str(data_path(config, f"{split}_path")) for split in ("train", "valid", "test")}
-    raw = load_dataset("json", data_files=files)
+    raw = _raw_splits(config)
     out, stats = {}, {}
+    files = {split: str(data_path(config, f"{split}_path")) for split in ("train", "valid", "test")}
     for split, ds in raw.items():
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
-        tok = ds.map(_tokenize_batch, batched=True, remove_columns=ds.column_names,
-                     fn_kwargs={"tokenizer": tokenizer, "shape": shapes[split],
-                                "max_seq_length": config.data.max_seq_length,
-                                "train_on_prompt": config.data.train_on_prompt},
-                     desc=f"tokenizing {split}")
+        tok = _tokenize_split(ds, config, tokenizer, shapes[split], split)
         truncated = int(sum(tok["truncated"]))
         # A record whose answer was cut off entirely has nothing to learn from; a batch made only of such
         # records would give a 0/0 loss, so they are dropped (and counted).
         kept = tok.filter(lambda n: [x > 0 for x in n], input_columns="answer_tokens", batched=True,
                           desc=f"dropping {split} records with no answer tokens")
+        lengths = [len(x) for x in kept["input_ids"]]
         stats[split] = {"records": len(ds), "samples": len(kept), "truncated": truncated,
                         "dropped_no_answer_tokens": len(tok) - len(kept),
-                        "tokens": int(sum(len(x) for x in kept["input_ids"])),
-                        "answer_tokens": int(sum(kept["answer_tokens"]))}
+                        "tokens": int(sum(lengths)),
+                        "answer_tokens": int(sum(kept["answer_tokens"])),
+                        # the record length an average token attends over (sum n^2 / sum n): MFU's attention term
+                        "attended_length": round(sum(n * n for n in lengths) / max(1, sum(lengths)), 2)}
         if len(kept) == 0:
             raise TrainerError("EmptyDataset", {
                 "field": f"data.{split}_path", "path": files[split], "line_count": len(ds),
@@ -1196,15 +1472,10 @@ def load_splits(config: TrainingConfig, tokenizer, shapes: dict, limit: Optional
     return out, stats
 
 
-def pack_dataset(ds, max_seq_length: int):
-    """Best-fit-decreasing packing of tokenized records into rows of at most max_seq_length tokens.
-    position_ids restart at 0 for every record; with no attention_mask, transformers builds a block-diagonal
-    causal mask from them (sdpa, eager and flash-attention 2), so no token attends across records. The first
-    label of every record is masked: nothing is predicted across a record boundary."""
+def pack_rows(lengths: list[int], max_seq_length: int) -> list[list[int]]:
+    """Best-fit-decreasing: the record indices of each row of at most max_seq_length tokens. Used by
+    pack_dataset and by preflight (_packing_rules), so the planned step count is the trained one."""
     import bisect
-
-    from datasets import Dataset
-    lengths = [len(x) for x in ds["input_ids"]]
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (remaining capacity, row index), sorted
@@ -1218,6 +1489,18 @@ def pack_dataset(ds, max_seq_length: int):
         rows[r].append(i)
         if cap - lengths[i] > 0:
             bisect.insort(free, (cap - lengths[i], r))
+    return rows
+
+
+def pack_dataset(ds, max_seq_length: int):
+    """Best-fit-decreasing packing of tokenized records into rows of at most max_seq_length tokens.
+    position_ids restart at 0 for every record and no attention_mask is passed: sdpa and eager get a
+    block-diagonal causal mask built from them per row, and flash-attention 2 gets each micro-batch flattened into
+    one row (PadToLongestCollator(flatten=True)), the only form it runs as varlen. No token attends across
+    records. The first label of every record is masked: nothing is predicted across a record boundary."""
+    from datasets import Dataset
+    lengths = [len(x) for x in ds["input_ids"]]
+    rows = pack_rows(lengths, max_seq_length)
     ids, labels = ds["input_ids"], ds["labels"]
     packed = {"input_ids": [], "labels": [], "position_ids": []}
     for row in rows:
@@ -1228,15 +1511,23 @@ def pack_dataset(ds, max_seq_length: int):
 
 
 class PadToLongestCollator:
-    """Pads a batch to its longest record (never to max_seq_length); labels are padded with IGNORE_INDEX."""
+    """Pads a batch to its longest record (never to max_seq_length); labels are padded with IGNORE_INDEX.
+    flatten=True (flash-attention 2, see collator_for): packed rows are concatenated into one row of batch size 1
+    with their position_ids, no padding, as transformers' DataCollatorWithFlattening does; flash-attention runs
+    varlen only on such a batch (_is_packed_sequence needs batch size 1), a batch of several packed rows would get
+    plain causal attention across records. Unpacked features (evaluation) are padded as usual."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, flatten: bool = False):
         self.pad_token_id = pad_token_id
+        self.flatten = flatten
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
         width = max(len(f["input_ids"]) for f in features)
         packed = "position_ids" in features[0]
+        if packed and self.flatten:
+            return {k: torch.tensor([[x for f in features for x in f[k]]], dtype=torch.long)
+                    for k in ("input_ids", "labels", "position_ids")}
         batch: dict = {"input_ids": [], "labels": [], ("position_ids" if packed else "attention_mask"): []}
         for f in features:
             pad = width - len(f["input_ids"])
@@ -1265,6 +1556,19 @@ def attention_implementation(config: TrainingConfig) -> str:
         log.warning("flash_attention_2 needs CUDA: using sdpa on %s", config.compute.device)
         return "sdpa"
     return "flash_attention_2"
+
+
+# Every attn_implementation attention_implementation can return. Packed rows keep records apart under each:
+# sdpa builds a block-diagonal causal mask per row from position_ids (masking_utils.find_packed_sequence_indices),
+# flash-attention 2 needs the micro-batch flattened into one row (FLATTEN_PACKED). flex_attention and eager are
+# never selected (eager would work like sdpa; flex_attention too, its document mask comes from the same code).
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")
+FLATTEN_PACKED = ("flash_attention_2",)  # implementations that run varlen only on one flattened row
+
+
+def collator_for(attn: Optional[str], pad_token_id: int) -> "PadToLongestCollator":
+    """The training collator for a model loaded with `attn` (model.config._attn_implementation)."""
+    return PadToLongestCollator(pad_token_id, flatten=attn in FLATTEN_PACKED)
 
 
 def load_tokenizer(config: TrainingConfig):
@@ -1462,6 +1766,80 @@ def check_memory(config: TrainingConfig, ckpt_cfg: dict, validation: ValidationR
     return est
 
 
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "adafactor": 4, "sgd": 0}  # per trainable parameter, fp32
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+
+
+def estimate_checkpoint_bytes(config: TrainingConfig, ckpt_cfg: dict, n_params: int) -> dict:
+    """Bytes one checkpoint takes on disk: the weights as saved (fp32, 4 B per parameter; the adapter only under
+    LoRA), the optimizer states (AdamW: two fp32 moments per trainable parameter), the base checkpoint's tokenizer
+    and config files (20 MiB assumed for a Hub id), and 1 MiB for scheduler, RNG and trainer state."""
+    trainable = estimate_memory(config, ckpt_cfg, n_params)["trainable_parameters"]
+    weights = 4 * (trainable if config.model.lora.enabled else n_params)
+    optimizer = trainable * OPTIMIZER_STATE_BYTES.get(config.training.optimization.optimizer, 8)
+    ref = config.resolved_paths.get("model.base_checkpoint")
+    if ref and Path(ref["path"]).is_dir():
+        extra = sum(f.stat().st_size for f in Path(ref["path"]).iterdir()
+                    if f.is_file() and not f.name.endswith(WEIGHT_FILE_SUFFIXES))
+    else:
+        extra = 20 * 2**20
+    total = int(weights + optimizer + extra + 2**20)
+    return {"weights_bytes": int(weights), "optimizer_bytes": int(optimizer), "other_bytes": int(extra + 2**20),
+            "total_bytes": total}
+
+
+def check_disk(config: TrainingConfig, ckpt_cfg: dict, validation: ValidationResult, n_params: Optional[int] = None,
+               resuming: bool = False) -> dict:
+    """Free space on the output filesystem (shutil.disk_usage) against what the checkpoints need. The full need:
+    the checkpoints retention keeps (save_total_limit newest, at least latest + backup, plus the best), the save
+    under way before retention deletes the oldest, and the merged model under LoRA merge_at_end: a warning below it.
+    Below two checkpoints (one when resuming: the run's own checkpoints are recycled) the run could not get past
+    its second save: InsufficientDisk, exit 2, before any GPU time is spent."""
+    if n_params is None:
+        ref = config.resolved_paths.get("model.base_checkpoint")
+        n_params = count_parameters(Path(ref["path"]) if ref else None, ckpt_cfg)
+    one = estimate_checkpoint_bytes(config, ckpt_cfg, n_params)["total_bytes"]
+    kept = max(config.training.checkpointing.save_total_limit, 2) + 1
+    need = one * (kept + 1)
+    lo = config.model.lora
+    if lo.enabled and lo.merge_at_end:
+        need += 4 * n_params
+    minimum = one * (1 if resuming else 2)
+    probe = Path(config.logging.output_dir).expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return {}
+    gb, h = (lambda b: round(b / 2**30, 3)), _human_bytes  # noqa: E731
+    out = {"path": str(probe), "free_bytes": free, "checkpoint_bytes": one, "needed_bytes": need,
+           "minimum_bytes": minimum, "free_gb": gb(free), "checkpoint_gb": gb(one), "needed_gb": gb(need)}
+    if free < minimum:
+        raise TrainerError("InsufficientDisk", {
+            "field": "logging.output_dir", "value": config.logging.output_dir,
+            "expected": f"a filesystem with at least {h(minimum)} free", **out,
+            "suggestion": f"{h(free)} free on the filesystem of {probe}, but one checkpoint takes about {h(one)} and "
+                          f"the run needs room for {1 if resuming else 2} at least ({h(need)} for all it keeps): free "
+                          "space there, or set logging.output_dir (--output-dir) to a larger disk"})
+    if free < need:
+        validation.warnings.append(
+            f"logging.output_dir: {h(free)} free on the filesystem of {probe}, less than the {h(need)} the "
+            f"checkpoints may take ({kept} kept + 1 being saved, about {h(one)} each"
+            + (", plus the merged model" if lo.enabled and lo.merge_at_end else "")
+            + "): the run may stop with DiskFull; lower training.checkpointing.save_total_limit or free space")
+    return out
+
+
+def _human_bytes(n: float) -> str:
+    """1536 -> `1.5 KiB`, 3.2e9 -> `3.0 GiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def measure_training_memory(model, optimizer, batch: dict) -> dict:
     """What the estimate predicts, measured: bytes of weights, grads and optimizer states held now, and of
     the tensors autograd saves for backward on `batch` (storage-deduplicated), plus the logits."""
@@ -1502,6 +1880,7 @@ class Tracker:
     mlflow_client: Any = None
     mlflow_run_id: Optional[str] = None
     is_main: bool = True
+    echo: bool = True  # False: metrics go to the files only (the dry run before training prints one line)
 
     @property
     def train_curve(self) -> Path:
@@ -1533,7 +1912,7 @@ class Tracker:
 
 def make_run_id(config: TrainingConfig) -> str:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y_%m_%d_%H%M%S")
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.data.dataset_name) or "run"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.data.dataset_name)[:MAX_RUN_ID_LENGTH - 20] or "run"
     return f"{name}_{stamp}"
 
 
@@ -1574,10 +1953,14 @@ def init_tracking(config: TrainingConfig, run_id: Optional[str] = None, resume: 
         import wandb
         wandb_dir = paths["run_dir"]  # W&B files live with the run, not in the working directory
         wandb_dir.mkdir(parents=True, exist_ok=True)
-        tracker.wandb_run = wandb.init(
-            project=wb.project, entity=wb.entity, tags=list(wb.tags), name=run_id, id=run_id,
-            resume="allow", dir=str(wandb_dir), config=config.to_dict(),
-            settings=wandb.Settings(console="off", silent=True))
+        argv, sys.argv = sys.argv, redact(sys.argv)  # W&B records sys.argv in the run's metadata: redacted there too
+        try:
+            tracker.wandb_run = wandb.init(
+                project=wb.project, entity=wb.entity, tags=list(wb.tags), name=run_id, id=run_id,
+                resume="allow", dir=str(wandb_dir), config=redact(config.to_dict()),
+                settings=wandb.Settings(console="off", silent=True))
+        finally:
+            sys.argv = argv
     if config.logging.mlflow.enabled:
         _init_mlflow(tracker, config, run_id, resume)
     return tracker
@@ -1600,29 +1983,53 @@ def _init_mlflow(tracker: Tracker, config: TrainingConfig, run_id: str, resume: 
     exp = client.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp else client.create_experiment(
         name, artifact_location=(out_dir / "mlartifacts").as_uri())
-    found = client.search_runs([exp_id], filter_string=f"tags.run_id = '{run_id}'", max_results=1)
+    # newest first: a run id started over (--force) has a new MLflow run, and its resumes continue that one
+    found = client.search_runs([exp_id], filter_string=f"tags.run_id = '{run_id}'", max_results=1,
+                               order_by=["attributes.start_time DESC"]) if resume else []
     if found:
         tracker.mlflow_run_id = found[0].info.run_id
         client.update_run(tracker.mlflow_run_id, status="RUNNING")
     else:
-        tags = {"run_id": run_id, "dataset": config.data.dataset_name,
-                "dataset_version": config.data.dataset_version, "base_model": config.model.base_checkpoint,
-                **{f"tag.{t}": "true" for t in config.logging.wandb.tags}}
+        tags = redact({"run_id": run_id, "dataset": config.data.dataset_name,
+                       "dataset_version": config.data.dataset_version, "base_model": config.model.base_checkpoint,
+                       **{f"tag.{t}": "true" for t in config.logging.wandb.tags}})
         run = client.create_run(exp_id, run_name=run_id, tags=tags)
         tracker.mlflow_run_id = run.info.run_id
-        params = [Param(k, str(v)[:6000]) for k, v in _flatten(config.to_dict()).items()]
+        params = [Param(k, str(v)[:6000]) for k, v in _flatten(redact(config.to_dict())).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             client.log_batch(tracker.mlflow_run_id, params=params[i:i + 100])
     tracker.mlflow_client = client
 
 
-def format_metrics(step: int, metrics: dict, max_steps: Optional[int] = None) -> str:
-    parts = [f"step {step}" + (f"/{max_steps}" if max_steps else "")]
-    for key, value in metrics.items():
-        if isinstance(value, float):
-            parts.append(f"{key} {value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{key} {value:.4f}")
-        else:
-            parts.append(f"{key} {value}")
+def format_duration(seconds: float) -> str:
+    """1h02m, 1m40s, 9s."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def format_value(key: str, value: Any) -> str:
+    """One format per metric, whatever its size: 4 significant digits for losses, perplexity, norms and learning
+    rates; 4 decimals for rates in [0, 1]; k/M for throughput; 2 decimals for the epoch."""
+    if not isinstance(value, float) or not math.isfinite(value):
+        return str(value)
+    if key == "epoch":
+        return f"{value:.2f}"
+    if key.endswith("per_second"):
+        return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.1f}k" if value >= 1e3 else f"{value:.0f}"
+    if key.endswith(("accuracy", "exact_match")):
+        return f"{value:.4f}"
+    if key.endswith("seconds"):
+        return format_duration(value)
+    return f"{value:.4g}"
+
+
+def format_metrics(step: int, metrics: dict, max_steps: Optional[int] = None,
+                   eta_seconds: Optional[float] = None) -> str:
+    """`step 150/450 (33%) | epoch 1.00 | train_loss 1.078 | ... | eta 1m40s`."""
+    head = f"step {step}" + (f"/{max_steps} ({100 * step // max_steps}%)" if max_steps else "")
+    parts = [head] + [f"{key} {format_value(key, value)}" for key, value in metrics.items()]
+    if eta_seconds is not None:
+        parts.append(f"eta {format_duration(eta_seconds)}")
     return " | ".join(parts)
 
 
@@ -1635,11 +2042,13 @@ def format_epoch_line(epoch: int, total: Any, val_loss: Optional[float], val_per
             + (" (best)" if best else ""))
 
 
-def log_metrics(tracker: Tracker, step: int, metrics: dict, max_steps: Optional[int] = None) -> None:
+def log_metrics(tracker: Tracker, step: int, metrics: dict, max_steps: Optional[int] = None,
+                eta_seconds: Optional[float] = None) -> None:
     """Log one metrics dict everywhere: console + train.log, CSV curves, TensorBoard, W&B."""
     if not tracker.is_main:
         return
-    log.info(format_metrics(step, metrics, max_steps))
+    if tracker.echo:
+        log.info(format_metrics(step, metrics, max_steps, eta_seconds))
     epoch = metrics.get("epoch", "")
     for key, path in (("train_loss", tracker.train_curve), ("val_loss", tracker.val_curve)):
         if key in metrics:
@@ -1679,6 +2088,22 @@ def _callback_base():
     return TrainerCallback
 
 
+def epoch_at_step(step: int, state, args, train_dataloader=None) -> float:
+    """The epoch Trainer records when optimizer step `step` (1-based) ends: whole epochs done + micro-batches done
+    in this epoch / micro-batches per epoch (the last step of an epoch takes the remainder), the same float as
+    Trainer's `epoch + (step + 1) / steps_in_epoch`. Without the dataloader's length: step x epochs / max_steps."""
+    try:
+        per_epoch = len(train_dataloader)  # micro-batches per epoch on this rank
+    except TypeError:
+        per_epoch = 0
+    if not per_epoch:
+        return step * state.num_train_epochs / state.max_steps if state.max_steps else (state.epoch or 0.0)
+    accumulation = args.gradient_accumulation_steps
+    updates = max(1, math.ceil(per_epoch / accumulation))
+    done, k = divmod(step - 1, updates)
+    return done + min((k + 1) * accumulation, per_epoch) / per_epoch
+
+
 def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistory", probe: "StepProbe",
                    dry_run: bool, status_dir: Optional[Path] = None) -> list:
     """Build the callback instances (the classes subclass TrainerCallback, imported lazily)."""
@@ -1693,12 +2118,20 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
             self.latest: dict = {}
 
         def on_train_begin(self, args, state, control, **kw):
-            self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
+            self.last_time, self.last_tokens = history.training_seconds, state.num_input_tokens_seen
             self.start_time, self.start_step = time.time(), state.global_step
             history.start_tokens = state.num_input_tokens_seen
 
-        def on_save(self, args, state, control, **kw):
-            history.checkpoints_saved += 1
+        # checkpoints_saved is counted by _train's after_save, before the manifest that follows each save is written
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.step_start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            # training time = inside optimizer steps; evaluations, saves and logging come after on_step_end
+            if getattr(self, "step_start", None) is not None:
+                history.training_seconds += time.perf_counter() - self.step_start
+                self.step_start = None
 
         def on_epoch_begin(self, args, state, control, **kw):
             self.epoch_start = time.time()
@@ -1707,12 +2140,16 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
             if self.epoch_start is not None:
                 history.epoch_seconds.append(round(time.time() - self.epoch_start, 3))
 
+        def eta(self, state) -> tuple[float, Optional[float]]:
+            """(elapsed seconds in this process, estimated seconds left) from this process's pace."""
+            elapsed = time.time() - self.start_time
+            done = state.global_step - self.start_step
+            return elapsed, (elapsed / done * (state.max_steps - state.global_step) if done > 0 else None)
+
         def write_status(self, state, status: str = "running") -> None:
             if status_dir is None or not tracker.is_main:
                 return
-            elapsed = time.time() - self.start_time
-            done = state.global_step - self.start_step
-            eta = elapsed / done * (state.max_steps - state.global_step) if done > 0 else None
+            elapsed, eta = self.eta(state)
             write_status(status_dir, {"run_id": tracker.run_id, "status": status, "step": state.global_step,
                                       "max_steps": state.max_steps, "epoch": round(state.epoch or 0.0, 4),
                                       "elapsed_seconds": round(elapsed, 1),
@@ -1732,13 +2169,14 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
                 util = _gpu_utilization()
                 if util is not None:
                     history.gpu_utilization.append(util)
-                now = time.perf_counter()
+                now = history.training_seconds  # time in optimizer steps: evaluations and saves left out
                 tokens = state.num_input_tokens_seen
                 if self.last_time is not None and now > self.last_time and tokens >= self.last_tokens:
                     metrics["tokens_per_second"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
                 self.last_time, self.last_tokens = now, tokens
             history.record(state.global_step, metrics)
-            log_metrics(tracker, state.global_step, metrics, state.max_steps)
+            log_metrics(tracker, state.global_step, metrics, state.max_steps,
+                        eta_seconds=self.eta(state)[1] if "train_loss" in metrics else None)
             self.latest.update({k: _json_float(metrics[k]) for k in ("train_loss", "val_loss", "tokens_per_second")
                                 if k in metrics})
             self.write_status(state)
@@ -1831,9 +2269,12 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
 
     g = config.training.guards
 
-    def record_anomaly(kind: str, state, stop: bool, step: Optional[int] = None, **details) -> None:
+    def record_anomaly(kind: str, state, stop: bool, step: Optional[int] = None, epoch: Optional[float] = None,
+                       **details) -> None:
+        """`step` and `epoch` default to the state's (the step that just ended); a guard acting inside the step
+        under way passes both for that step (epoch_at_step)."""
         event = {"kind": kind, "step": state.global_step if step is None else step,
-                 "epoch": round(state.epoch or 0.0, 4),
+                 "epoch": round(state.epoch or 0.0, 4) if epoch is None else round(epoch, 4),
                  "action": "stopped" if stop else "warned", **details}
         history.anomalies.append(event)
         if stop and history.stop is None:
@@ -1853,6 +2294,9 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
             norm = probe.grad_norm
             loss = float(probe.loss_sum) if probe.loss_sum is not None else None
             reason = None
+            # the step under way, and its epoch (state.epoch still holds the previous step's until it ends)
+            at = {"step": state.global_step + 1,
+                  "epoch": epoch_at_step(state.global_step + 1, state, args, kw.get("train_dataloader"))}
             if loss is not None and not math.isfinite(loss):
                 reason = "loss is NaN/inf"
             elif norm is not None and not math.isfinite(norm) and config.compute.mixed_precision == "fp16":
@@ -1862,7 +2306,7 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
                 if self.fp16_overflows >= FP16_MAX_OVERFLOWS:
                     reason = f"{self.fp16_overflows} consecutive fp16 gradient overflows (loss scaler cannot recover)"
                 elif self.fp16_overflows == 1:
-                    record_anomaly("fp16_overflow", state, stop=False, step=state.global_step + 1,
+                    record_anomaly("fp16_overflow", state, stop=False, **at,
                                    reason="fp16 gradient overflow: the loss scaler skips the step and lowers its scale")
             elif norm is not None and not math.isfinite(norm):
                 reason = "gradient norm is NaN/inf"
@@ -1875,7 +2319,7 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
                     p.grad = None
                 control.should_training_stop = True
                 record_anomaly("nonfinite" if "NaN" in reason else "grad_explosion", state, stop=True,
-                               step=state.global_step + 1, reason=reason, train_loss=_json_float(loss), grad_norm=_json_float(norm),
+                               **at, reason=reason, train_loss=_json_float(loss), grad_norm=_json_float(norm),
                                update_skipped=True)
             if norm is not None and math.isfinite(norm):
                 self.fp16_overflows = 0
@@ -2061,6 +2505,11 @@ class RunHistory:
     start_tokens: int = 0  # tokens seen before this process started (resume)
     gpu_utilization: list = field(default_factory=list)  # % samples taken at log steps
     checkpoints_saved: int = 0
+    # this process's train() time, split: inside optimizer steps (on_step_begin..on_step_end), in evaluations
+    # during training, in checkpoint saves (with the manifest written after each)
+    training_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    save_seconds: float = 0.0
     stop: Optional[dict] = None  # the anomaly that stopped the run
     preempted: Optional[dict] = None  # {"signal", "step", "epoch"} when SIGTERM/SIGUSR1 stopped it
 
@@ -2116,6 +2565,8 @@ def compute_metrics(eval_pred) -> dict:
 # Test hooks (documented in the README): make one optimizer step see a NaN loss or an exploding gradient norm,
 # so the guards can be tested deterministically. Unset in normal use.
 _NAN_HOOK = os.environ.get("FINANCE_TRAINER_INJECT_NAN_AT_STEP", "")  # "STEP" or "STEP:RANK" (one rank only)
+_NAN_IN_DRY_RUN = _NAN_HOOK.startswith("dry:")  # "dry:STEP": step STEP of the dry run, not of the training run
+_NAN_HOOK = _NAN_HOOK.removeprefix("dry:")
 _INJECT_NAN_AT_STEP = int(_NAN_HOOK.split(":")[0]) if _NAN_HOOK and (
     ":" not in _NAN_HOOK or _NAN_HOOK.split(":")[1] == os.environ.get("RANK", "0")) else None
 _INJECT_GRAD_SCALE_AT_STEP = tuple(float(x) for x in os.environ["FINANCE_TRAINER_INJECT_GRAD_SCALE"].split(":")) \
@@ -2148,6 +2599,10 @@ def _trainer_class():
         run_config: TrainingConfig
         run_id: str
         checkpoint_records: dict  # name -> meta
+        # The test hooks act on the training run's steps, never on a dry run's: the dry run before training would
+        # otherwise take the NaN or the signal meant for step N of the run (the NaN hook's `dry:N` form is the one
+        # meant for the dry run).
+        dry_run = False
 
         def evaluation_loop(self, *args, **kwargs):
             out = super().evaluation_loop(*args, **kwargs)
@@ -2162,8 +2617,21 @@ def _trainer_class():
                 self.last_eval = (self.state.global_step, {k.replace("eval_", "val_"): v for k, v in m.items()})
             return out
 
+        def evaluate(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:  # evaluations inside train() (the test evaluation after it is not training wall time)
+                if self.is_in_train and getattr(self, "history", None) is not None:
+                    self.history.eval_seconds += time.perf_counter() - t0
+
         def _save_checkpoint(self, model, trial):
-            save_checkpoint(self)
+            t0 = time.perf_counter()
+            try:
+                save_checkpoint(self)
+            finally:
+                if getattr(self, "history", None) is not None:
+                    self.history.save_seconds += time.perf_counter() - t0
 
         def _load_optimizer_and_scheduler(self, checkpoint):
             super()._load_optimizer_and_scheduler(checkpoint)
@@ -2173,10 +2641,11 @@ def _trainer_class():
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             if _INJECT_SIGNAL is not None and self.state.global_step + 1 == _INJECT_SIGNAL[0] \
-                    and not getattr(self, "_signal_sent", False):
+                    and not self.dry_run and not getattr(self, "_signal_sent", False):
                 self._signal_sent = True  # once, even with gradient accumulation
                 os.kill(os.getpid(), _INJECT_SIGNAL[1])
-            if _INJECT_NAN_AT_STEP is not None and self.state.global_step + 1 == _INJECT_NAN_AT_STEP:
+            if _INJECT_NAN_AT_STEP is not None and self.state.global_step + 1 == _INJECT_NAN_AT_STEP \
+                    and self.dry_run == _NAN_IN_DRY_RUN:
                 loss = _inject_nan(model, loss)
             self.probe.loss_sum = loss if self.probe.loss_sum is None else self.probe.loss_sum + loss
             return loss
@@ -2184,7 +2653,8 @@ def _trainer_class():
         def _clip_grad_norm(self, model):
             norm = super()._clip_grad_norm(model)
             self.probe.grad_norm = float(norm)  # a sync point Trainer pays anyway when it logs the norm
-            if _INJECT_GRAD_SCALE_AT_STEP is not None and self.state.global_step + 1 == _INJECT_GRAD_SCALE_AT_STEP[0]:
+            if _INJECT_GRAD_SCALE_AT_STEP is not None and self.state.global_step + 1 == _INJECT_GRAD_SCALE_AT_STEP[0] \
+                    and not self.dry_run:
                 self.probe.grad_norm *= _INJECT_GRAD_SCALE_AT_STEP[1]
             return norm
 
@@ -2234,16 +2704,49 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+_ENOSPC_STUCK: list = []  # FINANCE_TRAINER_INJECT_ENOSPC=...:sticky: set once the first injected write failed
+
+
+def injected_enospc(path: Any) -> Optional[OSError]:
+    """Test hook FINANCE_TRAINER_INJECT_ENOSPC=SUBSTR[,SUBSTR...][:sticky]: this script's JSON writes and checkpoint
+    saves to a path containing one of the substrings fail with ENOSPC, as on a full disk; with `:sticky` every
+    later write fails too (the disk stays full). Read at each call, so tests can set it with monkeypatch."""
+    hook = os.environ.get("FINANCE_TRAINER_INJECT_ENOSPC", "")
+    if not hook:
+        return None
+    subs, _, mode = hook.partition(":")
+    if _ENOSPC_STUCK or any(s and s in str(path) for s in subs.split(",")):
+        if mode == "sticky":
+            _ENOSPC_STUCK.append(str(path))
+        return OSError(28, os.strerror(28), str(path))
+    return None
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary name in the same folder, fsync, then rename over the target."""
+    """Write JSON to a temporary name in the same folder, fsync, then rename over the target. The text is json_text's:
+    secrets redacted, strict JSON. A failed write (a full disk) removes its temporary file and raises the OSError
+    with the target's path as its filename; the target is left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = json_text(data, indent=2) + "\n"
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            injected = injected_enospc(path)
+            if injected is not None:
+                fh.write(text[:len(text) // 2])  # what a full disk leaves: a partial temporary file
+                raise injected
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and not exc.filename:
+            exc.filename = str(path)
+        raise
 
 
 def verify_weights(ckpt_dir: Path, state_dict: Optional[dict]) -> dict:
@@ -2313,6 +2816,26 @@ def damaged_checkpoint_error(field_: str, value: Any, ckpt_dir: Path, reason: st
 
 
 def save_checkpoint(trainer) -> Path:
+    """_save_checkpoint_atomic, leaving nothing partial behind when it fails: the `.tmp-<name>` dir is removed (on a
+    full disk that also gives the space back for the failed manifest and error.json), and a full disk becomes
+    DiskFull naming the file that failed, the errno and the free space, so no later write can mask it."""
+    try:
+        return _save_checkpoint_atomic(trainer)
+    except Exception as exc:
+        st = trainer.state
+        tmp = Path(trainer.args.output_dir) / f"{TMP_PREFIX}{checkpoint_name(trainer.run_config, st.global_step, st.epoch)}"
+        free = _free_bytes(tmp)
+        if trainer.args.should_save and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        # torch.save reports a short write without an errno ("[enforce fail at inline_container.cc] unexpected
+        # pos ..."): a write that failed with (almost) nothing left on the filesystem is a full disk too
+        nearly_full = free is not None and free < SAVE_FULL_BELOW_BYTES and isinstance(exc, (OSError, RuntimeError))
+        if not isinstance(exc, TrainerError) and (is_disk_full(exc) or nearly_full):
+            raise disk_full_error(exc, tmp, free, getattr(trainer, "run_id", None)) from exc
+        raise
+
+
+def _save_checkpoint_atomic(trainer) -> Path:
     """Trainer._save_checkpoint, made atomic: write into `.tmp-<name>`, verify, write checkpoint_meta.json
     last, then rename. An interrupted save never looks like a checkpoint to list_checkpoints or resume."""
     from transformers.trainer_callback import ExportableState
@@ -2325,6 +2848,9 @@ def save_checkpoint(trainer) -> Path:
     trainer.accelerator.wait_for_everyone()
     trainer.store_flos()
     trainer.save_model(str(tmp), _internal_call=True)
+    injected = injected_enospc(tmp / "model.safetensors") if args.should_save else None
+    if injected is not None:  # test hook: the weights file did not fit
+        raise injected
     if not args.save_only_model:
         trainer._save_optimizer_and_scheduler(str(tmp))
         trainer._save_scaler(str(tmp))
@@ -2454,6 +2980,8 @@ def read_checkpoints(run_dir: Path, verify: bool = False) -> list[dict]:
             except (OSError, json.JSONDecodeError):
                 continue
             meta["path"] = str(d)
+            if isinstance(meta.get("metrics"), dict):  # a NaN/inf metric is stored as a string (strict JSON)
+                meta["metrics"] = {k: _float_from_json(v) for k, v in meta["metrics"].items()}
             if verify and meta.get("health") == "ok":
                 reason = check_checkpoint_integrity(d, meta)
                 if reason:
@@ -2526,7 +3054,8 @@ def list_checkpoints(run_id: str, output_dir: Optional[str] = None) -> list[dict
     latest, and `integrity` says which file and how."""
     run_dir = find_run_dir(run_id, output_dir)
     ckpts = read_checkpoints(run_dir, verify=True)
-    best = _read_json(run_dir / MANIFEST_NAME).get("checkpoints", {}).get("best_checkpoint")
+    recorded = (read_run_record(run_dir / MANIFEST_NAME, DAMAGED_MANIFEST_HINT) or {}).get("checkpoints")
+    best = recorded.get("best_checkpoint") if isinstance(recorded, dict) else None
     healthy = [c["path"] for c in ckpts if c.get("health") == "ok"]
     return [{"name": c["name"], "path": c["path"], "step": c["step"], "epoch": c["epoch"],
              "metrics": c.get("metrics"), "health": c.get("health"), "integrity": c.get("integrity"),
@@ -2682,7 +3211,7 @@ def generate_samples(model, tokenizer, records: list[dict], shape: str, max_new_
 
 def _read_jsonl(path: Path, limit: Optional[int] = None) -> list[dict]:
     out = []
-    with Path(path).open(encoding="utf-8") as fh:
+    with Path(path).open(encoding="utf-8-sig") as fh:  # a UTF-8 BOM at the start of the file is read past
         for line in fh:
             if line.strip():
                 out.append(json.loads(line))
@@ -2726,8 +3255,10 @@ def format_comparison(cmp: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_loss_curves(train_csv: Path, val_csv: Path, best_step: Optional[int], out: Path) -> Path:
-    """loss_curves.png: train and validation loss against step, best checkpoint marked."""
+def plot_loss_curves(train_csv: Path, val_csv: Path, best_step: Optional[int], out: Path,
+                     title: Optional[str] = None) -> Path:
+    """loss_curves.png: train and validation loss against step, best checkpoint marked, titled with the run id
+    and the best checkpoint so a copied PNG still says what it shows."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -2743,6 +3274,8 @@ def plot_loss_curves(train_csv: Path, val_csv: Path, best_step: Optional[int], o
         ax.plot(steps, values, marker="o" if label.startswith("val") else None, markersize=3, label=label)
     if best_step is not None:
         ax.axvline(best_step, color="green", linestyle="--", label=f"best checkpoint (step {best_step})")
+    if title:
+        ax.set_title(title)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean NLL per answer token)")
     ax.legend()
@@ -2759,24 +3292,70 @@ INFERENCE_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "
                    "merges.txt", CHECKPOINT_META, "adapter_config.json")
 
 
+def prepare_for_serving(d: Path) -> list[str]:
+    """Rewrite, as new files in `d` (never through a hard link), the settings that are right for training and wrong
+    for inference; return the names rewritten. config.json: use_cache true (training turns the KV cache off).
+    generation_config.json (made from config.json when missing): the cache on, and pad/eos/bos ids the tokenizer's
+    where unset. tokenizer_config.json: padding_side left, so a batch of prompts of different lengths generates
+    what each prompt generates alone (right padding, right for training, puts pads between prompt and answer)."""
+    from transformers import AutoTokenizer
+    rewritten = []
+
+    def rewrite(name: str, data: dict) -> None:
+        path = d / name
+        if path.is_file() and _read_json(path) == data:
+            return
+        if path.exists():
+            path.unlink()  # a hard link to the checkpoint's file: replace the link, not the bytes behind it
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        rewritten.append(name)
+
+    if (d / "config.json").is_file():
+        config = _read_json(d / "config.json")
+        rewrite("config.json", {**config, "use_cache": True})
+        tok = AutoTokenizer.from_pretrained(str(d))
+        gen = _read_json(d / "generation_config.json") or {
+            k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+        for key, value in (("pad_token_id", tok.pad_token_id), ("eos_token_id", tok.eos_token_id),
+                           ("bos_token_id", tok.bos_token_id)):
+            if gen.get(key) is None and value is not None:
+                gen[key] = value
+        rewrite("generation_config.json", {**gen, **({"use_cache": True} if "use_cache" in gen else {})})
+    if (d / "tokenizer_config.json").is_file():
+        rewrite("tokenizer_config.json", {**_read_json(d / "tokenizer_config.json"), "padding_side": "left"})
+    return rewritten
+
+
 def archive_best(run_dir: Path, best_checkpoint: str, manifest: dict) -> Path:
-    """`<run_dir>/best`: what inference needs from the best checkpoint (hard links where the filesystem allows,
-    so no second full copy), the manifest and SHA256SUMS. Built under a temporary name, then renamed."""
+    """`<run_dir>/best`: what inference needs from the best checkpoint, ready to serve as it is (the inference team
+    loads the dir with plain from_pretrained): prepare_for_serving's settings, files 0644 and dirs 0755 (a service
+    user must read them; safetensors writes its weights 0600), the manifest, and SHA256SUMS of every other file.
+    Unchanged files are hard links where the filesystem allows (no second copy of the weights; a link shares the
+    checkpoint file's inode, so that file becomes 0644 too, its bytes untouched); rewritten ones are new files, so
+    the checkpoint's own files keep the sha256 its checkpoint_meta.json records (check_checkpoint_integrity), and
+    best/'s copy of checkpoint_meta.json records best/'s. Built under a temporary name, then renamed."""
     src, final = Path(best_checkpoint), run_dir / "best"
     tmp = run_dir / f"{TMP_PREFIX}best"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    sums = []
     for pattern in INFERENCE_FILES:
         for f in sorted(src.glob(pattern)):
             try:
                 os.link(f, tmp / f.name)
             except OSError:
                 shutil.copy2(f, tmp / f.name)
-            sums.append(f"{_sha256(f)}  {f.name}")
+    rewritten = prepare_for_serving(tmp)
+    if rewritten and (tmp / CHECKPOINT_META).is_file():
+        meta = _read_json(tmp / CHECKPOINT_META)
+        meta["checksums"] = {**(meta.get("checksums") or {}), **{n: _sha256(tmp / n) for n in rewritten}}
+        meta["rewritten_for_serving"] = rewritten
+        write_json_atomic(tmp / CHECKPOINT_META, meta)  # a new file (rename), never a write through the link
     write_json_atomic(tmp / MANIFEST_NAME, manifest)
-    (tmp / "SHA256SUMS").write_text("\n".join(sums) + "\n")
     (tmp / "SOURCE").write_text(f"{src.name}\n")
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    (tmp / "SHA256SUMS").write_text("".join(f"{_sha256_cached(p)}  {p.relative_to(tmp).as_posix()}\n" for p in files))
+    for p in [tmp, *tmp.rglob("*")]:
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
     if final.exists():
         old = run_dir / f"{TMP_PREFIX}delete-best"
         os.rename(final, old)
@@ -2829,8 +3408,10 @@ def monitor_training(run_id: str, output_dir: Optional[str] = None) -> dict:
     """The state of a run, running or not: status, step/max_steps, epoch, latest losses, tokens/s, elapsed,
     ETA, last checkpoint. A run whose process died without finishing is reported as failed."""
     run_dir = find_run_dir(run_id, output_dir)
-    status = _read_json(run_dir / "status.json")
-    manifest = _read_json(run_dir / MANIFEST_NAME)
+    status = read_run_record(run_dir / "status.json", (
+        "status.json is rewritten (atomically) at every log step: something else damaged it. Remove it to have "
+        "--status report from the manifest, or follow the run's train.log")) or {}
+    manifest = read_run_record(run_dir / MANIFEST_NAME, DAMAGED_MANIFEST_HINT) or {}
     if not status and not manifest:
         raise TrainerError("CheckpointNotFound", {"field": "run", "value": run_id, "path": str(run_dir),
                                                   "suggestion": "no status.json or manifest: is this a run dir?"})
@@ -2843,6 +3424,9 @@ def monitor_training(run_id: str, output_dir: Optional[str] = None) -> dict:
     final = manifest.get("status")
     if final and final != "running":
         out["status"] = final
+        perf = manifest.get("performance") or {}
+        if perf.get("tokens_per_second") is not None:  # the whole run's training throughput
+            out["tokens_per_second"] = perf["tokens_per_second"]
     elif out["status"] == "running" and out["hostname"] == platform.node() and out["pid"] \
             and not _process_alive(int(out["pid"])):
         out["status"] = "failed"
@@ -2984,6 +3568,7 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
             "max_seq_length": config.data.max_seq_length, "warmup_steps": hp.warmup_steps,
             "weight_decay": hp.weight_decay, "max_grad_norm": hp.max_grad_norm,
             "optimizer": config.training.optimization.optimizer,
+            "optimizer_implementation": ctx.optimizer_implementation or optimizer_implementation(config),
             "lr_scheduler": config.training.optimization.lr_scheduler,
             "mixed_precision": config.compute.mixed_precision, "seed": config.training.seed,
             "world_size": world_size(config),
@@ -3016,6 +3601,7 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
         "cost": compute_cost(elapsed, world_size(config) if config.compute.device == "cuda" else 0,
                              ctx.history.checkpoints_saved, ctx.tokens_seen or 0, config.cost),
         "memory_estimate": ctx.validation.memory,
+        "dry_run": ctx.dry_run,
         "lora": ctx.lora,
         "distributed": ctx.distributed,
         "checkpoints": {
@@ -3063,6 +3649,11 @@ def _json_float(value: Any) -> Any:
     return value
 
 
+def _float_from_json(value: Any) -> Any:
+    """_json_float undone: the strings "NaN", "inf", "-inf" read back from a manifest are floats again."""
+    return float(value) if value in ("NaN", "inf", "-inf") else value
+
+
 # --------------------------------------------------------------------------------------------------
 # 12. train_model: validate -> data -> model -> Trainer -> test eval -> manifest
 # --------------------------------------------------------------------------------------------------
@@ -3100,6 +3691,8 @@ class RunContext:
     lora: Optional[dict] = None
     distributed: Optional[dict] = None
     resume_plan: Optional[dict] = None  # hyperparameter changes a resume applies (apply_resume_plan)
+    optimizer_implementation: Optional[str] = None  # the TrainingArguments optim the Trainer ran
+    dry_run: Optional[dict] = None  # the dry run before training: passed (with its report) or skipped, and why
 
 
 @dataclass
@@ -3119,7 +3712,7 @@ def is_main_process() -> bool:
 def _add_file_log(path: Path) -> logging.Handler:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")  # flushed per record, so `tail -f` works
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s"))  # secrets never logged
     log.addHandler(handler)
     return handler
 
@@ -3127,17 +3720,40 @@ def _add_file_log(path: Path) -> logging.Handler:
 def echo_config(config: TrainingConfig) -> None:
     """Never silently change a hyperparameter: print the final config and what differs from defaults."""
     import yaml
-    log.info("resolved config:\n%s", yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
+    # the whole config goes to train.log and the manifest; the console gets what differs from the defaults, as
+    # one block (a WARNING per key buried the warnings that need attention)
+    log.info("resolved config:\n%s", yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip(),
+             extra={"file_only": True})
     if config.overrides:
         log.info("overrides from --set: %s", ", ".join(config.overrides))
-    for line in config_differences_from_defaults(config):
-        log.warning("differs from default: %s", line)
+    diffs = config_differences_from_defaults(config)
+    if diffs:
+        rows = [d.rsplit(" (default ", 1) for d in diffs]
+        width = max(len(r[0]) for r in rows)
+        log.info("%d settings differ from defaults (full config in train.log and the manifest):\n%s", len(diffs),
+                 "\n".join(f"  {r[0]:<{width}}  (default {r[1]}" if len(r) == 2 else f"  {r[0]}" for r in rows))
 
 
 def seed_everything(seed: int) -> None:
     """Python, NumPy, torch and CUDA RNGs; data shuffling uses the same seed through TrainingArguments."""
     from transformers import set_seed
     set_seed(seed)
+
+
+def optimizer_implementation(config: TrainingConfig) -> str:
+    """The TrainingArguments optim that runs `training.optimization.optimizer`. `adamw` takes torch's fused AdamW
+    (one kernel per step instead of a loop over tensors; the same update rule, deterministic, bit-exact on resume)
+    where torch has fused kernels for the device (CUDA, and CPU since torch 2.4), else the for-each AdamW.
+    Recorded in the manifest as hyperparameters.optimizer_implementation."""
+    name = OPTIMIZERS[config.training.optimization.optimizer]
+    if name != "adamw_torch":
+        return name
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        fused = config.compute.device in _get_fused_kernels_supported_devices()
+    except (ImportError, AttributeError):  # a torch without fused AdamW
+        fused = False
+    return "adamw_torch_fused" if fused else name
 
 
 def build_training_args(config: TrainingConfig, run_dir: Path, dry_run: bool, max_steps: Optional[int],
@@ -3158,7 +3774,7 @@ def build_training_args(config: TrainingConfig, run_dir: Path, dry_run: bool, ma
         max_grad_norm=hp.max_grad_norm,
         warmup_steps=hp.warmup_steps,
         lr_scheduler_type=opt.lr_scheduler,
-        optim=OPTIMIZERS[opt.optimizer],
+        optim=optimizer_implementation(config),
         fp16=c.mixed_precision == "fp16",
         bf16=c.mixed_precision == "bf16",
         activation_checkpointing=config.model.gradient_checkpointing,
@@ -3192,14 +3808,16 @@ def build_training_args(config: TrainingConfig, run_dir: Path, dry_run: bool, ma
 
 def train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Optional[str] = None, *,
                 run_id: Optional[str] = None, max_steps: Optional[int] = None, force: bool = False,
-                argv: Optional[list] = None) -> RunResult:
-    """Run the whole workflow for a validated-or-not config and return what happened.
+                argv: Optional[list] = None, skip_dry_run: bool = False) -> RunResult:
+    """Run the whole workflow for a validated-or-not config and return what happened: validation, the dry run
+    (`max_steps` steps, default default_dry_run_steps; not on a resume, nor with skip_dry_run), training, analysis.
+    dry_run=True: the dry run only (dry_run_model).
     Raises TrainerError for failures the user can fix (the manifest records them when a run dir exists).
     The run dir lock taken on the way (lock_run_dir) is released when this returns or raises."""
     held = set(_RUN_LOCKS)
     try:
         return _train_model(config, dry_run, resume_from, run_id=run_id, max_steps=max_steps, force=force,
-                            argv=argv)
+                            argv=argv, skip_dry_run=skip_dry_run)
     finally:
         for locked in set(_RUN_LOCKS) - held:
             unlock_run_dir(Path(locked))
@@ -3207,8 +3825,10 @@ def train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opti
 
 def _train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Optional[str] = None, *,
                  run_id: Optional[str] = None, max_steps: Optional[int] = None, force: bool = False,
-                 argv: Optional[list] = None) -> RunResult:
-    validation = validate_config(config)
+                 argv: Optional[list] = None, skip_dry_run: bool = False) -> RunResult:
+    if run_id is not None:
+        check_run_id(run_id)  # before anything is read or written under <output_dir>/<run_id>
+    validation = validate_config(config, resuming=bool(resume_from))
     validation.raise_if_failed()
     if resume_from == "latest" and run_id and is_main_process() and run_paths(config, run_id)["run_dir"].is_dir():
         lock_run_dir(run_paths(config, run_id)["run_dir"])  # before `latest` is chosen: its writer may be saving it
@@ -3216,22 +3836,23 @@ def _train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opt
     if resume:
         run_id = resume["run_id"]
     run_id = run_id or make_run_id(config)
-    if not RUN_ID_RE.match(run_id) or run_id in (".", ".."):
-        raise TrainerError("InvalidConfig", {
-            "field": "--run-id", "value": run_id, "expected": "letters, digits, '-', '_' and '.' only",
-            "suggestion": "choose an id like finance_ssc_2025_11_17_a"})
+    check_run_id(run_id)  # also the one a checkpoint's meta names
     paths = run_paths(config, run_id)
     run_dir = paths["run_dir"]
     manifest_path = run_dir / MANIFEST_NAME
     if is_main_process():
         lock_run_dir(run_dir)  # one writer per run dir (dry run included), before RunExists and any write
     if not dry_run and not resume and is_main_process():
+        if force and manifest_path.exists():  # --force without --resume-from: start this run id over
+            abandon_run(config, run_id)
         refuse_existing_run(manifest_path, run_id)
     if resume and resume.get("config_diff"):
         validation.warnings.extend(resume["config_diff"])
+    # the history a resume continues; a damaged manifest is refused (or, with --force, set aside) before any write
+    previous = previous_manifest(manifest_path, force, is_main_process()) if resume and not dry_run else {}
 
     if dry_run:
-        return dry_run_model(config, validation, run_id, max_steps or 10)
+        return dry_run_model(config, validation, run_id, max_steps or DRY_RUN_STEPS)
 
     main_proc = is_main_process()
     if main_proc:
@@ -3241,7 +3862,6 @@ def _train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opt
     tracker = init_tracking(config, run_id, resume=bool(resume), is_main=main_proc,
                             resume_step=resume["step"] if resume else None)
     handler = _add_file_log(tracker.log_dir / "train.log") if main_proc else None
-    previous = _read_json(manifest_path) if resume else {}
     ctx = RunContext(config=config, run_id=run_id, run_dir=run_dir, validation=validation, tracker=tracker,
                      history=RunHistory(),
                      reproducibility=reproducibility_block(config, validation, argv or sys.argv) if main_proc else {},
@@ -3255,6 +3875,7 @@ def _train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opt
         ctx.resume_plan = {"changes": resume["hyperparameter_changes"], "schedule": resume["schedule"]}
         ctx.history = _history_from_manifest(previous, resume["step"])
         ctx.prior_seconds = float((previous.get("reproducibility") or {}).get("duration_seconds") or 0.0)
+        ctx.dry_run = previous.get("dry_run")  # the run's own, from before it started training
     try:
         for w in validation.warnings:
             log.warning(w)
@@ -3265,7 +3886,8 @@ def _train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opt
             save_manifest(run_id, build_manifest(ctx, "running"), str(manifest_path))
         previous_handlers = install_preemption_handlers()
         try:
-            status = _train(ctx, resume["path"] if resume else None)
+            status = _train(ctx, resume["path"] if resume else None, skip_dry_run=skip_dry_run,
+                            dry_run_steps=max_steps)
         finally:
             restore_signal_handlers(previous_handlers)
         exit_code = EXIT_OK
@@ -3280,17 +3902,38 @@ def _train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opt
         raise
     except Exception as exc:
         status = "failed"
+        if is_disk_full(exc):  # the first failed write is the error reported, with its path and the free space
+            full = disk_full_error(exc, run_dir, run_id=run_id)
+            ctx.error = full.payload
+            raise full from exc
         ctx.error = unexpected_error(exc).payload
         raise
     finally:
         ctx.end_time = time.time()
         final_status = status if "status" in locals() else "failed"
         manifest = {}
+        pending = sys.exc_info()[1]
+        # While an error is on its way out, recording it must not replace it (on a full disk the manifest write
+        # fails too): each record is tried, a failure is logged and listed in the error's `not_recorded`.
+        not_recorded = []
+
+        def record(what: str, write) -> Any:
+            try:
+                return write()
+            except Exception as exc:
+                if pending is None:
+                    raise
+                log.error("could not record the failure in %s: %s: %s", what, type(exc).__name__, exc)
+                not_recorded.append({"path": str(what), "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                return None
+
         if main_proc:
-            manifest = finalize_manifest(ctx, final_status)
+            manifest = record(manifest_path, lambda: finalize_manifest(ctx, final_status)) or {}
             if ctx.error is not None:
-                write_json_atomic(run_dir / "error.json", ctx.error)
-        tracker.close(final_status, manifest_path if main_proc else None)
+                record(run_dir / "error.json", lambda: write_json_atomic(run_dir / "error.json", ctx.error))
+        record("trackers", lambda: tracker.close(final_status, manifest_path if main_proc else None))
+        if not_recorded and isinstance(pending, TrainerError):
+            pending.details["not_recorded"] = not_recorded
         if handler:
             log.removeHandler(handler)
             handler.close()
@@ -3317,7 +3960,7 @@ def print_run_output(output: Optional[dict]) -> None:
         return
     for h in log.handlers:
         h.flush()
-    print(json.dumps(output, default=str), file=sys.stdout, flush=True)
+    print(json_text(output), file=sys.stdout, flush=True)
 
 
 def finalize_manifest(ctx: RunContext, status: str) -> dict:
@@ -3373,8 +4016,8 @@ def lock_run_dir(run_dir: Path) -> None:
         log.warning("could not lock %s (%s): a second writer to this run would not be refused", path, exc)
         return
     os.ftruncate(fd, 0)
-    os.write(fd, (json.dumps({"pid": os.getpid(), "hostname": platform.node(), "started_at": utc_now(),
-                              "argv": sys.argv}) + "\n").encode())
+    os.write(fd, (json_text({"pid": os.getpid(), "hostname": platform.node(), "started_at": utc_now(),
+                             "argv": sys.argv}) + "\n").encode())  # secrets in the command line redacted
     _RUN_LOCKS[key] = fd
 
 
@@ -3392,7 +4035,89 @@ def refuse_existing_run(manifest_path: Path, run_id: str) -> None:
     if manifest_path.exists():
         raise TrainerError("RunExists", {
             "run_id": run_id, "path": str(manifest_path),
-            "suggestion": f"choose another --run-id, or continue it with --resume-from latest --run-id {run_id}"})
+            "suggestion": f"choose another --run-id, continue it with --resume-from latest --run-id {run_id}, or "
+                          f"start this run id over with --force (the old run is moved aside to "
+                          f"{run_id}.abandoned-<time>, nothing is deleted)"})
+
+
+def check_run_id(run_id: Any, field_: str = "--run-id") -> None:
+    """A run id names a directory under output_dir: letters, digits, `-`, `_`, `.`, not `.`/`..`, at most
+    MAX_RUN_ID_LENGTH characters. Checked before anything under it is read or written (`../../etc` never is)."""
+    if isinstance(run_id, str) and RUN_ID_RE.match(run_id) and run_id not in (".", "..") \
+            and len(run_id) <= MAX_RUN_ID_LENGTH:
+        return
+    too_long = isinstance(run_id, str) and len(run_id) > MAX_RUN_ID_LENGTH
+    raise TrainerError("InvalidConfig", {
+        "field": field_, "value": _jsonable(run_id),
+        "expected": f"letters, digits, '-', '_' and '.' only, at most {MAX_RUN_ID_LENGTH} characters",
+        "suggestion": (f"shorten it to {MAX_RUN_ID_LENGTH} characters or fewer (it has {len(run_id)})" if too_long
+                       else "choose an id like finance_ssc_2025_11_17_a (no `/`, not `.` or `..`)")})
+
+
+def abandon_run(config: TrainingConfig, run_id: str) -> list[str]:
+    """--force without --resume-from on a run id that already has a manifest: start it over, deleting nothing. The
+    run dir, and its log and TensorBoard dirs, are renamed to `<run_id>.abandoned-<UTC time>` beside themselves;
+    the caller holds the run dir's lock (so no live writer is moved), and takes it again on the new, empty dir."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    moved = []
+    for path in dict.fromkeys(p for p in run_paths(config, run_id).values() if p is not None):
+        if path.exists():
+            aside = path.with_name(f"{run_id}.abandoned-{stamp}")
+            os.rename(path, aside)
+            moved.append(str(aside))
+    run_dir = run_paths(config, run_id)["run_dir"]
+    unlock_run_dir(run_dir)
+    lock_run_dir(run_dir)
+    log.warning("--force: run %s starts over; the earlier run was moved aside to %s", run_id, ", ".join(moved))
+    return moved
+
+
+def read_run_record(path: Path, suggestion: str) -> Optional[dict]:
+    """A run's JSON record (run_manifest.json, status.json): None when the file does not exist. One that exists but
+    is empty, truncated or not a JSON object is RunRecordDamaged (exit 2) naming the file and what is wrong with
+    it: never read as an empty record (a resume would drop the run's history, --status would guess)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        what = f"unreadable ({type(exc).__name__}: {exc})"
+        text = None
+    if text is not None:
+        if not text.strip():
+            what = "empty file"
+        else:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                what = (f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno} of {len(text)} "
+                        "characters): truncated or overwritten")
+            else:
+                if isinstance(value, dict):
+                    return value
+                what = f"a JSON {type(value).__name__}, not an object"
+    raise TrainerError("RunRecordDamaged", {"path": str(path.resolve()), "problem": what, "suggestion": suggestion})
+
+
+def previous_manifest(manifest_path: Path, force: bool, main_proc: bool = True) -> dict:
+    """The manifest a resume continues (its history, anomalies, resumes, timings); {} when there is none (a
+    checkpoint copied to a new output dir). A damaged one is refused unless --force: then it is renamed to
+    `run_manifest.json.damaged-<time>` (kept, not overwritten) and the run continues without the earlier history."""
+    try:
+        return read_run_record(manifest_path, (
+            "the run's history (curves, evaluations, anomalies, earlier resumes) cannot be read from it: restore "
+            "it from a backup, or add --force to resume without the earlier history (the damaged file is kept as "
+            f"{MANIFEST_NAME}.damaged-<time>)")) or {}
+    except TrainerError as exc:
+        if not force:
+            raise
+        if main_proc and manifest_path.exists():
+            aside = manifest_path.with_name(f"{MANIFEST_NAME}.damaged-{int(time.time())}")
+            os.rename(manifest_path, aside)
+            log.warning("%s is damaged (%s): --force resumes without the earlier history; the file is kept as %s",
+                        manifest_path, exc.details["problem"], aside.name)
+        return {}
 
 
 def _read_json(path: Path) -> dict:
@@ -3405,8 +4130,9 @@ def _read_json(path: Path) -> dict:
 def _history_from_manifest(previous: dict, up_to_step: int) -> RunHistory:
     """The curves up to the resume point, as the interrupted process recorded them in its manifest."""
     h = previous.get("history") or {}
-    return RunHistory(train=[tuple(x) for x in h.get("train", []) if x[0] <= up_to_step],
-                      evals=[tuple(x) for x in h.get("evals", []) if x[0] <= up_to_step],
+    return RunHistory(train=[(x[0], x[1], _float_from_json(x[2])) for x in h.get("train", []) if x[0] <= up_to_step],
+                      evals=[(x[0], x[1], {k: _float_from_json(v) for k, v in x[2].items()})
+                             for x in h.get("evals", []) if x[0] <= up_to_step],
                       anomalies=[a for a in previous.get("anomalies") or [] if a.get("step", 0) <= up_to_step],
                       checkpoints_saved=((previous.get("cost") or {}).get("inputs") or {}).get("checkpoints_saved", 0))
 
@@ -3433,20 +4159,26 @@ def _build_trainer(ctx: RunContext, tokenizer, datasets_, model, args, dry_run: 
                                status_dir=None if dry_run else ctx.run_dir)
     trainer = FinanceTrainer(
         model=model, args=args, train_dataset=datasets_["train"], eval_dataset=datasets_["valid"],
-        processing_class=tokenizer, data_collator=PadToLongestCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        data_collator=collator_for(getattr(model.config, "_attn_implementation", None), tokenizer.pad_token_id),
         compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         callbacks=callbacks)
-    trainer.run_config, trainer.run_id, trainer.probe = ctx.config, ctx.run_id, probe
+    trainer.run_config, trainer.run_id, trainer.probe, trainer.dry_run = ctx.config, ctx.run_id, probe, dry_run
+    trainer.history = ctx.history  # evaluation and save times (performance_block)
     trainer.data_sha256 = {k: v["sha256"] for k, v in (ctx.reproducibility.get("data_files") or {}).items()}
     from transformers.trainer_callback import PrinterCallback
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one formatted line instead
     return trainer
 
 
-def _train(ctx: RunContext, resume_path: Optional[str]) -> str:
+def _train(ctx: RunContext, resume_path: Optional[str], skip_dry_run: bool = False,
+           dry_run_steps: Optional[int] = None) -> str:
     config = ctx.config
     tokenizer, datasets_, model = _prepare(ctx)
+    dry_run_before_training(ctx, tokenizer, datasets_, model, dry_run_steps, skip=skip_dry_run,
+                            resuming=resume_path is not None)
     args = build_training_args(config, ctx.run_dir, dry_run=False, max_steps=None, resuming=resume_path is not None)
+    ctx.optimizer_implementation = str(getattr(args.optim, "value", args.optim))
     trainer = _build_trainer(ctx, tokenizer, datasets_, model, args, dry_run=False)
     if resume_path:
         trainer.resume_plan = ctx.resume_plan
@@ -3461,13 +4193,15 @@ def _train(ctx: RunContext, resume_path: Optional[str]) -> str:
         ctx.tokens_seen, ctx.best_checkpoint = st.num_input_tokens_seen, getattr(trainer, "best_checkpoint", None)
 
     def after_save() -> None:  # the manifest follows every checkpoint, so a killed run can resume its history
+        ctx.history.checkpoints_saved += 1  # before the manifest: a resume reads the count from it
         sync_ctx()
         save_manifest(ctx.run_id, build_manifest(ctx, "running"), str(ctx.run_dir / MANIFEST_NAME))
 
     trainer.after_save = after_save
-    log.info("training %s: %d train / %d valid samples, %d optimizer steps planned",
-             ctx.run_id, ctx.data_stats["train"]["samples"], ctx.data_stats["valid"]["samples"],
-             total_optimizer_steps(config, ctx.data_stats["train"]["samples"]))
+    train = ctx.data_stats["train"]
+    log.info("training %s: %d train%s / %d valid samples, %d optimizer steps planned", ctx.run_id, train["samples"],
+             f" (packed into {train['packed_rows']} rows)" if "packed_rows" in train else "",
+             ctx.data_stats["valid"]["samples"], total_optimizer_steps(config, train_rows(train)))
     try:
         trainer.train(resume_from_checkpoint=resume_path)
     except _oom_types() as exc:
@@ -3488,7 +4222,7 @@ def _train(ctx: RunContext, resume_path: Optional[str]) -> str:
     test = trainer.evaluate(datasets_["test"], metric_key_prefix="test")
     ctx.test_results = {"evaluated": final_model, **{k: _json_float(v) for k, v in test.items()
                                                     if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)}}
-    ctx.performance = performance_block(ctx)
+    ctx.performance = performance_block(ctx, parameter_counts(trainer.model)["trainable"])
     if config.model.lora.enabled:
         ctx.lora = {**dataclasses.asdict(config.model.lora), **parameter_counts(trainer.model),
                     "target_modules": sorted(trainer.model.peft_config["default"].target_modules),
@@ -3522,7 +4256,9 @@ def analyse_run(ctx: RunContext, model, tokenizer) -> None:
         log.info("sample completion: %r -> %r", samples[0]["prompt"][-80:], samples[0]["generated"][:120])
     png = ctx.tracker.log_dir / "loss_curves.png"
     best_step = next((c["step"] for c in read_checkpoints(ctx.run_dir) if c["path"] == ctx.best_checkpoint), None)
-    ctx.loss_plot = str(plot_loss_curves(ctx.tracker.train_curve, ctx.tracker.val_curve, best_step, png))
+    title = f"{ctx.run_id}: best " + (f"{Path(ctx.best_checkpoint).name} (step {best_step})" if ctx.best_checkpoint
+                                      else "checkpoint: none")
+    ctx.loss_plot = str(plot_loss_curves(ctx.tracker.train_curve, ctx.tracker.val_curve, best_step, png, title))
 
 
 def rank_weight_agreement(trainer) -> dict:
@@ -3568,31 +4304,48 @@ def merge_adapter(config: TrainingConfig, adapter_dir: Path, out: Path) -> Path:
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
 
 
-def model_flops_utilization(ctx: RunContext, tokens_per_second: Optional[float]) -> Optional[dict]:
-    """MFU = achieved model FLOP/s / peak. Training FLOPs per token ~ 6 x parameters + 12 x layers x hidden x
-    seq (attention), with the parameter count of the full model (LoRA still runs the full forward/backward)."""
+def model_flops_utilization(ctx: RunContext, tokens_per_second: Optional[float],
+                            trainable: Optional[int] = None) -> Optional[dict]:
+    """MFU = achieved model FLOP/s / peak. Training FLOPs per token: forward 2 x params, backward 2 x params for
+    the input gradients plus 2 x params for the weight gradients of trainable weights only, so 6 x trainable +
+    4 x frozen (LoRA: the frozen base skips its weight-gradient matmuls); plus attention, 12 x layers x hidden x
+    the length of the record a token attends over (token-weighted from the real train lengths: packed rows keep
+    records apart, padding does no model work), not max_seq_length."""
     hw = ctx.reproducibility.get("hardware") or {}
     gpu = hw.get("gpu_model") or ""
     peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu.upper().replace(" ", "")), None)
     if not (peak and tokens_per_second and ctx.validation.memory):
         return None
-    ck = ctx.validation.checkpoint
-    per_token = 6 * ctx.validation.memory["parameters"] + 12 * ck.get("num_hidden_layers", 0) \
-        * ck.get("hidden_size", 0) * ctx.config.data.max_seq_length
+    ck, params = ctx.validation.checkpoint, ctx.validation.memory["parameters"]
+    if ctx.config.model.lora.enabled:  # base frozen, adapters trained
+        frozen = params
+        trainable = trainable if trainable is not None else ctx.validation.memory.get("trainable_parameters") or 0
+    else:
+        frozen, trainable = 0, params
+    attended = (ctx.data_stats.get("train") or {}).get("attended_length") or ctx.config.data.max_seq_length
+    per_token = 6 * trainable + 4 * frozen + 12 * ck.get("num_hidden_layers", 0) * ck.get("hidden_size", 0) * attended
     gpus = max(1, world_size(ctx.config))
     return {"value": round(tokens_per_second * per_token / (peak * gpus), 4), "peak_flops_per_gpu": peak,
-            "gpu": gpu, "gpus": gpus, "flops_per_token": per_token}
+            "gpu": gpu, "gpus": gpus, "flops_per_token": per_token, "trainable_parameters": trainable,
+            "frozen_parameters": frozen, "attended_length": attended}
 
 
-def performance_block(ctx: RunContext) -> dict:
-    """Throughput on real (non-padding) tokens, per-epoch wall time, peak memory, GPU utilisation."""
+def performance_block(ctx: RunContext, trainable: Optional[int] = None) -> dict:
+    """Throughput on real (non-padding) tokens, per-epoch wall time, peak memory, GPU utilisation.
+    tokens_per_second is training throughput: tokens over the time spent inside optimizer steps; evaluations and
+    checkpoint saves during train() are timed apart (eval_seconds, save_seconds) and left out.
+    wall_tokens_per_second divides by train_runtime (Trainer's wall time of train(), all of it)."""
     h = ctx.history
     runtime = h.summary.get("train_runtime")
     tokens = (ctx.tokens_seen or 0) - h.start_tokens
-    tps = tokens / runtime if runtime else None
+    tps = tokens / h.training_seconds if h.training_seconds else None
+    wall = tokens / runtime if runtime else None
     return {"train_runtime_seconds": runtime, "tokens_trained_this_process": tokens,
             "tokens_per_second": round(tps, 2) if tps else None,
-            "mfu": model_flops_utilization(ctx, tps),
+            "wall_tokens_per_second": round(wall, 2) if wall else None,
+            "training_seconds": round(h.training_seconds, 6), "eval_seconds": round(h.eval_seconds, 6),
+            "save_seconds": round(h.save_seconds, 6),
+            "mfu": model_flops_utilization(ctx, tps, trainable),
             "samples_per_second": h.summary.get("train_samples_per_second"),
             "epoch_wall_seconds": h.epoch_seconds, "peak_memory": peak_memory(),
             "gpu_utilization_percent_mean": round(sum(h.gpu_utilization) / len(h.gpu_utilization), 1)
@@ -3745,7 +4498,9 @@ def resolve_resume(config: TrainingConfig, resume_from: str, run_id: Optional[st
             raise TrainerError("CheckpointNotFound", {
                 "field": "--resume-from", "value": "latest", "path": str(run_dir), "damaged": damaged,
                 "suggestion": "this run has no complete, healthy checkpoint (an interrupted save is never used); "
-                              "start a new run, or pass a checkpoint directory explicitly"})
+                              f"start this run id over with the same command without --resume-from, plus --force "
+                              f"(the old run is moved aside to {run_id}.abandoned-<time>, nothing is deleted), start "
+                              "a new run with another --run-id, or pass a checkpoint directory explicitly"})
         if damaged:
             log.warning("resuming from %s, the newest intact checkpoint", meta["name"])
     else:
@@ -3767,7 +4522,8 @@ def resolve_resume(config: TrainingConfig, resume_from: str, run_id: Optional[st
             raise damaged_checkpoint_error("--resume-from", resume_from, path, reason,
                                            "this checkpoint was damaged after it was saved; resume from an earlier "
                                            "one (--resume-from latest --run-id RUN picks the newest intact one)")
-    old, new = _flatten(meta.get("config") or {}), _flatten(config.to_dict())
+    # the checkpoint stored its config redacted: compare like with like (a secret is not a config difference)
+    old, new = _flatten(meta.get("config") or {}), _flatten(redact(config.to_dict()))
     diffs = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     fatal = [problem("InvalidConfig", field=k, value=_jsonable(n), expected=_jsonable(o),
                      suggestion=f"the checkpoint was trained with {k}={o!r}; restore it, start a new run, or pass "
@@ -3803,66 +4559,183 @@ def format_resume_line(resume: dict) -> str:
     return f"resuming from {Path(resume['path']).name} (step {resume['step']}, epoch {resume['epoch']:g}): {verdict}"
 
 
+DRY_RUN_STEPS = 10  # spec Phase 2 (`--dry-run --max-steps 10`), also the dry run the training command runs first
+DRY_RUN_REPORT = "dry_run_report.json"
+
+
+def dry_run_records(config: TrainingConfig, steps: int) -> int:
+    """Train records that `steps` optimizer steps take on all ranks together: the dry run's slice."""
+    hp = config.training.hyperparameters
+    return max(hp.batch_size * hp.gradient_accumulation_steps * world_size(config) * steps, hp.batch_size)
+
+
 def dry_run_model(config: TrainingConfig, validation: ValidationResult, run_id: str, steps: int) -> RunResult:
-    """The real pipeline on a slice: data, batches, model, `steps` optimizer steps, logging setup.
-    Writes dry_run_report.json in the run dir; no checkpoints, no manifest (so it cannot block the real run)."""
+    """`--dry-run`: the real pipeline on a slice (only the slice is tokenized): data, batches, model, `steps`
+    optimizer steps, logging setup (run_dry_steps). No checkpoints, no manifest (so it cannot block the real run)."""
     run_dir = run_paths(config, run_id)["run_dir"]
     run_dir.mkdir(parents=True, exist_ok=True)
     # Trackers get their own `-dryrun` id so the real run's curves and W&B run start clean.
     tracker = init_tracking(config, f"{run_id}-dryrun", is_main=is_main_process())
-    history = RunHistory()
     ctx = RunContext(config=config, run_id=run_id, run_dir=run_dir, validation=validation, tracker=tracker,
-                     history=history, reproducibility={}, created_at=utc_now(), start_time=time.time())
-    hp = config.training.hyperparameters
-    limit = max(hp.batch_size * hp.gradient_accumulation_steps * world_size(config) * steps, hp.batch_size)
+                     history=RunHistory(), reproducibility={}, created_at=utc_now(), start_time=time.time())
     try:
         echo_config(config)
-        tokenizer, datasets_, model = _prepare(ctx, limit=limit)
-        collator = PadToLongestCollator(tokenizer.pad_token_id)
+        tokenizer, datasets_, model = _prepare(ctx, limit=dry_run_records(config, steps))
+        report = run_dry_steps(ctx, tokenizer, datasets_, model, steps, ctx.data_stats)
+    except _oom_types() as exc:  # loading the model (run_dry_steps reports its own)
+        raise out_of_memory_error(config, str(exc)) from exc
+    finally:
+        tracker.close()
+    if report["status"] != "passed":
+        raise dry_run_failed(report, run_dir / DRY_RUN_REPORT)
+    return RunResult(run_id, "dry_run", str(run_dir), None, report, EXIT_OK)
+
+
+def default_dry_run_steps(config: TrainingConfig, train_stats: dict) -> int:
+    """DRY_RUN_STEPS, or a tenth of the run's planned optimizer steps when that is fewer (at least 2, so the loss is
+    seen after an update): a short run does not spend a third of its time rehearsing (the tiny test runs: 2)."""
+    return max(2, min(DRY_RUN_STEPS, total_optimizer_steps(config, train_rows(train_stats)) // 10))
+
+
+def dry_run_before_training(ctx: RunContext, tokenizer, datasets_: dict, model, steps: Optional[int],
+                            skip: bool = False, resuming: bool = False) -> None:
+    """Spec Phase 2 inside the training command (Example Session 1: validate, dry run, train): the same dry run as
+    --dry-run, for `steps` (default default_dry_run_steps) on the first records of the data already tokenized and
+    with the model already loaded, so it costs seconds and no second load. It must not change the run: the trainable
+    weights are copied to CPU before and put back after (the optimizer and scheduler are the dry Trainer's own,
+    dropped with it), and the RNGs are re-seeded (Trainer seeds again when it is built), so the final weights are
+    bit-identical with or without it (tested). Its trackers get the `-dryrun` id, CSV and TensorBoard only (no
+    second W&B or MLflow run), and its step lines stay off the console: the run's curves start clean and the
+    console gets one line. A failure raises TrainingFailed before the first training step. Skipped with
+    --skip-dry-run, on a resume (the run had its dry run before it first trained; the manifest keeps that record),
+    and under FSDP/DeepSpeed, which shard the model in place."""
+    import torch
+    config, c = ctx.config, ctx.config.compute
+    reason = ("resuming a run that has trained already" if resuming else "--skip-dry-run" if skip
+              else "compute.fsdp/deepspeed shard the model in place; run --dry-run on its own first"
+              if c.fsdp or c.deepspeed else None)
+    if reason:
+        if not resuming:
+            ctx.dry_run = {"status": "skipped", "reason": reason}
+        log.info("dry run skipped: %s", reason)
+        return
+    t0 = time.perf_counter()
+    steps = steps or default_dry_run_steps(config, ctx.data_stats["train"])
+    train = datasets_["train"]
+    sliced = {**datasets_, "train": train.select(range(min(dry_run_records(config, steps), len(train))))}
+    saved = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    lg = config.logging
+    trackers_config = dataclasses.replace(config, logging=dataclasses.replace(
+        lg, wandb=dataclasses.replace(lg.wandb, enabled=False), mlflow=dataclasses.replace(lg.mlflow, enabled=False)))
+    tracker = init_tracking(trackers_config, f"{ctx.run_id}-dryrun", is_main=ctx.tracker.is_main)
+    tracker.echo = False
+    dry_ctx = dataclasses.replace(ctx, tracker=tracker, history=RunHistory())
+    try:
+        report = run_dry_steps(dry_ctx, tokenizer, sliced, model, steps,
+                               {"train_slice_samples": len(sliced["train"]), "splits": ctx.data_stats},
+                               before_training=True)
+    finally:
+        tracker.close()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in saved:
+                    p.copy_(saved[name])
+                p.grad = None
+        del saved
+        seed_everything(config.training.seed)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()  # the run's performance block measures the run
+    ctx.dry_run = {"status": report["status"], "report": str(ctx.run_dir / DRY_RUN_REPORT),
+                   "steps": report["steps_run"], "initial_loss": report["initial_loss"],
+                   "ln_vocab": report["ln_vocab"], "measured_over_estimated":
+                   report["memory"]["measured_over_estimated"], "seconds": round(time.perf_counter() - t0, 2)}
+    if report["status"] != "passed":
+        raise dry_run_failed(report, ctx.run_dir / DRY_RUN_REPORT)
+
+
+def run_dry_steps(ctx: RunContext, tokenizer, datasets_: dict, model, steps: int, data: dict,
+                  before_training: bool = False) -> dict:
+    """The dry run proper, for --dry-run and the training command alike: `steps` real optimizer steps on
+    datasets_["train"], the first batch's shapes, a masked sample, the initial loss beside ln(vocab) (where a
+    fresh head starts), and the memory of a full-length batch measured beside the estimate. Writes
+    dry_run_report.json into the run dir and says how it went in one console line; returns the report (status
+    `failed` when a loss was not finite or the curve was not written)."""
+    import gc
+
+    import torch
+    config, validation, tracker, history = ctx.config, ctx.validation, ctx.tracker, ctx.history
+    hp, scratch = config.training.hyperparameters, ctx.run_dir / "dry_run_tmp"
+    trainer = None
+    try:
+        collator = collator_for(getattr(model.config, "_attn_implementation", None), tokenizer.pad_token_id)
         first = collator([datasets_["train"][i] for i in range(min(hp.batch_size, len(datasets_["train"])))])
         sample = datasets_["train"][0]
-        args = build_training_args(config, run_dir / "dry_run_tmp", dry_run=True, max_steps=steps, resuming=False)
+        args = build_training_args(config, scratch, dry_run=True, max_steps=steps, resuming=False)
         trainer = _build_trainer(ctx, tokenizer, datasets_, model, args, dry_run=True)
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
         measured = _measure_after_dry_run(trainer, config, tokenizer)
+        steps_run, tokens = trainer.state.global_step, trainer.state.num_input_tokens_seen
     except _oom_types() as exc:
         raise out_of_memory_error(config, str(exc)) from exc
     finally:
-        tracker.close()
-        shutil.rmtree(run_dir / "dry_run_tmp", ignore_errors=True)
+        # Its optimizer states and wrappers go before the real Trainer makes its own: on CPU dropping the reference
+        # is enough (the real Trainer.train collects garbage as it starts; a gc pass here costs ~0.5 s with torch
+        # loaded); on a GPU the memory is handed back at once.
+        trainer = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            gc.collect()
+            torch.cuda.empty_cache()
+        shutil.rmtree(scratch, ignore_errors=True)
     losses = [x[2] for x in history.train]
     initial = losses[0] if losses else float("nan")
-    vocab = model.config.vocab_size
+    estimated = validation.memory.get("total_bytes")
     checks = {"initial_loss_finite": math.isfinite(initial),
               "final_loss_finite": bool(losses) and math.isfinite(losses[-1]),
-              "logging_ok": tracker.train_curve.exists()}
+              "logging_ok": tracker.train_curve.exists() or not tracker.is_main}  # only rank 0 writes curves
     report = {
-        "run_id": run_id, "status": "passed" if all(checks.values()) else "failed", "steps": steps,
+        "run_id": ctx.run_id, "status": "passed" if all(checks.values()) else "failed", "steps": steps,
+        "steps_run": steps_run, "before_training": before_training,
         "batch_shapes": {k: list(v.shape) for k, v in first.items()},
         "sample": _masked_sample(tokenizer, sample),
-        "initial_loss": _json_float(initial), "ln_vocab": round(math.log(vocab), 4),
+        "initial_loss": _json_float(initial), "ln_vocab": round(math.log(model.config.vocab_size), 4),
         "loss_after_steps": _json_float(losses[-1]) if losses else None,
-        "tokens_per_second": round(trainer.state.num_input_tokens_seen / seconds, 1) if seconds else None,
+        "tokens_per_second": round(tokens / seconds, 1) if seconds else None, "train_seconds": round(seconds, 3),
         "memory": {"estimated": validation.memory, "measured": measured,
-                   "measured_over_estimated": round(measured["total_bytes"] / validation.memory["total_bytes"], 4)
-                   if validation.memory.get("total_bytes") else None},
-        "data": ctx.data_stats, "checks": checks, "warnings": validation.warnings,
+                   "measured_over_estimated": round(measured["total_bytes"] / estimated, 4) if estimated else None},
+        "data": data, "checks": checks, "anomalies": history.anomalies, "warnings": validation.warnings,
         "tracking": {"csv": str(tracker.log_dir), "tensorboard": str(tracker.tensorboard_dir)
-                     if tracker.tensorboard_dir else None, "wandb": config.logging.wandb.enabled},
+                     if tracker.tensorboard_dir else None, "wandb": tracker.wandb_run is not None},
         "created_at": utc_now(),
     }
-    path = run_dir / "dry_run_report.json"
-    write_json_atomic(path, report)
-    log.info("dry run %s: initial loss %.4f (ln vocab = %.4f), loss after %d steps %.4f -> %s",
-             report["status"], initial, report["ln_vocab"], steps, losses[-1] if losses else float("nan"), path)
-    if report["status"] != "passed":
-        raise TrainerError("TrainingFailed", {
-            "checks": checks, "report": str(path), "initial_loss": report["initial_loss"],
-            "suggestion": "a non-finite loss on the first steps: check the data and lower the learning rate"})
-    return RunResult(run_id, "dry_run", str(run_dir), None, report,
-                     EXIT_OK if report["status"] == "passed" else EXIT_FAILED)
+    path = ctx.run_dir / DRY_RUN_REPORT
+    if tracker.is_main:
+        write_json_atomic(path, report)
+    stopped = f" (a guard stopped it: {history.stop['reason']})" if history.stop else ""
+    failed = "" if report["status"] == "passed" else f", failed: {', '.join(k for k, v in checks.items() if not v)}"
+    (log.info if report["status"] == "passed" else log.error)(
+        "dry run %s: %d step%s%s, initial loss %.2f (ln vocab %.2f), memory %s measured vs %s estimated%s -> %s",
+        report["status"], steps_run, "" if steps_run == 1 else "s", stopped, initial, report["ln_vocab"],
+        _size(measured["total_bytes"]), _size(estimated), failed, path)
+    return report
+
+
+def dry_run_failed(report: dict, path: Path) -> TrainerError:
+    """The dry run's failure, before any training step: exit 1 with its checks and where the report is."""
+    return TrainerError("TrainingFailed", {
+        "checks": report["checks"], "report": str(path), "initial_loss": report["initial_loss"],
+        "suggestion": "a non-finite loss on the first steps: check the data and lower the learning rate"})
+
+
+def _size(n: Optional[float]) -> str:
+    """Bytes for the console, in the units the memory estimate uses (GB = 2**30)."""
+    if not n:
+        return "n/a"
+    for unit, exp in (("GB", 30), ("MB", 20), ("KB", 10)):
+        if n >= 2 ** exp:
+            return f"{n / 2 ** exp:.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 def _measure_after_dry_run(trainer, config: TrainingConfig, tokenizer) -> dict:
@@ -3907,14 +4780,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="path to training_config.yaml (required to train, validate or dry-run)")
     p.add_argument("--dry-run", action="store_true",
-                   help="run the real pipeline for --max-steps steps on a slice; no checkpoints or manifest")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps for --dry-run (default 10)")
+                   help="only the dry run: the real pipeline for --max-steps steps on a slice, a report in "
+                        "dry_run_report.json; no checkpoints or manifest")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help=f"optimizer steps of the dry run: --dry-run's (default {DRY_RUN_STEPS}) or the one training "
+                        f"runs first (default {DRY_RUN_STEPS}, or a tenth of the planned steps when fewer, at least 2)")
+    p.add_argument("--skip-dry-run", action="store_true",
+                   help="train without the dry run that otherwise runs first (a resume never repeats it)")
     p.add_argument("--validate-only", action="store_true", help="check config, data and checkpoint, then exit")
     p.add_argument("--resume-from", metavar="PATH|latest",
                    help="continue a run from a checkpoint dir, or from its newest healthy one (with --run-id)")
     p.add_argument("--force", action="store_true",
-                   help="resume even if a config change makes the resume a different experiment")
-    p.add_argument("--run-id", help="run id (letters, digits, - _ .); default: <dataset_name>_<UTC time>")
+                   help="resume even if a config change makes the resume a different experiment, or its manifest "
+                        "is damaged (the history is then lost); without --resume-from: start an existing run id "
+                        "over (the old run is moved aside to <run_id>.abandoned-<time>, nothing is deleted)")
+    p.add_argument("--run-id", help=f"run id (letters, digits, - _ ., at most {MAX_RUN_ID_LENGTH} characters); "
+                                    "default: <dataset_name>_<UTC time>")
     p.add_argument("--output-dir", help="override logging.output_dir")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set training.hyperparameters.learning_rate=1e-5 "
@@ -3944,7 +4825,7 @@ def run_tool(args: argparse.Namespace) -> int:
     real_stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # libraries' chatter must not corrupt --json output
         result, rows = _tool_result(args)
-    out = json.dumps(result, indent=2, default=str) if args.json else _table(rows)
+    out = json_text(result, indent=2) if args.json else redact(_table(rows))
     print(out, file=real_stdout)
     return EXIT_OK
 
@@ -3985,14 +4866,14 @@ def launch_distributed(config: TrainingConfig, args: argparse.Namespace, argv: l
     import subprocess
     # one error report before any process starts; the device probe is left to the ranks, so this parent
     # never holds a CUDA context while they train
-    validate_config(config, check_device=False).raise_if_failed()
+    validate_config(config, check_device=False, resuming=bool(args.resume_from)).raise_if_failed()
     if args.resume_from == "latest" and not args.run_id:
         resolve_resume(config, "latest", None)  # raises the "needs --run-id" error
     run_id = args.run_id or make_run_id(config)  # every rank must use the same id
     if run_paths(config, run_id)["run_dir"].is_dir():  # a live writer answers RunLocked now, before any rank starts
         lock_run_dir(run_paths(config, run_id)["run_dir"])
         unlock_run_dir(run_paths(config, run_id)["run_dir"])  # rank 0 takes it for the run
-    if not args.resume_from:
+    if not args.resume_from and not args.force:  # --force: rank 0 moves the old run aside (abandon_run)
         refuse_existing_run(run_paths(config, run_id)["run_dir"] / MANIFEST_NAME, run_id)
     n = config.compute.num_gpus
     child_argv = list(argv) + ([] if args.run_id else ["--run-id", run_id])
@@ -4032,7 +4913,8 @@ def _error_payload(line: str) -> Optional[dict]:
 
 def setup_logging(debug: bool) -> None:
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.addFilter(lambda record: not getattr(record, "file_only", False))  # e.g. the full config: train.log
     log.handlers[:] = [handler]
     # other ranks only report problems: rank 0 speaks for the run
     log.setLevel(logging.DEBUG if debug else logging.INFO if is_main_process() else logging.WARNING)
@@ -4049,7 +4931,7 @@ def setup_logging(debug: bool) -> None:
 def emit_error(payload: dict) -> None:
     """The last thing on stderr: one JSON object."""
     sys.stdout.flush()
-    sys.stderr.write(json.dumps(payload, default=str) + "\n")
+    sys.stderr.write(json_text(payload) + "\n")  # secrets redacted, strict JSON
     sys.stderr.flush()
 
 
@@ -4060,6 +4942,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.status or args.list_checkpoints or args.evaluate:
             return run_tool(args)
+        if args.run_id is not None:
+            check_run_id(args.run_id)  # before the config, the data or anything under <output_dir>/<run_id> is read
         literal = {k: v for k, v in (("logging.output_dir", args.output_dir),
                                      ("evaluation.baseline", args.baseline)) if v is not None}
         config = load_training_config(args.config, list(args.overrides), literal)
@@ -4068,7 +4952,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             # one GPU asked for: without this, Trainer wraps the model in DataParallel over every visible GPU
             os.environ["CUDA_VISIBLE_DEVICES"] = "0"
         if args.validate_only:
-            result = validate_config(config)
+            result = validate_config(config, resuming=bool(args.resume_from))
             for w in result.warnings:
                 log.warning(w)
             result.raise_if_failed()
@@ -4078,7 +4962,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if config.compute.num_gpus > 1 and "LOCAL_RANK" not in os.environ and not args.dry_run:
             return launch_distributed(config, args, argv)
         result = train_model(config, dry_run=args.dry_run, resume_from=args.resume_from, run_id=args.run_id,
-                             max_steps=args.max_steps, force=args.force, argv=argv)
+                             max_steps=args.max_steps, force=args.force, argv=argv, skip_dry_run=args.skip_dry_run)
         if result.manifest_path:
             log.info("run %s %s; manifest: %s", result.run_id, result.status, result.manifest_path)
         if result.manifest_path and result.manifest:  # a dry run has no manifest: its report is logged above

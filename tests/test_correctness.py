@@ -17,7 +17,7 @@ def logged(stdout: str, key: str) -> dict[int, float]:
     """{step: value} of one metric from the console's step lines."""
     out = {}
     for line in stdout.splitlines():
-        m = re.search(r"step (\d+)/\d+ \|.*\b" + key + r" ([-+.\deE]+|nan|inf)", line)
+        m = re.search(r"step (\d+)/\d+ \(\d+%\) \|.*\b" + key + r" ([-+.\deE]+|nan|inf)", line)
         if m:
             out[int(m.group(1))] = float(m.group(2))
     return out

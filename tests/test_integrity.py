@@ -154,12 +154,13 @@ def test_one_writer_per_run_dir_and_a_killed_writer_never_blocks(tiny_dir, tmp_p
     try:
         wait_for(lambda: tf._read_json(run_dir / "status.json").get("status") == "running"
                  and list(run_dir.glob("checkpoint-*/checkpoint_meta.json")), "status running and a checkpoint", first)
+        report = (run_dir / "dry_run_report.json").read_bytes()  # the first process's, from before it trained
         assert_locked(run_cli("--config", path, "--run-id", "same"), first)
         assert_locked(run_cli("--config", path, "--run-id", "same", "--resume-from", "latest"), first)
         assert_locked(run_cli("--config", path, "--run-id", "same", "--dry-run", "--max-steps", "1"), first)
         assert first.poll() is None, "the first run must still be running for the checks above to mean anything"
         assert not (run_dir / "error.json").exists()  # the refused processes wrote nothing into the run
-        assert not (run_dir / "dry_run_report.json").exists()
+        assert (run_dir / "dry_run_report.json").read_bytes() == report
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()

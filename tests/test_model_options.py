@@ -25,7 +25,8 @@ def test_keys_map_onto_training_arguments(tmp_path, tiny_dir):
     args = tf.build_training_args(config, tmp_path / "run", dry_run=False, max_steps=None, resuming=False)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_train_epochs) == (8, 3, 2.0)
     assert (args.learning_rate, args.warmup_steps, args.weight_decay, args.max_grad_norm) == (0.01, 7, 0.05, 0.5)
-    assert args.optim.value == "adamw_torch" and args.lr_scheduler_type.value == "linear"
+    # adamw runs torch's fused AdamW where torch has fused kernels for the device (CPU since torch 2.4)
+    assert args.optim.value == "adamw_torch_fused" and args.lr_scheduler_type.value == "linear"
     assert args.bf16 and not args.fp16 and args.activation_checkpointing
     assert (args.seed, args.data_seed, args.logging_steps, args.eval_steps, args.save_steps) == (7, 7, 3, 9, 18)
     assert args.metric_for_best_model == "loss" and args.greater_is_better is False

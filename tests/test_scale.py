@@ -31,6 +31,16 @@ def test_packed_row_gives_each_record_its_own_logits(tiny_dir, attn):
                     alone = model(input_ids=torch.tensor([seg]), use_cache=False).logits[0]
                     assert torch.allclose(alone, logits[row, a:b], atol=1e-5)
                     assert batch["labels"][row, a] == tf.IGNORE_INDEX  # nothing predicted across a boundary
+    # and the loss: the packed rows, and the same rows flattened into one (flash-attention 2's form), give the
+    # loss of the records batched unpacked (padded, with an attention mask)
+    unpacked = tf.PadToLongestCollator(pad_token_id=1)(
+        [{"input_ids": r, "labels": r, "attention_mask": [1] * len(r)} for r in recs])
+    flat = tf.PadToLongestCollator(pad_token_id=1, flatten=True)(list(packed))
+    assert flat["input_ids"].shape == (1, sum(map(len, recs)))
+    with torch.no_grad():
+        want = model(**unpacked, use_cache=False).loss
+        for packed_form in (batch, flat):
+            assert torch.allclose(model(**packed_form, use_cache=False).loss, want, atol=1e-6)
 
 
 def test_packing_run_fills_rows(tiny_dir, tmp_path):

@@ -84,6 +84,19 @@ def test_session2_says_what_it_resumed(sessions):
     assert sessions.resumed_manifest["resume_from"]["step"] == 12
 
 
+def test_session1_dry_runs_before_training_and_session2_does_not_repeat_it(sessions):
+    """Session 1: validate, dry run, train (one console line for the dry run, before the first epoch line).
+    Session 2: a resume continues a run that already passed its dry run; the manifest keeps that record."""
+    first = sessions.first.stdout.splitlines()
+    dry = [line for line in first if " dry run " in line]
+    assert len(dry) == 1 and " INFO dry run passed: 2 steps, initial loss " in dry[0]
+    assert first.index(dry[0]) < next(i for i, line in enumerate(first) if epoch_lines(line))
+    assert sessions.manifest["dry_run"]["status"] == "passed"
+    resumed = [line for line in sessions.resumed.stdout.splitlines() if " dry run " in line]
+    assert len(resumed) == 1 and resumed[0].endswith(" INFO dry run skipped: resuming a run that has trained already")
+    assert sessions.resumed_manifest["dry_run"] == sessions.manifest["dry_run"]
+
+
 def test_resume_verdict_counts_the_differences():
     resume = {"path": "/runs/r/checkpoint-epoch-2", "step": 4980, "epoch": 2.0, "config_diff": []}
     assert t.format_resume_line(resume) == "resuming from checkpoint-epoch-2 (step 4980, epoch 2): config unchanged"

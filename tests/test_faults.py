@@ -1,0 +1,299 @@
+"""Faults and hostile input (issue 13, items 4-6): a full disk is reported as a full disk and the record stays true;
+secrets never leave the process; alias bombs, damaged run records, BOMs, bad run ids and inf are refused clearly."""
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import train_finance_ssc_model as tf
+from conftest import base_config, last_json, run_cli, set_key, write_config
+
+URL_SECRET = "SECRETpw4711"  # the password in a URL's userinfo
+ENV_SECRET = "tok_SECRET_abcdef123"  # the value of a secret-looking environment variable
+ENV = {"FAKE_API_TOKEN": ENV_SECRET}
+
+
+def tmp_entries(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.rglob(f"{tf.TMP_PREFIX}*"))
+
+
+# --------------------------------------------------------------------------------------------------
+# A run killed before its first checkpoint, its refused resume, and its start-over with --force; the secrets
+# the config, the command line and the environment hold are looked for in everything these runs wrote or printed.
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def restarted(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults")
+    cfg = set_key(base_config(tiny_dir, out), "training.hyperparameters.num_epochs", 1)
+    cfg = set_key(cfg, "logging.mlflow.tracking_uri", f"http://user:{URL_SECRET}@127.0.0.1:9/")  # recorded only
+    cfg = set_key(cfg, "cost.api_name", f"GPT-4 Turbo via key {ENV_SECRET}")
+    path = write_config(out / "c.yaml", cfg)
+    secret_arg = ("--set", f"cost.gpu_price_source=http://pricing:{URL_SECRET}@127.0.0.1:9/list")
+    killed = run_cli("--config", path, "--run-id", "again", "--skip-dry-run", *secret_arg,
+                     env={**ENV, "FINANCE_TRAINER_INJECT_SIGNAL": "2:SIGKILL"})
+    resumed = run_cli("--config", path, "--run-id", "again", "--resume-from", "latest", *secret_arg, env=ENV)
+    forced = run_cli("--config", path, "--run-id", "again", "--force", "--skip-dry-run", *secret_arg,
+                     "--set", "logging.wandb.enabled=true", env=ENV)
+    return out, path, {"killed": killed, "resumed": resumed, "forced": forced}
+
+
+def test_resume_before_any_checkpoint_says_how_to_start_over(restarted):
+    _, _, procs = restarted
+    assert procs["killed"].returncode == -9, procs["killed"].stderr[-2000:]
+    proc = procs["resumed"]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = last_json(proc.stderr)
+    assert err["error"] == "CheckpointNotFound"
+    assert "--force" in err["details"]["suggestion"] and "again.abandoned-" in err["details"]["suggestion"]
+
+
+def test_force_starts_the_run_id_over_and_keeps_the_old_run(restarted):
+    out, _, procs = restarted
+    assert procs["forced"].returncode == 0, procs["forced"].stderr[-2000:]
+    assert json.loads((out / "runs" / "again" / "run_manifest.json").read_text())["status"] == "completed"
+    old = list((out / "runs").glob("again.abandoned-*"))
+    assert len(old) == 1  # the killed run, moved aside whole: nothing deleted
+    assert json.loads((old[0] / "run_manifest.json").read_text())["status"] == "running"
+    old_logs = list((out / "logs").glob("again.abandoned-*"))
+    assert len(old_logs) == 1 and (old_logs[0] / "train.log").is_file()
+
+
+def test_secrets_never_leave_the_process(restarted):
+    out, _, procs = restarted
+    files = [p for p in out.rglob("*") if p.is_file() and p != out / "c.yaml"]  # all but the input itself
+    for p in files:
+        data = p.read_bytes()
+        for secret in (URL_SECRET, ENV_SECRET):
+            assert secret.encode() not in data, f"{secret} written to {p}"
+    for name, proc in procs.items():
+        for secret in (URL_SECRET, ENV_SECRET):
+            assert secret not in proc.stdout and secret not in proc.stderr, f"{secret} printed by the {name} run"
+    assert procs["forced"].returncode == 0, procs["forced"].stderr[-2000:]
+    assert len(files) > 20 and list((out / "runs" / "again" / "wandb").glob("offline-run-*")), "W&B checked too"
+    manifest = json.loads((out / "runs" / "again" / "run_manifest.json").read_text())
+    assert manifest["config"]["logging"]["mlflow"]["tracking_uri"] == "http://user:***@127.0.0.1:9/"
+    assert manifest["config"]["cost"]["api_name"] == "GPT-4 Turbo via key ***"
+
+
+def test_redact_masks_userinfo_and_secret_env_values(monkeypatch):
+    monkeypatch.setenv("SOME_SERVICE_PASSWORD", "hunter2hunter2")
+    monkeypatch.setenv("SHORT_KEY", "abc")  # too short to be a secret: left alone
+    value = {"uri": "https://alice:p@ss@host:5000/x", "token_url": "https://ghp_abc123@github.com/o/r",
+             "list": ["pw hunter2hunter2", ("abc",)], "n": 3}
+    assert tf.redact(value) == {"uri": "https://alice:***@host:5000/x", "token_url": "https://***@github.com/o/r",
+                                "list": ["pw ***", ("abc",)], "n": 3}
+
+
+# --------------------------------------------------------------------------------------------------
+# Full disk (FINANCE_TRAINER_INJECT_ENOSPC)
+# --------------------------------------------------------------------------------------------------
+
+def full_disk_run(tiny_dir, out: Path, hook: str):
+    path = write_config(out / "c.yaml", base_config(tiny_dir, out))
+    return run_cli("--config", path, "--run-id", "full", "--skip-dry-run",
+                   env={"FINANCE_TRAINER_INJECT_ENOSPC": hook})
+
+
+def test_full_disk_at_a_checkpoint_is_reported_and_recorded(tiny_dir, tmp_path):
+    proc = full_disk_run(tiny_dir, tmp_path, "checkpoint-6")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    err = last_json(proc.stderr)
+    run_dir = tmp_path / "runs" / "full"
+    assert err["error"] == "DiskFull"
+    d = err["details"]
+    assert d["errno"] == errno.ENOSPC and d["errno_name"] == "ENOSPC"
+    assert d["path"] == str(run_dir / ".tmp-checkpoint-6" / "model.safetensors")
+    assert isinstance(d["free_bytes"], int) and "--resume-from latest --run-id full" in d["suggestion"]
+    manifest = json.loads((run_dir / "run_manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["error"]["error"] == "DiskFull"
+    assert json.loads((run_dir / "error.json").read_text())["details"]["path"] == d["path"]
+    assert tmp_entries(run_dir) == []  # the partial checkpoint is gone
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["status"] == "failed"
+
+
+def test_a_disk_that_stays_full_still_reports_the_first_error(tiny_dir, tmp_path):
+    proc = full_disk_run(tiny_dir, tmp_path, "checkpoint-6:sticky")  # every later write fails too
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    err = last_json(proc.stderr)
+    run_dir = tmp_path / "runs" / "full"
+    assert err["error"] == "DiskFull"
+    assert err["details"]["path"] == str(run_dir / ".tmp-checkpoint-6" / "model.safetensors")  # not the manifest's
+    assert [x["path"] for x in err["details"]["not_recorded"]][:2] == [str(run_dir / "run_manifest.json"),
+                                                                       str(run_dir / "error.json")]
+    assert json.loads((run_dir / "run_manifest.json").read_text())["status"] == "running"  # the last true record
+    assert not (run_dir / "error.json").exists()
+    assert tmp_entries(run_dir) == []  # no partial checkpoint, no .tmp-run_manifest.json.<pid>
+
+
+def test_write_json_atomic_removes_its_temp_file_when_the_write_fails(tmp_path, monkeypatch):
+    target = tmp_path / "record.json"
+    target.write_text('{"old": true}\n')
+    monkeypatch.setenv("FINANCE_TRAINER_INJECT_ENOSPC", "record.json")
+    with pytest.raises(OSError) as info:
+        tf.write_json_atomic(target, {"new": list(range(1000))})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json"]
+    assert json.loads(target.read_text()) == {"old": True}
+
+
+def test_preflight_refuses_a_disk_that_cannot_hold_two_checkpoints(tiny_dir, tmp_path, monkeypatch):
+    config = tf.load_training_config(str(write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))))
+    roomy = tf.validate_config(config, check_device=False)
+    assert roomy.ok, roomy.errors
+    one, need = roomy.disk["checkpoint_bytes"], roomy.disk["needed_bytes"]
+    assert need >= 5 * one  # save_total_limit 3 + best + the save under way
+
+    def free(n):
+        monkeypatch.setattr(tf.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 * need, 0, n))
+
+    free(2 * one - 1)
+    res = tf.validate_config(config, check_device=False)
+    err = tf.TrainerError.collected(res.errors)
+    assert err.kind == "InsufficientDisk" and err.exit_code == 2
+    assert err.details["field"] == "logging.output_dir" and err.details["free_bytes"] == 2 * one - 1
+    assert tf.validate_config(config, check_device=False, resuming=True).ok  # a resume needs room for one more
+    free(need - 1)
+    res = tf.validate_config(config, check_device=False)
+    assert res.ok and any("DiskFull" in w for w in res.warnings)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile and damaged input
+# --------------------------------------------------------------------------------------------------
+
+def alias_bomb(levels: int, key: str = "model") -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines + [f"{key}: *a{levels - 1}"]) + "\n"
+
+
+def test_yaml_alias_bomb_is_refused_before_it_expands():
+    for text in (alias_bomb(9), "a: &a [1, *a]\n"):  # 9^9 nodes; an anchor used inside itself
+        with pytest.raises(tf.TrainerError) as info:
+            tf._parse_yaml(text, "bomb.yaml")
+        assert info.value.kind == "InvalidConfig" and info.value.exit_code == 2
+        assert "alias" in info.value.details["problem"]
+    assert tf._parse_yaml("base: &b {x: 1}\nother: *b\n", "ok.yaml") == {"base": {"x": 1}, "other": {"x": 1}}
+
+
+def test_yaml_alias_bomb_cli_answers_with_a_short_error(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb(6))
+    proc = run_cli("--config", path, "--validate-only", timeout=120)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert len(line) < 5000 and json.loads(line)["error"] == "InvalidConfig"
+
+
+def test_long_values_are_cut_in_error_payloads():
+    big = list(range(100000))
+    value = tf.config_problem("data.dataset_name", big, "a string", "fix it")["details"]["value"]
+    assert isinstance(value, str) and len(value) < tf.MAX_ECHO_CHARS + 60
+    assert value.endswith(f"... [truncated: {len(json.dumps(big))} characters]")
+    assert tf.config_problem("x", 5, "e", "s")["details"]["value"] == 5  # short values stay as they are
+
+
+DAMAGED = {"empty": "", "truncated": '{"run_id": "r", "status": "comp', "not an object": "[1, 2, 3]"}
+
+
+@pytest.mark.parametrize("record", [tf.MANIFEST_NAME, "status.json"])
+@pytest.mark.parametrize("content", list(DAMAGED))
+def test_status_and_list_refuse_a_damaged_record(tmp_path, record, content):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / record).write_text(DAMAGED[content])
+    tools = [tf.monitor_training] + ([tf.list_checkpoints] if record == tf.MANIFEST_NAME else [])
+    for tool in tools:
+        with pytest.raises(tf.TrainerError) as info:
+            tool(str(run_dir))
+        assert info.value.kind == "RunRecordDamaged" and info.value.exit_code == 2
+        assert info.value.details["path"] == str((run_dir / record).resolve())
+
+
+def test_status_cli_on_a_truncated_manifest_is_a_clear_exit_2(tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / tf.MANIFEST_NAME).write_text(DAMAGED["truncated"])
+    proc = run_cli("--status", run_dir, "--json")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    err = last_json(proc.stderr)
+    assert err["error"] == "RunRecordDamaged" and "not valid JSON" in err["details"]["problem"]
+
+
+def test_resume_refuses_a_truncated_manifest_and_force_keeps_it(restarted, tmp_path):
+    out, path, procs = restarted
+    assert procs["forced"].returncode == 0, procs["forced"].stderr[-2000:]
+    shutil.copytree(out / "runs" / "again", tmp_path / "runs" / "again")
+    manifest = tmp_path / "runs" / "again" / tf.MANIFEST_NAME
+    damaged = manifest.read_bytes()[:500]
+    manifest.write_bytes(damaged)
+    args = ("--config", path, "--output-dir", tmp_path / "runs", "--resume-from", "latest", "--run-id", "again",
+            "--set", f"logging.logging_dir={tmp_path / 'logs'}", "--set", f"logging.tensorboard.log_dir={tmp_path / 'tb'}")
+    proc = run_cli(*args, env=ENV)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = last_json(proc.stderr)
+    assert err["error"] == "RunRecordDamaged" and err["details"]["path"] == str(manifest.resolve())
+    assert "--force" in err["details"]["suggestion"]
+    assert manifest.read_bytes() == damaged  # nothing written
+    proc = run_cli(*args, "--force", env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kept = list(manifest.parent.glob(f"{tf.MANIFEST_NAME}.damaged-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == damaged
+    assert json.loads(manifest.read_text())["status"] == "completed"
+
+
+def test_utf8_bom_in_messages_data_is_read_past(tiny_dir, tmp_path):
+    cfg = base_config(tiny_dir, tmp_path)
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b"\xef\xbb\xbf" + (tiny_dir / "messages" / "train.jsonl").read_bytes())
+    config = tf.load_training_config(str(write_config(tmp_path / "c.yaml", set_key(cfg, "data.train_path", str(train)))))
+    assert tf._read_jsonl(train, 1)[0]["messages"]
+    res = tf.validate_config(config)  # renders the first record with the chat template
+    assert res.ok, res.errors
+    lines = (tiny_dir / "messages" / "train.jsonl").read_bytes().splitlines(keepends=True)
+    train.write_bytes(lines[0] + b"\xef\xbb\xbf" + b"".join(lines[1:]))  # concatenated files: a BOM on line 2
+    _, problems = tf.scan_jsonl(train, "train", "auto", "absolute")
+    assert [(p["error"], p["details"]["line"]) for p in problems] == [("InvalidDataset", 2)]
+    assert "byte order mark" in problems[0]["details"]["problem"]
+
+
+def test_run_id_length_is_validated(tiny_dir, tmp_path):
+    path = write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))
+    proc = run_cli("--config", path, "--run-id", "r" * 300, "--validate-only")
+    assert proc.returncode == 2
+    err = last_json(proc.stderr)
+    assert err["error"] == "InvalidConfig" and err["details"]["field"] == "--run-id"
+    assert "128" in err["details"]["expected"]
+
+
+def test_run_id_is_validated_before_anything_is_read_or_written(tiny_dir, tmp_path):
+    path = write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path / "a"))
+    proc = run_cli("--config", path, "--resume-from", "latest", "--run-id", "../../etc")
+    assert proc.returncode == 2
+    err = last_json(proc.stderr)
+    assert err["error"] == "InvalidConfig" and err["details"]["field"] == "--run-id"
+    assert not (tmp_path / "etc").exists() and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("key", ["training.guards.grad_norm_limit", "training.guards.spike_factor",
+                                 "training.guards.divergence_increase", "model.lora.alpha"])
+def test_inf_is_refused_naming_the_field(tiny_dir, tmp_path, key):
+    cfg = set_key(base_config(tiny_dir, tmp_path), key, float("inf"))  # written as .inf; lora stays disabled
+    res = tf.validate_config(tf.load_training_config(str(write_config(tmp_path / "c.yaml", cfg))), check_device=False)
+    assert [e["details"]["field"] for e in res.errors] == [key]
+    assert res.errors[0]["error"] == "InvalidConfig" and res.errors[0]["details"]["value"] == "inf"
+
+
+def test_json_records_are_strict_json(tmp_path):
+    target = tmp_path / "m.json"
+    tf.write_json_atomic(target, {"loss": float("nan"), "curve": [(1, 0.5, float("inf"))], "m": {"x": -float("inf")}})
+
+    def refuse(constant):
+        raise AssertionError(f"bare {constant} in JSON")
+    assert json.loads(target.read_text(), parse_constant=refuse) == {"loss": "NaN", "curve": [[1, 0.5, "inf"]],
+                                                                      "m": {"x": "-inf"}}
