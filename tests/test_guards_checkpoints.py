@@ -77,7 +77,7 @@ def test_absurd_learning_rate_diverges_by_itself(tiny_dir, tmp_path):
 
 class FakeState:
     def __init__(self, step, epoch=1.0):
-        self.global_step, self.epoch, self.max_steps = step, epoch, 100
+        self.global_step, self.epoch, self.max_steps, self.num_train_epochs = step, epoch, 100, 1  # as TrainerState
 
 
 def guards(tmp_path, tiny_dir, **overrides):
