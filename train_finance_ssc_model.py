@@ -5,6 +5,7 @@ Usage:
     python train_finance_ssc_model.py --config training_config.yaml                  # dry run, then train
     python train_finance_ssc_model.py --config training_config.yaml --dry-run        # 10 real steps, no checkpoints
     python train_finance_ssc_model.py --config training_config.yaml --validate-only  # check config + data, < 1 s
+    python train_finance_ssc_model.py --config training_config.yaml --plan [--json]  # before renting: fit, hours, $
     python train_finance_ssc_model.py --config training_config.yaml --resume-from latest --run-id RUN
     python train_finance_ssc_model.py --config c.yaml --set training.hyperparameters.learning_rate=1e-5
     python train_finance_ssc_model.py --status RUN_DIR            # or --list-checkpoints RUN_DIR, --json
@@ -154,6 +155,8 @@ class DataConfig:
     format: str = field(default="auto", metadata={"doc": "auto|text|prompt_completion|messages|instruction"})
     train_on_prompt: bool = field(default=False, metadata={"doc": "also compute loss on prompt tokens"})
     packing: bool = field(default=False, metadata={"doc": "pack records into full max_seq_length rows"})
+    dedup: bool = field(default=False, metadata={
+        "doc": "drop exact duplicate train records (the first is kept) and valid/test records whose prompt is in train"})
 
 
 @dataclass(kw_only=True)
@@ -161,7 +164,8 @@ class HyperparametersConfig:
     learning_rate: float = 2.0e-5
     batch_size: int = 4
     gradient_accumulation_steps: int = 8
-    num_epochs: float = 3
+    num_epochs: float = field(default=3, metadata={"doc": "may be fractional; an integer stays an integer (manifest)",
+                                                   "int_stays_int": True})
     warmup_steps: int = 500
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
@@ -227,6 +231,11 @@ class ComputeConfig:
     fsdp: Optional[str] = field(default=None, metadata={"doc": "passed to TrainingArguments.fsdp"})
     fsdp_config: Optional[dict] = field(default=None, metadata={"doc": "passed to TrainingArguments.fsdp_config"})
     deepspeed: Optional[str] = field(default=None, metadata={"doc": "DeepSpeed JSON path for TrainingArguments"})
+    gpu_type: Optional[str] = field(default=None, metadata={
+        "doc": "--plan's target GPU, a GPU_TYPES name (H100-80GB, A100-40GB, L40S-48GB, ...); null = the visible GPU"})
+    assumed_mfu: float = field(default=0.4, metadata={
+        "doc": "--plan's model FLOPs utilization for the wall-time estimate, in (0, 1]; a run measures its own "
+               "(manifest performance.mfu.value)"})
 
 
 @dataclass(kw_only=True)
@@ -261,6 +270,9 @@ class CostConfig:
     """Inputs of the cost and ROI lines in the manifest (spec: Cost Tracking)."""
     gpu_hourly_usd: float = field(default=3.39, metadata={"doc": "price of one GPU for one hour"})
     gpu_price_source: str = "DigitalOcean GPU Droplet, NVIDIA H100 1x on-demand list price (May 2026)"
+    node_hourly_usd: Optional[float] = field(default=None, metadata={
+        "doc": "list price of one node of compute.num_gpus GPUs for one hour (an 8-GPU node is usually below "
+               "8 x gpu_hourly_usd); null = gpu_hourly_usd x GPUs"})
     api_usd_per_million_tokens: float = field(default=10.0, metadata={"doc": "API price the run is compared with"})
     api_name: str = "GPT-4 Turbo (input tokens)"
 
@@ -625,7 +637,8 @@ def _build_section(cls: type, raw: Any, path: str, problems: list) -> Any:
         elif tp is list and not all(isinstance(v, str) for v in value):
             problems.append(config_problem(dotted, value, "a list of strings", f"quote each item of `{name}`"))
         else:
-            values[name] = float(value) if tp is float else value
+            keep_int = isinstance(value, int) and f.metadata.get("int_stays_int")  # num_epochs: 3 is recorded as 3
+            values[name] = float(value) if tp is float and not keep_int else value
     if any(v is None and not _is_optional(hints[k]) for k, v in values.items()):
         return None
     try:
@@ -763,6 +776,8 @@ class ValidationResult:
     checkpoint: dict = field(default_factory=dict)  # config.json of the base checkpoint, where readable
     memory: dict = field(default_factory=dict)  # estimate_memory + what is available
     disk: dict = field(default_factory=dict)  # check_disk: free space on the output filesystem vs the checkpoints
+    integrity: dict = field(default_factory=dict)  # data_integrity: train duplicates, valid/test prompts seen in train
+    baseline: dict = field(default_factory=dict)  # baseline_differences: config, data and memory vs the baseline run
 
     @property
     def ok(self) -> bool:
@@ -895,6 +910,17 @@ def _field_rules(config: TrainingConfig, res: ValidationResult) -> None:
     for key in ("gpu_hourly_usd", "api_usd_per_million_tokens"):
         if not (math.isfinite(getattr(cost, key)) and getattr(cost, key) >= 0):
             err(config_problem(f"cost.{key}", getattr(cost, key), "number >= 0", f"set {key} to a price in USD"))
+    if cost.node_hourly_usd is not None and not (math.isfinite(cost.node_hourly_usd) and cost.node_hourly_usd >= 0):
+        err(config_problem("cost.node_hourly_usd", cost.node_hourly_usd, "number >= 0, or null",
+                           "set node_hourly_usd to the provider's hourly price of the whole node, or remove it"))
+    gpu_type, mfu = config.compute.gpu_type, config.compute.assumed_mfu
+    if gpu_type is not None and gpu_type not in GPU_TYPES:
+        close = difflib.get_close_matches(gpu_type, GPU_TYPES, n=1, cutoff=0.5)
+        err(config_problem("compute.gpu_type", gpu_type, f"one of {list(GPU_TYPES)}, or null (the visible GPU)",
+                           f"use gpu_type: {close[0] if close else 'H100-80GB'}"))
+    if not (math.isfinite(mfu) and 0 < mfu <= 1):
+        err(config_problem("compute.assumed_mfu", mfu, "number in (0, 1]",
+                           "set assumed_mfu: 0.4 (dense fine-tuning typically reaches 0.3-0.5)"))
 
     c = config.compute
     if c.device not in ("cuda", "cpu"):
@@ -1074,6 +1100,7 @@ def scan_jsonl(path: Path, split: str, forced: str, how: str) -> tuple[dict, lis
 
 
 def _data_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    clean = True  # every split read without a problem: then the integrity check (duplicates, leakage) can run
     for split in ("train", "valid", "test"):
         entry = config.resolved_paths[f"data.{split}_path"]
         forced = config.data.format if config.data.format in DATA_FORMATS else "auto"  # bad format: reported once
@@ -1081,13 +1108,127 @@ def _data_rules(config: TrainingConfig, res: ValidationResult) -> None:
         res.errors.extend(problems)
         if info:
             res.data[split] = info
+        clean = clean and bool(info) and not problems
+    if clean:
+        _integrity_rules(config, res)
+
+
+MAX_INTEGRITY_EXAMPLES = 5  # line numbers shown (and recorded) per split for duplicates and leaks
+
+
+def record_prompt(record: dict, shape: str) -> str:
+    """A record's prompt without a tokenizer (the leakage key): the conversation before the last assistant turn,
+    the prompt, the rendered instruction, or a text record's whole text (it has no prompt/answer split)."""
+    if shape == "messages":
+        msgs = record["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return json.dumps([[m["role"], m["content"]] for m in msgs[:last]], ensure_ascii=False)
+    if shape == "prompt_completion":
+        return record["prompt"]
+    if shape == "instruction":
+        return render_instruction_prompt(record)
+    return record["text"]
+
+
+def _canonical(value: Any) -> Any:
+    """A record as datasets hands it back and as the file has it compare equal: keys whose value is null are the
+    ones Arrow adds to unify a split's schema."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items() if v is not None}
+    return [_canonical(v) for v in value] if isinstance(value, list) else value
+
+
+def _digest(value: Any) -> bytes:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).digest()
+
+
+def data_integrity(splits: dict) -> tuple[dict, dict]:
+    """Exact duplicates within train, and valid/test records whose prompt is also a train record's prompt (they
+    inflate valid/test metrics). `splits`: split -> (shape, [(line number, record), ...]). Returns the counts with
+    the first line numbers of each, and per split the 0-based positions data.dedup drops (a duplicate's first copy
+    is kept)."""
+    drop: dict = {"train": [], "valid": [], "test": []}
+    examples: dict = {"train": [], "valid": [], "test": []}
+    shape, rows = splits["train"]
+    seen, prompts = set(), set()
+    for pos, (line, record) in enumerate(rows):
+        key = _digest(_canonical(record))
+        if key in seen:
+            drop["train"].append(pos)
+            examples["train"].append(line)
+        seen.add(key)
+        prompts.add(_digest(record_prompt(record, shape)))
+    for split in ("valid", "test"):
+        shape, rows = splits[split]
+        for pos, (line, record) in enumerate(rows):
+            if _digest(record_prompt(record, shape)) in prompts:
+                drop[split].append(pos)
+                examples[split].append(line)
+    found = {"train_duplicates": len(drop["train"]), "valid_leaks": len(drop["valid"]),
+             "test_leaks": len(drop["test"]), "examples": {s: v[:MAX_INTEGRITY_EXAMPLES] for s, v in examples.items()}}
+    return found, drop
+
+
+def _jsonl_rows(path: Path):
+    """(line number, record) of a JSONL file that scan_jsonl passed, numbered as scan_jsonl numbers lines."""
+    with Path(path).open("rb") as fh:
+        for line_no, raw in enumerate(fh, 1):
+            if raw.strip():
+                yield line_no, json.loads(raw)
+
+
+def _integrity_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    """Warn about train duplicates and valid/test leakage (counts and line numbers); with data.dedup the planned
+    sample counts are the ones left after dropping them, and a split left empty is an error."""
+    splits = {s: (res.data[s]["shape"], list(_jsonl_rows(Path(res.data[s]["path"])))) for s in ("train", "valid", "test")}
+    found, drop = data_integrity(splits)
+    res.integrity = found
+    dedup = config.data.dedup
+
+    def lines(split: str) -> str:
+        shown = ", ".join(map(str, found["examples"][split]))
+        return f"line{'s' if len(drop[split]) > 1 else ''} {shown}{', ...' if len(drop[split]) > MAX_INTEGRITY_EXAMPLES else ''}"
+
+    if drop["train"]:
+        res.warnings.append(
+            f"data: {len(drop['train'])} exact duplicate record(s) in train ({lines('train')}): "
+            + ("data.dedup drops them, keeping the first copy" if dedup
+               else "they count double in training; set data.dedup: true to drop them (the first copy is kept)"))
+    for split in ("valid", "test"):
+        if drop[split]:
+            res.warnings.append(
+                f"data: {len(drop[split])} of {res.data[split]['samples']} {split} records have a prompt that is "
+                f"also in train ({lines(split)}): leakage inflates {split} metrics; "
+                + ("data.dedup drops them" if dedup else "set data.dedup: true to drop them"))
+    if not dedup:
+        return
+    for split in ("train", "valid", "test"):
+        res.data[split]["samples"] -= len(drop[split])
+        if res.data[split]["samples"] <= 0:
+            res.errors.append(problem(
+                "EmptyDataset", field=f"data.{split}_path", path=res.data[split]["path"], line_count=len(splits[split][1]),
+                suggestion=f"data.dedup drops every {split} record (each prompt is also in train): use a {split} "
+                           "split with prompts unseen in training, or set data.dedup: false"))
+
+
+def dedup_splits(raw, shapes: dict) -> tuple[Any, dict]:
+    """data.dedup on the loaded DatasetDict: the records data_integrity finds (the same rule as the validation
+    warning) are dropped; returns the smaller DatasetDict and split -> records dropped."""
+    splits = {s: (shapes[s], [(i + 1, r) for i, r in enumerate(raw[s])]) for s in ("train", "valid", "test")}
+    _, drop = data_integrity(splits)
+    for split, positions in drop.items():
+        if positions:
+            gone = set(positions)
+            raw[split] = raw[split].select([i for i in range(len(raw[split])) if i not in gone])
+    return raw, {s: len(v) for s, v in drop.items()}
 
 
 HUB_SMOLLM3 = "HuggingFaceTB/SmolLM3-3B-Base or HuggingFaceTB/SmolLM3-3B"
 
 
-def _checkpoint_rules(config: TrainingConfig, res: ValidationResult) -> None:
-    """The base checkpoint is reachable and is the model the YAML describes (config.json only, no weights)."""
+def _checkpoint_rules(config: TrainingConfig, res: ValidationResult, need_weights: bool = True) -> None:
+    """The base checkpoint is reachable and is the model the YAML describes (config.json only, no weights).
+    need_weights=False (--plan): a directory holding config.json alone is enough."""
     ref = checkpoint_ref(config)
     entry = config.resolved_paths.get("model.base_checkpoint")
     if entry:
@@ -1095,9 +1236,10 @@ def _checkpoint_rules(config: TrainingConfig, res: ValidationResult) -> None:
         missing = []
         if not (d / "config.json").is_file():
             missing.append("config.json")
-        if not (list(d.glob("*.safetensors")) or list(d.glob("pytorch_model*.bin"))):
+        if need_weights and not (list(d.glob("*.safetensors")) or list(d.glob("pytorch_model*.bin"))):
             missing.append("weights (*.safetensors)")
-        if not any((d / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        if need_weights and not any((d / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json",
+                                                                 "tokenizer.model")):
             missing.append("tokenizer (tokenizer.json)")
         if not d.is_dir() or missing:
             res.errors.append(problem(
@@ -1206,10 +1348,58 @@ def _packing_rules(config: TrainingConfig, res: ValidationResult) -> None:
     if not config.data.packing or "train" not in res.data:
         return
     tokenizer = load_tokenizer(config)
-    tok = _tokenize_split(_raw_splits(config)["train"], config, tokenizer, res.data["train"]["shape"], "train")
+    raw = _raw_splits(config)
+    if config.data.dedup:  # the rows training will pack
+        raw, _ = dedup_splits(raw, {s: i["shape"] for s, i in res.data.items()})
+    tok = _tokenize_split(raw["train"], config, tokenizer, res.data["train"]["shape"], "train")
     lengths = [len(ids) for ids, n in zip(tok["input_ids"], tok["answer_tokens"]) if n > 0]
-    res.data["train"]["packed_rows"] = len(pack_rows(lengths, config.data.max_seq_length))
+    rows = pack_rows(lengths, config.data.max_seq_length)
+    res.data["train"]["packed_rows"] = len(rows)
     _schedule_rules(config, res)
+    _packing_cost_rule(config, res, lengths, rows)
+
+
+def _packing_cost_rule(config: TrainingConfig, res: ValidationResult, lengths: list[int],
+                       rows: list[list[int]]) -> None:
+    """What packing costs, before training. Only flash-attention 2 (CUDA, flash-attn installed) runs packed rows
+    varlen; sdpa and eager compute attention over each whole row under a block mask, so packing trades a little
+    padding for far more attention work and fewer, larger optimizer steps: warn with the numbers."""
+    import importlib.util
+    hp = config.training.hyperparameters
+    cost = packing_cost(lengths, rows, hp.batch_size * world_size(config), hp.gradient_accumulation_steps)
+    res.data["train"]["packing_cost"] = cost
+    varlen = (config.model.use_flash_attention_2 and config.compute.device == "cuda"
+              and importlib.util.find_spec("flash_attn") is not None)
+    if varlen:
+        return
+    res.warnings.append(
+        f"data.packing: true without a varlen attention kernel (sdpa; flash-attention 2 needs CUDA, flash-attn and "
+        f"model.use_flash_attention_2: true): every packed row of up to {config.data.max_seq_length} tokens "
+        f"computes attention over the whole row under a block mask, {cost['attention_scores_packed']:,} attention "
+        f"scores per epoch against {cost['attention_scores_unpacked']:,} unpacked in batches of similar length "
+        f"({cost['attention_ratio']:.1f}x), for {cost['positions_packed']:,} token positions against "
+        f"{cost['positions_unpacked']:,} ({cost['positions_ratio']:.2f}x); optimizer steps per epoch "
+        f"{cost['steps_per_epoch_packed']} packed, {cost['steps_per_epoch_unpacked']} unpacked. Expect a slower "
+        f"run: set data.packing: false (batches are grouped by length, little padding), or train on a CUDA GPU "
+        f"with flash-attn and model.use_flash_attention_2: true")
+
+
+def packing_cost(lengths: list[int], rows: list[list[int]], global_batch: int, accumulation: int) -> dict:
+    """Per epoch, packed rows (`rows` from pack_rows) against unpacked records in batches of similar length (the
+    length-grouped sampler; estimated as the sorted lengths cut into batches), each batch padded to its longest:
+    attention scores computed without a varlen kernel (batch x width^2, per layer and head), token positions
+    (batch x width: the linear layers' work) and optimizer steps."""
+    def padded(widths: list[int]) -> tuple[int, int]:
+        widths = sorted(widths, reverse=True)
+        batches = [widths[i:i + global_batch] for i in range(0, len(widths), global_batch)]
+        return sum(len(b) * b[0] ** 2 for b in batches), sum(len(b) * b[0] for b in batches)
+    att_p, pos_p = padded([sum(lengths[i] for i in row) for row in rows])
+    att_u, pos_u = padded(lengths)
+    steps = lambda n: max(1, math.ceil(math.ceil(n / global_batch) / accumulation))  # noqa: E731
+    return {"attention_scores_packed": att_p, "attention_scores_unpacked": att_u,
+            "attention_ratio": round(att_p / max(1, att_u), 2), "positions_packed": pos_p,
+            "positions_unpacked": pos_u, "positions_ratio": round(pos_p / max(1, pos_u), 2),
+            "steps_per_epoch_packed": steps(len(rows)), "steps_per_epoch_unpacked": steps(len(lengths))}
 
 
 def _chat_template_rules(config: TrainingConfig, res: ValidationResult) -> None:
@@ -1267,6 +1457,17 @@ def _device_rules(config: TrainingConfig, res: ValidationResult) -> None:
         res.errors.append(config_problem("training.hyperparameters.fp16", True, "fp16: false on CPU",
                                          "fp16 mixed precision needs a CUDA GPU: on CPU set fp16: false "
                                          "and compute.mixed_precision: no (or bf16)"))
+    if c.device == "cpu" and c.fsdp:
+        # Trainer would not shard on CPU: it runs plain DDP (every rank a full replica) and says nothing
+        res.errors.append(config_problem("compute.fsdp", c.fsdp, "null when compute.device is cpu",
+                                         "FSDP shards across CUDA GPUs: remove compute.fsdp for a CPU run, or set "
+                                         "compute.device: cuda on a GPU host (check the fit first with --plan)"))
+    unknown = [w for w in (c.fsdp or "").split() if w not in FSDP_OPTIONS]
+    if unknown and str((c.fsdp_config or {}).get("version", (c.fsdp_config or {}).get("fsdp_version", 2))) == "2":
+        # hybrid_shard / no_shard exist only in FSDP1; Trainer would raise on the first rank, after the model loaded
+        res.errors.append(config_problem("compute.fsdp", c.fsdp, f"words from {list(FSDP_OPTIONS)} (FSDP2)",
+                                         f"{unknown} are not FSDP2 options: use `{FSDP_FULL_SHARD}` (ZeRO-3) or "
+                                         "`shard_grad_op auto_wrap` (ZeRO-2)"))
 
 
 # Optional packages: a feature's key -> (module, install command). Only what the config turns on is required,
@@ -1322,6 +1523,7 @@ def validate_config(config: TrainingConfig, check_device: bool = True, resuming:
             res.disk = check_disk(config, res.checkpoint, res, res.memory.get("parameters"), resuming=resuming)
         except TrainerError as exc:
             res.errors.extend(exc.errors)
+    _baseline_rules(config, res)
     return res
 
 
@@ -1433,6 +1635,11 @@ def load_splits(config: TrainingConfig, tokenizer, shapes: dict, limit: Optional
     """Tokenized train/valid/test datasets plus per-split stats (samples, truncated, dropped, tokens).
     Tokenization goes through datasets.map, so a second run with the same data and tokenizer is a cache hit."""
     raw = _raw_splits(config)
+    dropped = {}
+    if config.data.dedup:
+        raw, dropped = dedup_splits(raw, shapes)
+        log.info("data.dedup: dropped %d duplicate train records, %d valid and %d test records whose prompt is in "
+                 "train", dropped["train"], dropped["valid"], dropped["test"])
     out, stats = {}, {}
     files = {split: str(data_path(config, f"{split}_path")) for split in ("train", "valid", "test")}
     for split, ds in raw.items():
@@ -1446,7 +1653,7 @@ def load_splits(config: TrainingConfig, tokenizer, shapes: dict, limit: Optional
                           desc=f"dropping {split} records with no answer tokens")
         lengths = [len(x) for x in kept["input_ids"]]
         stats[split] = {"records": len(ds), "samples": len(kept), "truncated": truncated,
-                        "dropped_no_answer_tokens": len(tok) - len(kept),
+                        "dropped_no_answer_tokens": len(tok) - len(kept), "dedup_dropped": dropped.get(split, 0),
                         "tokens": int(sum(lengths)),
                         "answer_tokens": int(sum(kept["answer_tokens"])),
                         # the record length an average token attends over (sum n^2 / sum n): MFU's attention term
@@ -1674,17 +1881,28 @@ def count_parameters(ckpt_dir: Optional[Path], ckpt_cfg: dict) -> int:
                     "suggestion": f"{f.name} is truncated or corrupt: copy the checkpoint again"}) from exc
         return total
     H, I, L, V, heads, kv_dim = architecture_dims(ckpt_cfg)
-    per_layer = 2 * H * H + 2 * H * kv_dim + 3 * H * I + 2 * H
-    return V * H * (1 if ckpt_cfg.get("tie_word_embeddings", True) else 2) + L * per_layer + H
+    return V * H * (1 if ckpt_cfg.get("tie_word_embeddings", True) else 2) + L * layer_parameters(ckpt_cfg) + H
 
 
-def estimate_memory(config: TrainingConfig, ckpt_cfg: dict, n_params: int) -> dict:
+def layer_parameters(ckpt_cfg: dict) -> int:
+    """One decoder layer: q/o (H x H each), k/v (H x kv_dim each), gate/up/down (H x I each), two norms."""
+    H, I, L, V, heads, kv_dim = architecture_dims(ckpt_cfg)
+    return 2 * H * H + 2 * H * kv_dim + 3 * H * I + 2 * H
+
+
+def estimate_memory(config: TrainingConfig, ckpt_cfg: dict, n_params: int, shards: Optional[int] = None) -> dict:
     """Peak training memory per device, in bytes, before any weight is loaded.
     Model states: fp32 weights (the master copy) + fp32 grads + AdamW's two fp32 moments = 16 B/param, plus a
     2 B/param autocast weight copy under fp16/bf16. Activations saved for backward, per token and layer:
     about 10*hidden + 4*intermediate + 2*kv_dim elements (measured on SmolLM3 with sdpa, which stores no
     seq x seq attention matrix); with gradient checkpointing only each layer's input (hidden) plus one
-    layer's full set. Logits: fp32 logits and log-softmax, 2 x vocab x 4 B per token."""
+    layer's full set. Logits: fp32 logits and log-softmax, 2 x vocab x 4 B per token.
+    FSDP full-shard / ZeRO-3 over `shards` ranks (default: the world size when compute.fsdp has full_shard):
+    the states less the autocast copy are split evenly (states / shards), and each rank gathers whole units
+    in the compute dtype instead: the largest unit (a decoder layer, or the embedding / LM head) twice, the
+    one computing and the one prefetched. Activations and logits are per rank, as under DDP."""
+    if shards is None:
+        shards = world_size(config) if "full_shard" in (config.compute.fsdp or "") else 1
     hp = config.training.hyperparameters
     H, I, L, V, heads, kv_dim = architecture_dims(ckpt_cfg)
     amp = config.compute.mixed_precision in ("fp16", "bf16")
@@ -1702,6 +1920,11 @@ def estimate_memory(config: TrainingConfig, ckpt_cfg: dict, n_params: int) -> di
     else:
         adapter = None
         states = n_params * (16 + (2 if amp else 0) + optimizer_bytes - 8)
+    gathered = 0
+    if shards > 1:
+        amp_copy = 2 * n_params if amp and (not lo.enabled or lo.quantization == "none") else 0
+        states = int((states - amp_copy) / shards)
+        gathered = 2 * max(layer_parameters(ckpt_cfg), V * H) * elem
     tokens = hp.batch_size * config.data.max_seq_length
     per_layer = (10 * H + 4 * I + 2 * kv_dim) * elem
     if config.model.gradient_checkpointing:
@@ -1711,6 +1934,8 @@ def estimate_memory(config: TrainingConfig, ckpt_cfg: dict, n_params: int) -> di
     logits = tokens * V * 4 * 2
     out = {"parameters": n_params, "trainable_parameters": adapter if adapter is not None else n_params,
            "weights_grads_optimizer_bytes": states, "activation_bytes": activations, "logits_bytes": logits}
+    if shards > 1:
+        out.update(shards=shards, gathered_units_bytes=gathered)
     out["total_bytes"] = int(sum(v for k, v in out.items() if k.endswith("_bytes")))
     out["total_gb"] = round(out["total_bytes"] / 2**30, 3)
     return out
@@ -1747,7 +1972,7 @@ def check_memory(config: TrainingConfig, ckpt_cfg: dict, validation: ValidationR
     est["fraction_of_available"] = round(ratio, 4)
     if ratio > 1:
         per_sample = (est["activation_bytes"] + est["logits_bytes"]) / config.training.hyperparameters.batch_size
-        room = 0.8 * available - est["weights_grads_optimizer_bytes"]
+        room = 0.8 * available - est["weights_grads_optimizer_bytes"] - est.get("gathered_units_bytes", 0)
         fits = int(room // per_sample) if per_sample and room > 0 else 0
         hp = config.training.hyperparameters
         if fits >= 1:
@@ -1758,12 +1983,91 @@ def check_memory(config: TrainingConfig, ckpt_cfg: dict, validation: ValidationR
                    "(FSDP/DeepSpeed), use a smaller model, or LoRA")
         if not config.model.gradient_checkpointing:
             fix += ", or enable model.gradient_checkpointing"
-        raise out_of_memory_error(config, f"estimated {est['total_gb']} GB > {est['available_gb']} GB available on "
+        shard = fsdp_fix(config, ckpt_cfg, n_params, available)
+        if shard:  # the estimate says FSDP would fit where DDP does not: lead with the exact change
+            fix = f"{shard['suggestion']}; otherwise: {fix}"
+        err = out_of_memory_error(config, f"estimated {est['total_gb']} GB > {est['available_gb']} GB available on "
                                           f"{device}", est["total_gb"], est["available_gb"], fix)
+        if shard:
+            err.details.update(config_change=shard["config_change"], fsdp_estimated_memory_gb=shard["gb_per_gpu"])
+        raise err
     if ratio > 0.8:
         validation.warnings.append(f"estimated peak memory {est['total_gb']} GB is {ratio:.0%} of the "
                                    f"{est['available_gb']} GB available on {device} (spec: stay under 80%)")
     return est
+
+
+# Plan before renting (--plan): target GPUs as one table. memory_mib: total memory as nvidia-smi reports it;
+# peak_flops: dense bf16/fp16 tensor-core FLOP/s per GPU (vendor datasheets, SXM parts where there are two).
+GPU_TYPES = {
+    "H100-80GB": {"memory_mib": 81559, "peak_flops": 989e12},
+    "H200-141GB": {"memory_mib": 143771, "peak_flops": 989e12},
+    "A100-40GB": {"memory_mib": 40960, "peak_flops": 312e12},
+    "A100-80GB": {"memory_mib": 81920, "peak_flops": 312e12},
+    "L40S-48GB": {"memory_mib": 46068, "peak_flops": 362e12},
+}
+FIT_FRACTION = 0.8  # a strategy fits when its estimate is within 80% of a GPU's memory (spec: Memory Usage)
+FSDP_FULL_SHARD = "full_shard auto_wrap"  # the compute.fsdp value --plan and the OutOfMemory fix name
+PLAN_STRATEGIES = {  # strategy -> the settings that select it; activations and logits stay per GPU in all four
+    "ddp": {"compute.fsdp": None, "model.lora.enabled": False, "model.lora.quantization": "none"},
+    "fsdp": {"compute.fsdp": FSDP_FULL_SHARD, "model.lora.enabled": False, "model.lora.quantization": "none"},
+    "lora": {"compute.fsdp": None, "model.lora.enabled": True, "model.lora.quantization": "none"},
+    "qlora": {"compute.fsdp": None, "model.lora.enabled": True, "model.lora.quantization": "4bit"},
+}
+
+
+def _dotted_get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _with_settings(config: TrainingConfig, settings: dict) -> TrainingConfig:
+    """A copy of `config` with dotted keys set (the original is untouched)."""
+    import copy
+    out = copy.deepcopy(config)
+    for dotted, value in settings.items():
+        *parents, last = dotted.split(".")
+        setattr(_dotted_get(out, ".".join(parents)), last, value)
+    return out
+
+
+def plan_strategy(config: TrainingConfig, ckpt_cfg: dict, n_params: int, name: str, num_gpus: int,
+                  capacity_bytes: float) -> dict:
+    """Per-GPU memory of one strategy (PLAN_STRATEGIES) with the configured batch on `num_gpus` GPUs of
+    `capacity_bytes`. When it does not fit as configured and model.gradient_checkpointing is off, the estimate
+    with it on is the one reported (gradient_checkpointing says which). config_change: the keys to set."""
+    settings = dict(PLAN_STRATEGIES[name])
+    shards = num_gpus if name == "fsdp" else 1
+    est = estimate_memory(_with_settings(config, settings), ckpt_cfg, n_params, shards=shards)
+    limit = FIT_FRACTION * capacity_bytes
+    row = {"fits": est["total_bytes"] <= limit, "gradient_checkpointing": config.model.gradient_checkpointing}
+    if not row["fits"] and not config.model.gradient_checkpointing:
+        with_ckpt = {**settings, "model.gradient_checkpointing": True}
+        est_ckpt = estimate_memory(_with_settings(config, with_ckpt), ckpt_cfg, n_params, shards=shards)
+        row.update(fits=est_ckpt["total_bytes"] <= limit, gradient_checkpointing=True,
+                   gb_per_gpu_without_gradient_checkpointing=est["total_gb"])
+        settings, est = with_ckpt, est_ckpt
+    row.update(gb_per_gpu=est["total_gb"], bytes_per_gpu=est["total_bytes"],
+               config_change={k: v for k, v in settings.items() if _dotted_get(config, k) != v},
+               breakdown={k: v for k, v in est.items() if k.endswith("_bytes") and k != "total_bytes"})
+    return row
+
+
+def fsdp_fix(config: TrainingConfig, ckpt_cfg: dict, n_params: int, capacity_bytes: float) -> Optional[dict]:
+    """DDP (a full replica per GPU) does not fit but FSDP full-shard over the configured GPUs would: the exact
+    config change and its estimate, for the OutOfMemory suggestion. None when that is not the case."""
+    world = world_size(config)
+    if (config.compute.device != "cuda" or world < 2 or "full_shard" in (config.compute.fsdp or "")
+            or config.model.lora.enabled):
+        return None
+    row = plan_strategy(config, ckpt_cfg, n_params, "fsdp", world, capacity_bytes)
+    if not row["fits"]:
+        return None
+    change = ", ".join(f"{k}: {json.dumps(v)}" for k, v in row["config_change"].items())
+    return {"config_change": row["config_change"], "gb_per_gpu": row["gb_per_gpu"],
+            "suggestion": f"DDP keeps a full replica of the model states on every GPU; FSDP full-shard over {world} "
+                          f"GPUs needs about {row['gb_per_gpu']} GB per GPU: set {change}"}
 
 
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "adafactor": 4, "sgd": 0}  # per trainable parameter, fp32
@@ -1783,9 +2087,14 @@ def estimate_checkpoint_bytes(config: TrainingConfig, ckpt_cfg: dict, n_params: 
                     if f.is_file() and not f.name.endswith(WEIGHT_FILE_SUFFIXES))
     else:
         extra = 20 * 2**20
-    total = int(weights + optimizer + extra + 2**20)
-    return {"weights_bytes": int(weights), "optimizer_bytes": int(optimizer), "other_bytes": int(extra + 2**20),
-            "total_bytes": total}
+    # under compute.fsdp Trainer's resume state holds the model's shards (fp32, every rank's piece) besides the
+    # consolidated model.safetensors: the weights are on disk twice (_save_checkpoint_atomic)
+    shards = weights if config.compute.fsdp else 0
+    total = int(weights + shards + optimizer + extra + 2**20)
+    out = {"weights_bytes": int(weights), "optimizer_bytes": int(optimizer), "other_bytes": int(extra + 2**20)}
+    if shards:
+        out["fsdp_model_shards_bytes"] = int(shards)
+    return {**out, "total_bytes": total}
 
 
 def check_disk(config: TrainingConfig, ckpt_cfg: dict, validation: ValidationResult, n_params: Optional[int] = None,
@@ -2590,6 +2899,27 @@ def _inject_nan(model, loss):
     return loss * float("nan")
 
 
+class SeededLengthGroupedSampler:
+    """transformers' length-grouped order with a generator seeded from (seed, epoch): Trainer calls set_epoch
+    before every epoch (a resumed one too, before skipping the batches already trained), so the order of each
+    epoch is a function of the seed alone and a resume is bit-exact."""
+
+    def __init__(self, lengths: list[int], seed: int, batch_size: int):
+        self.lengths, self.seed, self.batch_size, self.epoch = lengths, seed, batch_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 def _trainer_class():
     from transformers import Trainer
 
@@ -2625,6 +2955,33 @@ def _trainer_class():
                 if self.is_in_train and getattr(self, "history", None) is not None:
                     self.history.eval_seconds += time.perf_counter() - t0
 
+        def _get_train_sampler(self, train_dataset=None):
+            """Batches of similar lengths (LengthGroupedSampler's order: shuffled, then sorted by length within
+            mega-batches of 50 batches), so a batch padded to its longest record carries little padding (the demo
+            data: ~20% padding in random batches, <1% grouped). Seeded by (seed, epoch) alone, never the global RNG,
+            so a resumed run sees the same batches. Packed rows are all ~max_seq_length: left to Trainer."""
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            if ds is None or not hasattr(ds, "column_names") or "position_ids" in ds.column_names:
+                return super()._get_train_sampler(train_dataset)
+            args = self.args
+            seed = args.data_seed if args.data_seed is not None else args.seed
+            return SeededLengthGroupedSampler([len(x) for x in ds["input_ids"]], seed,
+                                              args.train_batch_size * args.gradient_accumulation_steps
+                                              * max(1, args.world_size))
+
+        def _get_eval_sampler(self, eval_dataset):
+            """Evaluation in length order (longest first: an OOM shows at once), so batches carry almost no
+            padding. The metrics are per token and per record, so the order does not change them."""
+            if self.args.world_size > 1 or not hasattr(eval_dataset, "column_names") \
+                    or "input_ids" not in eval_dataset.column_names:
+                return super()._get_eval_sampler(eval_dataset)
+            key = getattr(eval_dataset, "_fingerprint", None) or id(eval_dataset)
+            cache = self.__dict__.setdefault("_eval_orders", {})
+            if key not in cache:
+                lengths = [len(x) for x in eval_dataset["input_ids"]]
+                cache[key] = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+            return cache[key]
+
         def _save_checkpoint(self, model, trial):
             t0 = time.perf_counter()
             try:
@@ -2652,7 +3009,8 @@ def _trainer_class():
 
         def _clip_grad_norm(self, model):
             norm = super()._clip_grad_norm(model)
-            self.probe.grad_norm = float(norm)  # a sync point Trainer pays anyway when it logs the norm
+            # a sync point Trainer pays anyway when it logs the norm; the global norm under FSDP (global_grad_norm)
+            self.probe.grad_norm = global_grad_norm(norm)
             if _INJECT_GRAD_SCALE_AT_STEP is not None and self.state.global_step + 1 == _INJECT_GRAD_SCALE_AT_STEP[0] \
                     and not self.dry_run:
                 self.probe.grad_norm *= _INJECT_GRAD_SCALE_AT_STEP[1]
@@ -2815,6 +3173,24 @@ def damaged_checkpoint_error(field_: str, value: Any, ckpt_dir: Path, reason: st
                                                "suggestion": suggestion})
 
 
+def full_state_dict(trainer) -> Optional[dict]:
+    """Under FSDP every rank holds a shard of each weight (DTensors): the full weights, gathered through
+    accelerate (torch.distributed.checkpoint's get_model_state_dict under FSDP2), whatever the plugin's
+    state_dict_type. A collective: every rank calls it; rank 0 receives the tensors on CPU (one full fp32 copy of the
+    model in host RAM for the length of the save), the others an empty dict. None without FSDP: the model's own
+    state_dict is already whole."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model)
+
+
+def global_grad_norm(norm: Any) -> float:
+    """The pre-clip gradient norm as a float. Under FSDP2 clip_grad_norm_ returns a DTensor: its full_tensor() is
+    the norm over every rank's shard (a no-op when it is already replicated), never one rank's local piece."""
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if callable(full) else norm)
+
+
 def save_checkpoint(trainer) -> Path:
     """_save_checkpoint_atomic, leaving nothing partial behind when it fails: the `.tmp-<name>` dir is removed (on a
     full disk that also gives the space back for the failed manifest and error.json), and a full disk becomes
@@ -2847,7 +3223,11 @@ def _save_checkpoint_atomic(trainer) -> Path:
         shutil.rmtree(tmp)
     trainer.accelerator.wait_for_everyone()
     trainer.store_flos()
-    trainer.save_model(str(tmp), _internal_call=True)
+    full = full_state_dict(trainer)  # under FSDP: gathered once, saved and verified from the same tensors
+    if full is None:
+        trainer.save_model(str(tmp), _internal_call=True)
+    elif args.should_save:  # one consolidated model.safetensors (+ config, tokenizer) that from_pretrained loads
+        trainer._save(str(tmp), state_dict=full)
     injected = injected_enospc(tmp / "model.safetensors") if args.should_save else None
     if injected is not None:  # test hook: the weights file did not fit
         raise injected
@@ -2864,12 +3244,14 @@ def _save_checkpoint_atomic(trainer) -> Path:
         model = trainer.accelerator.unwrap_model(trainer.model)
         if is_peft_model(model):  # the adapter file holds these keys (no adapter name, trainable only)
             from peft import get_peft_model_state_dict
-            check = verify_weights(tmp, get_peft_model_state_dict(model))
+            check = verify_weights(tmp, get_peft_model_state_dict(model, state_dict=full))
         else:
-            check = verify_weights(tmp, model.state_dict())
-        for f in sorted(tmp.iterdir()):  # optimizer, scheduler, RNG, trainer state, config: one read each
-            if f.is_file() and f.name not in check["checksums"]:
-                check["checksums"][f.name] = _sha256_cached(f)
+            check = verify_weights(tmp, full if full is not None else model.state_dict())
+        # optimizer, scheduler, RNG, trainer state, config, and FSDP's per-rank shard dirs: one read each
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            rel = f.relative_to(tmp).as_posix()
+            if rel not in check["checksums"]:
+                check["checksums"][rel] = _sha256_cached(f)
         eval_step, eval_metrics = getattr(trainer, "last_eval", (None, None))
         meta = {"name": name, "run_id": trainer.run_id, "step": st.global_step, "epoch": round(st.epoch or 0, 4),
                 "metrics": eval_metrics if eval_step == st.global_step else None,
@@ -3055,7 +3437,7 @@ def list_checkpoints(run_id: str, output_dir: Optional[str] = None) -> list[dict
     run_dir = find_run_dir(run_id, output_dir)
     ckpts = read_checkpoints(run_dir, verify=True)
     recorded = (read_run_record(run_dir / MANIFEST_NAME, DAMAGED_MANIFEST_HINT) or {}).get("checkpoints")
-    best = recorded.get("best_checkpoint") if isinstance(recorded, dict) else None
+    best = resolve_manifest_path(recorded.get("best_checkpoint"), run_dir) if isinstance(recorded, dict) else None
     healthy = [c["path"] for c in ckpts if c.get("health") == "ok"]
     return [{"name": c["name"], "path": c["path"], "step": c["step"], "epoch": c["epoch"],
              "metrics": c.get("metrics"), "health": c.get("health"), "integrity": c.get("integrity"),
@@ -3201,8 +3583,8 @@ def generate_samples(model, tokenizer, records: list[dict], shape: str, max_new_
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
         with torch.no_grad():
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=stop or None,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 do_sample=False, eos_token_id=stop or None, use_cache=True,  # config says False
+                                 pad_token_id=tokenizer.pad_token_id)                      # while training
         text = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
         out.append({"prompt": prompt, "reference": reference, "generated": text,
                     "exact_match": text.strip() == reference.strip()})
@@ -3243,7 +3625,121 @@ def compare_to_baseline(manifest: dict, baseline_ref: str) -> dict:
             continue
         rows.append({"metric": key, "baseline": old, "current": new, "delta": new - old,
                      "improved": new < old if lower_better else new > old})
-    return {"baseline_run_id": base.get("run_id"), "baseline_manifest": str(path), "metrics": rows}
+    diffs = baseline_differences(_run_facts(manifest), _run_facts(base))
+    return {"baseline_run_id": base.get("run_id"), "baseline_manifest": str(path), "metrics": rows, **diffs}
+
+
+BASELINE_IGNORED_KEYS = ("evaluation.baseline",)  # differs between a run and its baseline by construction
+MEMORY_SCALING_KEYS = ("batch_size", "max_seq_length", "r", "num_gpus")  # more of these: more memory per device
+
+
+def _dry_run_measured_bytes(manifest: dict) -> Optional[float]:
+    """The memory a run's dry run measured for a full-length batch (its estimate x measured_over_estimated)."""
+    est = (manifest.get("memory_estimate") or {}).get("total_bytes")
+    ratio = (manifest.get("dry_run") or {}).get("measured_over_estimated")
+    return round(est * ratio) if isinstance(est, (int, float)) and isinstance(ratio, (int, float)) else None
+
+
+def _run_facts(manifest: dict) -> dict:
+    """What a baseline comparison compares, read from a manifest."""
+    ds = manifest.get("dataset") or {}
+    gpu_peak = ((manifest.get("performance") or {}).get("peak_memory") or {}).get("gpu_peak_allocated_bytes")
+    return {"config": manifest.get("config") or {},
+            "data_files": (manifest.get("reproducibility") or {}).get("data_files") or {},
+            "dataset": {"name": ds.get("name"), "version": ds.get("version")},
+            "memory": {"estimated": (manifest.get("memory_estimate") or {}).get("total_bytes"),
+                       "measured": _dry_run_measured_bytes(manifest),
+                       "gpu_peak": max(gpu_peak) if gpu_peak else None}}
+
+
+def _config_facts(config: TrainingConfig, res: ValidationResult) -> dict:
+    """_run_facts of the run about to start, from its config and preflight (nothing measured yet)."""
+    return {"config": config.to_dict(),
+            "data_files": {s: {"path": i["path"], "sha256": _sha256_cached(Path(i["path"])), "samples": i["samples"]}
+                           for s, i in res.data.items()},
+            "dataset": {"name": config.data.dataset_name, "version": config.data.dataset_version},
+            "memory": {"estimated": res.memory.get("total_bytes"), "measured": None, "gpu_peak": None}}
+
+
+def _change_note(key: str, old: Any, new: Any) -> str:
+    """`doubled, check memory`: the size of a numeric change, and what it risks."""
+    nums = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (old, new))
+    if not nums or not old:
+        return ""
+    ratio = new / old
+    note = {2: "doubled", 0.5: "halved"}.get(ratio, f"x{ratio:.3g}")
+    return note + (", check memory" if ratio > 1 and key.rsplit(".", 1)[-1] in MEMORY_SCALING_KEYS else "")
+
+
+def baseline_differences(current: dict, base: dict) -> dict:
+    """Config, data and memory of a run against its baseline's (both _run_facts): every changed config key with
+    a note, a changed data file (sha256, record count) or dataset name/version, and the memory deltas."""
+    old, new = _flatten(redact(base["config"])), _flatten(redact(current["config"]))
+    config_diffs = []
+    for key in sorted(set(old) & set(new)):  # a key one script version lacks is not a change the user made
+        if key in BASELINE_IGNORED_KEYS or re.fullmatch(r"data\.(train|valid|test)_path", key) \
+                or old[key] == new[key]:
+            continue
+        config_diffs.append({"key": key, "baseline": _jsonable(old[key]), "current": _jsonable(new[key]),
+                             "note": _change_note(key, old[key], new[key])})
+    data_diffs = []
+    for split in ("train", "valid", "test"):
+        o, n = base["data_files"].get(split) or {}, current["data_files"].get(split) or {}
+        if o.get("sha256") and n.get("sha256") and o["sha256"] != n["sha256"]:
+            data_diffs.append({
+                "key": f"data.{split}_path", "baseline": o.get("path"), "current": n.get("path"),
+                "baseline_sha256": o["sha256"], "current_sha256": n["sha256"],
+                "baseline_samples": o.get("samples"), "current_samples": n.get("samples"),
+                "note": f"{split} data changed: {o.get('samples')} -> {n.get('samples')} records"
+                        + ("" if o.get("path") == n.get("path") else " (another file)")})
+    for key in ("name", "version"):
+        o, n = base["dataset"].get(key), current["dataset"].get(key)
+        if o is not None and o != n:
+            data_diffs.append({"key": f"data.dataset_{key}", "baseline": o, "current": n,
+                               "note": f"dataset {key} changed"})
+    memory = {}
+    for kind in ("estimated", "measured"):
+        o, n = base["memory"].get(kind), current["memory"].get(kind)
+        memory[kind] = {"baseline_bytes": o, "current_bytes": n,
+                        "delta_bytes": n - o if o is not None and n is not None else None}
+    memory["baseline_gpu_peak_bytes"] = base["memory"].get("gpu_peak")
+    return {"config_differences": config_diffs, "data_differences": data_diffs, "memory": memory}
+
+
+def _signed_size(n: float) -> str:
+    return ("+" if n >= 0 else "-") + (_size(abs(n)) if n else "0 B")
+
+
+def baseline_lines(diffs: dict, run_id: Any) -> list[str]:
+    """One console line per difference from the baseline (spec Session 3: `batch_size 4 -> 8: doubled, check
+    memory`); hyperparameters by their short name."""
+    lines = []
+    for d in diffs["config_differences"]:
+        key = d["key"].removeprefix("training.hyperparameters.")
+        lines.append(f"vs baseline {run_id}: {key} {d['baseline']} -> {d['current']}"
+                     + (f": {d['note']}" if d["note"] else ""))
+    for d in diffs["data_differences"]:
+        sha = (f", sha256 {d['baseline_sha256'][:12]} -> {d['current_sha256'][:12]}"
+               if "baseline_sha256" in d else "")
+        lines.append(f"vs baseline {run_id}: {d['note']} ({d['key']} {d['baseline']} -> {d['current']}{sha}); "
+                     "metric deltas compare different data")
+    est = diffs["memory"]["estimated"]
+    if est["delta_bytes"]:
+        lines.append(f"vs baseline {run_id}: memory estimate {_size(est['current_bytes'])}, "
+                     f"{_signed_size(est['delta_bytes'])} on the baseline's {_size(est['baseline_bytes'])}")
+    return lines
+
+
+def _baseline_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    """With evaluation.baseline (or --baseline): the new config and data against the baseline run's, before any
+    training, as warnings (so --validate-only, --dry-run and the training command all show them)."""
+    path = _baseline_manifest_path(config.evaluation.baseline) if config.evaluation.baseline else None
+    if path is None:
+        return
+    base = _read_json(path)
+    res.baseline = {"baseline_run_id": base.get("run_id"), "baseline_manifest": str(path),
+                    **baseline_differences(_config_facts(config, res), _run_facts(base))}
+    res.warnings.extend(baseline_lines(res.baseline, base.get("run_id")))
 
 
 def format_comparison(cmp: dict) -> str:
@@ -3252,6 +3748,10 @@ def format_comparison(cmp: dict) -> str:
     for r in cmp["metrics"]:
         lines.append(f"{r['metric']:<26}{r['baseline']:>12.4f}{r['current']:>12.4f}{r['delta']:>+12.4f}  "
                      f"{'yes' if r['improved'] else 'no'}")
+    changed = [d["key"].removeprefix("training.hyperparameters.") for d in cmp.get("config_differences") or []]
+    changed += [d["key"] for d in cmp.get("data_differences") or []]
+    if changed:
+        lines.append(f"differences from the baseline: {', '.join(changed)}")
     return "\n".join(lines)
 
 
@@ -3364,17 +3864,32 @@ def archive_best(run_dir: Path, best_checkpoint: str, manifest: dict) -> Path:
     return final
 
 
+def hourly_price(cost: CostConfig, gpu_count: int, gpus_per_node: Optional[int] = None) -> tuple[float, str]:
+    """USD per hour of `gpu_count` GPUs and which price that is: whole nodes of `gpus_per_node` GPUs
+    (compute.num_gpus) at cost.node_hourly_usd when it is set (providers list multi-GPU nodes at their own
+    price, usually below N x the 1-GPU price), else cost.gpu_hourly_usd per GPU. No GPU: nothing."""
+    if gpu_count <= 0:
+        return 0.0, "none (no GPU in use)"
+    if cost.node_hourly_usd is not None:
+        per_node = max(1, gpus_per_node or gpu_count)
+        nodes = math.ceil(gpu_count / per_node)
+        return nodes * cost.node_hourly_usd, f"cost.node_hourly_usd x {nodes} node(s) of {per_node} GPUs"
+    return gpu_count * cost.gpu_hourly_usd, f"cost.gpu_hourly_usd x {gpu_count} GPUs"
+
+
 def compute_cost(wall_seconds: float, gpu_count: int, checkpoints_saved: int, tokens: int,
-                 cost: CostConfig) -> dict:
+                 cost: CostConfig, gpus_per_node: Optional[int] = None) -> dict:
     """GPU hours, cost per run and per checkpoint, and the spec's ROI line against an API price.
-    Every input is recorded next to the result."""
+    Every input is recorded next to the result, with the hourly price used and its basis (hourly_price)."""
     gpu_hours = wall_seconds / 3600 * gpu_count
-    run_cost = gpu_hours * cost.gpu_hourly_usd
+    hourly_usd, price_basis = hourly_price(cost, gpu_count, gpus_per_node)
+    run_cost = wall_seconds / 3600 * hourly_usd
     api_cost = tokens / 1e6 * cost.api_usd_per_million_tokens
     per_token = cost.api_usd_per_million_tokens / 1e6
     return {
         "inputs": {"wall_seconds": round(wall_seconds, 3), "gpu_count": gpu_count,
                    "gpu_hourly_usd": cost.gpu_hourly_usd, "gpu_price_source": cost.gpu_price_source,
+                   "node_hourly_usd": cost.node_hourly_usd, "hourly_usd": hourly_usd, "price_basis": price_basis,
                    "checkpoints_saved": checkpoints_saved, "tokens": tokens, "api_name": cost.api_name,
                    "api_usd_per_million_tokens": cost.api_usd_per_million_tokens},
         "gpu_hours": round(gpu_hours, 6),
@@ -3438,6 +3953,50 @@ def monitor_training(run_id: str, output_dir: Optional[str] = None) -> dict:
 # --------------------------------------------------------------------------------------------------
 # 11. Manifest: the run record, written atomically at start (status running) and at the end
 # --------------------------------------------------------------------------------------------------
+
+def portable_path(path: Any, run_dir: Path, given_absolute: bool = False) -> Any:
+    """How the manifest stores a path: relative to the manifest's own directory (the run dir), so a run dir that is
+    copied or moved to another machine still names its checkpoints. A path outside the run dir (the CSV curves under
+    logging_dir) is stored relative to it as well (`../../logs/RUN/train_loss.csv`), unless the user configured that
+    directory as an absolute path, which is kept. None and relative paths pass through."""
+    if not path or not Path(path).is_absolute():
+        return path
+    p, base = Path(path), Path(run_dir)
+    if p == base or base in p.parents:
+        return p.relative_to(base).as_posix() or "."
+    return str(p) if given_absolute else os.path.relpath(p, base)
+
+
+def resolve_manifest_path(value: Any, manifest_dir: Path) -> Any:
+    """A path read from a manifest, usable here: a relative one is relative to the manifest's directory (absolute
+    paths, from older manifests or configured as such, are used as they are)."""
+    if not isinstance(value, str) or not value:
+        return value
+    p = Path(value).expanduser()
+    return str(p) if p.is_absolute() else os.path.normpath(Path(manifest_dir) / p)
+
+
+def _portable_manifest(manifest: dict, run_dir: Path, config: TrainingConfig) -> dict:
+    """build_manifest's paths made portable_path's: checkpoints, curves, logs, samples, reports, resume points.
+    Dicts the run context still holds are replaced, never edited in place."""
+    lg = config.logging
+    logs_abs = Path(lg.logging_dir).expanduser().is_absolute()
+    ck, m = manifest["checkpoints"], manifest["metrics"]
+    for key in ("best_checkpoint", "final_checkpoint", "best_archive"):
+        ck[key] = portable_path(ck[key], run_dir)
+    for key in ("train_loss_curve", "val_loss_curve", "train_log", "loss_curves_plot"):
+        m[key] = portable_path(m[key], run_dir, logs_abs)
+    m["tensorboard_logs"] = portable_path(m["tensorboard_logs"], run_dir,
+                                          Path(lg.tensorboard.log_dir).expanduser().is_absolute())
+    m["wandb_dir"] = portable_path(m["wandb_dir"], run_dir)
+    for block, key in (("samples", "path"), ("dry_run", "report"), ("lora", "adapter_checkpoint"),
+                       ("lora", "merged_checkpoint"), ("resume_from", "path")):
+        if isinstance(manifest.get(block), dict) and manifest[block].get(key):
+            manifest[block] = {**manifest[block], key: portable_path(manifest[block][key], run_dir, True)}
+    manifest["resumes"] = [{**r, "path": portable_path(r.get("path"), run_dir, True)} if isinstance(r, dict) else r
+                           for r in manifest.get("resumes") or []]
+    return manifest
+
 
 def save_manifest(run_id: str, manifest: dict, output_path: str) -> str:
     """Write the manifest for `run_id` atomically to `output_path` (a file, or a run dir)."""
@@ -3562,6 +4121,9 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
             "packing": ({"rows": stats["train"].get("packed_rows"), "fill": stats["train"].get("packing_fill")}
                         if config.data.packing and "train" in stats else None),
         },
+        "data_integrity": ({**ctx.validation.integrity, "dedup": config.data.dedup,
+                            "dropped": {s: v.get("dedup_dropped", 0) for s, v in stats.items()}}
+                           if ctx.validation.integrity else None),
         "hyperparameters": {
             "learning_rate": hp.learning_rate, "batch_size": hp.batch_size,
             "gradient_accumulation_steps": hp.gradient_accumulation_steps, "num_epochs": hp.num_epochs,
@@ -3599,7 +4161,8 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
         "anomalies": ctx.history.anomalies,
         "performance": ctx.performance,
         "cost": compute_cost(elapsed, world_size(config) if config.compute.device == "cuda" else 0,
-                             ctx.history.checkpoints_saved, ctx.tokens_seen or 0, config.cost),
+                             ctx.history.checkpoints_saved, ctx.tokens_seen or 0, config.cost,
+                             gpus_per_node=config.compute.num_gpus),
         "memory_estimate": ctx.validation.memory,
         "dry_run": ctx.dry_run,
         "lora": ctx.lora,
@@ -3639,7 +4202,7 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
     }
     if ctx.error is not None:
         manifest["error"] = ctx.error
-    return manifest
+    return _portable_manifest(manifest, ctx.run_dir, config)
 
 
 def _json_float(value: Any) -> Any:
@@ -3756,12 +4319,64 @@ def optimizer_implementation(config: TrainingConfig) -> str:
     return "adamw_torch_fused" if fused else name
 
 
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")  # compute.fsdp words FSDP2 accepts
+FSDP_DEFAULTS = {  # the fsdp_config compute.fsdp gets; compute.fsdp_config's keys win over these
+    "version": 2,  # FSDP2: fully_shard, DTensor parameters (FSDP1 is deprecated in transformers)
+    "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # one FSDP unit per decoder layer (the model's _no_split_modules)
+    # Trainer's resume state (model + optimizer) is written per rank through torch.distributed.checkpoint: no rank
+    # gathers the optimizer. The full model.safetensors that from_pretrained and inference servers load is
+    # consolidated separately at every save (full_state_dict), so the full weights are not written twice.
+    "state_dict_type": "SHARDED_STATE_DICT",
+    # every rank loads the base weights from disk (no meta-device init + broadcast): slower to start on a big node,
+    # but it leaves tied embeddings and non-persistent buffers exactly as from_pretrained made them
+    "cpu_ram_efficient_loading": False,
+}
+
+
+def fsdp_settings(config: TrainingConfig, model=None) -> tuple[str, Optional[dict]]:
+    """(TrainingArguments.fsdp, TrainingArguments.fsdp_config) for compute.fsdp: FSDP2 with FSDP_DEFAULTS,
+    `reshard_after_forward` from the sharding word (full_shard: true, ZeRO-3; shard_grad_op: false, ZeRO-2),
+    cpu_offload from `offload`, and the layer class to wrap from the loaded model's `_no_split_modules`
+    (SmolLM3DecoderLayer), merged with compute.fsdp_config (its keys win; a `fsdp_` prefix is dropped as
+    transformers does). The compute.fsdp string itself is passed on: every transformers version reads it."""
+    c = config.compute
+    if not c.fsdp:
+        return "", None
+    words = c.fsdp.split()
+    settings: dict = {**FSDP_DEFAULTS, "reshard_after_forward": "shard_grad_op" not in words}
+    if "offload" in words:
+        settings["cpu_offload"] = True
+    if config.model.gradient_checkpointing:  # FSDP's own: Trainer's would add an all-gather per layer in backward
+        settings["activation_checkpointing"] = True
+    try:  # a peft model answers with its base model's attribute
+        wrap = list(getattr(model, "_no_split_modules", None) or []) if model is not None else []
+    except Exception:
+        wrap = []
+    if wrap:
+        settings["transformer_layer_cls_to_wrap"] = wrap
+    for key, value in (c.fsdp_config or {}).items():
+        settings[key[5:] if key.startswith("fsdp_") else key] = value
+    return c.fsdp, settings
+
+
 def build_training_args(config: TrainingConfig, run_dir: Path, dry_run: bool, max_steps: Optional[int],
-                        resuming: bool):
+                        resuming: bool, model=None):
+    """TrainingArguments for a run (or a dry run: no evaluation, no saves). Under compute.fsdp (not in a dry run,
+    which is one plain process) the FSDP2 setup of fsdp_settings; Trainer refuses FSDP outside a distributed
+    launch, so a process not started by torchrun / accelerate launch (LOCAL_RANK unset) gets InvalidConfig here,
+    naming the CLI that launches itself (main: launch_distributed, one process per GPU, even for one GPU)."""
     from transformers import TrainingArguments
     hp, opt, ck, lg, c = (config.training.hyperparameters, config.training.optimization,
                           config.training.checkpointing, config.logging, config.compute)
     metric = ck.metric_for_best_model
+    fsdp, fsdp_config = fsdp_settings(config, model) if not dry_run else ("", None)
+    if fsdp and TrainingArguments.__dataclass_fields__["fsdp"].metadata.get("const") is True:
+        fsdp = True  # transformers that take `fsdp=True` deprecate the string; fsdp_config already says it all
+    if fsdp and "LOCAL_RANK" not in os.environ:
+        raise TrainerError("InvalidConfig", {
+            "field": "compute.fsdp", "value": c.fsdp, "expected": "a distributed launch (LOCAL_RANK set)",
+            "suggestion": "run the CLI (`python train_finance_ssc_model.py --config ...` starts torch.distributed.run "
+                          "itself under compute.fsdp, even for one GPU) or torchrun / accelerate launch"})
     return TrainingArguments(
         output_dir=str(run_dir),
         per_device_train_batch_size=hp.batch_size,
@@ -3777,7 +4392,9 @@ def build_training_args(config: TrainingConfig, run_dir: Path, dry_run: bool, ma
         optim=optimizer_implementation(config),
         fp16=c.mixed_precision == "fp16",
         bf16=c.mixed_precision == "bf16",
-        activation_checkpointing=config.model.gradient_checkpointing,
+        # under FSDP fsdp_config's activation_checkpointing does it (Trainer refuses both at once)
+        activation_checkpointing=config.model.gradient_checkpointing
+        and not str((fsdp_config or {}).get("activation_checkpointing", False)).lower() == "true",
         logging_strategy="steps",
         logging_steps=1 if dry_run else lg.logging_steps,
         logging_first_step=True,
@@ -3796,8 +4413,8 @@ def build_training_args(config: TrainingConfig, run_dir: Path, dry_run: bool, ma
         data_seed=config.training.seed,
         use_cpu=c.device == "cpu",
         ddp_backend=c.distributed_backend if world_size(config) > 1 else None,
-        fsdp=c.fsdp or "",
-        fsdp_config=c.fsdp_config,
+        fsdp=fsdp,
+        fsdp_config=fsdp_config,
         deepspeed=c.deepspeed,
         report_to="none",  # trackers are fed by MetricsCallback -> log_metrics
         disable_tqdm=not sys.stderr.isatty(),
@@ -3947,8 +4564,13 @@ def run_output(manifest: dict, manifest_path: Path) -> dict:
     """The spec's Output object (Example Session 1), printed as the last line on stdout at the end of a run
     (completed, diverged, failed or interrupted): its values are the final manifest's, plus the manifest's path."""
     results, ckpts = manifest.get("training_results") or {}, manifest.get("checkpoints") or {}
+    # The manifest's path is relative to the manifest; this line's is usable from the caller's working directory:
+    # relative to it when the run is below it (`checkpoints/finance_ssc_baseline/checkpoint-epoch-3`), else absolute.
+    best = resolve_manifest_path(ckpts.get("best_checkpoint"), Path(manifest_path).parent)
+    if best and Path.cwd() in Path(best).parents:
+        best = os.path.relpath(best)
     return {"run_id": manifest.get("run_id"), "status": manifest.get("status"),
-            "best_checkpoint": ckpts.get("best_checkpoint"),
+            "best_checkpoint": best,
             "final_val_perplexity": results.get("final_val_perplexity"),
             "training_time_hours": results.get("training_time_hours"), "manifest": str(manifest_path)}
 
@@ -4177,8 +4799,11 @@ def _train(ctx: RunContext, resume_path: Optional[str], skip_dry_run: bool = Fal
     tokenizer, datasets_, model = _prepare(ctx)
     dry_run_before_training(ctx, tokenizer, datasets_, model, dry_run_steps, skip=skip_dry_run,
                             resuming=resume_path is not None)
-    args = build_training_args(config, ctx.run_dir, dry_run=False, max_steps=None, resuming=resume_path is not None)
+    args = build_training_args(config, ctx.run_dir, dry_run=False, max_steps=None, resuming=resume_path is not None,
+                               model=model)
     ctx.optimizer_implementation = str(getattr(args.optim, "value", args.optim))
+    if args.fsdp:  # the manifest's `distributed` block: the FSDP setup as Trainer received it
+        ctx.distributed = {"fsdp": config.compute.fsdp, "fsdp_config": json.loads(json.dumps(args.fsdp_config or {}, default=str))}
     trainer = _build_trainer(ctx, tokenizer, datasets_, model, args, dry_run=False)
     if resume_path:
         trainer.resume_plan = ctx.resume_plan
@@ -4209,7 +4834,7 @@ def _train(ctx: RunContext, resume_path: Optional[str], skip_dry_run: bool = Fal
     finally:
         sync_ctx()
     if world_size(config) > 1:
-        ctx.distributed = rank_weight_agreement(trainer)
+        ctx.distributed = {**(ctx.distributed or {}), **rank_weight_agreement(trainer)}
     if ctx.history.stop is not None:
         raise diverged_error(ctx, stop_validation_loss(trainer, datasets_["valid"]))
     if ctx.history.preempted is not None:
@@ -4227,8 +4852,13 @@ def _train(ctx: RunContext, resume_path: Optional[str], skip_dry_run: bool = Fal
         ctx.lora = {**dataclasses.asdict(config.model.lora), **parameter_counts(trainer.model),
                     "target_modules": sorted(trainer.model.peft_config["default"].target_modules),
                     "adapter_checkpoint": ctx.best_checkpoint, "merged_checkpoint": None}
+    samples = None
+    if getattr(trainer, "is_fsdp_enabled", False) and world_size(config) > 1 and config.evaluation.num_samples:
+        # a sharded model runs a forward only with every rank taking part (generate keeps the ranks in step:
+        # synced_gpus); rank 0 alone would wait forever on the first all-gather
+        samples = sample_completions(ctx, trainer.model, tokenizer)
     if is_main_process():
-        analyse_run(ctx, trainer.model, tokenizer)
+        analyse_run(ctx, trainer.model, tokenizer, samples)
         if config.model.lora.enabled and config.model.lora.merge_at_end:
             source = ctx.best_checkpoint or (read_checkpoints(ctx.run_dir) or [{}])[-1].get("path")
             if source:
@@ -4237,14 +4867,20 @@ def _train(ctx: RunContext, resume_path: Optional[str], skip_dry_run: bool = Fal
     return "completed"
 
 
-def analyse_run(ctx: RunContext, model, tokenizer) -> None:
-    """Spec Phase 4 after a completed run: sample completions, loss plot (baseline comparison and the best
-    archive follow once the final manifest exists)."""
+def sample_completions(ctx: RunContext, model, tokenizer) -> list[dict]:
+    """Greedy completions of the first evaluation.num_samples test prompts."""
+    ev = ctx.config.evaluation
+    records = _read_jsonl(data_path(ctx.config, "test_path"), ev.num_samples)
+    return generate_samples(model, tokenizer, records, ctx.validation.data["test"]["shape"], ev.max_new_tokens)
+
+
+def analyse_run(ctx: RunContext, model, tokenizer, samples: Optional[list] = None) -> None:
+    """Spec Phase 4 after a completed run: sample completions (`samples` when every rank generated them already,
+    under multi-GPU FSDP), loss plot (baseline comparison and the best archive follow once the final manifest
+    exists)."""
     ev = ctx.config.evaluation
     if ev.num_samples:
-        shape = ctx.validation.data["test"]["shape"]
-        records = _read_jsonl(data_path(ctx.config, "test_path"), ev.num_samples)
-        samples = generate_samples(model, tokenizer, records, shape, ev.max_new_tokens)
+        samples = samples if samples is not None else sample_completions(ctx, model, tokenizer)
         path = ctx.run_dir / "samples.jsonl"
         tmp = path.with_name(TMP_PREFIX + path.name)
         tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples), encoding="utf-8")
@@ -4262,8 +4898,12 @@ def analyse_run(ctx: RunContext, model, tokenizer) -> None:
 
 
 def rank_weight_agreement(trainer) -> dict:
-    """sha256 of every rank's weights after training: DDP keeps replicas identical, this proves it."""
+    """sha256 of every rank's weights after training: DDP keeps replicas identical, this proves it. Under FSDP
+    each rank holds different shards (there are no replicas to compare): said so, nothing hashed."""
     import torch.distributed as dist
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "backend": trainer.args.ddp_backend, "sharded": "fsdp", "ranks_agree": None}
     h = hashlib.sha256()
     for _, p in sorted(trainer.accelerator.unwrap_model(trainer.model).state_dict().items()):
         h.update(p.detach().to("cpu").contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
@@ -4579,6 +5219,8 @@ def dry_run_model(config: TrainingConfig, validation: ValidationResult, run_id: 
     ctx = RunContext(config=config, run_id=run_id, run_dir=run_dir, validation=validation, tracker=tracker,
                      history=RunHistory(), reproducibility={}, created_at=utc_now(), start_time=time.time())
     try:
+        for w in validation.warnings:  # as the training command and --validate-only show them
+            log.warning(w)
         echo_config(config)
         tokenizer, datasets_, model = _prepare(ctx, limit=dry_run_records(config, steps))
         report = run_dry_steps(ctx, tokenizer, datasets_, model, steps, ctx.data_stats)
@@ -4705,6 +5347,7 @@ def run_dry_steps(ctx: RunContext, tokenizer, datasets_: dict, model, steps: int
         "memory": {"estimated": validation.memory, "measured": measured,
                    "measured_over_estimated": round(measured["total_bytes"] / estimated, 4) if estimated else None},
         "data": data, "checks": checks, "anomalies": history.anomalies, "warnings": validation.warnings,
+        "baseline_memory": _dry_run_vs_baseline(validation, measured["total_bytes"]),
         "tracking": {"csv": str(tracker.log_dir), "tensorboard": str(tracker.tensorboard_dir)
                      if tracker.tensorboard_dir else None, "wandb": tracker.wandb_run is not None},
         "created_at": utc_now(),
@@ -4714,11 +5357,25 @@ def run_dry_steps(ctx: RunContext, tokenizer, datasets_: dict, model, steps: int
         write_json_atomic(path, report)
     stopped = f" (a guard stopped it: {history.stop['reason']})" if history.stop else ""
     failed = "" if report["status"] == "passed" else f", failed: {', '.join(k for k, v in checks.items() if not v)}"
+    vs = report["baseline_memory"]
+    vs_text = (f" ({_signed_size(vs['delta_bytes'])} on baseline {vs['baseline_run_id']}'s {_size(vs['baseline_bytes'])})"
+               if vs else "")
     (log.info if report["status"] == "passed" else log.error)(
-        "dry run %s: %d step%s%s, initial loss %.2f (ln vocab %.2f), memory %s measured vs %s estimated%s -> %s",
+        "dry run %s: %d step%s%s, initial loss %.2f (ln vocab %.2f), memory %s measured%s vs %s estimated%s -> %s",
         report["status"], steps_run, "" if steps_run == 1 else "s", stopped, initial, report["ln_vocab"],
-        _size(measured["total_bytes"]), _size(estimated), failed, path)
+        _size(measured["total_bytes"]), vs_text, _size(estimated), failed, path)
     return report
+
+
+def _dry_run_vs_baseline(validation: ValidationResult, measured_bytes: Optional[float]) -> Optional[dict]:
+    """The dry run's measured memory beside the baseline's (spec Session 3: "Dry-run passes with 8GB extra memory
+    usage"): the baseline's own dry-run measurement, or its GPU peak when it has none."""
+    mem = (validation.baseline or {}).get("memory") or {}
+    base = (mem.get("measured") or {}).get("baseline_bytes") or mem.get("baseline_gpu_peak_bytes")
+    if not base or measured_bytes is None:
+        return None
+    return {"baseline_run_id": validation.baseline.get("baseline_run_id"), "baseline_bytes": base,
+            "current_bytes": measured_bytes, "delta_bytes": measured_bytes - base}
 
 
 def dry_run_failed(report: dict, path: Path) -> TrainerError:
@@ -4788,6 +5445,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--skip-dry-run", action="store_true",
                    help="train without the dry run that otherwise runs first (a resume never repeats it)")
     p.add_argument("--validate-only", action="store_true", help="check config, data and checkpoint, then exit")
+    p.add_argument("--plan", action="store_true",
+                   help="before renting: memory per GPU under DDP, FSDP full-shard, LoRA and QLoRA on "
+                        "compute.num_gpus x compute.gpu_type, which fit, wall time and cost, from the model's "
+                        "config.json alone (no weights, no GPU); --json for machines")
     p.add_argument("--resume-from", metavar="PATH|latest",
                    help="continue a run from a checkpoint dir, or from its newest healthy one (with --run-id)")
     p.add_argument("--force", action="store_true",
@@ -4809,7 +5470,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     tools.add_argument("--list-checkpoints", metavar="RUN", help="complete checkpoints with metrics and health")
     tools.add_argument("--evaluate", metavar="CHECKPOINT", help="test metrics of a checkpoint (with --test-data)")
     tools.add_argument("--test-data", metavar="PATH", help="JSONL file for --evaluate")
-    tools.add_argument("--json", action="store_true", help="print tool output as JSON instead of a table")
+    tools.add_argument("--json", action="store_true", help="print tool or --plan output as JSON instead of a table")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     args = p.parse_args(argv)
     if not (args.config or args.status or args.list_checkpoints or args.evaluate):
@@ -4859,9 +5520,138 @@ def _table(rows: list[list]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
+STRATEGY_LABELS = {"ddp": "DDP", "fsdp": "FSDP full-shard", "lora": "LoRA", "qlora": "QLoRA"}
+
+
+def target_gpu(config: TrainingConfig, res: ValidationResult) -> Optional[dict]:
+    """compute.gpu_type from GPU_TYPES, or the visible GPU (the only reason --plan may import torch)."""
+    name = config.compute.gpu_type
+    if name is not None:
+        return None if name not in GPU_TYPES else {  # an unknown name is reported by _field_rules
+            "gpu_type": name, "source": "compute.gpu_type", "memory_bytes": GPU_TYPES[name]["memory_mib"] * 2**20,
+            "peak_flops": GPU_TYPES[name]["peak_flops"]}
+    import torch
+    seen = "no CUDA GPU is visible"
+    if torch.cuda.is_available():
+        dev = torch.cuda.get_device_properties(0)
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in dev.name.upper().replace(" ", "")), None)
+        if peak:
+            return {"gpu_type": dev.name, "source": "visible GPU", "memory_bytes": dev.total_memory, "peak_flops": peak}
+        seen = f"the visible GPU ({dev.name}) has no peak FLOP/s in the table"
+    res.errors.append(config_problem("compute.gpu_type", None, f"one of {list(GPU_TYPES)}",
+                                     f"{seen}: name the GPU to plan for, e.g. --set compute.gpu_type=H100-80GB"))
+    return None
+
+
+def plan_training(config: TrainingConfig) -> dict:
+    """--plan, before renting: from the model's config.json and the train split's record count alone (no weights,
+    no tokenizer, no GPU), the memory per GPU of DDP, FSDP full-shard, LoRA and QLoRA with the configured batch on
+    compute.num_gpus x compute.gpu_type, which of them fit, and the wall time and cost of the full fine-tune:
+    tokens x 6 x parameters / (GPUs x peak FLOP/s x compute.assumed_mfu), tokens = records x epochs x
+    max_seq_length (an upper bound: shorter records are padded only to their batch's longest)."""
+    res = ValidationResult(warnings=list(config.warnings))
+    _field_rules(config, res)
+    _data_rules(config, res)
+    _checkpoint_rules(config, res, need_weights=False)
+    if not res.errors and not res.checkpoint:  # a Hub id not in the local cache: fetch its config.json only
+        try:
+            from huggingface_hub import hf_hub_download
+            res.checkpoint = json.loads(Path(hf_hub_download(config.model.base_checkpoint, "config.json")).read_text())
+        except Exception as exc:  # offline, unknown repo, no access
+            res.errors.append(problem("CheckpointNotFound", field="model.base_checkpoint",
+                                      value=config.model.base_checkpoint,
+                                      suggestion=f"--plan reads the model's config.json and could not fetch it "
+                                                 f"({type(exc).__name__}): point model.base_checkpoint at a local "
+                                                 "directory holding config.json (no weights needed)"))
+    gpu = target_gpu(config, res)
+    res.raise_if_failed()
+    c, hp, ckpt_cfg = config.compute, config.training.hyperparameters, res.checkpoint
+    ref = config.resolved_paths.get("model.base_checkpoint")
+    n_params = count_parameters(Path(ref["path"]) if ref else None, ckpt_cfg)
+    strategies = {name: plan_strategy(config, ckpt_cfg, n_params, name, c.num_gpus, gpu["memory_bytes"])
+                  for name in PLAN_STRATEGIES}
+    fitting = [name for name, row in strategies.items() if row["fits"]]
+    records = res.data["train"]["samples"]
+    tokens = math.ceil(records * hp.num_epochs) * config.data.max_seq_length
+    flops = 6 * n_params * tokens
+    hours = flops / (c.num_gpus * gpu["peak_flops"] * c.assumed_mfu) / 3600
+    hourly_usd, price_basis = hourly_price(config.cost, c.num_gpus, c.num_gpus)
+    lora = config.model.lora
+    configured = ("fsdp" if "full_shard" in (c.fsdp or "") else "ddp" if not lora.enabled
+                  else "lora" if lora.quantization == "none" else "qlora")
+    return {
+        "gpu_type": gpu["gpu_type"], "gpu_source": gpu["source"], "num_gpus": c.num_gpus,
+        "gpu_memory_gb": round(gpu["memory_bytes"] / 2**30, 3), "fit_fraction": FIT_FRACTION,
+        "fit_limit_gb": round(FIT_FRACTION * gpu["memory_bytes"] / 2**30, 3), "peak_flops_per_gpu": gpu["peak_flops"],
+        "model": {"base_checkpoint": config.model.base_checkpoint, "parameters": n_params,
+                  **{k: ckpt_cfg.get(k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                   "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}},
+        "batch": {"batch_size_per_gpu": hp.batch_size, "max_seq_length": config.data.max_seq_length,
+                  "mixed_precision": c.mixed_precision, "optimizer": config.training.optimization.optimizer,
+                  "gradient_checkpointing": config.model.gradient_checkpointing},
+        "configured_strategy": configured, "strategies": strategies, "fits": fitting,
+        "recommended": fitting[0] if fitting else None, "verdict": plan_verdict(strategies),
+        "train_records": records, "num_epochs": hp.num_epochs, "tokens": tokens,
+        "tokens_basis": "train records x num_epochs x max_seq_length (upper bound)",
+        "flops": flops, "assumed_mfu": c.assumed_mfu, "estimated_hours": round(hours, 6),
+        "hourly_usd": hourly_usd, "price_basis": price_basis, "estimated_cost_usd": round(hours * hourly_usd, 4),
+        "warnings": res.warnings,
+    }
+
+
+def plan_verdict(strategies: dict) -> str:
+    """`DDP does not fit (...); FSDP full-shard fits with model.gradient_checkpointing: true (...); ...`"""
+    parts = []
+    for name, row in strategies.items():
+        ckpt = "model.gradient_checkpointing" in row["config_change"]
+        if row["fits"]:
+            parts.append(f"{STRATEGY_LABELS[name]} fits" + (" with model.gradient_checkpointing: true" if ckpt else "")
+                         + f" ({row['gb_per_gpu']} GB per GPU)")
+        else:
+            parts.append(f"{STRATEGY_LABELS[name]} does not fit ({row['gb_per_gpu']} GB per GPU"
+                         + (", even with model.gradient_checkpointing: true" if ckpt else "") + ")")
+    return "; ".join(parts)
+
+
+def format_plan(plan: dict) -> str:
+    """--plan's table for people."""
+    m, b = plan["model"], plan["batch"]
+    rows, changes = [["strategy", "fits", "GB/GPU", "gradient_checkpointing", "config change"]], {}
+    for name, row in plan["strategies"].items():
+        changes[name] = ", ".join(f"{k}: {json.dumps(v)}" for k, v in row["config_change"].items()) or "as configured"
+        rows.append([name + (" *" if name == plan["configured_strategy"] else ""), "yes" if row["fits"] else "no",
+                     f"{row['gb_per_gpu']:.1f}", str(row["gradient_checkpointing"]).lower(), changes[name]])
+    rec = plan["recommended"]
+    lines = [
+        f"plan: {plan['num_gpus']} x {plan['gpu_type']} ({plan['gpu_source']}; {plan['gpu_memory_gb']:.1f} GB each, "
+        f"a strategy fits within {plan['fit_fraction']:.0%} = {plan['fit_limit_gb']:.1f} GB per GPU)",
+        f"model: {m['parameters']:,} parameters ({m['base_checkpoint']}: hidden {m['hidden_size']}, "
+        f"{m['num_hidden_layers']} layers, vocab {m['vocab_size']}); per GPU {b['batch_size_per_gpu']} x "
+        f"{b['max_seq_length']} tokens, mixed_precision {b['mixed_precision']}, {b['optimizer']}",
+        _table(rows), "(* = as configured)",
+        f"verdict: {plan['verdict']}",
+        f"recommended: {STRATEGY_LABELS[rec]} ({changes[rec]})" if rec else "recommended: none fits: more or "
+        "larger GPUs, a shorter max_seq_length or a smaller batch_size",
+        f"time: {plan['tokens']:,} tokens ({plan['train_records']} records x {plan['num_epochs']:g} epochs x "
+        f"{b['max_seq_length']}, an upper bound) x 6 x {m['parameters']:,} parameters / ({plan['num_gpus']} GPUs x "
+        f"{plan['peak_flops_per_gpu'] / 1e12:g} TFLOP/s x assumed MFU {plan['assumed_mfu']:g} "
+        f"[compute.assumed_mfu]) = {plan['estimated_hours']:.2f} h ({format_duration(plan['estimated_hours'] * 3600)})",
+        f"cost: {plan['estimated_hours']:.2f} h x {plan['hourly_usd']:.2f} $/h ({plan['price_basis']}) = "
+        f"{plan['estimated_cost_usd']:.2f} $",
+    ]
+    return "\n".join(lines + [f"warning: {w}" for w in plan["warnings"]])
+
+
+def run_plan(config: TrainingConfig, as_json: bool) -> int:
+    plan = plan_training(config)
+    print(json_text(plan, indent=2) if as_json else redact(format_plan(plan)))
+    return EXIT_OK
+
+
 def launch_distributed(config: TrainingConfig, args: argparse.Namespace, argv: list[str]) -> int:
-    """Launched plainly with compute.num_gpus > 1: validate here, then start this script under
-    torch.distributed.run with that many processes. Under torchrun / accelerate launch (LOCAL_RANK set)
+    """Launched plainly with compute.num_gpus > 1, or with compute.fsdp on CUDA (one process is still a
+    distributed launch, which Trainer's FSDP requires): validate here, then start this script under
+    torch.distributed.run with num_gpus processes. Under torchrun / accelerate launch (LOCAL_RANK set)
     this is skipped and the launcher's processes are used as they are."""
     import subprocess
     # one error report before any process starts; the device probe is left to the ranks, so this parent
@@ -4947,6 +5737,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         literal = {k: v for k, v in (("logging.output_dir", args.output_dir),
                                      ("evaluation.baseline", args.baseline)) if v is not None}
         config = load_training_config(args.config, list(args.overrides), literal)
+        if args.plan:
+            return run_plan(config, args.json)
         if config.compute.device == "cuda" and config.compute.num_gpus == 1 and "LOCAL_RANK" not in os.environ \
                 and "CUDA_VISIBLE_DEVICES" not in os.environ:
             # one GPU asked for: without this, Trainer wraps the model in DataParallel over every visible GPU
@@ -4959,7 +5751,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             log.info("config OK: %s", ", ".join(f"{s} {i['samples']} samples ({i['shape']})"
                                                  for s, i in result.data.items()))
             return EXIT_OK
-        if config.compute.num_gpus > 1 and "LOCAL_RANK" not in os.environ and not args.dry_run:
+        # several GPUs, or FSDP on any number (Trainer runs FSDP only in a distributed launch): torch.distributed.run.
+        # compute.fsdp on CPU stays in this process, where validation refuses it.
+        fsdp_launch = bool(config.compute.fsdp) and config.compute.device == "cuda"
+        if (config.compute.num_gpus > 1 or fsdp_launch) and "LOCAL_RANK" not in os.environ and not args.dry_run:
             return launch_distributed(config, args, argv)
         result = train_model(config, dry_run=args.dry_run, resume_from=args.resume_from, run_id=args.run_id,
                              max_steps=args.max_steps, force=args.force, argv=argv, skip_dry_run=args.skip_dry_run)

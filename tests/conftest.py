@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny SmolLM3 + tokenizer and seeded finance data, built once per test session."""
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import os
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "train_finance_ssc_model.py"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -69,6 +71,8 @@ def base_config(tiny_dir: Path, out: Path, fmt: str = "messages") -> dict:
                     "wandb": {"enabled": False, "project": "finance-smollm3", "tags": ["test"]},
                     "tensorboard": {"enabled": True, "log_dir": str(out / "tb")}},
         "compute": {"device": "cpu", "num_gpus": 1, "distributed_backend": "gloo", "mixed_precision": "no"},
+        # generation is the slowest part of a tiny run (one forward per token): two short samples suffice
+        "evaluation": {"num_samples": 2, "max_new_tokens": 16},
     }
 
 
@@ -88,10 +92,31 @@ def set_key(cfg: dict, dotted: str, value) -> dict:
     return cfg
 
 
+_server: "ForkServer | None" = None
+
+
+def _fork_server(env: dict):
+    """The suite's fork server (tests/forkserver.py), started on first use; None when turned off."""
+    global _server
+    if os.environ.get("FINANCE_TRAINER_TEST_FORKSERVER", "1") == "0":
+        return None
+    if _server is None:
+        from forkserver import ForkServer
+        _server = ForkServer(env)
+        atexit.register(_server.close)
+    return _server
+
+
 def run_cli(*args, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **(env or {})}
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+    """`python train_finance_ssc_model.py ARGS` as its own process: forked from a server that has the heavy
+    libraries imported already, or a fresh interpreter where a fork could differ (see tests/forkserver.py)."""
+    base = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    full_env = {**base, **(env or {})}
+    argv = [str(SCRIPT), *map(str, args)]
+    server = _fork_server(base)
+    if server is not None and not server.needs_fresh_interpreter(argv, full_env):
+        return server.run(argv, full_env, timeout)
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
 def last_json(stderr: str) -> dict:

@@ -213,7 +213,7 @@ def test_samples_file_and_manifest(runs):
         assert (s["prompt"], s["reference"]) == (r["prompt"], r["completion"])
         assert isinstance(s["generated"], str)
     info = m["samples"]
-    assert Path(info["path"]) == path and info["count"] == N_SAMPLES
+    assert info["path"] == "samples.jsonl" and info["count"] == N_SAMPLES  # relative to the manifest's dir
     assert info["max_new_tokens"] == MAX_NEW_TOKENS and info["greedy"] is True
     assert info["first"] == samples[0]
     assert info["exact_match_rate"] == pytest.approx(
@@ -224,7 +224,7 @@ def test_sample_generation_is_deterministic(runs):
     """Two generations in this process agree with each other and with what the CLI wrote for the same weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     m = manifest_of(runs.b_dir)
-    best = m["checkpoints"]["best_checkpoint"]
+    best = str(runs.b_dir / m["checkpoints"]["best_checkpoint"])  # manifest paths are relative to the manifest
     model = AutoModelForCausalLM.from_pretrained(best)
     tok = AutoTokenizer.from_pretrained(best)
     records = read_jsonl(runs.test_path)[:N_SAMPLES]
@@ -317,7 +317,7 @@ def test_status_of_finished_run(runs):
     assert st["step"] == st["max_steps"] == m["training_results"]["total_steps"] == 24
     assert st["eta_seconds"] == 0
     assert st["val_loss"] == m["training_results"]["final_val_loss"]
-    assert st["last_checkpoint"] == m["checkpoints"]["final_checkpoint"]
+    assert st["last_checkpoint"] == str(runs.b_dir / m["checkpoints"]["final_checkpoint"])
     assert st == {**tf.monitor_training("B", str(runs.runs_dir)), "updated_at": st["updated_at"]}
     raw = json.loads((runs.b_dir / "status.json").read_text())
     assert raw["status"] == "completed" and raw["step"] == 24
@@ -463,7 +463,7 @@ def test_best_archive(runs):
     from transformers import AutoModelForCausalLM
     m = manifest_of(runs.b_dir)
     best = runs.b_dir / "best"
-    assert m["checkpoints"]["best_archive"] == str(best)
+    assert m["checkpoints"]["best_archive"] == "best"  # relative to the manifest's dir
     names = {p.name for p in best.iterdir()}
     assert {"model.safetensors", "config.json", "run_manifest.json", "SHA256SUMS"} <= names
     assert any(n.startswith("tokenizer") for n in names)
@@ -478,7 +478,7 @@ def test_best_archive(runs):
         assert hashlib.sha256((best / name).read_bytes()).hexdigest() == digest, name
     assert json.loads((best / "run_manifest.json").read_text()) == m
     model = AutoModelForCausalLM.from_pretrained(str(best))
-    ref = AutoModelForCausalLM.from_pretrained(m["checkpoints"]["best_checkpoint"])
+    ref = AutoModelForCausalLM.from_pretrained(str(runs.b_dir / m["checkpoints"]["best_checkpoint"]))
     import torch
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
 
@@ -510,8 +510,8 @@ def test_list_checkpoints_cli_json(runs):
     assert listed == tf.list_checkpoints("B", str(runs.runs_dir))
     m = manifest_of(runs.b_dir)
     assert [c["name"] for c in listed] == m["checkpoints"]["all_checkpoints"]
-    assert [c["path"] for c in listed if c["is_best"]] == [m["checkpoints"]["best_checkpoint"]]
-    assert [c["path"] for c in listed if c["is_latest"]] == [m["checkpoints"]["final_checkpoint"]]
+    assert [c["path"] for c in listed if c["is_best"]] == [str(runs.b_dir / m["checkpoints"]["best_checkpoint"])]
+    assert [c["path"] for c in listed if c["is_latest"]] == [str(runs.b_dir / m["checkpoints"]["final_checkpoint"])]
     assert all(c["health"] == "ok" and c["run_id"] == "B" for c in listed)
     table = run_cli("--list-checkpoints", runs.b_dir)
     assert table.returncode == 0 and all(c["name"] in table.stdout for c in listed)

@@ -56,7 +56,7 @@ def test_training_runs_the_dry_run_first_and_says_so_in_one_line(pair):
     assert all(r["checks"].values()) and r["memory"]["measured"]["total_bytes"] > 0
     assert "<|im_start|>user" in r["sample"]["prompt_text_masked"]
     m = manifest(pair.run_dir)
-    assert m["dry_run"]["status"] == "passed" and m["dry_run"]["report"] == str(report_path)
+    assert m["dry_run"]["status"] == "passed" and pair.run_dir / m["dry_run"]["report"] == report_path
     assert m["dry_run"]["steps"] == 2 and m["dry_run"]["initial_loss"] == r["initial_loss"]
     # its curves went to the `-dryrun` tracker id, CSV and TensorBoard, never into the run's
     dry_curve = curve(pair.out / "logs" / "with-dryrun" / "train_loss.csv")
@@ -114,7 +114,7 @@ def test_a_failed_dry_run_stops_before_training(tiny_dir, tmp_path):
 
 def test_best_is_ready_for_serving(pair):
     best, m = pair.run_dir / "best", manifest(pair.run_dir)
-    source = Path(m["checkpoints"]["best_checkpoint"])
+    source = pair.run_dir / m["checkpoints"]["best_checkpoint"]  # relative to the manifest's dir
     assert json.loads((best / "config.json").read_text())["use_cache"] is True
     assert json.loads((best / "tokenizer_config.json").read_text())["padding_side"] == "left"
     gen = json.loads((best / "generation_config.json").read_text())

@@ -40,7 +40,9 @@ def test_run_succeeds_and_writes_spec_manifest(finished_run):
     assert tr["final_val_loss"] < tr["initial_val_loss"] - 0.5
     assert tr["best_epoch"] in (1, 2)
     ck = m["checkpoints"]
-    assert Path(ck["best_checkpoint"]).is_dir() and Path(ck["final_checkpoint"]).is_dir()
+    # relative to the manifest's dir, so a copied run dir still names its checkpoints
+    assert not Path(ck["best_checkpoint"]).is_absolute() and not Path(ck["final_checkpoint"]).is_absolute()
+    assert (run_dir / ck["best_checkpoint"]).is_dir() and (run_dir / ck["final_checkpoint"]).is_dir()
     assert Path(ck["final_checkpoint"]).name == "checkpoint-epoch-2"
     assert "checkpoint-epoch-1" in ck["all_checkpoints"] and "checkpoint-epoch-2" in ck["all_checkpoints"]
     assert m["tags"] == ["test"] and m["created_at"] and m["completed_at"]
@@ -72,7 +74,7 @@ def test_checkpoints_load_with_plain_from_pretrained(finished_run):
     out, _, proc = finished_run
     m = json.loads((out / "runs" / "e2e_run" / "run_manifest.json").read_text())
     for name in ("best_checkpoint", "final_checkpoint"):
-        path = m["checkpoints"][name]
+        path = str(out / "runs" / "e2e_run" / m["checkpoints"][name])  # relative to the manifest's dir
         assert list(Path(path).glob("*.safetensors"))
         model = AutoModelForCausalLM.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path)

@@ -152,7 +152,7 @@ def test_retention_keeps_best_latest_and_backup(tiny_dir, tmp_path):
     assert len(names) <= 3 and "checkpoint-24" in names and "checkpoint-20" in names
     assert Path(m["checkpoints"]["best_checkpoint"]).name in names
     assert [c["name"] for c in ckpts if c["is_latest"]] == ["checkpoint-24"]
-    assert [c["path"] for c in ckpts if c["is_best"]] == [m["checkpoints"]["best_checkpoint"]]
+    assert [c["path"] for c in ckpts if c["is_best"]] == [str(tmp_path / "runs" / "keep" / m["checkpoints"]["best_checkpoint"])]
     assert all(c["health"] == "ok" and c["run_id"] == "keep" for c in ckpts)
     log = Path(m["metrics"]["train_log"]).read_text()
     assert "retention (save_total_limit=1): deleted checkpoint-4" in log

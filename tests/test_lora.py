@@ -28,7 +28,12 @@ def lora_run(tiny_dir, tmp_path_factory):
     path = write_config(out / "c.yaml", lora_config(tiny_dir, out))
     proc = run_cli("--config", path, "--run-id", "lora")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, path, json.loads((out / "runs" / "lora" / "run_manifest.json").read_text())
+    m = json.loads((out / "runs" / "lora" / "run_manifest.json").read_text())
+    for key in ("adapter_checkpoint", "merged_checkpoint"):  # relative to the manifest's dir
+        m["lora"][key] = tf.resolve_manifest_path(m["lora"][key], out / "runs" / "lora")
+    m["checkpoints"]["best_checkpoint"] = tf.resolve_manifest_path(m["checkpoints"]["best_checkpoint"],
+                                                                   out / "runs" / "lora")
+    return out, path, m
 
 
 def test_only_adapter_weights_train_and_val_loss_falls(lora_run, tiny_dir):

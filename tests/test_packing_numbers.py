@@ -140,7 +140,7 @@ def test_manifest_records_the_fused_adamw_that_ran(packed_run):
     out, _, m = packed_run
     assert m["hyperparameters"]["optimizer"] == "adamw"
     assert m["hyperparameters"]["optimizer_implementation"] == "adamw_torch_fused"
-    ckpt = Path(m["checkpoints"]["final_checkpoint"])
+    ckpt = out / "runs" / "p" / m["checkpoints"]["final_checkpoint"]  # relative to the manifest's dir
     groups = torch.load(ckpt / "optimizer.pt", weights_only=False)["param_groups"]
     assert all(g["fused"] is True for g in groups)
 
@@ -199,3 +199,29 @@ def test_anomaly_step_and_epoch_are_the_same_moment(tiny_dir, tmp_path):
     assert stop["step"] == 2 and stop["epoch"] == round(10 / 12, 4)
     saved = json.loads((tmp_path / "runs" / "n" / "checkpoint-2" / "checkpoint_meta.json").read_text())
     assert saved["step"] == 2 and saved["epoch"] == stop["epoch"]  # the checkpoint saved at the stop agrees
+
+
+def test_packing_without_a_varlen_kernel_is_flagged_before_training_with_its_cost(tiny_dir, tmp_path):
+    # sdpa on CPU has no varlen kernel: --validate-only warns with the attention work and the optimizer steps
+    # per epoch, packed and unpacked, and the numbers are the ones packing_cost gives for the real rows
+    path = write_config(tmp_path / "p.yaml", packed_config(tiny_dir, tmp_path))
+    proc = run_cli("--config", path, "--validate-only")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warning = next(line for line in proc.stdout.splitlines() if "data.packing: true without a varlen" in line)
+    cost = validate(tmp_path / "q.yaml", packed_config(tiny_dir, tmp_path)).data["train"]["packing_cost"]
+    assert cost["attention_ratio"] > 1 and cost["steps_per_epoch_packed"] < cost["steps_per_epoch_unpacked"]
+    for key in ("attention_scores_packed", "attention_scores_unpacked", "positions_packed", "positions_unpacked"):
+        assert f"{cost[key]:,}" in warning
+    assert (f"optimizer steps per epoch {cost['steps_per_epoch_packed']} packed, "
+            f"{cost['steps_per_epoch_unpacked']} unpacked" in warning and "set data.packing: false" in warning)
+    unpacked = validate(tmp_path / "u.yaml", set_key(packed_config(tiny_dir, tmp_path), "data.packing", False))
+    assert not any("varlen" in w for w in unpacked.warnings)
+
+
+def test_packing_cost_counts_padded_batches():
+    # records 4, 3, 2, 1 tokens, batch 2: unpacked batches (4, 3) and (2, 1) padded to 4 and 2;
+    # packed rows [4], [3, 1], [2] -> row widths 4, 4, 2: batches (4, 4) and (2)
+    cost = tf.packing_cost([4, 3, 2, 1], [[0], [1, 3], [2]], global_batch=2, accumulation=1)
+    assert cost["attention_scores_unpacked"] == 2 * 16 + 2 * 4 and cost["positions_unpacked"] == 2 * 4 + 2 * 2
+    assert cost["attention_scores_packed"] == 2 * 16 + 1 * 4 and cost["positions_packed"] == 2 * 4 + 2
+    assert cost["steps_per_epoch_unpacked"] == 2 and cost["steps_per_epoch_packed"] == 2

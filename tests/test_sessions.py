@@ -68,7 +68,8 @@ def test_session1_ends_with_the_output_object_on_stdout(sessions):
     m = sessions.manifest
     assert set(OUTPUT_KEYS) <= set(output)
     assert output["run_id"] == RUN_ID and output["status"] == "completed" == m["status"]
-    assert output["best_checkpoint"] == m["checkpoints"]["best_checkpoint"]
+    # the manifest's path is relative to the manifest; the Output line's is usable from the caller's directory
+    assert Path(output["best_checkpoint"]).resolve() == sessions.run_dir / m["checkpoints"]["best_checkpoint"]
     assert output["final_val_perplexity"] == m["training_results"]["final_val_perplexity"]
     assert output["training_time_hours"] == m["training_results"]["training_time_hours"]
     assert output["manifest"] == str(sessions.run_dir / t.MANIFEST_NAME)
@@ -80,7 +81,8 @@ def test_session2_says_what_it_resumed(sessions):
     assert [line.split(":")[0] for line in epoch_lines(stdout)] == ["epoch 2/2"]  # epoch 1 was not re-run
     output = last_stdout_json(stdout)
     assert output["run_id"] == RUN_ID and output["status"] == "completed"
-    assert output["best_checkpoint"] == sessions.resumed_manifest["checkpoints"]["best_checkpoint"]
+    assert Path(output["best_checkpoint"]).resolve() == \
+        sessions.run_dir / sessions.resumed_manifest["checkpoints"]["best_checkpoint"]
     assert sessions.resumed_manifest["resume_from"]["step"] == 12
 
 
@@ -163,4 +165,7 @@ def test_a_diverged_run_still_ends_with_the_output_object(tiny_dir, tmp_path):
     output = last_stdout_json(proc.stdout)
     manifest = json.loads((tmp_path / "runs" / "nan" / t.MANIFEST_NAME).read_text())
     assert output["status"] == "diverged" == manifest["status"]
-    assert output["best_checkpoint"] == manifest["checkpoints"]["best_checkpoint"]
+    assert (output["best_checkpoint"] is None) is (manifest["checkpoints"]["best_checkpoint"] is None)
+    if output["best_checkpoint"]:
+        assert Path(output["best_checkpoint"]).resolve() == \
+            tmp_path / "runs" / "nan" / manifest["checkpoints"]["best_checkpoint"]
