@@ -155,6 +155,8 @@ class DataConfig:
     format: str = field(default="auto", metadata={"doc": "auto|text|prompt_completion|messages|instruction"})
     train_on_prompt: bool = field(default=False, metadata={"doc": "also compute loss on prompt tokens"})
     packing: bool = field(default=False, metadata={"doc": "pack records into full max_seq_length rows"})
+    group_by_length: bool = field(default=True, metadata={
+        "doc": "batches of similar lengths (less padding; seeded, resume-exact); false = uniform shuffling"})
     dedup: bool = field(default=False, metadata={
         "doc": "drop exact duplicate train records (the first is kept) and valid/test records whose prompt is in train"})
 
@@ -2961,7 +2963,9 @@ def _trainer_class():
             data: ~20% padding in random batches, <1% grouped). Seeded by (seed, epoch) alone, never the global RNG,
             so a resumed run sees the same batches. Packed rows are all ~max_seq_length: left to Trainer."""
             ds = train_dataset if train_dataset is not None else self.train_dataset
-            if ds is None or not hasattr(ds, "column_names") or "position_ids" in ds.column_names:
+            config = getattr(self, "run_config", None)
+            if ds is None or not hasattr(ds, "column_names") or "position_ids" in ds.column_names \
+                    or (config is not None and not config.data.group_by_length):
                 return super()._get_train_sampler(train_dataset)
             args = self.args
             seed = args.data_seed if args.data_seed is not None else args.seed

@@ -225,3 +225,31 @@ def test_packing_cost_counts_padded_batches():
     assert cost["attention_scores_unpacked"] == 2 * 16 + 2 * 4 and cost["positions_unpacked"] == 2 * 4 + 2 * 2
     assert cost["attention_scores_packed"] == 2 * 16 + 1 * 4 and cost["positions_packed"] == 2 * 4 + 2
     assert cost["steps_per_epoch_unpacked"] == 2 and cost["steps_per_epoch_packed"] == 2
+
+
+def test_length_grouped_batches_are_seeded_and_can_be_turned_off(tiny_dir, tmp_path):
+    # The sampler Trainer gets: similar lengths per batch, the same order for the same (seed, epoch) whatever the
+    # global RNG did (so a resume sees the same batches), another order next epoch; data.group_by_length: false
+    # gives Trainer's own uniform shuffling back.
+    from transformers import AutoModelForCausalLM, TrainingArguments
+    lengths = [(i * 37) % 200 + 1 for i in range(64)]
+    ds = Dataset.from_dict({"input_ids": [[1] * n for n in lengths]})
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, seed=3, use_cpu=True,
+                             report_to=[])
+    trainer = tf._trainer_class()(model=model, args=args, train_dataset=ds)
+    trainer.run_config = tf.load_training_config(write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path)))
+    sampler = trainer._get_train_sampler()
+    first = list(sampler)
+    torch.manual_seed(12345)
+    assert list(sampler) == first and sorted(first) == list(range(64))
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+    def padding(order):  # padded positions over real positions, batches of 4 padded to their longest
+        batches = [[lengths[i] for i in order[k:k + 4]] for k in range(0, len(order), 4)]
+        return sum(4 * max(b) - sum(b) for b in batches) / sum(lengths)
+    assert padding(first) < padding(list(range(64)))
+    trainer.run_config = tf.load_training_config(write_config(
+        tmp_path / "d.yaml", set_key(base_config(tiny_dir, tmp_path), "data.group_by_length", False)))
+    assert not isinstance(trainer._get_train_sampler(), tf.SeededLengthGroupedSampler)
