@@ -20,6 +20,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest.ini runs one worker per core: each worker's training runs get one thread, so two workers share
+    # 2 cores instead of fighting over them (the tiny runs are Python-bound). An explicit setting wins; the suite
+    # also passes serially with the default thread count (`-n 0`).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Training runs register themselves in $XDG_CACHE_HOME/finance_smollm3/runs.json: keep the suite out of the real
