@@ -5705,6 +5705,11 @@ def _error_payload(line: str) -> Optional[dict]:
         return None
 
 
+# Read by the libraries when they are imported: set before the first heavy import (tests/forkserver.py too).
+QUIET_LIBRARY_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+                     "WANDB_SILENT": "true", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
 def setup_logging(debug: bool) -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
@@ -5716,10 +5721,8 @@ def setup_logging(debug: bool) -> None:
     if not debug:
         for noisy in ("transformers", "datasets", "accelerate", "torch"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("WANDB_SILENT", "true")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        for key, value in QUIET_LIBRARY_ENV.items():
+            os.environ.setdefault(key, value)
 
 
 def emit_error(payload: dict) -> None:

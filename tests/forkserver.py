@@ -28,9 +28,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Set by the script's setup_logging before its first heavy import; the server imports earlier, so it sets them.
-QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "WANDB_SILENT": "true",
-             "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 # Read by torch/transformers/datasets/tokenizers/huggingface_hub when imported: a request that differs from the
 # server's environment in any of these needs its own interpreter.
 IMPORT_TIME_PREFIXES = ("PYTHON", "HF_", "HUGGINGFACE", "TRANSFORMERS", "TORCH", "PYTORCH", "OMP_", "MKL_", "KMP_",
@@ -102,7 +99,11 @@ def _child(req: dict, runpy) -> None:
 
 class ForkServer:
     def __init__(self, env: dict):
-        self.env = {**env, **{k: env.get(k, v) for k, v in QUIET_ENV.items()}}
+        # what the script's setup_logging sets before its first heavy import; the server imports earlier, so it
+        # is started with them (imported here in the client only: the server never imports the script)
+        from train_finance_ssc_model import QUIET_LIBRARY_ENV
+        self.quiet = QUIET_LIBRARY_ENV
+        self.env = {**env, **{k: env.get(k, v) for k, v in self.quiet.items()}}
         self.proc = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=self.env, bufsize=1)
         ready = self._reply(timeout=300)
@@ -121,14 +122,14 @@ class ForkServer:
     def needs_fresh_interpreter(self, argv: list, env: dict) -> bool:
         if "--debug" in argv:
             return True
-        env = {**QUIET_ENV, **env}  # what the script's setup_logging sets (setdefault) before its imports
+        env = {**self.quiet, **env}  # setup_logging sets them with setdefault
         keys = {k for k in (*env, *self.env) if k.startswith(IMPORT_TIME_PREFIXES)}
         return any(env.get(k) != self.env.get(k) for k in keys)
 
     def run(self, argv: list, env: dict, timeout: float, cwd: str | None = None) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory(prefix="forkserver-") as tmp:
             out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-            self.proc.stdin.write(json.dumps({"argv": argv, "env": {**QUIET_ENV, **env}, "cwd": cwd or os.getcwd(),
+            self.proc.stdin.write(json.dumps({"argv": argv, "env": {**self.quiet, **env}, "cwd": cwd or os.getcwd(),
                                               "stdout": str(out), "stderr": str(err)}) + "\n")
             self.proc.stdin.flush()
             pid = self._reply(timeout=60)["pid"]
