@@ -1585,35 +1585,51 @@ def _chat_segments(messages: list, tokenizer) -> list[tuple[str, bool]]:
     return segments
 
 
+def record_pieces(record: dict, tokenizer, shape: str) -> list[tuple[str, bool]]:
+    """A record as (text, is_answer) pieces in order, for tokenize_records."""
+    if shape == "text":
+        return [(record["text"], True)]
+    if shape == "prompt_completion":
+        return [(record["prompt"], False), (record["completion"], True)]
+    if shape == "instruction":
+        return [(render_instruction_prompt(record), False), (record["output"], True)]
+    return _chat_segments(record["messages"], tokenizer)
+
+
+def tokenize_records(records: list[dict], tokenizer, shape: str, max_seq_length: int,
+                     train_on_prompt: bool) -> list[dict]:
+    """Records -> input_ids, labels (IGNORE_INDEX on prompt tokens), truncation flag, answer token count. Every
+    piece of every record goes to the tokenizer in one call (its Rust batch encoder), not one call per piece."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pieces = [record_pieces(r, tokenizer, shape) for r in records]
+    texts = [text for p in pieces for text, _ in p if text]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    rows = []
+    for p in pieces:
+        input_ids, labels = [], []
+        for text, is_answer in p:
+            ids = next(encoded) if text else []
+            input_ids += ids
+            labels += ids if (is_answer or train_on_prompt) else [IGNORE_INDEX] * len(ids)
+        if shape != "messages":  # chat templates close turns themselves
+            input_ids += eos
+            labels += eos
+        truncated = len(input_ids) > max_seq_length
+        input_ids, labels = input_ids[:max_seq_length], labels[:max_seq_length]
+        rows.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
+                     "truncated": truncated, "answer_tokens": sum(1 for x in labels[1:] if x != IGNORE_INDEX)})
+    return rows
+
+
 def tokenize_record(record: dict, tokenizer, shape: str, max_seq_length: int, train_on_prompt: bool) -> dict:
     """One record -> input_ids, labels (IGNORE_INDEX on prompt tokens), truncation flag, answer token count."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if shape == "text":
-        pieces = [(record["text"], True)]
-    elif shape == "prompt_completion":
-        pieces = [(record["prompt"], False), (record["completion"], True)]
-    elif shape == "instruction":
-        pieces = [(render_instruction_prompt(record), False), (record["output"], True)]
-    else:
-        pieces = _chat_segments(record["messages"], tokenizer)
-    input_ids, labels = [], []
-    for text, is_answer in pieces:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-        input_ids += ids
-        labels += ids if (is_answer or train_on_prompt) else [IGNORE_INDEX] * len(ids)
-    if shape != "messages":  # chat templates close turns themselves
-        input_ids += eos
-        labels += eos
-    truncated = len(input_ids) > max_seq_length
-    input_ids, labels = input_ids[:max_seq_length], labels[:max_seq_length]
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
-            "truncated": truncated, "answer_tokens": sum(1 for x in labels[1:] if x != IGNORE_INDEX)}
+    return tokenize_records([record], tokenizer, shape, max_seq_length, train_on_prompt)[0]
 
 
 def _tokenize_batch(batch: dict, tokenizer, shape: str, max_seq_length: int, train_on_prompt: bool) -> dict:
     keys = list(batch)
-    rows = [tokenize_record({k: batch[k][i] for k in keys}, tokenizer, shape, max_seq_length, train_on_prompt)
-            for i in range(len(batch[keys[0]]))]
+    rows = tokenize_records([{k: batch[k][i] for k in keys} for i in range(len(batch[keys[0]]))], tokenizer,
+                            shape, max_seq_length, train_on_prompt)
     return {k: [r[k] for r in rows] for k in rows[0]}
 
 
@@ -2856,6 +2872,61 @@ def preprocess_logits_for_metrics(logits, labels):
     return torch.stack([shift_logits.argmax(-1).float(), nll], dim=-1)
 
 
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether the (unwrapped) model's forward slices its hidden states before lm_head with a boolean mask
+    (transformers' slice_logits_to_keep; every built-in causal LM of transformers 5 takes `logits_to_keep`) and
+    its loss function takes labels already shifted and selected (`shift_labels`, ForCausalLMLoss)."""
+    import inspect
+
+    from transformers import modeling_utils
+    if not hasattr(modeling_utils, "slice_logits_to_keep"):
+        return False
+    inner = model
+    while hasattr(inner, "module"):  # DDP and other wrappers
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):  # peft
+        inner = inner.get_base_model()
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters \
+            and "shift_labels" in inspect.signature(inner.loss_function).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+def answer_only_inputs(inputs: dict) -> dict:
+    """The model inputs with lm_head and the loss restricted to the positions whose next token is an answer
+    token: `logits_to_keep` (a [B, T] mask) and the matching targets as `shift_labels`. The loss and every
+    gradient equal those of the full logits (the other positions' labels are IGNORE_INDEX, they add nothing);
+    lm_head, softmax and their backward skip the prompt tokens, and the [B, T, vocab] logits tensor, the
+    largest activation of a large-vocabulary model, shrinks to [answer tokens, vocab]. Trainer's num_items_in_batch
+    (answer tokens across the accumulated batch) still divides the sum, as before."""
+    import torch
+    target = inputs["labels"][:, 1:]
+    answer = target != IGNORE_INDEX  # position t predicts token t+1
+    keep = torch.cat([answer, torch.zeros_like(answer[:, :1])], dim=1)
+    return {**inputs, "logits_to_keep": keep, "shift_labels": target[answer]}
+
+
+def answer_token_predictions(model, inputs: dict):
+    """(mean NLL over the batch's answer tokens, [B, T-1, 2] per-token argmax and NLL) for compute_metrics, with
+    logits computed only where a label is an answer token: lm_head and the softmax run on those positions alone
+    (about half of a chat record's tokens are prompt), and the loss is taken from the same NLL, so the model does
+    not compute a second cross-entropy over every position. Values at prompt positions are 0 (compute_metrics
+    masks them). The result equals preprocess_logits_for_metrics on the full logits."""
+    import torch
+    import torch.nn.functional as F
+    fwd = answer_only_inputs(inputs)
+    fwd.pop("labels")
+    targets = fwd.pop("shift_labels")
+    logits = model(**fwd, use_cache=False).logits  # [N, V], row-major like target[answer]
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    nll = F.cross_entropy(logits, targets, reduction="none")
+    answer = fwd["logits_to_keep"][:, :-1]
+    preds = torch.zeros((*answer.shape, 2), dtype=torch.float32, device=logits.device)
+    preds[answer] = torch.stack([logits.argmax(-1).float(), nll], dim=-1)
+    return nll.mean(), preds
+
+
 def compute_metrics(eval_pred) -> dict:
     """Token-level loss (mean NLL over answer tokens), perplexity = exp(loss), token accuracy."""
     import numpy as np
@@ -2956,6 +3027,34 @@ def _trainer_class():
             finally:  # evaluations inside train() (the test evaluation after it is not training wall time)
                 if self.is_in_train and getattr(self, "history", None) is not None:
                     self.history.eval_seconds += time.perf_counter() - t0
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            """Our metrics from logits at the answer positions only (answer_token_predictions); the full logits
+            through preprocess_logits_for_metrics for a model whose forward takes no logits_to_keep."""
+            if prediction_loss_only or self.compute_metrics is not compute_metrics or inputs.get("labels") is None:
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            import torch
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                if self._answer_logits_only(model):
+                    loss, preds = answer_token_predictions(model, inputs)
+                else:
+                    out = model(**inputs, use_cache=False)
+                    loss, preds = out.loss, preprocess_logits_for_metrics(out.logits, inputs["labels"])
+            return loss.detach(), preds, inputs["labels"]
+
+        def _answer_logits_only(self, model) -> bool:
+            if not hasattr(self, "_answer_logits"):
+                self._answer_logits = _accepts_logits_to_keep(model)
+            return self._answer_logits
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """Logits and loss at the answer positions only (answer_only_inputs) where the model supports it and
+            Trainer computes the loss the default way (no label smoothing, no custom loss function)."""
+            if not return_outputs and inputs.get("labels") is not None and self.label_smoother is None \
+                    and self.compute_loss_func is None and self._answer_logits_only(model):
+                inputs = answer_only_inputs(inputs)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def _get_train_sampler(self, train_dataset=None):
             """Batches of similar lengths (LengthGroupedSampler's order: shuffled, then sorted by length within
@@ -3501,15 +3600,14 @@ def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_lengt
     info, problems = scan_jsonl(Path(test_data_path).expanduser().resolve(), "test", "auto", "as given")
     if problems:
         raise TrainerError.collected(problems)
-    rows = [tokenize_record(r, tokenizer, info["shape"], max_len, False) for r in _read_jsonl(Path(info["path"]))]
+    rows = tokenize_records(_read_jsonl(Path(info["path"])), tokenizer, info["shape"], max_len, False)
     rows = [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows if r["answer_tokens"] > 0]
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none",
                                  use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
         trainer = _trainer_class()(model=model, args=args, eval_dataset=Dataset.from_list(rows),
                                    processing_class=tokenizer, data_collator=PadToLongestCollator(tokenizer.pad_token_id),
-                                   compute_metrics=compute_metrics,
-                                   preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+                                   compute_metrics=compute_metrics)
         from transformers.trainer_callback import PrinterCallback
         trainer.remove_callback(PrinterCallback)
         metrics = trainer.evaluate(metric_key_prefix="test")
@@ -3574,25 +3672,38 @@ def prompt_and_reference(record: dict, shape: str, tokenizer) -> tuple[str, str]
     return tokenizer.decode(ids[:cut]), tokenizer.decode(ids[cut:])
 
 
+SAMPLE_BATCH = 8  # prompts decoded together in generate_samples
+
+
 def generate_samples(model, tokenizer, records: list[dict], shape: str, max_new_tokens: int) -> list[dict]:
-    """Greedy (deterministic) completions for test prompts."""
+    """Greedy (deterministic) completions for test prompts, SAMPLE_BATCH prompts of similar length per generate
+    call, left-padded with an attention mask (positions follow the mask, so each prompt decodes as it would alone;
+    tests/test_dry_run_before_training.py proves that on every step's logits). A row ends at its first stop token."""
     import torch
     stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
             if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop or [0])[0]
     device = next(model.parameters()).device
-    out = []
+    pairs = [prompt_and_reference(rec, shape, tokenizer) for rec in records]
+    encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt, _ in pairs]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    texts: dict[int, str] = {}
     model.eval()
-    for rec in records:
-        prompt, reference = prompt_and_reference(rec, shape, tokenizer)
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    for start in range(0, len(order), SAMPLE_BATCH):
+        chunk = order[start:start + SAMPLE_BATCH]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk], device=device)
         with torch.no_grad():
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=stop or None, use_cache=True,  # config says False
-                                 pad_token_id=tokenizer.pad_token_id)                      # while training
-        text = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
-        out.append({"prompt": prompt, "reference": reference, "generated": text,
-                    "exact_match": text.strip() == reference.strip()})
-    return out
+            gen = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=stop or None, use_cache=True,  # the config says False while training
+                                 pad_token_id=pad)
+        for row, i in enumerate(chunk):
+            new = gen[row, width:].tolist()
+            end = next((k + 1 for k, t in enumerate(new) if t in stop), len(new))  # padding after the stop token
+            texts[i] = tokenizer.decode(new[:end], skip_special_tokens=True)
+    return [{"prompt": prompt, "reference": reference, "generated": texts[i],
+             "exact_match": texts[i].strip() == reference.strip()} for i, (prompt, reference) in enumerate(pairs)]
 
 
 def _read_jsonl(path: Path, limit: Optional[int] = None) -> list[dict]:
@@ -4787,8 +4898,7 @@ def _build_trainer(ctx: RunContext, tokenizer, datasets_, model, args, dry_run: 
         model=model, args=args, train_dataset=datasets_["train"], eval_dataset=datasets_["valid"],
         processing_class=tokenizer,
         data_collator=collator_for(getattr(model.config, "_attn_implementation", None), tokenizer.pad_token_id),
-        compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        callbacks=callbacks)
+        compute_metrics=compute_metrics, callbacks=callbacks)
     trainer.run_config, trainer.run_id, trainer.probe, trainer.dry_run = ctx.config, ctx.run_id, probe, dry_run
     trainer.history = ctx.history  # evaluation and save times (performance_block)
     trainer.data_sha256 = {k: v["sha256"] for k, v in (ctx.reproducibility.get("data_files") or {}).items()}

@@ -164,6 +164,42 @@ def test_batch_size_does_not_change_test_metrics(yes_checkpoint):
         assert one[key] == pytest.approx(all_[key], rel=1e-5), key
 
 
+def test_full_logits_fallback_gives_the_same_test_metrics(yes_checkpoint, monkeypatch):
+    """A model whose forward takes no logits_to_keep is evaluated from its full logits
+    (preprocess_logits_for_metrics): the same metrics as the answer-only path."""
+    ckpt, data, _ = yes_checkpoint
+    fast = tf.evaluate_checkpoint(str(ckpt), str(data), batch_size=4)
+    monkeypatch.setattr(tf, "_accepts_logits_to_keep", lambda model: False)
+    slow = tf.evaluate_checkpoint(str(ckpt), str(data), batch_size=4)
+    for key in ("test_loss", "test_token_accuracy", "test_exact_match"):
+        assert fast[key] == pytest.approx(slow[key], rel=1e-5), key
+
+
+def test_answer_only_logits_equal_full_logits(tiny_dir):
+    """Evaluation computes logits at the answer positions only (answer_token_predictions): on a real padded batch
+    of chat records its per-token argmax and NLL equal those of the full logits, position by position, and its
+    loss equals the model's own loss over the same labels."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model").eval()
+    assert tf._accepts_logits_to_keep(model)
+    rows = [tf.tokenize_record(r, tokenizer, "messages", 512, False) for r in read_jsonl(tiny_dir / "messages" / "valid.jsonl")[:5]]
+    batch = tf.PadToLongestCollator(tokenizer.pad_token_id)(
+        [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows])
+    assert len({len(r["input_ids"]) for r in rows}) > 1  # the batch is padded
+    with torch.no_grad():
+        full = model(**batch)
+        loss, preds = tf.answer_token_predictions(model, batch)
+    want = tf.preprocess_logits_for_metrics(full.logits, batch["labels"])
+    answer = batch["labels"][:, 1:] != tf.IGNORE_INDEX
+    assert answer.sum() > 0 and (~answer).sum() > 0
+    assert preds.shape == want.shape
+    assert torch.equal(preds[..., 0][answer], want[..., 0][answer])  # argmax
+    assert torch.allclose(preds[..., 1][answer], want[..., 1][answer], rtol=1e-5, atol=1e-6)  # NLL
+    assert float(loss) == pytest.approx(float(full.loss), rel=1e-5)
+
+
 def test_compute_metrics_on_synthetic_logits():
     """preprocess_logits_for_metrics + compute_metrics against a loop over tokens, including a row with no
     answer tokens (it must not count in exact match) and a row where every answer token is right."""
@@ -235,6 +271,19 @@ def test_sample_generation_is_deterministic(runs):
     assert [s["generated"] for s in first] == [s["generated"] for s in written]
     for s in first:  # greedy generation is bounded by max_new_tokens
         assert len(tok(s["generated"], add_special_tokens=False)["input_ids"]) <= MAX_NEW_TOKENS + 2
+
+
+def test_samples_generated_in_a_batch_equal_one_prompt_at_a_time(runs):
+    """generate_samples decodes up to SAMPLE_BATCH prompts per call, left-padded: every completion equals that of
+    its prompt decoded alone (prompts of different lengths; a row that stops early is cut at its stop token)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    best = str(runs.b_dir / manifest_of(runs.b_dir)["checkpoints"]["best_checkpoint"])
+    model, tok = AutoModelForCausalLM.from_pretrained(best), AutoTokenizer.from_pretrained(best)
+    records = read_jsonl(runs.test_path)[:6]
+    assert len({len(tok(r["prompt"])["input_ids"]) for r in records}) > 1
+    together = tf.generate_samples(model, tok, records, FMT, MAX_NEW_TOKENS)
+    alone = [tf.generate_samples(model, tok, [r], FMT, MAX_NEW_TOKENS)[0] for r in records]
+    assert together == alone
 
 
 def test_prompt_and_reference_per_shape(tiny_dir):

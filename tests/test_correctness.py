@@ -111,3 +111,40 @@ def test_spike_is_flagged_from_the_first_logged_loss(tmp_path, tiny_dir):
     for step, loss in ((1, 6.94), (2, 75.7)):
         cbs["LossSpikeWarning"].on_log(None, FakeState(step), TrainerControl(), logs={"loss": loss})
     assert [(a["kind"], a["step"], a["action"]) for a in history.anomalies] == [("loss_spike", 2, "warned")]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_answer_only_logits_train_the_same_weights(tiny_dir, tmp_path, monkeypatch, packing):
+    """Training computes logits and loss at the answer positions only (answer_only_inputs): the same losses and
+    the same weights after a few optimizer steps as from the full logits, with padded batches and with packed
+    rows (position_ids, records side by side)."""
+    import torch
+    cfg_path = write_config(tmp_path / "c.yaml", set_key(base_config(tiny_dir, tmp_path), "data.packing", packing))
+    config = tf.load_training_config(str(cfg_path))
+    validation = tf.validate_config(config)
+    tokenizer = tf.load_tokenizer(config)
+    shapes = {s: i["shape"] for s, i in validation.data.items()}
+    data, _ = tf.load_splits(config, tokenizer, shapes)
+    assert ("position_ids" in data["train"].column_names) == packing
+
+    def train(answer_only: bool):
+        monkeypatch.setattr(tf, "_accepts_logits_to_keep", (lambda m: True) if answer_only else (lambda m: False))
+        tf.seed_everything(config.training.seed)
+        model = tf.load_base_model(config, tf.attention_implementation(config))
+        args = tf.build_training_args(config, tmp_path / f"out-{answer_only}", dry_run=True, max_steps=4,
+                                      resuming=False, model=model)
+        trainer = tf._trainer_class()(model=model, args=args, train_dataset=data["train"],
+                                      data_collator=tf.collator_for("sdpa", tokenizer.pad_token_id))
+        trainer.run_config, trainer.probe = config, tf.StepProbe()
+        calls = []
+        model.register_forward_pre_hook(lambda mod, a, k: calls.append("logits_to_keep" in k), with_kwargs=True)
+        trainer.train()
+        assert calls and all(calls) == answer_only and any(calls) == answer_only  # the path under test ran
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    full_losses, full = train(False)
+    losses, weights = train(True)
+    assert losses == pytest.approx(full_losses, rel=1e-5)
+    for name, p in weights.items():
+        assert torch.allclose(p, full[name], rtol=1e-4, atol=1e-6), name

@@ -32,6 +32,17 @@ def test_shape_is_auto_detected(tiny_dir, fmt):
     assert tf.detect_shape(first_record(tiny_dir, fmt)) == fmt
 
 
+@pytest.mark.parametrize("fmt", ["text", "prompt_completion", "messages", "instruction"])
+def test_batched_tokenization_equals_one_record_at_a_time(tiny_dir, tok, fmt):
+    """tokenize_records sends every piece of every record to the tokenizer in one batch call: the rows equal
+    those of one record at a time, with truncation (a short max_seq_length) and prompt training both ways."""
+    recs = [json.loads(line) for line in (tiny_dir / fmt / "train.jsonl").read_text().splitlines()[:20]]
+    for max_len, on_prompt in ((10_000, False), (24, False), (10_000, True)):
+        batch = tf.tokenize_records(recs, tok, fmt, max_len, on_prompt)
+        assert batch == [tf.tokenize_record(r, tok, fmt, max_len, on_prompt) for r in recs]
+    assert any(r["truncated"] for r in tf.tokenize_records(recs, tok, fmt, 24, False))
+
+
 def test_prompt_completion_trains_on_completion_only(tiny_dir, tok):
     rec = first_record(tiny_dir, "prompt_completion")
     row = tf.tokenize_record(rec, tok, "prompt_completion", 10_000, train_on_prompt=False)
