@@ -15,6 +15,10 @@ with a fixed seed, so a load spike from other jobs on a shared machine hits cont
 contender: median wall seconds and min-max over the rounds, and the ratio to plain/longest (median of the
 per-round ratios, with their min-max: each ratio compares runs made minutes apart, the least noisy figure).
 
+The test loss (NLL per answer token on the test split, of the checkpoint each contender ends with) is printed
+beside the times: a contender is only faster if it is not worse. Plain and TRL report Trainer's (each batch's
+mean, averaged over records), this script the mean over every answer token: close, not identical.
+
 Contenders (the defaults mirror issue 16: 1,600 chat records, 2 epochs, max_seq_length 512, batch 16,
 lr 1e-3, an evaluation every 25 steps):
   plain/max_len   the spec's "Key Training Loop": Trainer, records padded to max_seq_length
@@ -243,10 +247,13 @@ def main() -> None:
           f"{a.epochs:g} epochs, max_seq_length {a.max_seq_length}, batch {a.batch_size}, lr {a.lr:g}, "
           f"eval every {a.eval_steps} steps; {a.rounds} interleaved rounds; {os.cpu_count()} CPU cores; "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"{'contender':<16}{'steps':>7}  {'wall s, median [min-max]':<28}{'vs ' + BASELINE + ', median [min-max]':<36}")
+    print(f"{'contender':<16}{'steps':>7}{'test loss':>11}  {'wall s, median [min-max]':<28}"
+          f"{'vs ' + BASELINE + ', median [min-max]':<36}")
     for name in names:
         walls = [x["wall_seconds"] for x in runs[name]]
-        line = f"{name:<16}{runs[name][0]['steps']:>7}  {spread(walls, '.1f'):<28}"
+        losses = [x["test_loss"] for x in runs[name] if isinstance(x.get("test_loss"), (int, float))]
+        loss = f"{statistics.median(losses):.4f}" if losses else "-"
+        line = f"{name:<16}{runs[name][0]['steps']:>7}{loss:>11}  {spread(walls, '.1f'):<28}"
         if BASELINE in runs:
             ratios = [x["wall_seconds"] / b["wall_seconds"] for x, b in zip(runs[name], runs[BASELINE])]
             line += f"{spread(ratios, '.2f') + 'x':<36}"

@@ -227,29 +227,40 @@ def test_packing_cost_counts_padded_batches():
     assert cost["steps_per_epoch_unpacked"] == 2 and cost["steps_per_epoch_packed"] == 2
 
 
-def test_length_grouped_batches_are_seeded_and_can_be_turned_off(tiny_dir, tmp_path):
-    # The sampler Trainer gets: similar lengths per batch, the same order for the same (seed, epoch) whatever the
-    # global RNG did (so a resume sees the same batches), another order next epoch; data.group_by_length: false
-    # gives Trainer's own uniform shuffling back.
+def test_length_grouped_batches_are_seeded_shuffled_and_off_by_default(tiny_dir, tmp_path):
+    # data.group_by_length: true gives the sampler: similar lengths per batch, the same order for the same
+    # (seed, epoch) whatever the global RNG did (so a resume sees the same batches), another order next epoch;
+    # the batches are transformers' length-grouped ones but trained in a shuffled order (not longest to shortest
+    # within each mega-batch), the longest record's batch first. The default is Trainer's uniform shuffling.
     from transformers import AutoModelForCausalLM, TrainingArguments
-    lengths = [(i * 37) % 200 + 1 for i in range(64)]
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+    lengths = [(i * 37) % 200 + 1 for i in range(66)]  # 16 batches of 4 and a partial one of 2
     ds = Dataset.from_dict({"input_ids": [[1] * n for n in lengths]})
     model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
     args = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, seed=3, use_cpu=True,
                              report_to=[])
     trainer = tf._trainer_class()(model=model, args=args, train_dataset=ds)
     trainer.run_config = tf.load_training_config(write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path)))
+    assert trainer.run_config.data.group_by_length is False
+    assert not isinstance(trainer._get_train_sampler(), tf.SeededLengthGroupedSampler)
+    trainer.run_config = tf.load_training_config(write_config(
+        tmp_path / "d.yaml", set_key(base_config(tiny_dir, tmp_path), "data.group_by_length", True)))
     sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, tf.SeededLengthGroupedSampler)
     first = list(sampler)
     torch.manual_seed(12345)
-    assert list(sampler) == first and sorted(first) == list(range(64))
+    assert list(sampler) == first and sorted(first) == list(range(66))
     sampler.set_epoch(1)
     assert list(sampler) != first
 
+    def batches(order):
+        return [order[k:k + 4] for k in range(0, len(order), 4)]
+
     def padding(order):  # padded positions over real positions, batches of 4 padded to their longest
-        batches = [[lengths[i] for i in order[k:k + 4]] for k in range(0, len(order), 4)]
-        return sum(4 * max(b) - sum(b) for b in batches) / sum(lengths)
-    assert padding(first) < padding(list(range(64)))
-    trainer.run_config = tf.load_training_config(write_config(
-        tmp_path / "d.yaml", set_key(base_config(tiny_dir, tmp_path), "data.group_by_length", False)))
-    assert not isinstance(trainer._get_train_sampler(), tf.SeededLengthGroupedSampler)
+        return sum(4 * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches(order)) / sum(lengths)
+    assert padding(first) < padding(list(range(66)))
+    hf = get_length_grouped_indices(lengths, 4, generator=torch.Generator().manual_seed(3))
+    assert sorted(map(sorted, batches(first))) == sorted(map(sorted, batches(hf)))  # the same batches
+    assert batches(first) != batches(hf) and batches(first)[0] == batches(hf)[0]  # another order, same first
+    assert max(lengths[i] for i in batches(first)[0]) == max(lengths)
+    assert len(batches(first)[-1]) == 2 and batches(first)[-1] == batches(hf)[-1]  # the partial batch last

@@ -25,9 +25,10 @@ def kill_at_step(path: Path, run_id: str, step: int) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tiny_dir, tmp_path_factory):
-    """One uninterrupted run to compare against."""
+    """One uninterrupted run to compare against. With data.group_by_length: true, so the kill/resume tests cover the
+    seeded length-grouped sampler (test_preemption.py and test_lora.py resume under the default uniform shuffle)."""
     out = tmp_path_factory.mktemp("resume")
-    cfg = set_key(base_config(tiny_dir, out), "logging.eval_steps", 5)
+    cfg = set_key(set_key(base_config(tiny_dir, out), "logging.eval_steps", 5), "data.group_by_length", True)
     path = write_config(out / "c.yaml", cfg)
     proc = run_cli("--config", path, "--run-id", "ref")
     assert proc.returncode == 0, proc.stderr[-2000:]
