@@ -1369,8 +1369,11 @@ def _packing_cost_rule(config: TrainingConfig, res: ValidationResult, lengths: l
     padding for far more attention work and fewer, larger optimizer steps: warn with the numbers."""
     import importlib.util
     hp = config.training.hyperparameters
-    cost = packing_cost(lengths, rows, hp.batch_size * world_size(config), hp.gradient_accumulation_steps)
+    grouped = config.data.group_by_length
+    cost = packing_cost(lengths, rows, hp.batch_size * world_size(config), hp.gradient_accumulation_steps,
+                        grouped=grouped, seed=config.training.seed)
     res.data["train"]["packing_cost"] = cost
+    unpacked = "in batches of similar length" if grouped else "in shuffled batches"
     varlen = (config.model.use_flash_attention_2 and config.compute.device == "cuda"
               and importlib.util.find_spec("flash_attn") is not None)
     if varlen:
@@ -1379,25 +1382,33 @@ def _packing_cost_rule(config: TrainingConfig, res: ValidationResult, lengths: l
         f"data.packing: true without a varlen attention kernel (sdpa; flash-attention 2 needs CUDA, flash-attn and "
         f"model.use_flash_attention_2: true): every packed row of up to {config.data.max_seq_length} tokens "
         f"computes attention over the whole row under a block mask, {cost['attention_scores_packed']:,} attention "
-        f"scores per epoch against {cost['attention_scores_unpacked']:,} unpacked in batches of similar length "
+        f"scores per epoch against {cost['attention_scores_unpacked']:,} unpacked {unpacked} "
         f"({cost['attention_ratio']:.1f}x), for {cost['positions_packed']:,} token positions against "
         f"{cost['positions_unpacked']:,} ({cost['positions_ratio']:.2f}x); optimizer steps per epoch "
         f"{cost['steps_per_epoch_packed']} packed, {cost['steps_per_epoch_unpacked']} unpacked. Expect a slower "
-        f"run: set data.packing: false (batches are grouped by length, little padding), or train on a CUDA GPU "
+        f"run: set data.packing: false (batches padded to their longest record), or train on a CUDA GPU "
         f"with flash-attn and model.use_flash_attention_2: true")
 
 
-def packing_cost(lengths: list[int], rows: list[list[int]], global_batch: int, accumulation: int) -> dict:
-    """Per epoch, packed rows (`rows` from pack_rows) against unpacked records in batches of similar length (the
-    length-grouped sampler; estimated as the sorted lengths cut into batches), each batch padded to its longest:
+def packing_cost(lengths: list[int], rows: list[list[int]], global_batch: int, accumulation: int,
+                 grouped: bool = True, seed: int = 0) -> dict:
+    """Per epoch, packed rows (`rows` from pack_rows) against unpacked records, each batch padded to its longest:
     attention scores computed without a varlen kernel (batch x width^2, per layer and head), token positions
-    (batch x width: the linear layers' work) and optimizer steps."""
-    def padded(widths: list[int]) -> tuple[int, int]:
-        widths = sorted(widths, reverse=True)
+    (batch x width: the linear layers' work) and optimizer steps. Unpacked batches as the sampler makes them:
+    `grouped` (data.group_by_length) estimated as the sorted lengths cut into batches; otherwise the records in a
+    shuffled order (seeded: the same figures every time) cut into batches. Packed rows are all ~max_seq_length:
+    sorted either way."""
+    def padded(widths: list[int], shuffle: bool = False) -> tuple[int, int]:
+        if shuffle:
+            import random
+            widths = list(widths)
+            random.Random(seed).shuffle(widths)
+        else:
+            widths = sorted(widths, reverse=True)
         batches = [widths[i:i + global_batch] for i in range(0, len(widths), global_batch)]
-        return sum(len(b) * b[0] ** 2 for b in batches), sum(len(b) * b[0] for b in batches)
+        return sum(len(b) * max(b) ** 2 for b in batches), sum(len(b) * max(b) for b in batches)
     att_p, pos_p = padded([sum(lengths[i] for i in row) for row in rows])
-    att_u, pos_u = padded(lengths)
+    att_u, pos_u = padded(lengths, shuffle=not grouped)
     steps = lambda n: max(1, math.ceil(math.ceil(n / global_batch) / accumulation))  # noqa: E731
     return {"attention_scores_packed": att_p, "attention_scores_unpacked": att_u,
             "attention_ratio": round(att_p / max(1, att_u), 2), "positions_packed": pos_p,
@@ -3072,10 +3083,10 @@ def _trainer_class():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def _get_train_sampler(self, train_dataset=None):
-            """Batches of similar lengths (LengthGroupedSampler's order: shuffled, then sorted by length within
-            mega-batches of 50 batches), so a batch padded to its longest record carries little padding (the demo
-            data: ~20% padding in random batches, <1% grouped). Seeded by (seed, epoch) alone, never the global RNG,
-            so a resumed run sees the same batches. Packed rows are all ~max_seq_length: left to Trainer."""
+            """Under data.group_by_length: batches of similar lengths (SeededLengthGroupedSampler), so a batch padded
+            to its longest record carries little padding (the demo data: ~20% padding in random batches, <1%
+            grouped). Seeded by (seed, epoch) alone, never the global RNG, so a resumed run sees the same batches.
+            Otherwise, and for packed rows (all ~max_seq_length), Trainer's own uniform shuffle."""
             ds = train_dataset if train_dataset is not None else self.train_dataset
             config = getattr(self, "run_config", None)
             if ds is None or not hasattr(ds, "column_names") or "position_ids" in ds.column_names \

@@ -225,6 +225,19 @@ def test_packing_cost_counts_padded_batches():
     assert cost["attention_scores_unpacked"] == 2 * 16 + 2 * 4 and cost["positions_unpacked"] == 2 * 4 + 2 * 2
     assert cost["attention_scores_packed"] == 2 * 16 + 1 * 4 and cost["positions_packed"] == 2 * 4 + 2
     assert cost["steps_per_epoch_unpacked"] == 2 and cost["steps_per_epoch_packed"] == 2
+    # the default sampler (uniform shuffle): unpacked batches are a seeded shuffle of the records, so they carry
+    # more padding than sorted ones, the same figures every time, and none when every record has one length
+    lengths = [(i * 37) % 200 + 1 for i in range(64)]
+    rows = tf.pack_rows(lengths, 256)
+    grouped = tf.packing_cost(lengths, rows, global_batch=8, accumulation=1)
+    uniform = tf.packing_cost(lengths, rows, global_batch=8, accumulation=1, grouped=False, seed=3)
+    assert uniform == tf.packing_cost(lengths, rows, global_batch=8, accumulation=1, grouped=False, seed=3)
+    assert uniform["positions_unpacked"] > grouped["positions_unpacked"] >= sum(lengths)
+    assert uniform["attention_scores_unpacked"] > grouped["attention_scores_unpacked"]
+    assert {k: v for k, v in uniform.items() if "unpacked" not in k and "ratio" not in k} == \
+        {k: v for k, v in grouped.items() if "unpacked" not in k and "ratio" not in k}
+    same = tf.packing_cost([5] * 8, [[0, 1], [2, 3], [4, 5], [6, 7]], global_batch=4, accumulation=1, grouped=False)
+    assert same["positions_unpacked"] == 40 and same["attention_scores_unpacked"] == 8 * 25
 
 
 def test_length_grouped_batches_are_seeded_shuffled_and_off_by_default(tiny_dir, tmp_path):
