@@ -2922,9 +2922,9 @@ def answer_only_inputs(inputs: dict) -> dict:
 def answer_token_predictions(model, inputs: dict):
     """(mean NLL over the batch's answer tokens, [B, T-1, 2] per-token argmax and NLL) for compute_metrics, with
     logits computed only where a label is an answer token: lm_head and the softmax run on those positions alone
-    (a third of a demo record's tokens are prompt, often more), and the loss is taken from the same NLL, so the model does
-    not compute a second cross-entropy over every position. Values at prompt positions are 0 (compute_metrics
-    masks them). The result equals preprocess_logits_for_metrics on the full logits."""
+    (a third of a demo record's tokens are prompt, often more), and the loss is taken from the same NLL, so the
+    model does not compute a second cross-entropy over every position. Values at prompt positions are 0
+    (compute_metrics masks them). The result equals preprocess_logits_for_metrics on the full logits."""
     import torch
     import torch.nn.functional as F
     fwd = answer_only_inputs(inputs)
