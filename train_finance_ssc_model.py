@@ -3733,14 +3733,10 @@ def generate_samples(model, tokenizer, records: list[dict], shape: str, max_new_
 
 
 def _read_jsonl(path: Path, limit: Optional[int] = None) -> list[dict]:
-    out = []
-    with Path(path).open(encoding="utf-8-sig") as fh:  # a UTF-8 BOM at the start of the file is read past
-        for line in fh:
-            if line.strip():
-                out.append(json.loads(line))
-                if limit is not None and len(out) >= limit:
-                    break
-    return out
+    """The first `limit` records (all with None), read as scan_jsonl and _jsonl_rows read lines (json.loads reads
+    past a UTF-8 BOM at the start of the file)."""
+    import itertools
+    return [record for _, record in itertools.islice(_jsonl_rows(path), limit)]
 
 
 COMPARED_METRICS = {  # manifest location -> lower is better
@@ -4219,7 +4215,7 @@ def reproducibility_block(config: TrainingConfig, validation: ValidationResult, 
         "config_overrides": config.overrides,
         "resolved_config": config.to_dict(),
         "resolved_paths": config.resolved_paths,
-        "data_files": {split: {"path": info["path"], "sha256": _sha256(Path(info["path"])),
+        "data_files": {split: {"path": info["path"], "sha256": _sha256_cached(Path(info["path"])),
                                "samples": info["samples"], "shape": info["shape"]}
                        for split, info in validation.data.items()},
         "hardware": _hardware(),
