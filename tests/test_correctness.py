@@ -148,3 +148,44 @@ def test_answer_only_logits_train_the_same_weights(tiny_dir, tmp_path, monkeypat
     assert losses == pytest.approx(full_losses, rel=1e-5)
     for name, p in weights.items():
         assert torch.allclose(p, full[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_padded_batches_train_and_evaluate_the_same_without_their_mask(tiny_dir, tmp_path, monkeypatch):
+    """Under sdpa a right-padded batch goes to the model without its attention_mask (without_padding_mask: causal
+    attention never lets a record see the padding after it): the same losses and weights after a few optimizer
+    steps, and the same validation metrics, as with the mask."""
+    import torch
+    config = tf.load_training_config(str(write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))))
+    validation = tf.validate_config(config)
+    tokenizer = tf.load_tokenizer(config)
+    data, _ = tf.load_splits(config, tokenizer, {s: i["shape"] for s, i in validation.data.items()})
+    lengths = [len(x) for x in data["train"]["input_ids"]]
+    assert min(lengths) < max(lengths)  # batches carry padding
+    drop = tf.without_padding_mask
+
+    def train(drop_mask: bool):
+        monkeypatch.setattr(tf, "without_padding_mask", drop if drop_mask else (lambda x: x))
+        tf.seed_everything(config.training.seed)
+        model = tf.load_base_model(config, tf.attention_implementation(config))
+        args = tf.build_training_args(config, tmp_path / f"out-{drop_mask}", dry_run=True, max_steps=4,
+                                      resuming=False, model=model)
+        trainer = tf._trainer_class()(model=model, args=args, train_dataset=data["train"],
+                                      eval_dataset=data["valid"], compute_metrics=tf.compute_metrics,
+                                      data_collator=tf.collator_for("sdpa", tokenizer.pad_token_id))
+        trainer.run_config, trainer.probe = config, tf.StepProbe()
+        masks = []
+        model.register_forward_pre_hook(lambda mod, a, k: masks.append(k.get("attention_mask") is not None),
+                                        with_kwargs=True)
+        trainer.train()
+        metrics = trainer.evaluate()
+        assert masks and any(masks) != drop_mask and all(masks) != drop_mask  # the path under test ran
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return losses, metrics, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    masked_losses, masked_metrics, masked = train(False)
+    losses, metrics, weights = train(True)
+    assert losses == pytest.approx(masked_losses, rel=1e-5)
+    for key in ("eval_loss", "eval_token_accuracy", "eval_exact_match"):
+        assert metrics[key] == pytest.approx(masked_metrics[key], rel=1e-5), key
+    for name, p in weights.items():
+        assert torch.allclose(p, masked[name], rtol=1e-4, atol=1e-6), name

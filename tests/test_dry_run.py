@@ -66,3 +66,33 @@ def test_real_out_of_memory_is_reported_with_the_spec_payload(tiny_dir, tmp_path
     m = json.loads((tmp_path / "runs" / "oom" / "run_manifest.json").read_text())
     assert m["status"] == "failed" and m["error"]["error"] == "OutOfMemory"
     assert json.loads((tmp_path / "runs" / "oom" / "error.json").read_text())["error"] == "OutOfMemory"
+
+
+def test_startup_runs_without_the_cycle_collector_and_training_with_it(tiny_dir, tmp_path, monkeypatch):
+    """train_model: no full collections while imports, tokenization and loading build long-lived objects; from the
+    first training step on, the collector runs again over new objects only (those are frozen); an in-process caller
+    gets the collector back as it was, nothing left frozen, even when the run fails."""
+    import gc
+
+    import transformers
+    config = tf.load_training_config(str(write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))))
+    seen = {}
+    load = tf.load_base_model
+
+    def loading(*a, **k):
+        seen["loading"] = gc.isenabled()
+        return load(*a, **k)
+
+    def train(self, *a, **k):
+        seen["training"] = (gc.isenabled(), gc.get_freeze_count())
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(tf, "load_base_model", loading)
+    monkeypatch.setattr(transformers.Trainer, "train", train)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with pytest.raises(Exception, match="stop here"):
+        tf.train_model(config, run_id="gc")
+    assert seen["loading"] is False
+    assert seen["training"][0] is True and seen["training"][1] > 10000  # modules, model, data: frozen
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
