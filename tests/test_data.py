@@ -116,6 +116,13 @@ def test_collator_pads_to_longest_in_batch_not_max_seq_length():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 6, 7], [5, IGNORE, IGNORE]]
+    assert all(t.dtype == __import__("torch").long for t in batch.values())
+    packed = collate([{"input_ids": [5, 6, 7, 8], "labels": [IGNORE, 6, IGNORE, 8], "position_ids": [0, 1, 0, 1]},
+                      {"input_ids": [5], "labels": [IGNORE], "position_ids": [0]}])
+    assert set(packed) == {"input_ids", "labels", "position_ids"}  # no attention_mask for packed rows
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8], [5, 0, 0, 0]]
+    assert packed["labels"].tolist() == [[IGNORE, 6, IGNORE, 8], [IGNORE, IGNORE, IGNORE, IGNORE]]
+    assert packed["position_ids"].tolist() == [[0, 1, 0, 1], [0, 0, 1, 2]]  # padding: a record of its own
 
 
 def test_messages_without_a_chat_template_fail_in_preflight(tiny_dir, tmp_path):
