@@ -5016,7 +5016,10 @@ def _train(ctx: RunContext, resume_path: Optional[str], skip_dry_run: bool = Fal
     final_model = "final weights"
     if config.training.checkpointing.load_best_at_end and ctx.best_checkpoint:
         trainer.state.best_model_checkpoint = ctx.best_checkpoint
-        trainer._load_best_model()
+        # the best saved at the last step holds the weights in memory (verified equal when saved): no reload,
+        # which for a multi-GB model is a read of every shard
+        if _read_json(Path(ctx.best_checkpoint) / "trainer_state.json").get("global_step") != trainer.state.global_step:
+            trainer._load_best_model()
         final_model = Path(ctx.best_checkpoint).name
     test = trainer.evaluate(datasets_["test"], metric_key_prefix="test")
     ctx.test_results = {"evaluated": final_model, **{k: _json_float(v) for k, v in test.items()

@@ -136,6 +136,25 @@ def test_early_stopping_completes_normally(tiny_dir, tmp_path):
     assert "early stopping" in proc.stdout
     names = {c["name"] for c in tf.list_checkpoints("es", str(tmp_path / "runs"))}
     assert "checkpoint-epoch-4" not in names  # nothing trained past the stop
+    best = tmp_path / "runs" / "es" / "checkpoint-epoch-2"  # reloaded after training: the test metrics are its own
+    assert m["test_results"]["test_loss"] == pytest.approx(
+        tf.evaluate_checkpoint(str(best), str(tiny_dir / "messages" / "test.jsonl"))["test_loss"], rel=1e-6)
+
+
+def test_a_best_checkpoint_at_the_last_step_is_what_the_test_evaluates(tiny_dir, tmp_path):
+    """When the best checkpoint is the one saved at the last step, its weights are those in memory and are not read
+    back: the test metrics still equal that checkpoint's, evaluated from disk. The validation losses are fixed by a
+    test hook (evaluations at steps 0, 6, 12 report 6.0, 5.0, 4.0), so the last one is the best on any machine."""
+    cfg = set_key(base_config(tiny_dir, tmp_path), "training.hyperparameters.num_epochs", 1)
+    proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--run-id", "last",
+                   env={"FINANCE_TRAINER_INJECT_VAL_LOSSES": "6.0,5.0,4.0"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((tmp_path / "runs" / "last" / "run_manifest.json").read_text())
+    assert m["training_results"]["total_steps"] == 12 and m["test_results"]["evaluated"] == "checkpoint-epoch-1"
+    best = tmp_path / "runs" / "last" / "checkpoint-epoch-1"
+    assert Path(m["checkpoints"]["best_checkpoint"]).name == best.name
+    assert m["test_results"]["test_loss"] == pytest.approx(
+        tf.evaluate_checkpoint(str(best), str(tiny_dir / "messages" / "test.jsonl"))["test_loss"], rel=1e-6)
 
 
 def test_retention_keeps_best_latest_and_backup(tiny_dir, tmp_path):
