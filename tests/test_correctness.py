@@ -113,79 +113,82 @@ def test_spike_is_flagged_from_the_first_logged_loss(tmp_path, tiny_dir):
     assert [(a["kind"], a["step"], a["action"]) for a in history.anomalies] == [("loss_spike", 2, "warned")]
 
 
+def _tokenized(cfg_path: Path):
+    """The config, tokenizer and tokenized splits, as a run prepares them."""
+    config = tf.load_training_config(str(cfg_path))
+    validation = tf.validate_config(config)
+    tokenizer = tf.load_tokenizer(config)
+    data, _ = tf.load_splits(config, tokenizer, {s: i["shape"] for s, i in validation.data.items()})
+    return config, tokenizer, data
+
+
+def _train_four_steps(config, tokenizer, data, out: Path, evaluate: bool = False):
+    """4 optimizer steps of FinanceTrainer from the seeded base model: the losses logged, the weights after, the
+    validation metrics (evaluate=True), and the names of the arguments each model forward got (not None)."""
+    tf.seed_everything(config.training.seed)
+    model = tf.load_base_model(config, tf.attention_implementation(config))
+    args = tf.build_training_args(config, out, dry_run=True, max_steps=4, resuming=False, model=model)
+    extra = {"eval_dataset": data["valid"], "compute_metrics": tf.compute_metrics} if evaluate else {}
+    trainer = tf._trainer_class()(model=model, args=args, train_dataset=data["train"],
+                                  data_collator=tf.collator_for("sdpa", tokenizer.pad_token_id), **extra)
+    trainer.run_config, trainer.probe = config, tf.StepProbe()
+    forwards = []
+    model.register_forward_pre_hook(lambda mod, a, k: forwards.append({n for n, v in k.items() if v is not None}),
+                                    with_kwargs=True)
+    trainer.train()
+    metrics = trainer.evaluate() if evaluate else None
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}, metrics, forwards
+
+
+def _assert_same_weights(weights: dict, reference: dict) -> None:
+    import torch
+    for name, p in weights.items():
+        assert torch.allclose(p, reference[name], rtol=1e-4, atol=1e-6), name
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_answer_only_logits_train_the_same_weights(tiny_dir, tmp_path, monkeypatch, packing):
     """Training computes logits and loss at the answer positions only (answer_only_inputs): the same losses and
     the same weights after a few optimizer steps as from the full logits, with padded batches and with packed
     rows (position_ids, records side by side)."""
-    import torch
     cfg_path = write_config(tmp_path / "c.yaml", set_key(base_config(tiny_dir, tmp_path), "data.packing", packing))
-    config = tf.load_training_config(str(cfg_path))
-    validation = tf.validate_config(config)
-    tokenizer = tf.load_tokenizer(config)
-    shapes = {s: i["shape"] for s, i in validation.data.items()}
-    data, _ = tf.load_splits(config, tokenizer, shapes)
+    config, tokenizer, data = _tokenized(cfg_path)
     assert ("position_ids" in data["train"].column_names) == packing
 
     def train(answer_only: bool):
         monkeypatch.setattr(tf, "_accepts_logits_to_keep", (lambda m: True) if answer_only else (lambda m: False))
-        tf.seed_everything(config.training.seed)
-        model = tf.load_base_model(config, tf.attention_implementation(config))
-        args = tf.build_training_args(config, tmp_path / f"out-{answer_only}", dry_run=True, max_steps=4,
-                                      resuming=False, model=model)
-        trainer = tf._trainer_class()(model=model, args=args, train_dataset=data["train"],
-                                      data_collator=tf.collator_for("sdpa", tokenizer.pad_token_id))
-        trainer.run_config, trainer.probe = config, tf.StepProbe()
-        calls = []
-        model.register_forward_pre_hook(lambda mod, a, k: calls.append("logits_to_keep" in k), with_kwargs=True)
-        trainer.train()
+        losses, weights, _, forwards = _train_four_steps(config, tokenizer, data, tmp_path / f"out-{answer_only}")
+        calls = ["logits_to_keep" in k for k in forwards]
         assert calls and all(calls) == answer_only and any(calls) == answer_only  # the path under test ran
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+        return losses, weights
 
     full_losses, full = train(False)
     losses, weights = train(True)
     assert losses == pytest.approx(full_losses, rel=1e-5)
-    for name, p in weights.items():
-        assert torch.allclose(p, full[name], rtol=1e-4, atol=1e-6), name
+    _assert_same_weights(weights, full)
 
 
 def test_padded_batches_train_and_evaluate_the_same_without_their_mask(tiny_dir, tmp_path, monkeypatch):
     """Under sdpa a right-padded batch goes to the model without its attention_mask (without_padding_mask: causal
     attention never lets a record see the padding after it): the same losses and weights after a few optimizer
     steps, and the same validation metrics, as with the mask."""
-    import torch
-    config = tf.load_training_config(str(write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))))
-    validation = tf.validate_config(config)
-    tokenizer = tf.load_tokenizer(config)
-    data, _ = tf.load_splits(config, tokenizer, {s: i["shape"] for s, i in validation.data.items()})
+    config, tokenizer, data = _tokenized(write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path)))
     lengths = [len(x) for x in data["train"]["input_ids"]]
     assert min(lengths) < max(lengths)  # batches carry padding
     drop = tf.without_padding_mask
 
     def train(drop_mask: bool):
         monkeypatch.setattr(tf, "without_padding_mask", drop if drop_mask else (lambda x: x))
-        tf.seed_everything(config.training.seed)
-        model = tf.load_base_model(config, tf.attention_implementation(config))
-        args = tf.build_training_args(config, tmp_path / f"out-{drop_mask}", dry_run=True, max_steps=4,
-                                      resuming=False, model=model)
-        trainer = tf._trainer_class()(model=model, args=args, train_dataset=data["train"],
-                                      eval_dataset=data["valid"], compute_metrics=tf.compute_metrics,
-                                      data_collator=tf.collator_for("sdpa", tokenizer.pad_token_id))
-        trainer.run_config, trainer.probe = config, tf.StepProbe()
-        masks = []
-        model.register_forward_pre_hook(lambda mod, a, k: masks.append(k.get("attention_mask") is not None),
-                                        with_kwargs=True)
-        trainer.train()
-        metrics = trainer.evaluate()
+        losses, weights, metrics, forwards = _train_four_steps(config, tokenizer, data, tmp_path / f"out-{drop_mask}",
+                                                               evaluate=True)
+        masks = ["attention_mask" in k for k in forwards]
         assert masks and any(masks) != drop_mask and all(masks) != drop_mask  # the path under test ran
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        return losses, metrics, {n: p.detach().clone() for n, p in model.named_parameters()}
+        return losses, metrics, weights
 
     masked_losses, masked_metrics, masked = train(False)
     losses, metrics, weights = train(True)
     assert losses == pytest.approx(masked_losses, rel=1e-5)
     for key in ("eval_loss", "eval_token_accuracy", "eval_exact_match"):
         assert metrics[key] == pytest.approx(masked_metrics[key], rel=1e-5), key
-    for name, p in weights.items():
-        assert torch.allclose(p, masked[name], rtol=1e-4, atol=1e-6), name
+    _assert_same_weights(weights, masked)
