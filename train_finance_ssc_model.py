@@ -16,15 +16,14 @@ status at the end) with everything needed to reproduce it; its last stdout line 
 (run_id, status, best_checkpoint, final_val_perplexity, training_time_hours). Failures end with one JSON object on stderr,
 `{"error": Kind, "details": {...}, "errors": [...]}`, and a documented exit code (see EXIT_* below).
 
-Sections, in the order a run flows through them:
-    1. constants          2. config dataclasses     3. errors
-    4. config loading     5. validation             6. data (+ packing)
-    7. model (+ LoRA, memory estimate)              8. tracking (CSV, TensorBoard, W&B, MLflow)
-    9. callbacks (metrics, eval/save flow, guards, early stopping)
-   10. trainer + checkpoints (atomic, verified, retention, list/load/evaluate)
-   10b. post-training analysis (samples, baseline, plot, archive, cost, status)
-   11. manifest           12. train_model / dry run / resume
-   13. CLI / main (+ distributed self-launch)
+Sections, in the order a run flows through them (spec phases in brackets):
+    1. constants and utilities    2. config dataclasses          3. errors (+ failure builders)
+    4. config loading             5. validation [Phase 1]        6. data (+ packing)
+    7. model (+ LoRA, memory)     8. tracking                    9. callbacks
+   10. Trainer                   11. test hooks                 12. checkpoints and the run directory
+   13. resume                    14. dry run [Phase 2]          15. train [Phase 3]
+   16. analysis [Phase 4]        17. manifest                   18. tools (--status, --evaluate, --plan, ...)
+   19. CLI
 """
 from __future__ import annotations
 
@@ -54,8 +53,9 @@ from typing import Any, Optional
 # torch / transformers / datasets are imported inside the functions that need them, so `--help`
 # and config errors answer in well under a second.
 
+
 # --------------------------------------------------------------------------------------------------
-# 1. Constants
+# 1. Constants and utilities: exit codes, names, redaction, JSON, atomic writes, hashing, formatting
 # --------------------------------------------------------------------------------------------------
 
 EXIT_OK = 0
@@ -64,7 +64,6 @@ EXIT_INVALID = 2  # invalid config, data, checkpoint or paths: nothing was train
 EXIT_DIVERGED = 3  # stopped by an anomaly guard
 EXIT_OOM = 4  # out of memory, predicted or real
 EXIT_PREEMPTED = 143  # SIGTERM / SIGUSR1: saved a checkpoint at the step boundary and stopped (128 + SIGTERM)
-
 ERROR_EXIT_CODES = {
     "InvalidConfig": EXIT_INVALID,
     "EmptyDataset": EXIT_INVALID,
@@ -81,7 +80,6 @@ ERROR_EXIT_CODES = {
     "TrainingFailed": EXIT_FAILED,
     "Preempted": EXIT_PREEMPTED,
 }
-
 MANIFEST_NAME = "run_manifest.json"
 DAMAGED_MANIFEST_HINT = (  # RunRecordDamaged's suggestion for a damaged manifest, outside a resume
     "the manifest is written atomically, so something else damaged it (a copy, a full disk, an editor). Restore "
@@ -98,7 +96,6 @@ MAX_ECHO_CHARS = 300  # a value echoed in an error payload is cut to this many c
 
 # Metrics this script reports at every evaluation; `val_x` in the config is Trainer's `eval_x`.
 EVAL_METRICS = {"val_loss": False, "val_perplexity": False, "val_token_accuracy": True}  # name -> greater is better
-
 RECORD_SHAPES = {  # shape -> keys that identify it
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
@@ -107,8 +104,284 @@ RECORD_SHAPES = {  # shape -> keys that identify it
 }
 IGNORE_INDEX = -100  # label value that the loss skips
 FP16_MAX_OVERFLOWS = 25  # consecutive fp16 loss-scaler overflows before the guard calls the run broken
-
 log = logging.getLogger("finance_trainer")
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` as an error payload can echo it: itself when it is strict JSON of at most MAX_ECHO_CHARS
+    characters, else its JSON (or repr) cut to that length with a marker saying how long it was."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+        echo = value
+    except (TypeError, ValueError, RecursionError):
+        text = echo = repr(value)
+    if len(text) > MAX_ECHO_CHARS:
+        return f"{text[:MAX_ECHO_CHARS]}... [truncated: {len(text)} characters]"
+    return echo
+
+
+# Secrets never leave the process: redact() masks URL userinfo passwords (`http://user:***@host/`) and the value of
+# every secret-looking environment variable in what is written (JSON files, stdout, logs, trackers, errors).
+# The real values stay in the config object, so connections still use them.
+SECRET_ENV_RE = re.compile(r"(?:^|_)(?:TOKEN|KEY|PASSWORD|PASSWD|SECRET)$", re.I)  # HF_TOKEN, WANDB_API_KEY, ...
+SECRET_MIN_LENGTH = 8  # shorter env values ("1", "true") are not secrets, and masking them would mangle the text
+URL_USERINFO_RE = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s\"'<>]*)@")
+REDACTED = "***"
+
+
+def _secret_env_values() -> list[str]:
+    values = {v for k, v in os.environ.items() if SECRET_ENV_RE.search(k) and len(v) >= SECRET_MIN_LENGTH}
+    return sorted(values, key=len, reverse=True)
+
+
+def _mask_userinfo(m: re.Match) -> str:
+    user, colon, _ = m["userinfo"].partition(":")
+    return f"{m['scheme']}{user}:{REDACTED}@" if colon else f"{m['scheme']}{REDACTED}@"  # a bare userinfo is a token
+
+
+def redact(value: Any, _secrets: Optional[list] = None) -> Any:
+    """`value` (a string, or dicts/lists/tuples of them, keys included) with URL userinfo passwords masked
+    (`http://user:***@host/`; a userinfo without a password, often a token, becomes `***@`) and the value of every
+    environment variable named like *_TOKEN, *_KEY, *_PASSWORD, *_SECRET (at least SECRET_MIN_LENGTH characters)
+    replaced by `***`. Other values are returned as they are."""
+    secrets = _secret_env_values() if _secrets is None else _secrets
+    if isinstance(value, str):
+        if "@" in value:
+            value = URL_USERINFO_RE.sub(_mask_userinfo, value)
+        for s in secrets:
+            if s in value:
+                value = value.replace(s, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {redact(k, secrets): redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, secrets) for v in value] if isinstance(value, list) else tuple(redact(v, secrets)
+                                                                                          for v in value)
+    return value
+
+
+def _finite_json(value: Any) -> Any:
+    """NaN/inf anywhere in `value` as the strings "NaN"/"inf"/"-inf" (_json_float), so it dumps as strict JSON."""
+    if isinstance(value, float):
+        return _json_float(value)
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def json_text(data: Any, indent: Optional[int] = None) -> str:
+    """The one way this script turns data into JSON it writes or prints: secrets redacted, strict JSON (no bare
+    NaN/Infinity), anything else JSON cannot hold written as its (redacted) str."""
+    return json.dumps(_finite_json(redact(data)), indent=indent, allow_nan=False, default=lambda o: redact(str(o)))
+
+
+class RedactingFormatter(logging.Formatter):
+    """The formatter of this script's log handlers (console, train.log): every line, traceback included, redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def _free_bytes(path: Any) -> Optional[int]:
+    """Free bytes on the filesystem holding `path` (its nearest existing ancestor)."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _jsonl_rows(path: Path):
+    """(line number, record) of a JSONL file that scan_jsonl passed, numbered as scan_jsonl numbers lines."""
+    with Path(path).open("rb") as fh:
+        for line_no, raw in enumerate(fh, 1):
+            if raw.strip():
+                yield line_no, json.loads(raw)
+
+
+def _dotted_get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _human_bytes(n: float) -> str:
+    """1536 -> `1.5 KiB`, 3.2e9 -> `3.0 GiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_duration(seconds: float) -> str:
+    """1h02m, 1m40s, 9s."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_HASHED: dict[tuple, str] = {}  # (device, inode, size, mtime) -> sha256
+
+
+def _sha256_cached(path: Path) -> str:
+    """_sha256, remembered per file version: retention and the manifest check the checkpoints at every save,
+    and files this process saved (or already checked) must not be read again each time."""
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = _sha256(path)
+    return _HASHED[key]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # not supported on every filesystem; the rename is still atomic
+        pass
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary name in the same folder, fsync, then rename over the target. The text is json_text's:
+    secrets redacted, strict JSON. A failed write (a full disk) removes its temporary file and raises the OSError
+    with the target's path as its filename; the target is left as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json_text(data, indent=2) + "\n"
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            injected = injected_enospc(path)
+            if injected is not None:
+                fh.write(text[:len(text) // 2])  # what a full disk leaves: a partial temporary file
+                raise injected
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and not exc.filename:
+            exc.filename = str(path)
+        raise
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _read_jsonl(path: Path, limit: Optional[int] = None) -> list[dict]:
+    """The first `limit` records (all with None), read as scan_jsonl and _jsonl_rows read lines (json.loads reads
+    past a UTF-8 BOM at the start of the file)."""
+    import itertools
+    return [record for _, record in itertools.islice(_jsonl_rows(path), limit)]
+
+
+def _signed_size(n: float) -> str:
+    return ("+" if n >= 0 else "-") + (_size(abs(n)) if n else "0 B")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _json_float(value: Any) -> Any:
+    """Floats as JSON allows: NaN/inf become the strings "NaN"/"inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def _float_from_json(value: Any) -> Any:
+    """_json_float undone: the strings "NaN", "inf", "-inf" read back from a manifest are floats again."""
+    return float(value) if value in ("NaN", "inf", "-inf") else value
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def read_run_record(path: Path, suggestion: str) -> Optional[dict]:
+    """A run's JSON record (run_manifest.json, status.json): None when the file does not exist. One that exists but
+    is empty, truncated or not a JSON object is RunRecordDamaged (exit 2) naming the file and what is wrong with
+    it: never read as an empty record (a resume would drop the run's history, --status would guess)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        what = f"unreadable ({type(exc).__name__}: {exc})"
+        text = None
+    if text is not None:
+        if not text.strip():
+            what = "empty file"
+        else:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                what = (f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno} of {len(text)} "
+                        "characters): truncated or overwritten")
+            else:
+                if isinstance(value, dict):
+                    return value
+                what = f"a JSON {type(value).__name__}, not an object"
+    raise TrainerError("RunRecordDamaged", {"path": str(path.resolve()), "problem": what, "suggestion": suggestion})
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _size(n: Optional[float]) -> str:
+    """Bytes for the console, in the units the memory estimate uses (GB = 2**30)."""
+    if not n:
+        return "n/a"
+    for unit, exp in (("GB", 30), ("MB", 20), ("KB", 10)):
+        if n >= 2 ** exp:
+            return f"{n / 2 ** exp:.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,7 +584,7 @@ REQUIRED_SECTIONS = ("model", "data", "logging")
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. Errors: one type carrying the JSON payload and its exit code
+# 3. Errors: one type carrying the JSON payload and its exit code, and the failure builders
 # --------------------------------------------------------------------------------------------------
 
 class TrainerError(Exception):
@@ -351,83 +624,6 @@ def config_problem(field_: str, value: Any, expected: str, suggestion: str) -> d
     return problem("InvalidConfig", field=field_, value=_jsonable(value), expected=expected, suggestion=suggestion)
 
 
-def _jsonable(value: Any) -> Any:
-    """`value` as an error payload can echo it: itself when it is strict JSON of at most MAX_ECHO_CHARS
-    characters, else its JSON (or repr) cut to that length with a marker saying how long it was."""
-    try:
-        text = json.dumps(value, allow_nan=False)
-        echo = value
-    except (TypeError, ValueError, RecursionError):
-        text = echo = repr(value)
-    if len(text) > MAX_ECHO_CHARS:
-        return f"{text[:MAX_ECHO_CHARS]}... [truncated: {len(text)} characters]"
-    return echo
-
-
-# Secrets never leave the process: redact() masks URL userinfo passwords (`http://user:***@host/`) and the value of
-# every secret-looking environment variable in what is written (JSON files, stdout, logs, trackers, errors).
-# The real values stay in the config object, so connections still use them.
-SECRET_ENV_RE = re.compile(r"(?:^|_)(?:TOKEN|KEY|PASSWORD|PASSWD|SECRET)$", re.I)  # HF_TOKEN, WANDB_API_KEY, ...
-SECRET_MIN_LENGTH = 8  # shorter env values ("1", "true") are not secrets, and masking them would mangle the text
-URL_USERINFO_RE = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s\"'<>]*)@")
-REDACTED = "***"
-
-
-def _secret_env_values() -> list[str]:
-    values = {v for k, v in os.environ.items() if SECRET_ENV_RE.search(k) and len(v) >= SECRET_MIN_LENGTH}
-    return sorted(values, key=len, reverse=True)
-
-
-def _mask_userinfo(m: re.Match) -> str:
-    user, colon, _ = m["userinfo"].partition(":")
-    return f"{m['scheme']}{user}:{REDACTED}@" if colon else f"{m['scheme']}{REDACTED}@"  # a bare userinfo is a token
-
-
-def redact(value: Any, _secrets: Optional[list] = None) -> Any:
-    """`value` (a string, or dicts/lists/tuples of them, keys included) with URL userinfo passwords masked
-    (`http://user:***@host/`; a userinfo without a password, often a token, becomes `***@`) and the value of every
-    environment variable named like *_TOKEN, *_KEY, *_PASSWORD, *_SECRET (at least SECRET_MIN_LENGTH characters)
-    replaced by `***`. Other values are returned as they are."""
-    secrets = _secret_env_values() if _secrets is None else _secrets
-    if isinstance(value, str):
-        if "@" in value:
-            value = URL_USERINFO_RE.sub(_mask_userinfo, value)
-        for s in secrets:
-            if s in value:
-                value = value.replace(s, REDACTED)
-        return value
-    if isinstance(value, dict):
-        return {redact(k, secrets): redact(v, secrets) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact(v, secrets) for v in value] if isinstance(value, list) else tuple(redact(v, secrets)
-                                                                                          for v in value)
-    return value
-
-
-def _finite_json(value: Any) -> Any:
-    """NaN/inf anywhere in `value` as the strings "NaN"/"inf"/"-inf" (_json_float), so it dumps as strict JSON."""
-    if isinstance(value, float):
-        return _json_float(value)
-    if isinstance(value, dict):
-        return {k: _finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_json(v) for v in value]
-    return value
-
-
-def json_text(data: Any, indent: Optional[int] = None) -> str:
-    """The one way this script turns data into JSON it writes or prints: secrets redacted, strict JSON (no bare
-    NaN/Infinity), anything else JSON cannot hold written as its (redacted) str."""
-    return json.dumps(_finite_json(redact(data)), indent=indent, allow_nan=False, default=lambda o: redact(str(o)))
-
-
-class RedactingFormatter(logging.Formatter):
-    """The formatter of this script's log handlers (console, train.log): every line, traceback included, redacted."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
-
-
 # A full disk is reported as a full disk: the first failed write, its errno, the path and the free space.
 DISK_FULL_ERRNOS = {28: "ENOSPC", 122: "EDQUOT"}
 DISK_FULL_MARKERS = ("No space left on device", "Disk quota exceeded", "StorageFull", "os error 28")
@@ -448,17 +644,6 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-def _free_bytes(path: Any) -> Optional[int]:
-    """Free bytes on the filesystem holding `path` (its nearest existing ancestor)."""
-    p = Path(path).expanduser().absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        return shutil.disk_usage(p).free
-    except OSError:
-        return None
-
-
 def disk_full_error(exc: BaseException, path: Any = None, free_at_failure: Optional[int] = None,
                     run_id: Optional[str] = None) -> TrainerError:
     """DiskFull (exit 1) for the first write that failed: errno, the file (the OSError's own filename, else `path`),
@@ -476,6 +661,77 @@ def disk_full_error(exc: BaseException, path: Any = None, free_at_failure: Optio
         "suggestion": "the filesystem is full: free space there (or move logging.output_dir to a larger disk, e.g. "
                       f"with --output-dir), then continue with {resume}. Complete checkpoints are unaffected; a "
                       "partial save is removed"})
+
+
+def damaged_checkpoint_error(field_: str, value: Any, ckpt_dir: Path, reason: str, suggestion: str) -> TrainerError:
+    """Exit 2 naming the damaged file and what is wrong with it (reason from check_checkpoint_integrity)."""
+    d = Path(ckpt_dir).resolve()
+    return TrainerError("CheckpointNotFound", {"field": field_, "value": str(value), "path": str(d),
+                                               "file": str(d / reason.split(":", 1)[0]), "reason": reason,
+                                               "suggestion": suggestion})
+
+
+def resume_command(ctx: RunContext) -> str:
+    overrides = "".join(f" --set {shlex.quote(o)}" for o in ctx.config.overrides)
+    return (f"python {Path(sys.argv[0]).name} --config {shlex.quote(ctx.config.config_path or 'CONFIG')}{overrides} "
+            f"--resume-from latest --run-id {ctx.run_id}")
+
+
+def preempted_error(ctx: RunContext) -> TrainerError:
+    """SIGTERM/SIGUSR1 stopped the run after a checkpoint of the step under way: exit EXIT_PREEMPTED, manifest
+    `interrupted`, and the command that continues it."""
+    p = ctx.history.preempted
+    saved = next((c for c in reversed(read_checkpoints(ctx.run_dir)) if c["step"] == p["step"]
+                  and c.get("health") == "ok"), None)
+    return TrainerError("Preempted", {
+        "signal": p["signal"], "step": p["step"], "epoch": p["epoch"],
+        "checkpoint": saved["path"] if saved else None, "resume_command": resume_command(ctx),
+        "suggestion": "continue exactly where it stopped with the resume_command"})
+
+
+def diverged_error(ctx: RunContext, stop_val_loss: Optional[float] = None) -> TrainerError:
+    """The spec's TrainingDiverged payload, naming a checkpoint whose weights are healthy (last_valid_checkpoint)."""
+    stop = ctx.history.stop
+    last_valid, why = last_valid_checkpoint(ctx, stop_val_loss)
+    lr = ctx.config.training.hyperparameters.learning_rate
+    new_lr = max(lr / 10, 1e-6)
+    train_loss = stop.get("train_loss")
+    if train_loss is None and ctx.history.train:
+        train_loss = _json_float(ctx.history.train[-1][2])
+    how = (f" (--resume-from {last_valid} --set training.hyperparameters.learning_rate={new_lr:.1e})"
+           if last_valid else f" as a new run from the base model (--set training.hyperparameters.learning_rate="
+                              f"{new_lr:.1e} --run-id NEW_ID): {why}")
+    return TrainerError("TrainingDiverged", {
+        "epoch": _best_epoch(stop["epoch"]) if stop["epoch"] else 1, "epoch_float": stop["epoch"],
+        "step": stop["step"], "train_loss": train_loss, "reason": stop["reason"], "kind": stop["kind"],
+        "last_valid_checkpoint": last_valid, "last_valid_checkpoint_reason": why,
+        "suggestion": f"Reduce learning rate to {new_lr:.1e} and try again{how}"})
+
+
+def _oom_types() -> tuple:
+    import torch
+    return (torch.OutOfMemoryError,)
+
+
+def out_of_memory_error(config: TrainingConfig, message: str, estimated_gb: Optional[float] = None,
+                        available_gb: Optional[float] = None, fix: Optional[str] = None) -> TrainerError:
+    hp = config.training.hyperparameters
+    if fix is None:
+        smaller = max(1, hp.batch_size // 2)
+        fix = (f"Reduce batch_size to {smaller} (and double gradient_accumulation_steps to "
+               f"{hp.gradient_accumulation_steps * 2} to keep the effective batch)")
+        if not config.model.gradient_checkpointing:
+            fix += " or enable model.gradient_checkpointing"
+    return TrainerError("OutOfMemory", {"batch_size": hp.batch_size, "seq_length": config.data.max_seq_length,
+                                        "estimated_memory_gb": estimated_gb, "available_memory_gb": available_gb,
+                                        "message": message[:300], "suggestion": fix})
+
+
+def dry_run_failed(report: dict, path: Path) -> TrainerError:
+    """The dry run's failure, before any training step: exit 1 with its checks and where the report is."""
+    return TrainerError("TrainingFailed", {
+        "checks": report["checks"], "report": str(path), "initial_loss": report["initial_loss"],
+        "suggestion": "a non-finite loss on the first steps: check the data and lower the learning rate"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -761,7 +1017,7 @@ def checkpoint_ref(config: TrainingConfig) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# 5. Validation: per-field rules, cross-section rules, data files, base checkpoint, device
+# 5. Validation (spec Phase 1): per-field rules, cross-section rules, data files, base checkpoint, device
 # --------------------------------------------------------------------------------------------------
 
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw_fused": "adamw_torch_fused", "adafactor": "adafactor", "sgd": "sgd"}
@@ -1000,13 +1256,6 @@ def _baseline_manifest_path(ref: str) -> Optional[Path]:
     return p.resolve() if p.is_file() and isinstance(_read_json(p), dict) and _read_json(p) else None
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
-
-
 def detect_shape(record: Any) -> Optional[str]:
     """The record shape of one JSONL record, or None when it has none we support."""
     if not isinstance(record, dict):
@@ -1173,14 +1422,6 @@ def data_integrity(splits: dict) -> tuple[dict, dict]:
     return found, drop
 
 
-def _jsonl_rows(path: Path):
-    """(line number, record) of a JSONL file that scan_jsonl passed, numbered as scan_jsonl numbers lines."""
-    with Path(path).open("rb") as fh:
-        for line_no, raw in enumerate(fh, 1):
-            if raw.strip():
-                yield line_no, json.loads(raw)
-
-
 def _integrity_rules(config: TrainingConfig, res: ValidationResult) -> None:
     """Warn about train duplicates and valid/test leakage (counts and line numbers); with data.dedup the planned
     sample counts are the ones left after dropping them, and a split left empty is an error."""
@@ -1213,18 +1454,6 @@ def _integrity_rules(config: TrainingConfig, res: ValidationResult) -> None:
                 "EmptyDataset", field=f"data.{split}_path", path=res.data[split]["path"], line_count=len(splits[split][1]),
                 suggestion=f"data.dedup drops every {split} record (each prompt is also in train): use a {split} "
                            "split with prompts unseen in training, or set data.dedup: false"))
-
-
-def dedup_splits(raw, shapes: dict) -> tuple[Any, dict]:
-    """data.dedup on the loaded DatasetDict: the records data_integrity finds (the same rule as the validation
-    warning) are dropped; returns the smaller DatasetDict and split -> records dropped."""
-    splits = {s: (shapes[s], [(i + 1, r) for i, r in enumerate(raw[s])]) for s in ("train", "valid", "test")}
-    _, drop = data_integrity(splits)
-    for split, positions in drop.items():
-        if positions:
-            gone = set(positions)
-            raw[split] = raw[split].select([i for i in range(len(raw[split])) if i not in gone])
-    return raw, {s: len(v) for s, v in drop.items()}
 
 
 HUB_SMOLLM3 = "HuggingFaceTB/SmolLM3-3B-Base or HuggingFaceTB/SmolLM3-3B"
@@ -1567,9 +1796,33 @@ def config_differences_from_defaults(config: TrainingConfig) -> list[str]:
     return out
 
 
+def _baseline_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    """With evaluation.baseline (or --baseline): the new config and data against the baseline run's, before any
+    training, as warnings (so --validate-only, --dry-run and the training command all show them)."""
+    path = _baseline_manifest_path(config.evaluation.baseline) if config.evaluation.baseline else None
+    if path is None:
+        return
+    base = _read_json(path)
+    res.baseline = {"baseline_run_id": base.get("run_id"), "baseline_manifest": str(path),
+                    **baseline_differences(_config_facts(config, res), _run_facts(base))}
+    res.warnings.extend(baseline_lines(res.baseline, base.get("run_id")))
+
+
 # --------------------------------------------------------------------------------------------------
-# 6. Data: record shapes -> token ids with answer-only labels, through datasets.map (cached)
+# 6. Data: record shapes -> token ids with answer-only labels, through datasets.map (cached), packing
 # --------------------------------------------------------------------------------------------------
+
+def dedup_splits(raw, shapes: dict) -> tuple[Any, dict]:
+    """data.dedup on the loaded DatasetDict: the records data_integrity finds (the same rule as the validation
+    warning) are dropped; returns the smaller DatasetDict and split -> records dropped."""
+    splits = {s: (shapes[s], [(i + 1, r) for i, r in enumerate(raw[s])]) for s in ("train", "valid", "test")}
+    _, drop = data_integrity(splits)
+    for split, positions in drop.items():
+        if positions:
+            gone = set(positions)
+            raw[split] = raw[split].select([i for i in range(len(raw[split])) if i not in gone])
+    return raw, {s: len(v) for s, v in drop.items()}
+
 
 def render_instruction_prompt(record: dict) -> str:
     """Alpaca-style prompt for {instruction, input, output} records."""
@@ -1781,7 +2034,7 @@ class PadToLongestCollator:
 
 
 # --------------------------------------------------------------------------------------------------
-# 7. Model
+# 7. Model: loading, LoRA, memory and disk estimates
 # --------------------------------------------------------------------------------------------------
 
 def attention_implementation(config: TrainingConfig) -> str:
@@ -2049,12 +2302,6 @@ PLAN_STRATEGIES = {  # strategy -> the settings that select it; activations and 
 }
 
 
-def _dotted_get(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _with_settings(config: TrainingConfig, settings: dict) -> TrainingConfig:
     """A copy of `config` with dotted keys set (the original is untouched)."""
     import copy
@@ -2173,15 +2420,6 @@ def check_disk(config: TrainingConfig, ckpt_cfg: dict, validation: ValidationRes
     return out
 
 
-def _human_bytes(n: float) -> str:
-    """1536 -> `1.5 KiB`, 3.2e9 -> `3.0 GiB`."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def measure_training_memory(model, optimizer, batch: dict) -> dict:
     """What the estimate predicts, measured: bytes of weights, grads and optimizer states held now, and of
     the tensors autograd saves for backward on `batch` (storage-deduplicated), plus the logits."""
@@ -2208,8 +2446,17 @@ def measure_training_memory(model, optimizer, batch: dict) -> dict:
             "logits_bytes": logits, "total_bytes": states + sum(saved.values()) + logits}
 
 
+def peak_memory() -> dict:
+    import resource
+    out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    import torch
+    if torch.cuda.is_available():
+        out["gpu_peak_allocated_bytes"] = [torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())]
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
-# 8. Tracking: one metrics dict feeds the console/train.log line, the CSV curves, TensorBoard and W&B
+# 8. Tracking: one metrics dict feeds the console/train.log line, the CSV curves, TensorBoard, W&B, MLflow
 # --------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -2250,20 +2497,6 @@ class Tracker:
             self.mlflow_client.set_terminated(self.mlflow_run_id, {"completed": "FINISHED", "interrupted": "KILLED",
                                                                     }.get(status, "FAILED"))
             self.mlflow_client = None
-
-
-def make_run_id(config: TrainingConfig) -> str:
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y_%m_%d_%H%M%S")
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.data.dataset_name)[:MAX_RUN_ID_LENGTH - 20] or "run"
-    return f"{name}_{stamp}"
-
-
-def run_paths(config: TrainingConfig, run_id: str) -> dict:
-    lg = config.logging
-    return {"run_dir": Path(lg.output_dir).expanduser().resolve() / run_id,
-            "log_dir": Path(lg.logging_dir).expanduser().resolve() / run_id,
-            "tensorboard_dir": (Path(lg.tensorboard.log_dir).expanduser().resolve() / run_id
-                                if lg.tensorboard.enabled else None)}
 
 
 def init_tracking(config: TrainingConfig, run_id: Optional[str] = None, resume: bool = False,
@@ -2343,12 +2576,6 @@ def _init_mlflow(tracker: Tracker, config: TrainingConfig, run_id: str, resume: 
     tracker.mlflow_client = client
 
 
-def format_duration(seconds: float) -> str:
-    """1h02m, 1m40s, 9s."""
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
 def format_value(key: str, value: Any) -> str:
     """One format per metric, whatever its size: 4 significant digits for losses, perplexity, norms and learning
     rates; 4 decimals for rates in [0, 1]; k/M for throughput; 2 decimals for the epoch."""
@@ -2416,8 +2643,33 @@ def _csv_float(value: Any) -> str:
     return "NaN" if isinstance(value, float) and math.isnan(value) else str(value)
 
 
+def _add_file_log(path: Path) -> logging.Handler:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")  # flushed per record, so `tail -f` works
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s"))  # secrets never logged
+    log.addHandler(handler)
+    return handler
+
+
+def echo_config(config: TrainingConfig) -> None:
+    """Never silently change a hyperparameter: print the final config and what differs from defaults."""
+    import yaml
+    # the whole config goes to train.log and the manifest; the console gets what differs from the defaults, as
+    # one block (a WARNING per key buried the warnings that need attention)
+    log.info("resolved config:\n%s", yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip(),
+             extra={"file_only": True})
+    if config.overrides:
+        log.info("overrides from --set: %s", ", ".join(config.overrides))
+    diffs = config_differences_from_defaults(config)
+    if diffs:
+        rows = [d.rsplit(" (default ", 1) for d in diffs]
+        width = max(len(r[0]) for r in rows)
+        log.info("%d settings differ from defaults (full config in train.log and the manifest):\n%s", len(diffs),
+                 "\n".join(f"  {r[0]:<{width}}  (default {r[1]}" if len(r) == 2 else f"  {r[0]}" for r in rows))
+
+
 # --------------------------------------------------------------------------------------------------
-# 9. Callbacks: small, one job each
+# 9. Callbacks: small, one job each (metrics, eval/save flow, guards, early stopping, preemption)
 # --------------------------------------------------------------------------------------------------
 
 NOISE_SUFFIXES = ("_runtime", "_per_second", "_preparation_time")  # Trainer's timing keys; tokens_per_second is ours
@@ -2772,38 +3024,6 @@ def _replay_history(callbacks: list, history: "RunHistory") -> None:
             cb.recent = [x[2] for x in history.train if isinstance(x[2], float)][-cb.window:]
 
 
-PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")  # Docker/Kubernetes/spot reclaim; SLURM's --signal
-_preempt: dict = {}  # {"signal": name, "at": time} once one arrived
-
-
-def _on_preempt_signal(signum, frame) -> None:
-    name = signal.Signals(signum).name
-    if _preempt:  # a second signal: stop now, no save
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
-    _preempt.update(signal=name, at=time.time())
-    log.warning("%s received: finishing this optimizer step, then saving a checkpoint and stopping "
-                "(send it again to stop at once)", name)
-
-
-def install_preemption_handlers() -> dict:
-    """SIGTERM/SIGUSR1 set a flag that PreemptionCallback reads at the next step boundary. Returns the
-    previous handlers, for restore_signal_handlers."""
-    _preempt.clear()
-    previous = {}
-    for name in PREEMPT_SIGNALS:
-        sig = getattr(signal, name, None)
-        if sig is not None:
-            previous[sig] = signal.signal(sig, _on_preempt_signal)
-    return previous
-
-
-def restore_signal_handlers(previous: dict) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-
-
 def _any_rank(flag: bool, model) -> bool:
     """True on every rank when it is True on one (a one-element all-reduce per optimizer step under DDP)."""
     import torch
@@ -2824,15 +3044,6 @@ def _gpu_utilization() -> Optional[float]:
     except Exception:  # NVML missing: not measurable here
         return None
     return None
-
-
-def peak_memory() -> dict:
-    import resource
-    out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    import torch
-    if torch.cuda.is_available():
-        out["gpu_peak_allocated_bytes"] = [torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())]
-    return out
 
 
 @dataclass
@@ -2870,9 +3081,8 @@ class StepProbe:
     grad_norm: Optional[float] = None  # pre-clip norm
 
 
-
 # --------------------------------------------------------------------------------------------------
-# 10. Trainer subclass: token-level eval metrics, atomic validated checkpoints, retention
+# 10. Trainer: token-level eval metrics, answer-only logits, samplers, TrainingArguments
 # --------------------------------------------------------------------------------------------------
 
 def preprocess_logits_for_metrics(logits, labels):
@@ -2968,34 +3178,6 @@ def compute_metrics(eval_pred) -> dict:
     # exactly when greedy decoding reproduces the whole answer.
     return {"token_loss": float(np.mean(nll[mask])), "token_accuracy": float(np.mean((argmax == target)[mask])),
             "exact_match": float(np.mean(correct.all(axis=1)[rows]))}
-
-
-# Test hooks (documented in the README): make one optimizer step see a NaN loss or an exploding gradient norm,
-# so the guards can be tested deterministically. Unset in normal use.
-_NAN_HOOK = os.environ.get("FINANCE_TRAINER_INJECT_NAN_AT_STEP", "")  # "STEP" or "STEP:RANK" (one rank only)
-_NAN_IN_DRY_RUN = _NAN_HOOK.startswith("dry:")  # "dry:STEP": step STEP of the dry run, not of the training run
-_NAN_HOOK = _NAN_HOOK.removeprefix("dry:")
-_INJECT_NAN_AT_STEP = int(_NAN_HOOK.split(":")[0]) if _NAN_HOOK and (
-    ":" not in _NAN_HOOK or _NAN_HOOK.split(":")[1] == os.environ.get("RANK", "0")) else None
-_INJECT_GRAD_SCALE_AT_STEP = tuple(float(x) for x in os.environ["FINANCE_TRAINER_INJECT_GRAD_SCALE"].split(":")) \
-    if os.environ.get("FINANCE_TRAINER_INJECT_GRAD_SCALE") else None  # "STEP:FACTOR"
-# "L0,L1,...": the validation losses that successive evaluations report (the training run itself is real), so
-# early stopping, best-checkpoint choice and the divergence guard can be tested without relying on how fast a
-# tiny model learns on one CPU. Evaluations past the list report their real loss.
-_INJECT_VAL_LOSSES = [float(x) for x in os.environ.get("FINANCE_TRAINER_INJECT_VAL_LOSSES", "").split(",") if x]
-# "STEP:SIGNAL" (e.g. "11:SIGKILL"): this process sends itself SIGNAL inside optimizer step STEP, as an
-# operator or a cluster would, at a moment the test knows. "STEP:SIGNAL:RANK" for one rank only.
-_SIGNAL_HOOK = os.environ.get("FINANCE_TRAINER_INJECT_SIGNAL", "").split(":")
-_INJECT_SIGNAL = (int(_SIGNAL_HOOK[0]), getattr(signal, _SIGNAL_HOOK[1])) if len(_SIGNAL_HOOK) >= 2 and (
-    len(_SIGNAL_HOOK) == 2 or _SIGNAL_HOOK[2] == os.environ.get("RANK", "0")) else None
-
-
-def _inject_nan(model, loss):
-    """Poison every gradient with NaN, as a real overflow would."""
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.fill_(float("nan"))
-    return loss * float("nan")
 
 
 class SeededLengthGroupedSampler:
@@ -3170,47 +3352,200 @@ def _trainer_class():
     return FinanceTrainer
 
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(?:epoch-)?\d+$")
+def full_state_dict(trainer) -> Optional[dict]:
+    """Under FSDP every rank holds a shard of each weight (DTensors): the full weights, gathered through
+    accelerate (torch.distributed.checkpoint's get_model_state_dict under FSDP2), whatever the plugin's
+    state_dict_type. A collective: every rank calls it; rank 0 receives the tensors on CPU (one full fp32 copy of the
+    model in host RAM for the length of the save), the others an empty dict. None without FSDP: the model's own
+    state_dict is already whole."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model)
 
 
-def checkpoint_name(config: TrainingConfig, global_step: int, epoch: float) -> str:
-    """`checkpoint-epoch-N` for epoch-end saves under save_strategy: epoch (as the spec names them),
-    `checkpoint-<step>` otherwise."""
-    if config.training.checkpointing.save_strategy == "epoch" and epoch and abs(epoch - round(epoch)) < 1e-9:
-        return f"checkpoint-epoch-{round(epoch)}"
-    return f"checkpoint-{global_step}"
+def global_grad_norm(norm: Any) -> float:
+    """The pre-clip gradient norm as a float. Under FSDP2 clip_grad_norm_ returns a DTensor: its full_tensor() is
+    the norm over every rank's shard (a no-op when it is already replicated), never one rank's local piece."""
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if callable(full) else norm)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def seed_everything(seed: int) -> None:
+    """Python, NumPy, torch and CUDA RNGs; data shuffling uses the same seed through TrainingArguments."""
+    from transformers import set_seed
+    set_seed(seed)
 
 
-_HASHED: dict[tuple, str] = {}  # (device, inode, size, mtime) -> sha256
-
-
-def _sha256_cached(path: Path) -> str:
-    """_sha256, remembered per file version: retention and the manifest check the checkpoints at every save,
-    and files this process saved (or already checked) must not be read again each time."""
-    st = path.stat()
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _HASHED:
-        _HASHED[key] = _sha256(path)
-    return _HASHED[key]
-
-
-def _fsync_dir(path: Path) -> None:
+def optimizer_implementation(config: TrainingConfig) -> str:
+    """The TrainingArguments optim that runs `training.optimization.optimizer`. `adamw` takes torch's fused AdamW
+    (one kernel per step instead of a loop over tensors; the same update rule, deterministic, bit-exact on resume)
+    where torch has fused kernels for the device (CUDA, and CPU since torch 2.4), else the for-each AdamW.
+    Recorded in the manifest as hyperparameters.optimizer_implementation."""
+    name = OPTIMIZERS[config.training.optimization.optimizer]
+    if name != "adamw_torch":
+        return name
     try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # not supported on every filesystem; the rename is still atomic
-        pass
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        fused = config.compute.device in _get_fused_kernels_supported_devices()
+    except (ImportError, AttributeError):  # a torch without fused AdamW
+        fused = False
+    return "adamw_torch_fused" if fused else name
+
+
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")  # compute.fsdp words FSDP2 accepts
+FSDP_DEFAULTS = {  # the fsdp_config compute.fsdp gets; compute.fsdp_config's keys win over these
+    "version": 2,  # FSDP2: fully_shard, DTensor parameters (FSDP1 is deprecated in transformers)
+    "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # one FSDP unit per decoder layer (the model's _no_split_modules)
+    # Trainer's resume state (model + optimizer) is written per rank through torch.distributed.checkpoint: no rank
+    # gathers the optimizer. The full model.safetensors that from_pretrained and inference servers load is
+    # consolidated separately at every save (full_state_dict), so the full weights are not written twice.
+    "state_dict_type": "SHARDED_STATE_DICT",
+    # every rank loads the base weights from disk (no meta-device init + broadcast): slower to start on a big node,
+    # but it leaves tied embeddings and non-persistent buffers exactly as from_pretrained made them
+    "cpu_ram_efficient_loading": False,
+}
+
+
+def fsdp_settings(config: TrainingConfig, model=None) -> tuple[str, Optional[dict]]:
+    """(TrainingArguments.fsdp, TrainingArguments.fsdp_config) for compute.fsdp: FSDP2 with FSDP_DEFAULTS,
+    `reshard_after_forward` from the sharding word (full_shard: true, ZeRO-3; shard_grad_op: false, ZeRO-2),
+    cpu_offload from `offload`, and the layer class to wrap from the loaded model's `_no_split_modules`
+    (SmolLM3DecoderLayer), merged with compute.fsdp_config (its keys win; a `fsdp_` prefix is dropped as
+    transformers does). The compute.fsdp string itself is passed on: every transformers version reads it."""
+    c = config.compute
+    if not c.fsdp:
+        return "", None
+    words = c.fsdp.split()
+    settings: dict = {**FSDP_DEFAULTS, "reshard_after_forward": "shard_grad_op" not in words}
+    if "offload" in words:
+        settings["cpu_offload"] = True
+    if config.model.gradient_checkpointing:  # FSDP's own: Trainer's would add an all-gather per layer in backward
+        settings["activation_checkpointing"] = True
+    try:  # a peft model answers with its base model's attribute
+        wrap = list(getattr(model, "_no_split_modules", None) or []) if model is not None else []
+    except Exception:
+        wrap = []
+    if wrap:
+        settings["transformer_layer_cls_to_wrap"] = wrap
+    for key, value in (c.fsdp_config or {}).items():
+        settings[key[5:] if key.startswith("fsdp_") else key] = value
+    return c.fsdp, settings
+
+
+def build_training_args(config: TrainingConfig, run_dir: Path, dry_run: bool, max_steps: Optional[int],
+                        resuming: bool, model=None):
+    """TrainingArguments for a run (or a dry run: no evaluation, no saves). Under compute.fsdp (not in a dry run,
+    which is one plain process) the FSDP2 setup of fsdp_settings; Trainer refuses FSDP outside a distributed
+    launch, so a process not started by torchrun / accelerate launch (LOCAL_RANK unset) gets InvalidConfig here,
+    naming the CLI that launches itself (main: launch_distributed, one process per GPU, even for one GPU)."""
+    from transformers import TrainingArguments
+    hp, opt, ck, lg, c = (config.training.hyperparameters, config.training.optimization,
+                          config.training.checkpointing, config.logging, config.compute)
+    metric = ck.metric_for_best_model
+    fsdp, fsdp_config = fsdp_settings(config, model) if not dry_run else ("", None)
+    if fsdp and TrainingArguments.__dataclass_fields__["fsdp"].metadata.get("const") is True:
+        fsdp = True  # transformers that take `fsdp=True` deprecate the string; fsdp_config already says it all
+    if fsdp and "LOCAL_RANK" not in os.environ:
+        raise TrainerError("InvalidConfig", {
+            "field": "compute.fsdp", "value": c.fsdp, "expected": "a distributed launch (LOCAL_RANK set)",
+            "suggestion": "run the CLI (`python train_finance_ssc_model.py --config ...` starts torch.distributed.run "
+                          "itself under compute.fsdp, even for one GPU) or torchrun / accelerate launch"})
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=hp.batch_size,
+        per_device_eval_batch_size=hp.batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        num_train_epochs=hp.num_epochs,
+        max_steps=max_steps if max_steps else -1,
+        learning_rate=hp.learning_rate,
+        weight_decay=hp.weight_decay,
+        max_grad_norm=hp.max_grad_norm,
+        warmup_steps=hp.warmup_steps,
+        lr_scheduler_type=opt.lr_scheduler,
+        optim=optimizer_implementation(config),
+        fp16=c.mixed_precision == "fp16",
+        bf16=c.mixed_precision == "bf16",
+        # under FSDP fsdp_config's activation_checkpointing does it (Trainer refuses both at once)
+        activation_checkpointing=config.model.gradient_checkpointing
+        and not str((fsdp_config or {}).get("activation_checkpointing", False)).lower() == "true",
+        logging_strategy="steps",
+        logging_steps=1 if dry_run else lg.logging_steps,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # the filter reports a NaN loss as a stale finite value
+        eval_strategy="no" if dry_run else "steps",
+        eval_steps=lg.eval_steps,
+        eval_on_start=not (dry_run or resuming),  # the "before" perplexity
+        # Trainer decides the best checkpoint only under a save strategy; our EvalSaveFlowCallback adds a
+        # save at every eval and every epoch end, so under `epoch` Trainer's own step saves coincide with evals.
+        save_strategy="no" if dry_run else "steps",
+        save_steps=lg.save_steps if ck.save_strategy == "steps" else lg.eval_steps,
+        save_total_limit=None,  # retention is ours (apply_retention keeps best + latest + backup)
+        metric_for_best_model=metric.replace("val_", ""),
+        greater_is_better=EVAL_METRICS[metric],
+        seed=config.training.seed,
+        data_seed=config.training.seed,
+        use_cpu=c.device == "cpu",
+        ddp_backend=c.distributed_backend if world_size(config) > 1 else None,
+        fsdp=fsdp,
+        fsdp_config=fsdp_config,
+        deepspeed=c.deepspeed,
+        report_to="none",  # trackers are fed by MetricsCallback -> log_metrics
+        disable_tqdm=not sys.stderr.isatty(),
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+    )
+
+
+def _build_trainer(ctx: RunContext, tokenizer, datasets_, model, args, dry_run: bool):
+    FinanceTrainer = _trainer_class()
+    probe = StepProbe()
+    callbacks = make_callbacks(ctx.config, ctx.tracker, ctx.history, probe, dry_run=dry_run,
+                               status_dir=None if dry_run else ctx.run_dir)
+    trainer = FinanceTrainer(
+        model=model, args=args, train_dataset=datasets_["train"], eval_dataset=datasets_["valid"],
+        processing_class=tokenizer,
+        data_collator=collator_for(getattr(model.config, "_attn_implementation", None), tokenizer.pad_token_id),
+        compute_metrics=compute_metrics, callbacks=callbacks)
+    trainer.run_config, trainer.run_id, trainer.probe, trainer.dry_run = ctx.config, ctx.run_id, probe, dry_run
+    trainer.history = ctx.history  # evaluation and save times (performance_block)
+    trainer.data_sha256 = {k: v["sha256"] for k, v in (ctx.reproducibility.get("data_files") or {}).items()}
+    from transformers.trainer_callback import PrinterCallback
+    trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one formatted line instead
+    return trainer
+
+
+# --------------------------------------------------------------------------------------------------
+# 11. Test hooks: deterministic faults for the test suite (unset in normal use)
+# --------------------------------------------------------------------------------------------------
+
+# Test hooks (documented in the README): make one optimizer step see a NaN loss or an exploding gradient norm,
+# so the guards can be tested deterministically. Unset in normal use.
+_NAN_HOOK = os.environ.get("FINANCE_TRAINER_INJECT_NAN_AT_STEP", "")  # "STEP" or "STEP:RANK" (one rank only)
+_NAN_IN_DRY_RUN = _NAN_HOOK.startswith("dry:")  # "dry:STEP": step STEP of the dry run, not of the training run
+_NAN_HOOK = _NAN_HOOK.removeprefix("dry:")
+_INJECT_NAN_AT_STEP = int(_NAN_HOOK.split(":")[0]) if _NAN_HOOK and (
+    ":" not in _NAN_HOOK or _NAN_HOOK.split(":")[1] == os.environ.get("RANK", "0")) else None
+_INJECT_GRAD_SCALE_AT_STEP = tuple(float(x) for x in os.environ["FINANCE_TRAINER_INJECT_GRAD_SCALE"].split(":")) \
+    if os.environ.get("FINANCE_TRAINER_INJECT_GRAD_SCALE") else None  # "STEP:FACTOR"
+
+# "L0,L1,...": the validation losses that successive evaluations report (the training run itself is real), so
+# early stopping, best-checkpoint choice and the divergence guard can be tested without relying on how fast a
+# tiny model learns on one CPU. Evaluations past the list report their real loss.
+_INJECT_VAL_LOSSES = [float(x) for x in os.environ.get("FINANCE_TRAINER_INJECT_VAL_LOSSES", "").split(",") if x]
+
+# "STEP:SIGNAL" (e.g. "11:SIGKILL"): this process sends itself SIGNAL inside optimizer step STEP, as an
+# operator or a cluster would, at a moment the test knows. "STEP:SIGNAL:RANK" for one rank only.
+_SIGNAL_HOOK = os.environ.get("FINANCE_TRAINER_INJECT_SIGNAL", "").split(":")
+_INJECT_SIGNAL = (int(_SIGNAL_HOOK[0]), getattr(signal, _SIGNAL_HOOK[1])) if len(_SIGNAL_HOOK) >= 2 and (
+    len(_SIGNAL_HOOK) == 2 or _SIGNAL_HOOK[2] == os.environ.get("RANK", "0")) else None
+
+
+def _inject_nan(model, loss):
+    """Poison every gradient with NaN, as a real overflow would."""
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.fill_(float("nan"))
+    return loss * float("nan")
 
 
 _ENOSPC_STUCK: list = []  # FINANCE_TRAINER_INJECT_ENOSPC=...:sticky: set once the first injected write failed
@@ -3231,31 +3566,33 @@ def injected_enospc(path: Any) -> Optional[OSError]:
     return None
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary name in the same folder, fsync, then rename over the target. The text is json_text's:
-    secrets redacted, strict JSON. A failed write (a full disk) removes its temporary file and raises the OSError
-    with the target's path as its filename; the target is left as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json_text(data, indent=2) + "\n"
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            injected = injected_enospc(path)
-            if injected is not None:
-                fh.write(text[:len(text) // 2])  # what a full disk leaves: a partial temporary file
-                raise injected
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        if isinstance(exc, OSError) and not exc.filename:
-            exc.filename = str(path)
-        raise
+# --------------------------------------------------------------------------------------------------
+# 12. Checkpoints and the run directory: atomic verified saves, retention, where a run lives, who owns it
+# --------------------------------------------------------------------------------------------------
+
+def make_run_id(config: TrainingConfig) -> str:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y_%m_%d_%H%M%S")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.data.dataset_name)[:MAX_RUN_ID_LENGTH - 20] or "run"
+    return f"{name}_{stamp}"
+
+
+def run_paths(config: TrainingConfig, run_id: str) -> dict:
+    lg = config.logging
+    return {"run_dir": Path(lg.output_dir).expanduser().resolve() / run_id,
+            "log_dir": Path(lg.logging_dir).expanduser().resolve() / run_id,
+            "tensorboard_dir": (Path(lg.tensorboard.log_dir).expanduser().resolve() / run_id
+                                if lg.tensorboard.enabled else None)}
+
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(?:epoch-)?\d+$")
+
+
+def checkpoint_name(config: TrainingConfig, global_step: int, epoch: float) -> str:
+    """`checkpoint-epoch-N` for epoch-end saves under save_strategy: epoch (as the spec names them),
+    `checkpoint-<step>` otherwise."""
+    if config.training.checkpointing.save_strategy == "epoch" and epoch and abs(epoch - round(epoch)) < 1e-9:
+        return f"checkpoint-epoch-{round(epoch)}"
+    return f"checkpoint-{global_step}"
 
 
 def verify_weights(ckpt_dir: Path, state_dict: Optional[dict]) -> dict:
@@ -3314,32 +3651,6 @@ def check_checkpoint_integrity(ckpt_dir: Path, meta: Optional[dict] = None, resu
             return (f"{name}: sha256 mismatch (recorded {sums[name][:12]}..., now {now[:12]}..., "
                     f"{f.stat().st_size} bytes)")
     return None
-
-
-def damaged_checkpoint_error(field_: str, value: Any, ckpt_dir: Path, reason: str, suggestion: str) -> TrainerError:
-    """Exit 2 naming the damaged file and what is wrong with it (reason from check_checkpoint_integrity)."""
-    d = Path(ckpt_dir).resolve()
-    return TrainerError("CheckpointNotFound", {"field": field_, "value": str(value), "path": str(d),
-                                               "file": str(d / reason.split(":", 1)[0]), "reason": reason,
-                                               "suggestion": suggestion})
-
-
-def full_state_dict(trainer) -> Optional[dict]:
-    """Under FSDP every rank holds a shard of each weight (DTensors): the full weights, gathered through
-    accelerate (torch.distributed.checkpoint's get_model_state_dict under FSDP2), whatever the plugin's
-    state_dict_type. A collective: every rank calls it; rank 0 receives the tensors on CPU (one full fp32 copy of the
-    model in host RAM for the length of the save), the others an empty dict. None without FSDP: the model's own
-    state_dict is already whole."""
-    if not getattr(trainer, "is_fsdp_enabled", False):
-        return None
-    return trainer.accelerator.get_state_dict(trainer.model)
-
-
-def global_grad_norm(norm: Any) -> float:
-    """The pre-clip gradient norm as a float. Under FSDP2 clip_grad_norm_ returns a DTensor: its full_tensor() is
-    the norm over every rank's shard (a no-op when it is already replicated), never one rank's local piece."""
-    full = getattr(norm, "full_tensor", None)
-    return float(full() if callable(full) else norm)
 
 
 def save_checkpoint(trainer) -> Path:
@@ -3440,59 +3751,6 @@ def _save_checkpoint_atomic(trainer) -> Path:
     return final
 
 
-def schedule_spec(config: TrainingConfig, num_training_steps: int, start_step: int = 0) -> dict:
-    """The learning-rate schedule a checkpoint continues: Trainer's own from step 0, or one restarted at a resume
-    that changed the schedule. Recorded in checkpoint_meta.json so a later resume rebuilds the same one."""
-    hp = config.training.hyperparameters
-    return {"type": config.training.optimization.lr_scheduler, "peak_lr": hp.learning_rate,
-            "warmup_steps": min(hp.warmup_steps, num_training_steps), "num_training_steps": num_training_steps,
-            "start_step": start_step}
-
-
-def _build_scheduler(trainer, spec: dict):
-    from transformers import get_scheduler
-    for group in trainer.optimizer.param_groups:  # the scheduler's base lr is each group's initial_lr
-        group["initial_lr"] = group["lr"] = spec["peak_lr"]
-    return get_scheduler(spec["type"], optimizer=trainer.optimizer, num_warmup_steps=spec["warmup_steps"],
-                         num_training_steps=spec["num_training_steps"],
-                         scheduler_specific_kwargs=trainer.args.lr_scheduler_kwargs)
-
-
-def apply_resume_plan(trainer, checkpoint: str) -> None:
-    """Trainer restores optimizer.pt and scheduler.pt as saved, so on its own a resume with a new learning rate,
-    warmup, scheduler or epoch count would keep the old schedule (and a new weight decay would be ignored).
-    Optimizer moments are kept; then:
-    - a changed schedule key restarts the schedule at the resume step: a fresh warmup of warmup_steps to the new
-      peak learning rate, then the configured decay over the steps that remain;
-    - a checkpoint that already runs a restarted schedule (an earlier resume changed it) gets that same schedule
-      back, with its saved position;
-    - a changed weight_decay is set on the decayed parameter group (Trainer's group 0)."""
-    import torch
-    plan, config, st = trainer.resume_plan, trainer.run_config, trainer.state
-    changes = plan["changes"]
-    if any(k in changes for k in SCHEDULE_KEYS):
-        spec = schedule_spec(config, max(st.max_steps - st.global_step, 1), st.global_step)
-        trainer.lr_scheduler = _build_scheduler(trainer, spec)
-        log.info("resume: learning-rate schedule restarted at step %d: %s warmup over %d steps to lr %g, then %s "
-                 "decay over the remaining %d steps (%s)", st.global_step, spec["type"], spec["warmup_steps"],
-                 spec["peak_lr"], spec["type"], spec["num_training_steps"],
-                 ", ".join(f"{k.rsplit('.', 1)[1]} {o!r} -> {n!r}" for k, (o, n) in changes.items()))
-    elif plan.get("schedule") and plan["schedule"].get("start_step"):
-        spec = plan["schedule"]
-        saved_lrs = [g["lr"] for g in trainer.optimizer.param_groups]  # restored from optimizer.pt: the position
-        trainer.lr_scheduler = _build_scheduler(trainer, spec)
-        trainer.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
-        for group, lr in zip(trainer.optimizer.param_groups, saved_lrs):
-            group["lr"] = lr
-    else:
-        spec = None
-    if spec is not None:
-        trainer.schedule = spec
-    if OPTIMIZER_GROUP_KEYS[0] in changes:
-        trainer.optimizer.param_groups[0]["weight_decay"] = config.training.hyperparameters.weight_decay
-        log.info("resume: weight_decay %r -> %r on the decayed parameters", *changes[OPTIMIZER_GROUP_KEYS[0]])
-
-
 def base_config_sha256(config: TrainingConfig) -> Optional[str]:
     """sha256 of the base checkpoint's config.json: an adapter checkpoint names the exact base it needs."""
     ref = config.resolved_paths.get("model.base_checkpoint")
@@ -3580,90 +3838,6 @@ def find_run_dir(run: str, output_dir: Optional[str] = None) -> Path:
                       "(--output-dir or --config), or run from the folder whose training_config.yaml trained it"})
 
 
-def list_checkpoints(run_id: str, output_dir: Optional[str] = None) -> list[dict]:
-    """Complete checkpoints of a run, oldest first: name, path, step, epoch, metrics, health, and which one is
-    the best (the manifest's best_checkpoint) and the latest (newest healthy). Interrupted saves never appear.
-    Health is measured (every file hashed): a checkpoint damaged since its save is `corrupt`, never best or
-    latest, and `integrity` says which file and how."""
-    run_dir = find_run_dir(run_id, output_dir)
-    ckpts = read_checkpoints(run_dir, verify=True)
-    recorded = (read_run_record(run_dir / MANIFEST_NAME, DAMAGED_MANIFEST_HINT) or {}).get("checkpoints")
-    best = resolve_manifest_path(recorded.get("best_checkpoint"), run_dir) if isinstance(recorded, dict) else None
-    healthy = [c["path"] for c in ckpts if c.get("health") == "ok"]
-    return [{"name": c["name"], "path": c["path"], "step": c["step"], "epoch": c["epoch"],
-             "metrics": c.get("metrics"), "health": c.get("health"), "integrity": c.get("integrity"),
-             "run_id": c.get("run_id"), "dataset": c.get("dataset"),
-             "is_best": c["path"] == best and c["path"] in healthy,
-             "is_latest": bool(healthy) and c["path"] == healthy[-1]} for c in ckpts]
-
-
-def load_checkpoint(path: str):
-    """A checkpoint's model, loaded exactly as the inference side will load it (plain from_pretrained)."""
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
-    p = Path(path).expanduser()
-    reason = check_checkpoint_integrity(p, resume=False) if p.is_dir() else None
-    if reason:
-        raise damaged_checkpoint_error("path", path, p, reason, "this checkpoint was damaged after it was saved; "
-                                       "use another one (--list-checkpoints RUN shows which are intact)")
-    if (p / "adapter_config.json").is_file():  # LoRA checkpoint: base + adapter, as peft loads it
-        from peft import AutoPeftModelForCausalLM
-        base = (_read_json(p / CHECKPOINT_META).get("config") or {}).get("model", {}).get("base_checkpoint")
-        try:
-            return AutoPeftModelForCausalLM.from_pretrained(str(p))
-        except OSError as exc:
-            raise TrainerError("CheckpointNotFound", {
-                "field": "path", "value": str(path), "base_checkpoint": base,
-                "suggestion": f"this adapter needs its base model ({base}) at the path it was trained from"}) from exc
-    if not (p / "config.json").is_file():
-        raise TrainerError("CheckpointNotFound", {
-            "field": "path", "value": str(path), "path": str(p.resolve()),
-            "suggestion": "pass a checkpoint directory (it holds config.json and *.safetensors); "
-                          "list a run's checkpoints with list_checkpoints(run_id)"})
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(p))
-    except SafetensorError as exc:  # a damaged file in a dir with no recorded checksums to catch it earlier
-        raise TrainerError("CheckpointNotFound", {
-            "field": "path", "value": str(path), "path": str(p.resolve()), "reason": f"{type(exc).__name__}: {exc}",
-            "suggestion": "a weights file in this directory is damaged; use another checkpoint"}) from exc
-
-
-def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_length: Optional[int] = None,
-                        batch_size: int = 8) -> dict:
-    """Test metrics of any checkpoint on any JSONL file, computed exactly as the post-training evaluation
-    computes them: test_loss (mean NLL per answer token), test_perplexity, test_token_accuracy, test_exact_match."""
-    import tempfile
-
-    import torch
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainingArguments
-    ckpt = Path(checkpoint_path).expanduser()
-    model = load_checkpoint(str(ckpt))
-    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    stored = _read_json(ckpt / CHECKPOINT_META).get("config") or {}
-    max_len = max_seq_length or (stored.get("data") or {}).get("max_seq_length") \
-        or model.config.max_position_embeddings
-    info, problems = scan_jsonl(Path(test_data_path).expanduser().resolve(), "test", "auto", "as given")
-    if problems:
-        raise TrainerError.collected(problems)
-    rows = tokenize_records(_read_jsonl(Path(info["path"])), tokenizer, info["shape"], max_len, False)
-    rows = [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows if r["answer_tokens"] > 0]
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none",
-                                 use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
-        trainer = _trainer_class()(model=model, args=args, eval_dataset=Dataset.from_list(rows),
-                                   processing_class=tokenizer, data_collator=PadToLongestCollator(tokenizer.pad_token_id),
-                                   compute_metrics=compute_metrics)
-        from transformers.trainer_callback import PrinterCallback
-        trainer.remove_callback(PrinterCallback)
-        metrics = trainer.evaluate(metric_key_prefix="test")
-    out = {k: _json_float(v) for k, v in metrics.items() if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)}
-    return {**out, "samples": len(rows), "checkpoint": str(ckpt.resolve()), "data_path": info["path"],
-            "max_seq_length": max_len}
-
-
 def apply_retention(run_dir: Path, limit: int, best: Optional[str]) -> list[str]:
     """Keep the newest `limit` checkpoints, and always the best, the latest healthy and one backup."""
     ckpts = read_checkpoints(run_dir, verify=True)  # a damaged checkpoint is never kept as latest or backup
@@ -3696,12 +3870,883 @@ def clean_partial_saves(run_dir: Path) -> list[str]:
     return removed
 
 
-def utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+INFERENCE_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+                   "tokenizer*", "special_tokens_map.json", "chat_template.jinja", "*.model", "vocab.json",
+                   "merges.txt", CHECKPOINT_META, "adapter_config.json")
+
+
+def write_status(run_dir: Path, status: dict) -> None:
+    """status.json, rewritten atomically at every log step, read by monitor_training from another shell."""
+    write_json_atomic(run_dir / "status.json", {**status, "pid": os.getpid(), "hostname": platform.node(),
+                                                "updated_at": utc_now()})
+
+
+_RUN_LOCKS: dict[str, int] = {}  # resolved run dir -> fd holding its flock
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """One writer per run dir: an exclusive flock on `<run_dir>/.lock`, held until unlock_run_dir or the end of
+    the process. The OS drops it when the process dies, however it dies, so the file a killed run leaves behind
+    never blocks. The holder writes its pid, host and start time into it for the second writer's RunLocked."""
+    import fcntl
+    key = str(Path(run_dir).resolve())
+    if key in _RUN_LOCKS:
+        return
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(run_dir) / RUN_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = _read_json(path)
+        who = f"pid {holder.get('pid')} on {holder.get('hostname')}, since {holder.get('started_at')}"
+        raise TrainerError("RunLocked", {
+            "path": str(path), "pid": holder.get("pid"), "hostname": holder.get("hostname"),
+            "started_at": holder.get("started_at"),
+            "suggestion": f"another process ({who}) is writing this run; wait for it to end (follow it with "
+                          f"--status {Path(run_dir).resolve()}), or stop it first"}) from None
+    except OSError as exc:  # a filesystem without locks: train anyway, unguarded
+        os.close(fd)
+        log.warning("could not lock %s (%s): a second writer to this run would not be refused", path, exc)
+        return
+    os.ftruncate(fd, 0)
+    os.write(fd, (json_text({"pid": os.getpid(), "hostname": platform.node(), "started_at": utc_now(),
+                             "argv": sys.argv}) + "\n").encode())  # secrets in the command line redacted
+    _RUN_LOCKS[key] = fd
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    """Release lock_run_dir's lock (the file stays: unlocked, it blocks nobody)."""
+    import fcntl
+    fd = _RUN_LOCKS.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def refuse_existing_run(manifest_path: Path, run_id: str) -> None:
+    """A run dir that already holds a manifest is never overwritten."""
+    if manifest_path.exists():
+        raise TrainerError("RunExists", {
+            "run_id": run_id, "path": str(manifest_path),
+            "suggestion": f"choose another --run-id, continue it with --resume-from latest --run-id {run_id}, or "
+                          f"start this run id over with --force (the old run is moved aside to "
+                          f"{run_id}.abandoned-<time>, nothing is deleted)"})
+
+
+def check_run_id(run_id: Any, field_: str = "--run-id") -> None:
+    """A run id names a directory under output_dir: letters, digits, `-`, `_`, `.`, not `.`/`..`, at most
+    MAX_RUN_ID_LENGTH characters. Checked before anything under it is read or written (`../../etc` never is)."""
+    if isinstance(run_id, str) and RUN_ID_RE.match(run_id) and run_id not in (".", "..") \
+            and len(run_id) <= MAX_RUN_ID_LENGTH:
+        return
+    too_long = isinstance(run_id, str) and len(run_id) > MAX_RUN_ID_LENGTH
+    raise TrainerError("InvalidConfig", {
+        "field": field_, "value": _jsonable(run_id),
+        "expected": f"letters, digits, '-', '_' and '.' only, at most {MAX_RUN_ID_LENGTH} characters",
+        "suggestion": (f"shorten it to {MAX_RUN_ID_LENGTH} characters or fewer (it has {len(run_id)})" if too_long
+                       else "choose an id like finance_ssc_2025_11_17_a (no `/`, not `.` or `..`)")})
+
+
+def abandon_run(config: TrainingConfig, run_id: str) -> list[str]:
+    """--force without --resume-from on a run id that already has a manifest: start it over, deleting nothing. The
+    run dir, and its log and TensorBoard dirs, are renamed to `<run_id>.abandoned-<UTC time>` beside themselves;
+    the caller holds the run dir's lock (so no live writer is moved), and takes it again on the new, empty dir."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    moved = []
+    for path in dict.fromkeys(p for p in run_paths(config, run_id).values() if p is not None):
+        if path.exists():
+            aside = path.with_name(f"{run_id}.abandoned-{stamp}")
+            os.rename(path, aside)
+            moved.append(str(aside))
+    run_dir = run_paths(config, run_id)["run_dir"]
+    unlock_run_dir(run_dir)
+    lock_run_dir(run_dir)
+    log.warning("--force: run %s starts over; the earlier run was moved aside to %s", run_id, ", ".join(moved))
+    return moved
+
+
+def last_valid_checkpoint(ctx: RunContext, stop_val_loss: Optional[float]) -> tuple[Optional[str], str]:
+    """The newest checkpoint whose weights are healthy, and why. A checkpoint is healthy when it verified at save
+    time and its validation loss (recorded at its evaluation; for the checkpoint saved at the stop, measured on
+    its weights now) is finite and at most spike_factor x the lowest validation loss of the run (initial
+    included), or, for a divergence stop, within divergence_increase of it. Skipping only the last update is
+    not enough: at a learning rate far too high, the updates before the stop may already have ruined the
+    weights. None means no checkpoint qualifies: restart from the base model."""
+    g, stop = ctx.config.training.guards, ctx.history.stop
+    vals = [v["val_loss"] for _, _, v in ctx.history.evals
+            if isinstance(v.get("val_loss"), float) and math.isfinite(v["val_loss"])]
+    best = min(vals) if vals else None
+    factor = 1 + g.divergence_increase if stop["kind"] == "divergence" else g.spike_factor
+    rejected = []
+    for c in reversed([c for c in read_checkpoints(ctx.run_dir, verify=True) if c.get("health") == "ok"]):
+        loss = stop_val_loss if c["step"] == ctx.global_step else (c.get("metrics") or {}).get("val_loss")
+        if best is None and loss is not None and math.isfinite(loss):
+            return c["path"], f"{c['name']}: validation loss {loss:.4g} (no earlier evaluation to compare with)"
+        if loss is not None and math.isfinite(loss) and best is not None and loss <= factor * best:
+            return c["path"], (f"{c['name']}: validation loss {loss:.4g} is within {factor:g}x the run's best "
+                               f"({best:.4g})" + (f"; rejected {', '.join(rejected)}" if rejected else ""))
+        rejected.append(f"{c['name']} (validation loss {_json_float(loss)})")
+    return None, (f"no checkpoint has a validation loss within {factor:g}x the run's best ({_json_float(best)}); "
+                  f"rejected {', '.join(rejected) or 'none saved'}: restart from the base model")
 
 
 # --------------------------------------------------------------------------------------------------
-# 10b. Post-training analysis: samples, baseline comparison, plots, archive, cost, live status
+# 13. Resume: which checkpoint, what changed, the schedule it continues
+# --------------------------------------------------------------------------------------------------
+
+def schedule_spec(config: TrainingConfig, num_training_steps: int, start_step: int = 0) -> dict:
+    """The learning-rate schedule a checkpoint continues: Trainer's own from step 0, or one restarted at a resume
+    that changed the schedule. Recorded in checkpoint_meta.json so a later resume rebuilds the same one."""
+    hp = config.training.hyperparameters
+    return {"type": config.training.optimization.lr_scheduler, "peak_lr": hp.learning_rate,
+            "warmup_steps": min(hp.warmup_steps, num_training_steps), "num_training_steps": num_training_steps,
+            "start_step": start_step}
+
+
+def _build_scheduler(trainer, spec: dict):
+    from transformers import get_scheduler
+    for group in trainer.optimizer.param_groups:  # the scheduler's base lr is each group's initial_lr
+        group["initial_lr"] = group["lr"] = spec["peak_lr"]
+    return get_scheduler(spec["type"], optimizer=trainer.optimizer, num_warmup_steps=spec["warmup_steps"],
+                         num_training_steps=spec["num_training_steps"],
+                         scheduler_specific_kwargs=trainer.args.lr_scheduler_kwargs)
+
+
+def apply_resume_plan(trainer, checkpoint: str) -> None:
+    """Trainer restores optimizer.pt and scheduler.pt as saved, so on its own a resume with a new learning rate,
+    warmup, scheduler or epoch count would keep the old schedule (and a new weight decay would be ignored).
+    Optimizer moments are kept; then:
+    - a changed schedule key restarts the schedule at the resume step: a fresh warmup of warmup_steps to the new
+      peak learning rate, then the configured decay over the steps that remain;
+    - a checkpoint that already runs a restarted schedule (an earlier resume changed it) gets that same schedule
+      back, with its saved position;
+    - a changed weight_decay is set on the decayed parameter group (Trainer's group 0)."""
+    import torch
+    plan, config, st = trainer.resume_plan, trainer.run_config, trainer.state
+    changes = plan["changes"]
+    if any(k in changes for k in SCHEDULE_KEYS):
+        spec = schedule_spec(config, max(st.max_steps - st.global_step, 1), st.global_step)
+        trainer.lr_scheduler = _build_scheduler(trainer, spec)
+        log.info("resume: learning-rate schedule restarted at step %d: %s warmup over %d steps to lr %g, then %s "
+                 "decay over the remaining %d steps (%s)", st.global_step, spec["type"], spec["warmup_steps"],
+                 spec["peak_lr"], spec["type"], spec["num_training_steps"],
+                 ", ".join(f"{k.rsplit('.', 1)[1]} {o!r} -> {n!r}" for k, (o, n) in changes.items()))
+    elif plan.get("schedule") and plan["schedule"].get("start_step"):
+        spec = plan["schedule"]
+        saved_lrs = [g["lr"] for g in trainer.optimizer.param_groups]  # restored from optimizer.pt: the position
+        trainer.lr_scheduler = _build_scheduler(trainer, spec)
+        trainer.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
+        for group, lr in zip(trainer.optimizer.param_groups, saved_lrs):
+            group["lr"] = lr
+    else:
+        spec = None
+    if spec is not None:
+        trainer.schedule = spec
+    if OPTIMIZER_GROUP_KEYS[0] in changes:
+        trainer.optimizer.param_groups[0]["weight_decay"] = config.training.hyperparameters.weight_decay
+        log.info("resume: weight_decay %r -> %r on the decayed parameters", *changes[OPTIMIZER_GROUP_KEYS[0]])
+
+
+def previous_manifest(manifest_path: Path, force: bool, main_proc: bool = True) -> dict:
+    """The manifest a resume continues (its history, anomalies, resumes, timings); {} when there is none (a
+    checkpoint copied to a new output dir). A damaged one is refused unless --force: then it is renamed to
+    `run_manifest.json.damaged-<time>` (kept, not overwritten) and the run continues without the earlier history."""
+    try:
+        return read_run_record(manifest_path, (
+            "the run's history (curves, evaluations, anomalies, earlier resumes) cannot be read from it: restore "
+            "it from a backup, or add --force to resume without the earlier history (the damaged file is kept as "
+            f"{MANIFEST_NAME}.damaged-<time>)")) or {}
+    except TrainerError as exc:
+        if not force:
+            raise
+        if main_proc and manifest_path.exists():
+            aside = manifest_path.with_name(f"{MANIFEST_NAME}.damaged-{int(time.time())}")
+            os.rename(manifest_path, aside)
+            log.warning("%s is damaged (%s): --force resumes without the earlier history; the file is kept as %s",
+                        manifest_path, exc.details["problem"], aside.name)
+        return {}
+
+
+def _history_from_manifest(previous: dict, up_to_step: int) -> RunHistory:
+    """The curves up to the resume point, as the interrupted process recorded them in its manifest."""
+    h = previous.get("history") or {}
+    return RunHistory(train=[(x[0], x[1], _float_from_json(x[2])) for x in h.get("train", []) if x[0] <= up_to_step],
+                      evals=[(x[0], x[1], {k: _float_from_json(v) for k, v in x[2].items()})
+                             for x in h.get("evals", []) if x[0] <= up_to_step],
+                      anomalies=[a for a in previous.get("anomalies") or [] if a.get("step", 0) <= up_to_step],
+                      checkpoints_saved=((previous.get("cost") or {}).get("inputs") or {}).get("checkpoints_saved", 0))
+
+
+# Changes that make a resumed run a different experiment (error unless --force); the training data's
+# checksum and the global batch (world size x batch size x accumulation) are checked besides these keys.
+RESUME_FATAL_KEYS = ("model.base_checkpoint", "data.max_seq_length")
+
+# Changes a resume applies to the restored optimizer and scheduler (Trainer would restore the old ones):
+# any of these restarts the learning-rate schedule at the resume step; weight_decay updates the param group.
+SCHEDULE_KEYS = ("training.hyperparameters.learning_rate", "training.hyperparameters.warmup_steps",
+                 "training.hyperparameters.num_epochs", "training.optimization.lr_scheduler")
+OPTIMIZER_GROUP_KEYS = ("training.hyperparameters.weight_decay",)
+
+
+def global_batch(cfg: dict, world: int) -> int:
+    hp = cfg["training"]["hyperparameters"]
+    return world * hp["batch_size"] * hp["gradient_accumulation_steps"]
+
+
+def resolve_resume(config: TrainingConfig, resume_from: str, run_id: Optional[str], force: bool = False) -> dict:
+    """Find the checkpoint to resume from and compare its stored config with the current one."""
+    if resume_from == "latest":
+        if not run_id:
+            raise TrainerError("InvalidConfig", {
+                "field": "--resume-from", "value": "latest", "expected": "--run-id RUN with `latest`",
+                "suggestion": "add --run-id <run id>, or pass the checkpoint directory itself"})
+        run_dir = run_paths(config, run_id)["run_dir"]
+        damaged, meta = {}, None
+        for c in reversed([c for c in read_checkpoints(run_dir) if c.get("health") == "ok"]):  # newest intact
+            reason = check_checkpoint_integrity(Path(c["path"]), c)
+            if not reason:
+                meta = c
+                break
+            damaged[c["name"]] = reason
+            log.warning("checkpoint %s is damaged (%s): not resuming from it", c["path"], reason)
+        if meta is None:
+            raise TrainerError("CheckpointNotFound", {
+                "field": "--resume-from", "value": "latest", "path": str(run_dir), "damaged": damaged,
+                "suggestion": "this run has no complete, healthy checkpoint (an interrupted save is never used); "
+                              f"start this run id over with the same command without --resume-from, plus --force "
+                              f"(the old run is moved aside to {run_id}.abandoned-<time>, nothing is deleted), start "
+                              "a new run with another --run-id, or pass a checkpoint directory explicitly"})
+        if damaged:
+            log.warning("resuming from %s, the newest intact checkpoint", meta["name"])
+    else:
+        path = Path(resume_from).expanduser().resolve()
+        meta_path = path / CHECKPOINT_META
+        if not meta_path.is_file():
+            raise TrainerError("CheckpointNotFound", {
+                "field": "--resume-from", "value": resume_from, "path": str(path),
+                "suggestion": ("the directory has no checkpoint_meta.json, so it is not a complete checkpoint of "
+                               "this tool; use --resume-from latest --run-id RUN") if path.is_dir()
+                else "no such directory; list the run's checkpoints with `ls <output_dir>/<run_id>`"})
+        meta = {**json.loads(meta_path.read_text()), "path": str(path)}
+        if meta.get("health") != "ok":
+            raise TrainerError("CheckpointNotFound", {
+                "field": "--resume-from", "value": resume_from, "health": meta.get("health"),
+                "suggestion": "this checkpoint failed verification after saving; resume from an earlier one"})
+        reason = check_checkpoint_integrity(path, meta)
+        if reason:
+            raise damaged_checkpoint_error("--resume-from", resume_from, path, reason,
+                                           "this checkpoint was damaged after it was saved; resume from an earlier "
+                                           "one (--resume-from latest --run-id RUN picks the newest intact one)")
+    # the checkpoint stored its config redacted: compare like with like (a secret is not a config difference)
+    old, new = _flatten(meta.get("config") or {}), _flatten(redact(config.to_dict()))
+    diffs = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    fatal = [problem("InvalidConfig", field=k, value=_jsonable(n), expected=_jsonable(o),
+                     suggestion=f"the checkpoint was trained with {k}={o!r}; restore it, start a new run, or pass "
+                                "--force to resume anyway") for k, o, n in diffs if k in RESUME_FATAL_KEYS]
+    old_sha = (meta.get("data_sha256") or {}).get("train")
+    new_sha = _sha256(data_path(config, "train_path"))
+    if old_sha and old_sha != new_sha:
+        fatal.append(problem("InvalidConfig", field="data.train_path", value=str(data_path(config, "train_path")),
+                             expected=f"training data with sha256 {old_sha}", actual_sha256=new_sha,
+                             suggestion="the training data changed since the checkpoint was saved: restore it, start "
+                                        "a new run, or pass --force to resume anyway"))
+    if meta.get("config") and meta.get("world_size"):
+        before, now = global_batch(meta["config"], meta["world_size"]), global_batch(config.to_dict(), world_size(config))
+        if before != now:
+            fatal.append(problem("InvalidConfig", field="training.hyperparameters.batch_size",
+                                 value=f"global batch {now}", expected=f"global batch {before}",
+                                 suggestion="world size x batch_size x gradient_accumulation_steps must stay "
+                                            f"{before} (it was {meta['world_size']} x ...); restore them, start a "
+                                            "new run, or pass --force"))
+    if fatal and not force:
+        raise TrainerError.collected(fatal)
+    return {"run_id": meta["run_id"], "path": meta["path"], "step": meta["step"], "epoch": meta["epoch"],
+            "config_diff": [f"config differs from the checkpoint's: {k}: {o!r} -> {n!r}" for k, o, n in diffs],
+            "hyperparameter_changes": {k: [o, n] for k, o, n in diffs if k in SCHEDULE_KEYS + OPTIMIZER_GROUP_KEYS},
+            "schedule": meta.get("schedule")}
+
+
+def format_resume_line(resume: dict) -> str:
+    """`resuming from checkpoint-epoch-2 (step 4980, epoch 2): config unchanged` (spec Session 2); the config
+    differences themselves are logged as warnings just before this line."""
+    n = len(resume["config_diff"])
+    verdict = "config unchanged" if not n else f"{n} config difference{'s' if n > 1 else ''} (listed above)"
+    return f"resuming from {Path(resume['path']).name} (step {resume['step']}, epoch {resume['epoch']:g}): {verdict}"
+
+
+# --------------------------------------------------------------------------------------------------
+# 14. Dry run (spec Phase 2)
+# --------------------------------------------------------------------------------------------------
+
+DRY_RUN_STEPS = 10  # spec Phase 2 (`--dry-run --max-steps 10`), also the dry run the training command runs first
+DRY_RUN_REPORT = "dry_run_report.json"
+
+
+def dry_run_records(config: TrainingConfig, steps: int) -> int:
+    """Train records that `steps` optimizer steps take on all ranks together: the dry run's slice."""
+    hp = config.training.hyperparameters
+    return max(hp.batch_size * hp.gradient_accumulation_steps * world_size(config) * steps, hp.batch_size)
+
+
+def dry_run_model(config: TrainingConfig, validation: ValidationResult, run_id: str, steps: int) -> RunResult:
+    """`--dry-run`: the real pipeline on a slice (only the slice is tokenized): data, batches, model, `steps`
+    optimizer steps, logging setup (run_dry_steps). No checkpoints, no manifest (so it cannot block the real run)."""
+    run_dir = run_paths(config, run_id)["run_dir"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Trackers get their own `-dryrun` id so the real run's curves and W&B run start clean.
+    tracker = init_tracking(config, f"{run_id}-dryrun", is_main=is_main_process())
+    ctx = RunContext(config=config, run_id=run_id, run_dir=run_dir, validation=validation, tracker=tracker,
+                     history=RunHistory(), reproducibility={}, created_at=utc_now(), start_time=time.time())
+    try:
+        for w in validation.warnings:  # as the training command and --validate-only show them
+            log.warning(w)
+        echo_config(config)
+        tokenizer, datasets_, model = _prepare(ctx, limit=dry_run_records(config, steps))
+        report = run_dry_steps(ctx, tokenizer, datasets_, model, steps, ctx.data_stats)
+    except _oom_types() as exc:  # loading the model (run_dry_steps reports its own)
+        raise out_of_memory_error(config, str(exc)) from exc
+    finally:
+        tracker.close()
+    if report["status"] != "passed":
+        raise dry_run_failed(report, run_dir / DRY_RUN_REPORT)
+    return RunResult(run_id, "dry_run", str(run_dir), None, report, EXIT_OK)
+
+
+def default_dry_run_steps(config: TrainingConfig, train_stats: dict) -> int:
+    """DRY_RUN_STEPS, or a tenth of the run's planned optimizer steps when that is fewer (at least 2, so the loss is
+    seen after an update): a short run does not spend a third of its time rehearsing (the tiny test runs: 2)."""
+    return max(2, min(DRY_RUN_STEPS, total_optimizer_steps(config, train_rows(train_stats)) // 10))
+
+
+def dry_run_before_training(ctx: RunContext, tokenizer, datasets_: dict, model, steps: Optional[int],
+                            skip: bool = False, resuming: bool = False) -> None:
+    """Spec Phase 2 inside the training command (Example Session 1: validate, dry run, train): the same dry run as
+    --dry-run, for `steps` (default default_dry_run_steps) on the first records of the data already tokenized and
+    with the model already loaded, so it costs seconds and no second load. It must not change the run: the trainable
+    weights are copied to CPU before and put back after (the optimizer and scheduler are the dry Trainer's own,
+    dropped with it), and the RNGs are re-seeded (Trainer seeds again when it is built), so the final weights are
+    bit-identical with or without it (tested). Its trackers get the `-dryrun` id, CSV and TensorBoard only (no
+    second W&B or MLflow run), and its step lines stay off the console: the run's curves start clean and the
+    console gets one line. A failure raises TrainingFailed before the first training step. Skipped with
+    --skip-dry-run, on a resume (the run had its dry run before it first trained; the manifest keeps that record),
+    and under FSDP/DeepSpeed, which shard the model in place."""
+    import torch
+    config, c = ctx.config, ctx.config.compute
+    reason = ("resuming a run that has trained already" if resuming else "--skip-dry-run" if skip
+              else "compute.fsdp/deepspeed shard the model in place; run --dry-run on its own first"
+              if c.fsdp or c.deepspeed else None)
+    if reason:
+        if not resuming:
+            ctx.dry_run = {"status": "skipped", "reason": reason}
+        log.info("dry run skipped: %s", reason)
+        return
+    t0 = time.perf_counter()
+    steps = steps or default_dry_run_steps(config, ctx.data_stats["train"])
+    train = datasets_["train"]
+    sliced = {**datasets_, "train": train.select(range(min(dry_run_records(config, steps), len(train))))}
+    saved = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    lg = config.logging
+    trackers_config = dataclasses.replace(config, logging=dataclasses.replace(
+        lg, wandb=dataclasses.replace(lg.wandb, enabled=False), mlflow=dataclasses.replace(lg.mlflow, enabled=False)))
+    tracker = init_tracking(trackers_config, f"{ctx.run_id}-dryrun", is_main=ctx.tracker.is_main)
+    tracker.echo = False
+    dry_ctx = dataclasses.replace(ctx, tracker=tracker, history=RunHistory())
+    try:
+        report = run_dry_steps(dry_ctx, tokenizer, sliced, model, steps,
+                               {"train_slice_samples": len(sliced["train"]), "splits": ctx.data_stats},
+                               before_training=True)
+    finally:
+        tracker.close()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in saved:
+                    p.copy_(saved[name])
+                p.grad = None
+        del saved
+        seed_everything(config.training.seed)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()  # the run's performance block measures the run
+    ctx.dry_run = {"status": report["status"], "report": str(ctx.run_dir / DRY_RUN_REPORT),
+                   "steps": report["steps_run"], "initial_loss": report["initial_loss"],
+                   "ln_vocab": report["ln_vocab"], "measured_over_estimated":
+                   report["memory"]["measured_over_estimated"], "seconds": round(time.perf_counter() - t0, 2)}
+    if report["status"] != "passed":
+        raise dry_run_failed(report, ctx.run_dir / DRY_RUN_REPORT)
+
+
+def run_dry_steps(ctx: RunContext, tokenizer, datasets_: dict, model, steps: int, data: dict,
+                  before_training: bool = False) -> dict:
+    """The dry run proper, for --dry-run and the training command alike: `steps` real optimizer steps on
+    datasets_["train"], the first batch's shapes, a masked sample, the initial loss beside ln(vocab) (where a
+    fresh head starts), and the memory of a full-length batch measured beside the estimate. Writes
+    dry_run_report.json into the run dir and says how it went in one console line; returns the report (status
+    `failed` when a loss was not finite or the curve was not written)."""
+    import torch
+    config, validation, tracker, history = ctx.config, ctx.validation, ctx.tracker, ctx.history
+    hp, scratch = config.training.hyperparameters, ctx.run_dir / "dry_run_tmp"
+    trainer = None
+    try:
+        collator = collator_for(getattr(model.config, "_attn_implementation", None), tokenizer.pad_token_id)
+        first = collator([datasets_["train"][i] for i in range(min(hp.batch_size, len(datasets_["train"])))])
+        sample = datasets_["train"][0]
+        args = build_training_args(config, scratch, dry_run=True, max_steps=steps, resuming=False)
+        trainer = _build_trainer(ctx, tokenizer, datasets_, model, args, dry_run=True)
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+        measured = _measure_after_dry_run(trainer, config, tokenizer)
+        steps_run, tokens = trainer.state.global_step, trainer.state.num_input_tokens_seen
+    except _oom_types() as exc:
+        raise out_of_memory_error(config, str(exc)) from exc
+    finally:
+        # Its optimizer states and wrappers go before the real Trainer makes its own: on CPU dropping the reference
+        # is enough (the real Trainer.train collects garbage as it starts; a gc pass here costs ~0.5 s with torch
+        # loaded); on a GPU the memory is handed back at once.
+        trainer = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            gc.collect()
+            torch.cuda.empty_cache()
+        shutil.rmtree(scratch, ignore_errors=True)
+    losses = [x[2] for x in history.train]
+    initial = losses[0] if losses else float("nan")
+    estimated = validation.memory.get("total_bytes")
+    checks = {"initial_loss_finite": math.isfinite(initial),
+              "final_loss_finite": bool(losses) and math.isfinite(losses[-1]),
+              "logging_ok": tracker.train_curve.exists() or not tracker.is_main}  # only rank 0 writes curves
+    report = {
+        "run_id": ctx.run_id, "status": "passed" if all(checks.values()) else "failed", "steps": steps,
+        "steps_run": steps_run, "before_training": before_training,
+        "batch_shapes": {k: list(v.shape) for k, v in first.items()},
+        "sample": _masked_sample(tokenizer, sample),
+        "initial_loss": _json_float(initial), "ln_vocab": round(math.log(model.config.vocab_size), 4),
+        "loss_after_steps": _json_float(losses[-1]) if losses else None,
+        "tokens_per_second": round(tokens / seconds, 1) if seconds else None, "train_seconds": round(seconds, 3),
+        "memory": {"estimated": validation.memory, "measured": measured,
+                   "measured_over_estimated": round(measured["total_bytes"] / estimated, 4) if estimated else None},
+        "data": data, "checks": checks, "anomalies": history.anomalies, "warnings": validation.warnings,
+        "baseline_memory": _dry_run_vs_baseline(validation, measured["total_bytes"]),
+        "tracking": {"csv": str(tracker.log_dir), "tensorboard": str(tracker.tensorboard_dir)
+                     if tracker.tensorboard_dir else None, "wandb": tracker.wandb_run is not None},
+        "created_at": utc_now(),
+    }
+    path = ctx.run_dir / DRY_RUN_REPORT
+    if tracker.is_main:
+        write_json_atomic(path, report)
+    stopped = f" (a guard stopped it: {history.stop['reason']})" if history.stop else ""
+    failed = "" if report["status"] == "passed" else f", failed: {', '.join(k for k, v in checks.items() if not v)}"
+    vs = report["baseline_memory"]
+    vs_text = (f" ({_signed_size(vs['delta_bytes'])} on baseline {vs['baseline_run_id']}'s {_size(vs['baseline_bytes'])})"
+               if vs else "")
+    (log.info if report["status"] == "passed" else log.error)(
+        "dry run %s: %d step%s%s, initial loss %.2f (ln vocab %.2f), memory %s measured%s vs %s estimated%s -> %s",
+        report["status"], steps_run, "" if steps_run == 1 else "s", stopped, initial, report["ln_vocab"],
+        _size(measured["total_bytes"]), vs_text, _size(estimated), failed, path)
+    return report
+
+
+def _dry_run_vs_baseline(validation: ValidationResult, measured_bytes: Optional[float]) -> Optional[dict]:
+    """The dry run's measured memory beside the baseline's (spec Session 3: "Dry-run passes with 8GB extra memory
+    usage"): the baseline's own dry-run measurement, or its GPU peak when it has none."""
+    mem = (validation.baseline or {}).get("memory") or {}
+    base = (mem.get("measured") or {}).get("baseline_bytes") or mem.get("baseline_gpu_peak_bytes")
+    if not base or measured_bytes is None:
+        return None
+    return {"baseline_run_id": validation.baseline.get("baseline_run_id"), "baseline_bytes": base,
+            "current_bytes": measured_bytes, "delta_bytes": measured_bytes - base}
+
+
+def _measure_after_dry_run(trainer, config: TrainingConfig, tokenizer) -> dict:
+    """Memory of a full-length batch (batch_size x max_seq_length), measured the way the estimate counts it;
+    on CUDA also the allocator's peak over the dry run."""
+    import torch
+    hp, device = config.training.hyperparameters, trainer.args.device
+    ids = torch.full((hp.batch_size, config.data.max_seq_length), tokenizer.pad_token_id or 0, device=device)
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    autocast = torch.autocast(device.type, dtype=torch.float16 if config.compute.mixed_precision == "fp16"
+                              else torch.bfloat16, enabled=config.compute.mixed_precision != "no")
+    with autocast:
+        out = measure_training_memory(trainer.model, trainer.optimizer, batch)
+    if device.type == "cuda":
+        out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
+
+
+def _masked_sample(tokenizer, example: dict) -> dict:
+    """The first training record decoded, with the prompt (no loss) and answer (loss) parts shown apart."""
+    ids, labels = example["input_ids"], example["labels"]
+    prompt = tokenizer.decode([i for i, l in zip(ids, labels) if l == IGNORE_INDEX])
+    answer = tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX])
+    return {"tokens": len(ids), "answer_tokens": sum(l != IGNORE_INDEX for l in labels),
+            "prompt_text_masked": prompt[:400], "answer_text_trained": answer[:400]}
+
+
+# --------------------------------------------------------------------------------------------------
+# 15. Train (spec Phase 3): train_model reads as the phases
+# --------------------------------------------------------------------------------------------------
+
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")  # Docker/Kubernetes/spot reclaim; SLURM's --signal
+_preempt: dict = {}  # {"signal": name, "at": time} once one arrived
+
+
+def _on_preempt_signal(signum, frame) -> None:
+    name = signal.Signals(signum).name
+    if _preempt:  # a second signal: stop now, no save
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    _preempt.update(signal=name, at=time.time())
+    log.warning("%s received: finishing this optimizer step, then saving a checkpoint and stopping "
+                "(send it again to stop at once)", name)
+
+
+def install_preemption_handlers() -> dict:
+    """SIGTERM/SIGUSR1 set a flag that PreemptionCallback reads at the next step boundary. Returns the
+    previous handlers, for restore_signal_handlers."""
+    _preempt.clear()
+    previous = {}
+    for name in PREEMPT_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            previous[sig] = signal.signal(sig, _on_preempt_signal)
+    return previous
+
+
+def restore_signal_handlers(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+@dataclass
+class RunContext:
+    """Everything one run accumulates; build_manifest reads it."""
+    config: TrainingConfig
+    run_id: str
+    run_dir: Path
+    validation: ValidationResult
+    tracker: Tracker
+    history: RunHistory
+    reproducibility: dict
+    created_at: str
+    start_time: float
+    end_time: Optional[float] = None
+    prior_seconds: float = 0.0  # wall time of the processes before a resume (GPU time was paid for)
+    data_stats: dict = field(default_factory=dict)
+    best_checkpoint: Optional[str] = None
+    global_step: int = 0
+    max_steps: Optional[int] = None
+    epoch: Optional[float] = None
+    tokens_seen: Optional[int] = None
+    wandb_url: Optional[str] = None
+    test_results: Optional[dict] = None
+    resume_from: Optional[dict] = None
+    resumes: list = field(default_factory=list)
+    error: Optional[dict] = None
+    performance: Optional[dict] = None
+    samples: Optional[dict] = None
+    loss_plot: Optional[str] = None
+    baseline_comparison: Optional[dict] = None
+    best_archive: Optional[str] = None
+    lora: Optional[dict] = None
+    distributed: Optional[dict] = None
+    resume_plan: Optional[dict] = None  # hyperparameter changes a resume applies (apply_resume_plan)
+    optimizer_implementation: Optional[str] = None  # the TrainingArguments optim the Trainer ran
+    dry_run: Optional[dict] = None  # the dry run before training: passed (with its report) or skipped, and why
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str  # completed | diverged | failed | interrupted | dry_run
+    run_dir: str
+    manifest_path: Optional[str]
+    manifest: dict
+    exit_code: int = EXIT_OK
+
+
+def train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Optional[str] = None, *,
+                run_id: Optional[str] = None, max_steps: Optional[int] = None, force: bool = False,
+                argv: Optional[list] = None, skip_dry_run: bool = False) -> RunResult:
+    """Run the whole workflow for a validated-or-not config and return what happened: validation, the dry run
+    (`max_steps` steps, default default_dry_run_steps; not on a resume, nor with skip_dry_run), training, analysis.
+    dry_run=True: the dry run only (dry_run_model).
+    Raises TrainerError for failures the user can fix (the manifest records them when a run dir exists).
+    The run dir lock taken on the way (lock_run_dir) is released when this returns or raises."""
+    held, collecting = set(_RUN_LOCKS), gc.isenabled()
+    gc.disable()  # until _prepare ends (startup_done): see there
+    try:
+        return _train_model(config, dry_run, resume_from, run_id=run_id, max_steps=max_steps, force=force,
+                            argv=argv, skip_dry_run=skip_dry_run)
+    finally:
+        for locked in set(_RUN_LOCKS) - held:
+            unlock_run_dir(Path(locked))
+        (gc.enable if collecting else gc.disable)()
+        if __name__ != "__main__":  # a caller in the same process (tests): its objects are collectable again
+            gc.unfreeze()
+
+
+def _train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Optional[str] = None, *,
+                 run_id: Optional[str] = None, max_steps: Optional[int] = None, force: bool = False,
+                 argv: Optional[list] = None, skip_dry_run: bool = False) -> RunResult:
+    if run_id is not None:
+        check_run_id(run_id)  # before anything is read or written under <output_dir>/<run_id>
+    validation = validate_config(config, resuming=bool(resume_from))
+    validation.raise_if_failed()
+    if resume_from == "latest" and run_id and is_main_process() and run_paths(config, run_id)["run_dir"].is_dir():
+        lock_run_dir(run_paths(config, run_id)["run_dir"])  # before `latest` is chosen: its writer may be saving it
+    resume = resolve_resume(config, resume_from, run_id, force) if resume_from else None
+    if resume:
+        run_id = resume["run_id"]
+    run_id = run_id or make_run_id(config)
+    check_run_id(run_id)  # also the one a checkpoint's meta names
+    paths = run_paths(config, run_id)
+    run_dir = paths["run_dir"]
+    manifest_path = run_dir / MANIFEST_NAME
+    if is_main_process():
+        lock_run_dir(run_dir)  # one writer per run dir (dry run included), before RunExists and any write
+    if not dry_run and not resume and is_main_process():
+        if force and manifest_path.exists():  # --force without --resume-from: start this run id over
+            abandon_run(config, run_id)
+        refuse_existing_run(manifest_path, run_id)
+    if resume and resume.get("config_diff"):
+        validation.warnings.extend(resume["config_diff"])
+    # the history a resume continues; a damaged manifest is refused (or, with --force, set aside) before any write
+    previous = previous_manifest(manifest_path, force, is_main_process()) if resume and not dry_run else {}
+
+    if dry_run:
+        return dry_run_model(config, validation, run_id, max_steps or DRY_RUN_STEPS)
+
+    main_proc = is_main_process()
+    if main_proc:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        clean_partial_saves(run_dir)
+        register_run(run_id, run_dir)
+    tracker = init_tracking(config, run_id, resume=bool(resume), is_main=main_proc,
+                            resume_step=resume["step"] if resume else None)
+    handler = _add_file_log(tracker.log_dir / "train.log") if main_proc else None
+    ctx = RunContext(config=config, run_id=run_id, run_dir=run_dir, validation=validation, tracker=tracker,
+                     history=RunHistory(),
+                     reproducibility=reproducibility_block(config, validation, argv or sys.argv) if main_proc else {},
+                     created_at=previous.get("created_at") or utc_now(), start_time=time.time(),
+                     wandb_url=tracker.wandb_url, resumes=list(previous.get("resumes") or []))
+    if resume:
+        ctx.resume_from = {"path": resume["path"], "step": resume["step"], "epoch": resume["epoch"]}
+        ctx.resumes.append({**ctx.resume_from, "at": utc_now(), "config_differences": resume["config_diff"],
+                            "hyperparameter_changes": {k: {"old": o, "new": n} for k, (o, n)
+                                                       in resume["hyperparameter_changes"].items()}})
+        ctx.resume_plan = {"changes": resume["hyperparameter_changes"], "schedule": resume["schedule"]}
+        ctx.history = _history_from_manifest(previous, resume["step"])
+        ctx.prior_seconds = float((previous.get("reproducibility") or {}).get("duration_seconds") or 0.0)
+        ctx.dry_run = previous.get("dry_run")  # the run's own, from before it started training
+    try:
+        for w in validation.warnings:
+            log.warning(w)
+        if resume:
+            log.info(format_resume_line(resume))
+        echo_config(config)
+        if main_proc:
+            save_manifest(run_id, build_manifest(ctx, "running"), str(manifest_path))
+        previous_handlers = install_preemption_handlers()
+        try:
+            status = _train(ctx, resume["path"] if resume else None, skip_dry_run=skip_dry_run,
+                            dry_run_steps=max_steps)
+        finally:
+            restore_signal_handlers(previous_handlers)
+        exit_code = EXIT_OK
+    except TrainerError as exc:
+        status = {"TrainingDiverged": "diverged", "Preempted": "interrupted"}.get(exc.kind, "failed")
+        ctx.error = exc.payload
+        raise
+    except KeyboardInterrupt:
+        status = "interrupted"
+        ctx.error = TrainerError("Interrupted", {"suggestion": f"continue with --resume-from latest "
+                                                               f"--run-id {run_id}"}).payload
+        raise
+    except Exception as exc:
+        status = "failed"
+        if is_disk_full(exc):  # the first failed write is the error reported, with its path and the free space
+            full = disk_full_error(exc, run_dir, run_id=run_id)
+            ctx.error = full.payload
+            raise full from exc
+        ctx.error = unexpected_error(exc).payload
+        raise
+    finally:
+        ctx.end_time = time.time()
+        final_status = status if "status" in locals() else "failed"
+        manifest = {}
+        pending = sys.exc_info()[1]
+        # While an error is on its way out, recording it must not replace it (on a full disk the manifest write
+        # fails too): each record is tried, a failure is logged and listed in the error's `not_recorded`.
+        not_recorded = []
+
+        def record(what: str, write) -> Any:
+            try:
+                return write()
+            except Exception as exc:
+                if pending is None:
+                    raise
+                log.error("could not record the failure in %s: %s: %s", what, type(exc).__name__, exc)
+                not_recorded.append({"path": str(what), "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                return None
+
+        if main_proc:
+            manifest = record(manifest_path, lambda: finalize_manifest(ctx, final_status)) or {}
+            if ctx.error is not None:
+                record(run_dir / "error.json", lambda: write_json_atomic(run_dir / "error.json", ctx.error))
+        record("trackers", lambda: tracker.close(final_status, manifest_path if main_proc else None))
+        if not_recorded and isinstance(pending, TrainerError):
+            pending.details["not_recorded"] = not_recorded
+        if handler:
+            log.removeHandler(handler)
+            handler.close()
+        raised = sys.exc_info()[1] if "exit_code" not in locals() else None
+        if raised is not None and manifest:  # main prints it on stdout before the error JSON on stderr
+            raised.run_output = run_output(manifest, manifest_path)
+    return RunResult(run_id, status, str(run_dir), str(manifest_path), manifest, exit_code)
+
+
+def _prepare(ctx: RunContext, limit: Optional[int] = None):
+    """Tokenizer, tokenized splits and model, all seeded."""
+    config = ctx.config
+    if not sys.stderr.isatty():  # progress bars in a log file are noise
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    seed_everything(config.training.seed)
+    tokenizer = load_tokenizer(config)
+    shapes = {s: i["shape"] for s, i in ctx.validation.data.items()}
+    datasets_, ctx.data_stats = load_splits(config, tokenizer, shapes, limit)
+    attn = attention_implementation(config)
+    model = load_base_model(config, attn)
+    startup_done()
+    return tokenizer, datasets_, model
+
+
+def startup_done() -> None:
+    """The cyclic garbage collector is off from train_model's start to here: imports, validation, tokenization and
+    loading make long-lived objects (modules, the model, the data), and each full collection walks all of them
+    (~0.1-0.3 s apiece with torch and transformers loaded: 9 of them, ~1.2 s, before the first training step of the
+    bench's issue-size run). Then gc.freeze moves everything alive now out of the collector's view for the rest of
+    the run (reference counting still frees it; the ~15k cyclic garbage objects the imports leave are kept, the
+    same number whatever the data size), so Trainer's own gc.collect() calls (at the start of every train(), the
+    dry run's included) and the one at interpreter exit walk only what the run makes after this point."""
+    gc.freeze()
+    gc.enable()
+
+
+def _train(ctx: RunContext, resume_path: Optional[str], skip_dry_run: bool = False,
+           dry_run_steps: Optional[int] = None) -> str:
+    config = ctx.config
+    tokenizer, datasets_, model = _prepare(ctx)
+    dry_run_before_training(ctx, tokenizer, datasets_, model, dry_run_steps, skip=skip_dry_run,
+                            resuming=resume_path is not None)
+    args = build_training_args(config, ctx.run_dir, dry_run=False, max_steps=None, resuming=resume_path is not None,
+                               model=model)
+    ctx.optimizer_implementation = str(getattr(args.optim, "value", args.optim))
+    if args.fsdp:  # the manifest's `distributed` block: the FSDP setup as Trainer received it
+        ctx.distributed = {"fsdp": config.compute.fsdp, "fsdp_config": json.loads(json.dumps(args.fsdp_config or {}, default=str))}
+    trainer = _build_trainer(ctx, tokenizer, datasets_, model, args, dry_run=False)
+    if resume_path:
+        trainer.resume_plan = ctx.resume_plan
+    if resume_path:  # the best as of the resumed checkpoint, never a later one from the abandoned timeline
+        best_step = _read_json(Path(resume_path) / "trainer_state.json").get("best_global_step")
+        trainer.best_checkpoint = next((c["path"] for c in read_checkpoints(ctx.run_dir, verify=True)
+                                        if c["step"] == best_step and c.get("health") == "ok"), None)
+
+    def sync_ctx() -> None:
+        st = trainer.state
+        ctx.global_step, ctx.max_steps, ctx.epoch = st.global_step, st.max_steps, st.epoch
+        ctx.tokens_seen, ctx.best_checkpoint = st.num_input_tokens_seen, getattr(trainer, "best_checkpoint", None)
+
+    def after_save() -> None:  # the manifest follows every checkpoint, so a killed run can resume its history
+        ctx.history.checkpoints_saved += 1  # before the manifest: a resume reads the count from it
+        sync_ctx()
+        save_manifest(ctx.run_id, build_manifest(ctx, "running"), str(ctx.run_dir / MANIFEST_NAME))
+
+    trainer.after_save = after_save
+    train = ctx.data_stats["train"]
+    log.info("training %s: %d train%s / %d valid samples, %d optimizer steps planned", ctx.run_id, train["samples"],
+             f" (packed into {train['packed_rows']} rows)" if "packed_rows" in train else "",
+             ctx.data_stats["valid"]["samples"], total_optimizer_steps(config, train_rows(train)))
+    try:
+        trainer.train(resume_from_checkpoint=resume_path)
+    except _oom_types() as exc:
+        raise out_of_memory_error(config, str(exc)) from exc
+    finally:
+        sync_ctx()
+    if world_size(config) > 1:
+        ctx.distributed = {**(ctx.distributed or {}), **rank_weight_agreement(trainer)}
+    if ctx.history.stop is not None:
+        raise diverged_error(ctx, stop_validation_loss(trainer, datasets_["valid"]))
+    if ctx.history.preempted is not None:
+        raise preempted_error(ctx)
+    final_model = "final weights"
+    if config.training.checkpointing.load_best_at_end and ctx.best_checkpoint:
+        trainer.state.best_model_checkpoint = ctx.best_checkpoint
+        # the best saved at the last step holds the weights in memory (verified equal when saved): no reload,
+        # which for a multi-GB model is a read of every shard
+        if _read_json(Path(ctx.best_checkpoint) / "trainer_state.json").get("global_step") != trainer.state.global_step:
+            trainer._load_best_model()
+        final_model = Path(ctx.best_checkpoint).name
+    test = trainer.evaluate(datasets_["test"], metric_key_prefix="test")
+    ctx.test_results = {"evaluated": final_model, **{k: _json_float(v) for k, v in test.items()
+                                                    if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)}}
+    ctx.performance = performance_block(ctx, parameter_counts(trainer.model)["trainable"])
+    if config.model.lora.enabled:
+        ctx.lora = {**dataclasses.asdict(config.model.lora), **parameter_counts(trainer.model),
+                    "target_modules": sorted(trainer.model.peft_config["default"].target_modules),
+                    "adapter_checkpoint": ctx.best_checkpoint, "merged_checkpoint": None}
+    samples = None
+    if getattr(trainer, "is_fsdp_enabled", False) and world_size(config) > 1 and config.evaluation.num_samples:
+        # a sharded model runs a forward only with every rank taking part (generate keeps the ranks in step:
+        # synced_gpus); rank 0 alone would wait forever on the first all-gather
+        samples = sample_completions(ctx, trainer.model, tokenizer)
+    if is_main_process():
+        analyse_run(ctx, trainer.model, tokenizer, samples)
+        if config.model.lora.enabled and config.model.lora.merge_at_end:
+            source = ctx.best_checkpoint or (read_checkpoints(ctx.run_dir) or [{}])[-1].get("path")
+            if source:
+                ctx.lora["merged_checkpoint"] = str(merge_adapter(config, Path(source), ctx.run_dir / "merged"))
+    _report_before_after(ctx)
+    return "completed"
+
+
+def rank_weight_agreement(trainer) -> dict:
+    """sha256 of every rank's weights after training: DDP keeps replicas identical, this proves it. Under FSDP
+    each rank holds different shards (there are no replicas to compare): said so, nothing hashed."""
+    import torch.distributed as dist
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "backend": trainer.args.ddp_backend, "sharded": "fsdp", "ranks_agree": None}
+    h = hashlib.sha256()
+    for _, p in sorted(trainer.accelerator.unwrap_model(trainer.model).state_dict().items()):
+        h.update(p.detach().to("cpu").contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    hashes = [None] * dist.get_world_size() if dist.is_initialized() else [None]
+    if dist.is_initialized():
+        dist.all_gather_object(hashes, h.hexdigest())
+    else:
+        hashes = [h.hexdigest()]
+    agree = len(set(hashes)) == 1
+    if not agree:
+        log.error("ranks finished with different weights: %s", hashes)
+    return {"world_size": len(hashes), "backend": trainer.args.ddp_backend, "rank_weight_sha256": hashes,
+            "ranks_agree": agree}
+
+
+def stop_validation_loss(trainer, valid) -> Optional[float]:
+    """Validation loss of the weights in memory at a stop (the update that tripped a guard was skipped, so they
+    are the weights of the checkpoint saved at the stop). No callbacks run: this is a check, not a curve point."""
+    try:
+        out = trainer.evaluation_loop(trainer.get_eval_dataloader(valid), "restart check", metric_key_prefix="check")
+    except Exception as exc:  # a check that cannot run must not hide the divergence report
+        log.warning("could not evaluate the weights at the stop: %s", exc)
+        return None
+    loss = out.metrics.get("check_loss")
+    return float(loss) if loss is not None else None
+
+
+# --------------------------------------------------------------------------------------------------
+# 16. Post-training analysis (spec Phase 4): samples, baseline comparison, plot, archive, cost, performance
 # --------------------------------------------------------------------------------------------------
 
 def prompt_and_reference(record: dict, shape: str, tokenizer) -> tuple[str, str]:
@@ -3752,13 +4797,6 @@ def generate_samples(model, tokenizer, records: list[dict], shape: str, max_new_
             texts[i] = tokenizer.decode(new[:end], skip_special_tokens=True)
     return [{"prompt": prompt, "reference": reference, "generated": texts[i],
              "exact_match": texts[i].strip() == reference.strip()} for i, (prompt, reference) in enumerate(pairs)]
-
-
-def _read_jsonl(path: Path, limit: Optional[int] = None) -> list[dict]:
-    """The first `limit` records (all with None), read as scan_jsonl and _jsonl_rows read lines (json.loads reads
-    past a UTF-8 BOM at the start of the file)."""
-    import itertools
-    return [record for _, record in itertools.islice(_jsonl_rows(path), limit)]
 
 
 COMPARED_METRICS = {  # manifest location -> lower is better
@@ -3865,10 +4903,6 @@ def baseline_differences(current: dict, base: dict) -> dict:
     return {"config_differences": config_diffs, "data_differences": data_diffs, "memory": memory}
 
 
-def _signed_size(n: float) -> str:
-    return ("+" if n >= 0 else "-") + (_size(abs(n)) if n else "0 B")
-
-
 def baseline_lines(diffs: dict, run_id: Any) -> list[str]:
     """One console line per difference from the baseline (spec Session 3: `batch_size 4 -> 8: doubled, check
     memory`); hyperparameters by their short name."""
@@ -3887,18 +4921,6 @@ def baseline_lines(diffs: dict, run_id: Any) -> list[str]:
         lines.append(f"vs baseline {run_id}: memory estimate {_size(est['current_bytes'])}, "
                      f"{_signed_size(est['delta_bytes'])} on the baseline's {_size(est['baseline_bytes'])}")
     return lines
-
-
-def _baseline_rules(config: TrainingConfig, res: ValidationResult) -> None:
-    """With evaluation.baseline (or --baseline): the new config and data against the baseline run's, before any
-    training, as warnings (so --validate-only, --dry-run and the training command all show them)."""
-    path = _baseline_manifest_path(config.evaluation.baseline) if config.evaluation.baseline else None
-    if path is None:
-        return
-    base = _read_json(path)
-    res.baseline = {"baseline_run_id": base.get("run_id"), "baseline_manifest": str(path),
-                    **baseline_differences(_config_facts(config, res), _run_facts(base))}
-    res.warnings.extend(baseline_lines(res.baseline, base.get("run_id")))
 
 
 def format_comparison(cmp: dict) -> str:
@@ -3944,11 +4966,6 @@ def plot_loss_curves(train_csv: Path, val_csv: Path, best_step: Optional[int], o
     plt.close(fig)
     os.replace(tmp, out)
     return out
-
-
-INFERENCE_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
-                   "tokenizer*", "special_tokens_map.json", "chat_template.jinja", "*.model", "vocab.json",
-                   "merges.txt", CHECKPOINT_META, "adapter_config.json")
 
 
 def prepare_for_serving(d: Path) -> list[str]:
@@ -4062,55 +5079,121 @@ def compute_cost(wall_seconds: float, gpu_count: int, checkpoints_saved: int, to
     }
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+def sample_completions(ctx: RunContext, model, tokenizer) -> list[dict]:
+    """Greedy completions of the first evaluation.num_samples test prompts."""
+    ev = ctx.config.evaluation
+    records = _read_jsonl(data_path(ctx.config, "test_path"), ev.num_samples)
+    return generate_samples(model, tokenizer, records, ctx.validation.data["test"]["shape"], ev.max_new_tokens)
 
 
-def write_status(run_dir: Path, status: dict) -> None:
-    """status.json, rewritten atomically at every log step, read by monitor_training from another shell."""
-    write_json_atomic(run_dir / "status.json", {**status, "pid": os.getpid(), "hostname": platform.node(),
-                                                "updated_at": utc_now()})
+def analyse_run(ctx: RunContext, model, tokenizer, samples: Optional[list] = None) -> None:
+    """Spec Phase 4 after a completed run: sample completions (`samples` when every rank generated them already,
+    under multi-GPU FSDP), loss plot (baseline comparison and the best archive follow once the final manifest
+    exists)."""
+    ev = ctx.config.evaluation
+    if ev.num_samples:
+        samples = samples if samples is not None else sample_completions(ctx, model, tokenizer)
+        path = ctx.run_dir / "samples.jsonl"
+        tmp = path.with_name(TMP_PREFIX + path.name)
+        tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples), encoding="utf-8")
+        os.replace(tmp, path)
+        ctx.samples = {"path": str(path), "count": len(samples), "greedy": True,
+                       "max_new_tokens": ev.max_new_tokens,
+                       "exact_match_rate": sum(x["exact_match"] for x in samples) / len(samples),
+                       "first": samples[0] if samples else None}
+        log.info("sample completion: %r -> %r", samples[0]["prompt"][-80:], samples[0]["generated"][:120])
+    png = ctx.tracker.log_dir / "loss_curves.png"
+    best_step = next((c["step"] for c in read_checkpoints(ctx.run_dir) if c["path"] == ctx.best_checkpoint), None)
+    title = f"{ctx.run_id}: best " + (f"{Path(ctx.best_checkpoint).name} (step {best_step})" if ctx.best_checkpoint
+                                      else "checkpoint: none")
+    ctx.loss_plot = str(plot_loss_curves(ctx.tracker.train_curve, ctx.tracker.val_curve, best_step, png, title))
 
 
-def monitor_training(run_id: str, output_dir: Optional[str] = None) -> dict:
-    """The state of a run, running or not: status, step/max_steps, epoch, latest losses, tokens/s, elapsed,
-    ETA, last checkpoint. A run whose process died without finishing is reported as failed."""
-    run_dir = find_run_dir(run_id, output_dir)
-    status = read_run_record(run_dir / "status.json", (
-        "status.json is rewritten (atomically) at every log step: something else damaged it. Remove it to have "
-        "--status report from the manifest, or follow the run's train.log")) or {}
-    manifest = read_run_record(run_dir / MANIFEST_NAME, DAMAGED_MANIFEST_HINT) or {}
-    if not status and not manifest:
-        raise TrainerError("CheckpointNotFound", {"field": "run", "value": run_id, "path": str(run_dir),
-                                                  "suggestion": "no status.json or manifest: is this a run dir?"})
-    out = {"run_id": manifest.get("run_id") or status.get("run_id"), "run_dir": str(run_dir),
-           **{k: status.get(k) for k in ("status", "step", "max_steps", "epoch", "train_loss", "val_loss",
-                                         "tokens_per_second", "elapsed_seconds", "eta_seconds", "updated_at",
-                                         "pid", "hostname")}}
-    healthy = [c for c in read_checkpoints(run_dir) if c.get("health") == "ok"]
-    out["last_checkpoint"] = healthy[-1]["path"] if healthy else None
-    final = manifest.get("status")
-    if final and final != "running":
-        out["status"] = final
-        perf = manifest.get("performance") or {}
-        if perf.get("tokens_per_second") is not None:  # the whole run's training throughput
-            out["tokens_per_second"] = perf["tokens_per_second"]
-    elif out["status"] == "running" and out["hostname"] == platform.node() and out["pid"] \
-            and not _process_alive(int(out["pid"])):
-        out["status"] = "failed"
-        out["note"] = (f"process {out['pid']} is gone and never wrote a final status (killed?); "
-                       f"resume with --resume-from latest --run-id {out['run_id']}")
+def merge_adapter(config: TrainingConfig, adapter_dir: Path, out: Path) -> Path:
+    """Merge a LoRA adapter into a fresh copy of the base weights (never into quantized weights) and save a
+    plain checkpoint, loadable by AutoModelForCausalLM.from_pretrained without peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    base = AutoModelForCausalLM.from_pretrained(checkpoint_ref(config))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    tmp = out.with_name(TMP_PREFIX + out.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp))
+    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))
+    write_json_atomic(tmp / "merge_info.json", {"adapter": str(adapter_dir), "base_model": config.model.base_checkpoint,
+                                                "base_config_sha256": base_config_sha256(config),
+                                                "created_at": utc_now()})
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    log.info("merged %s into the base weights: %s", adapter_dir.name, out)
     return out
 
 
+# Dense bf16/fp16 tensor-core peak FLOP/s per GPU (vendor datasheets, SXM parts); MFU is reported only for these.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+
+
+def model_flops_utilization(ctx: RunContext, tokens_per_second: Optional[float],
+                            trainable: Optional[int] = None) -> Optional[dict]:
+    """MFU = achieved model FLOP/s / peak. Training FLOPs per token: forward 2 x params, backward 2 x params for
+    the input gradients plus 2 x params for the weight gradients of trainable weights only, so 6 x trainable +
+    4 x frozen (LoRA: the frozen base skips its weight-gradient matmuls); plus attention, 12 x layers x hidden x
+    the length of the record a token attends over (token-weighted from the real train lengths: packed rows keep
+    records apart, padding does no model work), not max_seq_length."""
+    hw = ctx.reproducibility.get("hardware") or {}
+    gpu = hw.get("gpu_model") or ""
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu.upper().replace(" ", "")), None)
+    if not (peak and tokens_per_second and ctx.validation.memory):
+        return None
+    ck, params = ctx.validation.checkpoint, ctx.validation.memory["parameters"]
+    if ctx.config.model.lora.enabled:  # base frozen, adapters trained
+        frozen = params
+        trainable = trainable if trainable is not None else ctx.validation.memory.get("trainable_parameters") or 0
+    else:
+        frozen, trainable = 0, params
+    attended = (ctx.data_stats.get("train") or {}).get("attended_length") or ctx.config.data.max_seq_length
+    per_token = 6 * trainable + 4 * frozen + 12 * ck.get("num_hidden_layers", 0) * ck.get("hidden_size", 0) * attended
+    gpus = max(1, world_size(ctx.config))
+    return {"value": round(tokens_per_second * per_token / (peak * gpus), 4), "peak_flops_per_gpu": peak,
+            "gpu": gpu, "gpus": gpus, "flops_per_token": per_token, "trainable_parameters": trainable,
+            "frozen_parameters": frozen, "attended_length": attended}
+
+
+def performance_block(ctx: RunContext, trainable: Optional[int] = None) -> dict:
+    """Throughput on real (non-padding) tokens, per-epoch wall time, peak memory, GPU utilisation.
+    tokens_per_second is training throughput: tokens over the time spent inside optimizer steps; evaluations and
+    checkpoint saves during train() are timed apart (eval_seconds, save_seconds) and left out.
+    wall_tokens_per_second divides by train_runtime (Trainer's wall time of train(), all of it)."""
+    h = ctx.history
+    runtime = h.summary.get("train_runtime")
+    tokens = (ctx.tokens_seen or 0) - h.start_tokens
+    tps = tokens / h.training_seconds if h.training_seconds else None
+    wall = tokens / runtime if runtime else None
+    return {"train_runtime_seconds": runtime, "tokens_trained_this_process": tokens,
+            "tokens_per_second": round(tps, 2) if tps else None,
+            "wall_tokens_per_second": round(wall, 2) if wall else None,
+            "training_seconds": round(h.training_seconds, 6), "eval_seconds": round(h.eval_seconds, 6),
+            "save_seconds": round(h.save_seconds, 6),
+            "mfu": model_flops_utilization(ctx, tps, trainable),
+            "samples_per_second": h.summary.get("train_samples_per_second"),
+            "epoch_wall_seconds": h.epoch_seconds, "peak_memory": peak_memory(),
+            "gpu_utilization_percent_mean": round(sum(h.gpu_utilization) / len(h.gpu_utilization), 1)
+            if h.gpu_utilization else None}
+
+
+def _report_before_after(ctx: RunContext) -> None:
+    if not ctx.history.evals:
+        return
+    first, last = ctx.history.evals[0], ctx.history.evals[-1]
+    log.info("validation perplexity: %.3f at step %d -> %.3f at step %d; test perplexity %.3f (%s)",
+             first[2].get("val_perplexity", float("nan")), first[0], last[2].get("val_perplexity", float("nan")),
+             last[0], (ctx.test_results or {}).get("test_perplexity", float("nan")),
+             ctx.test_results.get("evaluated") if ctx.test_results else "-")
+
+
 # --------------------------------------------------------------------------------------------------
-# 11. Manifest: the run record, written atomically at start (status running) and at the end
+# 17. Manifest: the run record, written atomically at start (status running) and at the end
 # --------------------------------------------------------------------------------------------------
 
 def portable_path(path: Any, run_dir: Path, given_absolute: bool = False) -> Any:
@@ -4364,365 +5447,6 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
     return _portable_manifest(manifest, ctx.run_dir, config)
 
 
-def _json_float(value: Any) -> Any:
-    """Floats as JSON allows: NaN/inf become the strings "NaN"/"inf"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
-
-
-def _float_from_json(value: Any) -> Any:
-    """_json_float undone: the strings "NaN", "inf", "-inf" read back from a manifest are floats again."""
-    return float(value) if value in ("NaN", "inf", "-inf") else value
-
-
-# --------------------------------------------------------------------------------------------------
-# 12. train_model: validate -> data -> model -> Trainer -> test eval -> manifest
-# --------------------------------------------------------------------------------------------------
-
-@dataclass
-class RunContext:
-    """Everything one run accumulates; build_manifest reads it."""
-    config: TrainingConfig
-    run_id: str
-    run_dir: Path
-    validation: ValidationResult
-    tracker: Tracker
-    history: RunHistory
-    reproducibility: dict
-    created_at: str
-    start_time: float
-    end_time: Optional[float] = None
-    prior_seconds: float = 0.0  # wall time of the processes before a resume (GPU time was paid for)
-    data_stats: dict = field(default_factory=dict)
-    best_checkpoint: Optional[str] = None
-    global_step: int = 0
-    max_steps: Optional[int] = None
-    epoch: Optional[float] = None
-    tokens_seen: Optional[int] = None
-    wandb_url: Optional[str] = None
-    test_results: Optional[dict] = None
-    resume_from: Optional[dict] = None
-    resumes: list = field(default_factory=list)
-    error: Optional[dict] = None
-    performance: Optional[dict] = None
-    samples: Optional[dict] = None
-    loss_plot: Optional[str] = None
-    baseline_comparison: Optional[dict] = None
-    best_archive: Optional[str] = None
-    lora: Optional[dict] = None
-    distributed: Optional[dict] = None
-    resume_plan: Optional[dict] = None  # hyperparameter changes a resume applies (apply_resume_plan)
-    optimizer_implementation: Optional[str] = None  # the TrainingArguments optim the Trainer ran
-    dry_run: Optional[dict] = None  # the dry run before training: passed (with its report) or skipped, and why
-
-
-@dataclass
-class RunResult:
-    run_id: str
-    status: str  # completed | diverged | failed | interrupted | dry_run
-    run_dir: str
-    manifest_path: Optional[str]
-    manifest: dict
-    exit_code: int = EXIT_OK
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _add_file_log(path: Path) -> logging.Handler:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")  # flushed per record, so `tail -f` works
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s"))  # secrets never logged
-    log.addHandler(handler)
-    return handler
-
-
-def echo_config(config: TrainingConfig) -> None:
-    """Never silently change a hyperparameter: print the final config and what differs from defaults."""
-    import yaml
-    # the whole config goes to train.log and the manifest; the console gets what differs from the defaults, as
-    # one block (a WARNING per key buried the warnings that need attention)
-    log.info("resolved config:\n%s", yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip(),
-             extra={"file_only": True})
-    if config.overrides:
-        log.info("overrides from --set: %s", ", ".join(config.overrides))
-    diffs = config_differences_from_defaults(config)
-    if diffs:
-        rows = [d.rsplit(" (default ", 1) for d in diffs]
-        width = max(len(r[0]) for r in rows)
-        log.info("%d settings differ from defaults (full config in train.log and the manifest):\n%s", len(diffs),
-                 "\n".join(f"  {r[0]:<{width}}  (default {r[1]}" if len(r) == 2 else f"  {r[0]}" for r in rows))
-
-
-def seed_everything(seed: int) -> None:
-    """Python, NumPy, torch and CUDA RNGs; data shuffling uses the same seed through TrainingArguments."""
-    from transformers import set_seed
-    set_seed(seed)
-
-
-def optimizer_implementation(config: TrainingConfig) -> str:
-    """The TrainingArguments optim that runs `training.optimization.optimizer`. `adamw` takes torch's fused AdamW
-    (one kernel per step instead of a loop over tensors; the same update rule, deterministic, bit-exact on resume)
-    where torch has fused kernels for the device (CUDA, and CPU since torch 2.4), else the for-each AdamW.
-    Recorded in the manifest as hyperparameters.optimizer_implementation."""
-    name = OPTIMIZERS[config.training.optimization.optimizer]
-    if name != "adamw_torch":
-        return name
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-        fused = config.compute.device in _get_fused_kernels_supported_devices()
-    except (ImportError, AttributeError):  # a torch without fused AdamW
-        fused = False
-    return "adamw_torch_fused" if fused else name
-
-
-FSDP_OPTIONS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")  # compute.fsdp words FSDP2 accepts
-FSDP_DEFAULTS = {  # the fsdp_config compute.fsdp gets; compute.fsdp_config's keys win over these
-    "version": 2,  # FSDP2: fully_shard, DTensor parameters (FSDP1 is deprecated in transformers)
-    "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # one FSDP unit per decoder layer (the model's _no_split_modules)
-    # Trainer's resume state (model + optimizer) is written per rank through torch.distributed.checkpoint: no rank
-    # gathers the optimizer. The full model.safetensors that from_pretrained and inference servers load is
-    # consolidated separately at every save (full_state_dict), so the full weights are not written twice.
-    "state_dict_type": "SHARDED_STATE_DICT",
-    # every rank loads the base weights from disk (no meta-device init + broadcast): slower to start on a big node,
-    # but it leaves tied embeddings and non-persistent buffers exactly as from_pretrained made them
-    "cpu_ram_efficient_loading": False,
-}
-
-
-def fsdp_settings(config: TrainingConfig, model=None) -> tuple[str, Optional[dict]]:
-    """(TrainingArguments.fsdp, TrainingArguments.fsdp_config) for compute.fsdp: FSDP2 with FSDP_DEFAULTS,
-    `reshard_after_forward` from the sharding word (full_shard: true, ZeRO-3; shard_grad_op: false, ZeRO-2),
-    cpu_offload from `offload`, and the layer class to wrap from the loaded model's `_no_split_modules`
-    (SmolLM3DecoderLayer), merged with compute.fsdp_config (its keys win; a `fsdp_` prefix is dropped as
-    transformers does). The compute.fsdp string itself is passed on: every transformers version reads it."""
-    c = config.compute
-    if not c.fsdp:
-        return "", None
-    words = c.fsdp.split()
-    settings: dict = {**FSDP_DEFAULTS, "reshard_after_forward": "shard_grad_op" not in words}
-    if "offload" in words:
-        settings["cpu_offload"] = True
-    if config.model.gradient_checkpointing:  # FSDP's own: Trainer's would add an all-gather per layer in backward
-        settings["activation_checkpointing"] = True
-    try:  # a peft model answers with its base model's attribute
-        wrap = list(getattr(model, "_no_split_modules", None) or []) if model is not None else []
-    except Exception:
-        wrap = []
-    if wrap:
-        settings["transformer_layer_cls_to_wrap"] = wrap
-    for key, value in (c.fsdp_config or {}).items():
-        settings[key[5:] if key.startswith("fsdp_") else key] = value
-    return c.fsdp, settings
-
-
-def build_training_args(config: TrainingConfig, run_dir: Path, dry_run: bool, max_steps: Optional[int],
-                        resuming: bool, model=None):
-    """TrainingArguments for a run (or a dry run: no evaluation, no saves). Under compute.fsdp (not in a dry run,
-    which is one plain process) the FSDP2 setup of fsdp_settings; Trainer refuses FSDP outside a distributed
-    launch, so a process not started by torchrun / accelerate launch (LOCAL_RANK unset) gets InvalidConfig here,
-    naming the CLI that launches itself (main: launch_distributed, one process per GPU, even for one GPU)."""
-    from transformers import TrainingArguments
-    hp, opt, ck, lg, c = (config.training.hyperparameters, config.training.optimization,
-                          config.training.checkpointing, config.logging, config.compute)
-    metric = ck.metric_for_best_model
-    fsdp, fsdp_config = fsdp_settings(config, model) if not dry_run else ("", None)
-    if fsdp and TrainingArguments.__dataclass_fields__["fsdp"].metadata.get("const") is True:
-        fsdp = True  # transformers that take `fsdp=True` deprecate the string; fsdp_config already says it all
-    if fsdp and "LOCAL_RANK" not in os.environ:
-        raise TrainerError("InvalidConfig", {
-            "field": "compute.fsdp", "value": c.fsdp, "expected": "a distributed launch (LOCAL_RANK set)",
-            "suggestion": "run the CLI (`python train_finance_ssc_model.py --config ...` starts torch.distributed.run "
-                          "itself under compute.fsdp, even for one GPU) or torchrun / accelerate launch"})
-    return TrainingArguments(
-        output_dir=str(run_dir),
-        per_device_train_batch_size=hp.batch_size,
-        per_device_eval_batch_size=hp.batch_size,
-        gradient_accumulation_steps=hp.gradient_accumulation_steps,
-        num_train_epochs=hp.num_epochs,
-        max_steps=max_steps if max_steps else -1,
-        learning_rate=hp.learning_rate,
-        weight_decay=hp.weight_decay,
-        max_grad_norm=hp.max_grad_norm,
-        warmup_steps=hp.warmup_steps,
-        lr_scheduler_type=opt.lr_scheduler,
-        optim=optimizer_implementation(config),
-        fp16=c.mixed_precision == "fp16",
-        bf16=c.mixed_precision == "bf16",
-        # under FSDP fsdp_config's activation_checkpointing does it (Trainer refuses both at once)
-        activation_checkpointing=config.model.gradient_checkpointing
-        and not str((fsdp_config or {}).get("activation_checkpointing", False)).lower() == "true",
-        logging_strategy="steps",
-        logging_steps=1 if dry_run else lg.logging_steps,
-        logging_first_step=True,
-        logging_nan_inf_filter=False,  # the filter reports a NaN loss as a stale finite value
-        eval_strategy="no" if dry_run else "steps",
-        eval_steps=lg.eval_steps,
-        eval_on_start=not (dry_run or resuming),  # the "before" perplexity
-        # Trainer decides the best checkpoint only under a save strategy; our EvalSaveFlowCallback adds a
-        # save at every eval and every epoch end, so under `epoch` Trainer's own step saves coincide with evals.
-        save_strategy="no" if dry_run else "steps",
-        save_steps=lg.save_steps if ck.save_strategy == "steps" else lg.eval_steps,
-        save_total_limit=None,  # retention is ours (apply_retention keeps best + latest + backup)
-        metric_for_best_model=metric.replace("val_", ""),
-        greater_is_better=EVAL_METRICS[metric],
-        seed=config.training.seed,
-        data_seed=config.training.seed,
-        use_cpu=c.device == "cpu",
-        ddp_backend=c.distributed_backend if world_size(config) > 1 else None,
-        fsdp=fsdp,
-        fsdp_config=fsdp_config,
-        deepspeed=c.deepspeed,
-        report_to="none",  # trackers are fed by MetricsCallback -> log_metrics
-        disable_tqdm=not sys.stderr.isatty(),
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-    )
-
-
-def train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Optional[str] = None, *,
-                run_id: Optional[str] = None, max_steps: Optional[int] = None, force: bool = False,
-                argv: Optional[list] = None, skip_dry_run: bool = False) -> RunResult:
-    """Run the whole workflow for a validated-or-not config and return what happened: validation, the dry run
-    (`max_steps` steps, default default_dry_run_steps; not on a resume, nor with skip_dry_run), training, analysis.
-    dry_run=True: the dry run only (dry_run_model).
-    Raises TrainerError for failures the user can fix (the manifest records them when a run dir exists).
-    The run dir lock taken on the way (lock_run_dir) is released when this returns or raises."""
-    held, collecting = set(_RUN_LOCKS), gc.isenabled()
-    gc.disable()  # until _prepare ends (startup_done): see there
-    try:
-        return _train_model(config, dry_run, resume_from, run_id=run_id, max_steps=max_steps, force=force,
-                            argv=argv, skip_dry_run=skip_dry_run)
-    finally:
-        for locked in set(_RUN_LOCKS) - held:
-            unlock_run_dir(Path(locked))
-        (gc.enable if collecting else gc.disable)()
-        if __name__ != "__main__":  # a caller in the same process (tests): its objects are collectable again
-            gc.unfreeze()
-
-
-def _train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Optional[str] = None, *,
-                 run_id: Optional[str] = None, max_steps: Optional[int] = None, force: bool = False,
-                 argv: Optional[list] = None, skip_dry_run: bool = False) -> RunResult:
-    if run_id is not None:
-        check_run_id(run_id)  # before anything is read or written under <output_dir>/<run_id>
-    validation = validate_config(config, resuming=bool(resume_from))
-    validation.raise_if_failed()
-    if resume_from == "latest" and run_id and is_main_process() and run_paths(config, run_id)["run_dir"].is_dir():
-        lock_run_dir(run_paths(config, run_id)["run_dir"])  # before `latest` is chosen: its writer may be saving it
-    resume = resolve_resume(config, resume_from, run_id, force) if resume_from else None
-    if resume:
-        run_id = resume["run_id"]
-    run_id = run_id or make_run_id(config)
-    check_run_id(run_id)  # also the one a checkpoint's meta names
-    paths = run_paths(config, run_id)
-    run_dir = paths["run_dir"]
-    manifest_path = run_dir / MANIFEST_NAME
-    if is_main_process():
-        lock_run_dir(run_dir)  # one writer per run dir (dry run included), before RunExists and any write
-    if not dry_run and not resume and is_main_process():
-        if force and manifest_path.exists():  # --force without --resume-from: start this run id over
-            abandon_run(config, run_id)
-        refuse_existing_run(manifest_path, run_id)
-    if resume and resume.get("config_diff"):
-        validation.warnings.extend(resume["config_diff"])
-    # the history a resume continues; a damaged manifest is refused (or, with --force, set aside) before any write
-    previous = previous_manifest(manifest_path, force, is_main_process()) if resume and not dry_run else {}
-
-    if dry_run:
-        return dry_run_model(config, validation, run_id, max_steps or DRY_RUN_STEPS)
-
-    main_proc = is_main_process()
-    if main_proc:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        clean_partial_saves(run_dir)
-        register_run(run_id, run_dir)
-    tracker = init_tracking(config, run_id, resume=bool(resume), is_main=main_proc,
-                            resume_step=resume["step"] if resume else None)
-    handler = _add_file_log(tracker.log_dir / "train.log") if main_proc else None
-    ctx = RunContext(config=config, run_id=run_id, run_dir=run_dir, validation=validation, tracker=tracker,
-                     history=RunHistory(),
-                     reproducibility=reproducibility_block(config, validation, argv or sys.argv) if main_proc else {},
-                     created_at=previous.get("created_at") or utc_now(), start_time=time.time(),
-                     wandb_url=tracker.wandb_url, resumes=list(previous.get("resumes") or []))
-    if resume:
-        ctx.resume_from = {"path": resume["path"], "step": resume["step"], "epoch": resume["epoch"]}
-        ctx.resumes.append({**ctx.resume_from, "at": utc_now(), "config_differences": resume["config_diff"],
-                            "hyperparameter_changes": {k: {"old": o, "new": n} for k, (o, n)
-                                                       in resume["hyperparameter_changes"].items()}})
-        ctx.resume_plan = {"changes": resume["hyperparameter_changes"], "schedule": resume["schedule"]}
-        ctx.history = _history_from_manifest(previous, resume["step"])
-        ctx.prior_seconds = float((previous.get("reproducibility") or {}).get("duration_seconds") or 0.0)
-        ctx.dry_run = previous.get("dry_run")  # the run's own, from before it started training
-    try:
-        for w in validation.warnings:
-            log.warning(w)
-        if resume:
-            log.info(format_resume_line(resume))
-        echo_config(config)
-        if main_proc:
-            save_manifest(run_id, build_manifest(ctx, "running"), str(manifest_path))
-        previous_handlers = install_preemption_handlers()
-        try:
-            status = _train(ctx, resume["path"] if resume else None, skip_dry_run=skip_dry_run,
-                            dry_run_steps=max_steps)
-        finally:
-            restore_signal_handlers(previous_handlers)
-        exit_code = EXIT_OK
-    except TrainerError as exc:
-        status = {"TrainingDiverged": "diverged", "Preempted": "interrupted"}.get(exc.kind, "failed")
-        ctx.error = exc.payload
-        raise
-    except KeyboardInterrupt:
-        status = "interrupted"
-        ctx.error = TrainerError("Interrupted", {"suggestion": f"continue with --resume-from latest "
-                                                               f"--run-id {run_id}"}).payload
-        raise
-    except Exception as exc:
-        status = "failed"
-        if is_disk_full(exc):  # the first failed write is the error reported, with its path and the free space
-            full = disk_full_error(exc, run_dir, run_id=run_id)
-            ctx.error = full.payload
-            raise full from exc
-        ctx.error = unexpected_error(exc).payload
-        raise
-    finally:
-        ctx.end_time = time.time()
-        final_status = status if "status" in locals() else "failed"
-        manifest = {}
-        pending = sys.exc_info()[1]
-        # While an error is on its way out, recording it must not replace it (on a full disk the manifest write
-        # fails too): each record is tried, a failure is logged and listed in the error's `not_recorded`.
-        not_recorded = []
-
-        def record(what: str, write) -> Any:
-            try:
-                return write()
-            except Exception as exc:
-                if pending is None:
-                    raise
-                log.error("could not record the failure in %s: %s: %s", what, type(exc).__name__, exc)
-                not_recorded.append({"path": str(what), "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
-                return None
-
-        if main_proc:
-            manifest = record(manifest_path, lambda: finalize_manifest(ctx, final_status)) or {}
-            if ctx.error is not None:
-                record(run_dir / "error.json", lambda: write_json_atomic(run_dir / "error.json", ctx.error))
-        record("trackers", lambda: tracker.close(final_status, manifest_path if main_proc else None))
-        if not_recorded and isinstance(pending, TrainerError):
-            pending.details["not_recorded"] = not_recorded
-        if handler:
-            log.removeHandler(handler)
-            handler.close()
-        raised = sys.exc_info()[1] if "exit_code" not in locals() else None
-        if raised is not None and manifest:  # main prints it on stdout before the error JSON on stderr
-            raised.run_output = run_output(manifest, manifest_path)
-    return RunResult(run_id, status, str(run_dir), str(manifest_path), manifest, exit_code)
-
-
 def run_output(manifest: dict, manifest_path: Path) -> dict:
     """The spec's Output object (Example Session 1), printed as the last line on stdout at the end of a run
     (completed, diverged, failed or interrupted): its values are the final manifest's, plus the manifest's path."""
@@ -4771,889 +5495,123 @@ def finalize_manifest(ctx: RunContext, status: str) -> dict:
     return manifest
 
 
-_RUN_LOCKS: dict[str, int] = {}  # resolved run dir -> fd holding its flock
-
-
-def lock_run_dir(run_dir: Path) -> None:
-    """One writer per run dir: an exclusive flock on `<run_dir>/.lock`, held until unlock_run_dir or the end of
-    the process. The OS drops it when the process dies, however it dies, so the file a killed run leaves behind
-    never blocks. The holder writes its pid, host and start time into it for the second writer's RunLocked."""
-    import fcntl
-    key = str(Path(run_dir).resolve())
-    if key in _RUN_LOCKS:
-        return
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(run_dir) / RUN_LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        holder = _read_json(path)
-        who = f"pid {holder.get('pid')} on {holder.get('hostname')}, since {holder.get('started_at')}"
-        raise TrainerError("RunLocked", {
-            "path": str(path), "pid": holder.get("pid"), "hostname": holder.get("hostname"),
-            "started_at": holder.get("started_at"),
-            "suggestion": f"another process ({who}) is writing this run; wait for it to end (follow it with "
-                          f"--status {Path(run_dir).resolve()}), or stop it first"}) from None
-    except OSError as exc:  # a filesystem without locks: train anyway, unguarded
-        os.close(fd)
-        log.warning("could not lock %s (%s): a second writer to this run would not be refused", path, exc)
-        return
-    os.ftruncate(fd, 0)
-    os.write(fd, (json_text({"pid": os.getpid(), "hostname": platform.node(), "started_at": utc_now(),
-                             "argv": sys.argv}) + "\n").encode())  # secrets in the command line redacted
-    _RUN_LOCKS[key] = fd
-
-
-def unlock_run_dir(run_dir: Path) -> None:
-    """Release lock_run_dir's lock (the file stays: unlocked, it blocks nobody)."""
-    import fcntl
-    fd = _RUN_LOCKS.pop(str(Path(run_dir).resolve()), None)
-    if fd is not None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def refuse_existing_run(manifest_path: Path, run_id: str) -> None:
-    """A run dir that already holds a manifest is never overwritten."""
-    if manifest_path.exists():
-        raise TrainerError("RunExists", {
-            "run_id": run_id, "path": str(manifest_path),
-            "suggestion": f"choose another --run-id, continue it with --resume-from latest --run-id {run_id}, or "
-                          f"start this run id over with --force (the old run is moved aside to "
-                          f"{run_id}.abandoned-<time>, nothing is deleted)"})
-
-
-def check_run_id(run_id: Any, field_: str = "--run-id") -> None:
-    """A run id names a directory under output_dir: letters, digits, `-`, `_`, `.`, not `.`/`..`, at most
-    MAX_RUN_ID_LENGTH characters. Checked before anything under it is read or written (`../../etc` never is)."""
-    if isinstance(run_id, str) and RUN_ID_RE.match(run_id) and run_id not in (".", "..") \
-            and len(run_id) <= MAX_RUN_ID_LENGTH:
-        return
-    too_long = isinstance(run_id, str) and len(run_id) > MAX_RUN_ID_LENGTH
-    raise TrainerError("InvalidConfig", {
-        "field": field_, "value": _jsonable(run_id),
-        "expected": f"letters, digits, '-', '_' and '.' only, at most {MAX_RUN_ID_LENGTH} characters",
-        "suggestion": (f"shorten it to {MAX_RUN_ID_LENGTH} characters or fewer (it has {len(run_id)})" if too_long
-                       else "choose an id like finance_ssc_2025_11_17_a (no `/`, not `.` or `..`)")})
-
-
-def abandon_run(config: TrainingConfig, run_id: str) -> list[str]:
-    """--force without --resume-from on a run id that already has a manifest: start it over, deleting nothing. The
-    run dir, and its log and TensorBoard dirs, are renamed to `<run_id>.abandoned-<UTC time>` beside themselves;
-    the caller holds the run dir's lock (so no live writer is moved), and takes it again on the new, empty dir."""
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    moved = []
-    for path in dict.fromkeys(p for p in run_paths(config, run_id).values() if p is not None):
-        if path.exists():
-            aside = path.with_name(f"{run_id}.abandoned-{stamp}")
-            os.rename(path, aside)
-            moved.append(str(aside))
-    run_dir = run_paths(config, run_id)["run_dir"]
-    unlock_run_dir(run_dir)
-    lock_run_dir(run_dir)
-    log.warning("--force: run %s starts over; the earlier run was moved aside to %s", run_id, ", ".join(moved))
-    return moved
-
-
-def read_run_record(path: Path, suggestion: str) -> Optional[dict]:
-    """A run's JSON record (run_manifest.json, status.json): None when the file does not exist. One that exists but
-    is empty, truncated or not a JSON object is RunRecordDamaged (exit 2) naming the file and what is wrong with
-    it: never read as an empty record (a resume would drop the run's history, --status would guess)."""
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        what = f"unreadable ({type(exc).__name__}: {exc})"
-        text = None
-    if text is not None:
-        if not text.strip():
-            what = "empty file"
-        else:
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as exc:
-                what = (f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno} of {len(text)} "
-                        "characters): truncated or overwritten")
-            else:
-                if isinstance(value, dict):
-                    return value
-                what = f"a JSON {type(value).__name__}, not an object"
-    raise TrainerError("RunRecordDamaged", {"path": str(path.resolve()), "problem": what, "suggestion": suggestion})
-
-
-def previous_manifest(manifest_path: Path, force: bool, main_proc: bool = True) -> dict:
-    """The manifest a resume continues (its history, anomalies, resumes, timings); {} when there is none (a
-    checkpoint copied to a new output dir). A damaged one is refused unless --force: then it is renamed to
-    `run_manifest.json.damaged-<time>` (kept, not overwritten) and the run continues without the earlier history."""
-    try:
-        return read_run_record(manifest_path, (
-            "the run's history (curves, evaluations, anomalies, earlier resumes) cannot be read from it: restore "
-            "it from a backup, or add --force to resume without the earlier history (the damaged file is kept as "
-            f"{MANIFEST_NAME}.damaged-<time>)")) or {}
-    except TrainerError as exc:
-        if not force:
-            raise
-        if main_proc and manifest_path.exists():
-            aside = manifest_path.with_name(f"{MANIFEST_NAME}.damaged-{int(time.time())}")
-            os.rename(manifest_path, aside)
-            log.warning("%s is damaged (%s): --force resumes without the earlier history; the file is kept as %s",
-                        manifest_path, exc.details["problem"], aside.name)
-        return {}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _history_from_manifest(previous: dict, up_to_step: int) -> RunHistory:
-    """The curves up to the resume point, as the interrupted process recorded them in its manifest."""
-    h = previous.get("history") or {}
-    return RunHistory(train=[(x[0], x[1], _float_from_json(x[2])) for x in h.get("train", []) if x[0] <= up_to_step],
-                      evals=[(x[0], x[1], {k: _float_from_json(v) for k, v in x[2].items()})
-                             for x in h.get("evals", []) if x[0] <= up_to_step],
-                      anomalies=[a for a in previous.get("anomalies") or [] if a.get("step", 0) <= up_to_step],
-                      checkpoints_saved=((previous.get("cost") or {}).get("inputs") or {}).get("checkpoints_saved", 0))
-
-
-def _prepare(ctx: RunContext, limit: Optional[int] = None):
-    """Tokenizer, tokenized splits and model, all seeded."""
-    config = ctx.config
-    if not sys.stderr.isatty():  # progress bars in a log file are noise
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-    seed_everything(config.training.seed)
-    tokenizer = load_tokenizer(config)
-    shapes = {s: i["shape"] for s, i in ctx.validation.data.items()}
-    datasets_, ctx.data_stats = load_splits(config, tokenizer, shapes, limit)
-    attn = attention_implementation(config)
-    model = load_base_model(config, attn)
-    startup_done()
-    return tokenizer, datasets_, model
-
-
-def startup_done() -> None:
-    """The cyclic garbage collector is off from train_model's start to here: imports, validation, tokenization and
-    loading make long-lived objects (modules, the model, the data), and each full collection walks all of them
-    (~0.1-0.3 s apiece with torch and transformers loaded: 9 of them, ~1.2 s, before the first training step of the
-    bench's issue-size run). Then gc.freeze moves everything alive now out of the collector's view for the rest of
-    the run (reference counting still frees it; the ~15k cyclic garbage objects the imports leave are kept, the
-    same number whatever the data size), so Trainer's own gc.collect() calls (at the start of every train(), the
-    dry run's included) and the one at interpreter exit walk only what the run makes after this point."""
-    gc.freeze()
-    gc.enable()
-
-
-def _build_trainer(ctx: RunContext, tokenizer, datasets_, model, args, dry_run: bool):
-    FinanceTrainer = _trainer_class()
-    probe = StepProbe()
-    callbacks = make_callbacks(ctx.config, ctx.tracker, ctx.history, probe, dry_run=dry_run,
-                               status_dir=None if dry_run else ctx.run_dir)
-    trainer = FinanceTrainer(
-        model=model, args=args, train_dataset=datasets_["train"], eval_dataset=datasets_["valid"],
-        processing_class=tokenizer,
-        data_collator=collator_for(getattr(model.config, "_attn_implementation", None), tokenizer.pad_token_id),
-        compute_metrics=compute_metrics, callbacks=callbacks)
-    trainer.run_config, trainer.run_id, trainer.probe, trainer.dry_run = ctx.config, ctx.run_id, probe, dry_run
-    trainer.history = ctx.history  # evaluation and save times (performance_block)
-    trainer.data_sha256 = {k: v["sha256"] for k, v in (ctx.reproducibility.get("data_files") or {}).items()}
-    from transformers.trainer_callback import PrinterCallback
-    trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one formatted line instead
-    return trainer
-
-
-def _train(ctx: RunContext, resume_path: Optional[str], skip_dry_run: bool = False,
-           dry_run_steps: Optional[int] = None) -> str:
-    config = ctx.config
-    tokenizer, datasets_, model = _prepare(ctx)
-    dry_run_before_training(ctx, tokenizer, datasets_, model, dry_run_steps, skip=skip_dry_run,
-                            resuming=resume_path is not None)
-    args = build_training_args(config, ctx.run_dir, dry_run=False, max_steps=None, resuming=resume_path is not None,
-                               model=model)
-    ctx.optimizer_implementation = str(getattr(args.optim, "value", args.optim))
-    if args.fsdp:  # the manifest's `distributed` block: the FSDP setup as Trainer received it
-        ctx.distributed = {"fsdp": config.compute.fsdp, "fsdp_config": json.loads(json.dumps(args.fsdp_config or {}, default=str))}
-    trainer = _build_trainer(ctx, tokenizer, datasets_, model, args, dry_run=False)
-    if resume_path:
-        trainer.resume_plan = ctx.resume_plan
-    if resume_path:  # the best as of the resumed checkpoint, never a later one from the abandoned timeline
-        best_step = _read_json(Path(resume_path) / "trainer_state.json").get("best_global_step")
-        trainer.best_checkpoint = next((c["path"] for c in read_checkpoints(ctx.run_dir, verify=True)
-                                        if c["step"] == best_step and c.get("health") == "ok"), None)
-
-    def sync_ctx() -> None:
-        st = trainer.state
-        ctx.global_step, ctx.max_steps, ctx.epoch = st.global_step, st.max_steps, st.epoch
-        ctx.tokens_seen, ctx.best_checkpoint = st.num_input_tokens_seen, getattr(trainer, "best_checkpoint", None)
-
-    def after_save() -> None:  # the manifest follows every checkpoint, so a killed run can resume its history
-        ctx.history.checkpoints_saved += 1  # before the manifest: a resume reads the count from it
-        sync_ctx()
-        save_manifest(ctx.run_id, build_manifest(ctx, "running"), str(ctx.run_dir / MANIFEST_NAME))
-
-    trainer.after_save = after_save
-    train = ctx.data_stats["train"]
-    log.info("training %s: %d train%s / %d valid samples, %d optimizer steps planned", ctx.run_id, train["samples"],
-             f" (packed into {train['packed_rows']} rows)" if "packed_rows" in train else "",
-             ctx.data_stats["valid"]["samples"], total_optimizer_steps(config, train_rows(train)))
-    try:
-        trainer.train(resume_from_checkpoint=resume_path)
-    except _oom_types() as exc:
-        raise out_of_memory_error(config, str(exc)) from exc
-    finally:
-        sync_ctx()
-    if world_size(config) > 1:
-        ctx.distributed = {**(ctx.distributed or {}), **rank_weight_agreement(trainer)}
-    if ctx.history.stop is not None:
-        raise diverged_error(ctx, stop_validation_loss(trainer, datasets_["valid"]))
-    if ctx.history.preempted is not None:
-        raise preempted_error(ctx)
-    final_model = "final weights"
-    if config.training.checkpointing.load_best_at_end and ctx.best_checkpoint:
-        trainer.state.best_model_checkpoint = ctx.best_checkpoint
-        # the best saved at the last step holds the weights in memory (verified equal when saved): no reload,
-        # which for a multi-GB model is a read of every shard
-        if _read_json(Path(ctx.best_checkpoint) / "trainer_state.json").get("global_step") != trainer.state.global_step:
-            trainer._load_best_model()
-        final_model = Path(ctx.best_checkpoint).name
-    test = trainer.evaluate(datasets_["test"], metric_key_prefix="test")
-    ctx.test_results = {"evaluated": final_model, **{k: _json_float(v) for k, v in test.items()
-                                                    if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)}}
-    ctx.performance = performance_block(ctx, parameter_counts(trainer.model)["trainable"])
-    if config.model.lora.enabled:
-        ctx.lora = {**dataclasses.asdict(config.model.lora), **parameter_counts(trainer.model),
-                    "target_modules": sorted(trainer.model.peft_config["default"].target_modules),
-                    "adapter_checkpoint": ctx.best_checkpoint, "merged_checkpoint": None}
-    samples = None
-    if getattr(trainer, "is_fsdp_enabled", False) and world_size(config) > 1 and config.evaluation.num_samples:
-        # a sharded model runs a forward only with every rank taking part (generate keeps the ranks in step:
-        # synced_gpus); rank 0 alone would wait forever on the first all-gather
-        samples = sample_completions(ctx, trainer.model, tokenizer)
-    if is_main_process():
-        analyse_run(ctx, trainer.model, tokenizer, samples)
-        if config.model.lora.enabled and config.model.lora.merge_at_end:
-            source = ctx.best_checkpoint or (read_checkpoints(ctx.run_dir) or [{}])[-1].get("path")
-            if source:
-                ctx.lora["merged_checkpoint"] = str(merge_adapter(config, Path(source), ctx.run_dir / "merged"))
-    _report_before_after(ctx)
-    return "completed"
-
-
-def sample_completions(ctx: RunContext, model, tokenizer) -> list[dict]:
-    """Greedy completions of the first evaluation.num_samples test prompts."""
-    ev = ctx.config.evaluation
-    records = _read_jsonl(data_path(ctx.config, "test_path"), ev.num_samples)
-    return generate_samples(model, tokenizer, records, ctx.validation.data["test"]["shape"], ev.max_new_tokens)
-
-
-def analyse_run(ctx: RunContext, model, tokenizer, samples: Optional[list] = None) -> None:
-    """Spec Phase 4 after a completed run: sample completions (`samples` when every rank generated them already,
-    under multi-GPU FSDP), loss plot (baseline comparison and the best archive follow once the final manifest
-    exists)."""
-    ev = ctx.config.evaluation
-    if ev.num_samples:
-        samples = samples if samples is not None else sample_completions(ctx, model, tokenizer)
-        path = ctx.run_dir / "samples.jsonl"
-        tmp = path.with_name(TMP_PREFIX + path.name)
-        tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples), encoding="utf-8")
-        os.replace(tmp, path)
-        ctx.samples = {"path": str(path), "count": len(samples), "greedy": True,
-                       "max_new_tokens": ev.max_new_tokens,
-                       "exact_match_rate": sum(x["exact_match"] for x in samples) / len(samples),
-                       "first": samples[0] if samples else None}
-        log.info("sample completion: %r -> %r", samples[0]["prompt"][-80:], samples[0]["generated"][:120])
-    png = ctx.tracker.log_dir / "loss_curves.png"
-    best_step = next((c["step"] for c in read_checkpoints(ctx.run_dir) if c["path"] == ctx.best_checkpoint), None)
-    title = f"{ctx.run_id}: best " + (f"{Path(ctx.best_checkpoint).name} (step {best_step})" if ctx.best_checkpoint
-                                      else "checkpoint: none")
-    ctx.loss_plot = str(plot_loss_curves(ctx.tracker.train_curve, ctx.tracker.val_curve, best_step, png, title))
-
-
-def rank_weight_agreement(trainer) -> dict:
-    """sha256 of every rank's weights after training: DDP keeps replicas identical, this proves it. Under FSDP
-    each rank holds different shards (there are no replicas to compare): said so, nothing hashed."""
-    import torch.distributed as dist
-    if getattr(trainer, "is_fsdp_enabled", False):
-        return {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                "backend": trainer.args.ddp_backend, "sharded": "fsdp", "ranks_agree": None}
-    h = hashlib.sha256()
-    for _, p in sorted(trainer.accelerator.unwrap_model(trainer.model).state_dict().items()):
-        h.update(p.detach().to("cpu").contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
-    hashes = [None] * dist.get_world_size() if dist.is_initialized() else [None]
-    if dist.is_initialized():
-        dist.all_gather_object(hashes, h.hexdigest())
-    else:
-        hashes = [h.hexdigest()]
-    agree = len(set(hashes)) == 1
-    if not agree:
-        log.error("ranks finished with different weights: %s", hashes)
-    return {"world_size": len(hashes), "backend": trainer.args.ddp_backend, "rank_weight_sha256": hashes,
-            "ranks_agree": agree}
-
-
-def merge_adapter(config: TrainingConfig, adapter_dir: Path, out: Path) -> Path:
-    """Merge a LoRA adapter into a fresh copy of the base weights (never into quantized weights) and save a
-    plain checkpoint, loadable by AutoModelForCausalLM.from_pretrained without peft."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    base = AutoModelForCausalLM.from_pretrained(checkpoint_ref(config))
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    tmp = out.with_name(TMP_PREFIX + out.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp))
-    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))
-    write_json_atomic(tmp / "merge_info.json", {"adapter": str(adapter_dir), "base_model": config.model.base_checkpoint,
-                                                "base_config_sha256": base_config_sha256(config),
-                                                "created_at": utc_now()})
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
-    log.info("merged %s into the base weights: %s", adapter_dir.name, out)
-    return out
-
-
-# Dense bf16/fp16 tensor-core peak FLOP/s per GPU (vendor datasheets, SXM parts); MFU is reported only for these.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
-
-
-def model_flops_utilization(ctx: RunContext, tokens_per_second: Optional[float],
-                            trainable: Optional[int] = None) -> Optional[dict]:
-    """MFU = achieved model FLOP/s / peak. Training FLOPs per token: forward 2 x params, backward 2 x params for
-    the input gradients plus 2 x params for the weight gradients of trainable weights only, so 6 x trainable +
-    4 x frozen (LoRA: the frozen base skips its weight-gradient matmuls); plus attention, 12 x layers x hidden x
-    the length of the record a token attends over (token-weighted from the real train lengths: packed rows keep
-    records apart, padding does no model work), not max_seq_length."""
-    hw = ctx.reproducibility.get("hardware") or {}
-    gpu = hw.get("gpu_model") or ""
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu.upper().replace(" ", "")), None)
-    if not (peak and tokens_per_second and ctx.validation.memory):
-        return None
-    ck, params = ctx.validation.checkpoint, ctx.validation.memory["parameters"]
-    if ctx.config.model.lora.enabled:  # base frozen, adapters trained
-        frozen = params
-        trainable = trainable if trainable is not None else ctx.validation.memory.get("trainable_parameters") or 0
-    else:
-        frozen, trainable = 0, params
-    attended = (ctx.data_stats.get("train") or {}).get("attended_length") or ctx.config.data.max_seq_length
-    per_token = 6 * trainable + 4 * frozen + 12 * ck.get("num_hidden_layers", 0) * ck.get("hidden_size", 0) * attended
-    gpus = max(1, world_size(ctx.config))
-    return {"value": round(tokens_per_second * per_token / (peak * gpus), 4), "peak_flops_per_gpu": peak,
-            "gpu": gpu, "gpus": gpus, "flops_per_token": per_token, "trainable_parameters": trainable,
-            "frozen_parameters": frozen, "attended_length": attended}
-
-
-def performance_block(ctx: RunContext, trainable: Optional[int] = None) -> dict:
-    """Throughput on real (non-padding) tokens, per-epoch wall time, peak memory, GPU utilisation.
-    tokens_per_second is training throughput: tokens over the time spent inside optimizer steps; evaluations and
-    checkpoint saves during train() are timed apart (eval_seconds, save_seconds) and left out.
-    wall_tokens_per_second divides by train_runtime (Trainer's wall time of train(), all of it)."""
-    h = ctx.history
-    runtime = h.summary.get("train_runtime")
-    tokens = (ctx.tokens_seen or 0) - h.start_tokens
-    tps = tokens / h.training_seconds if h.training_seconds else None
-    wall = tokens / runtime if runtime else None
-    return {"train_runtime_seconds": runtime, "tokens_trained_this_process": tokens,
-            "tokens_per_second": round(tps, 2) if tps else None,
-            "wall_tokens_per_second": round(wall, 2) if wall else None,
-            "training_seconds": round(h.training_seconds, 6), "eval_seconds": round(h.eval_seconds, 6),
-            "save_seconds": round(h.save_seconds, 6),
-            "mfu": model_flops_utilization(ctx, tps, trainable),
-            "samples_per_second": h.summary.get("train_samples_per_second"),
-            "epoch_wall_seconds": h.epoch_seconds, "peak_memory": peak_memory(),
-            "gpu_utilization_percent_mean": round(sum(h.gpu_utilization) / len(h.gpu_utilization), 1)
-            if h.gpu_utilization else None}
-
-
-def resume_command(ctx: RunContext) -> str:
-    overrides = "".join(f" --set {shlex.quote(o)}" for o in ctx.config.overrides)
-    return (f"python {Path(sys.argv[0]).name} --config {shlex.quote(ctx.config.config_path or 'CONFIG')}{overrides} "
-            f"--resume-from latest --run-id {ctx.run_id}")
-
-
-def preempted_error(ctx: RunContext) -> TrainerError:
-    """SIGTERM/SIGUSR1 stopped the run after a checkpoint of the step under way: exit EXIT_PREEMPTED, manifest
-    `interrupted`, and the command that continues it."""
-    p = ctx.history.preempted
-    saved = next((c for c in reversed(read_checkpoints(ctx.run_dir)) if c["step"] == p["step"]
-                  and c.get("health") == "ok"), None)
-    return TrainerError("Preempted", {
-        "signal": p["signal"], "step": p["step"], "epoch": p["epoch"],
-        "checkpoint": saved["path"] if saved else None, "resume_command": resume_command(ctx),
-        "suggestion": "continue exactly where it stopped with the resume_command"})
-
-
-def stop_validation_loss(trainer, valid) -> Optional[float]:
-    """Validation loss of the weights in memory at a stop (the update that tripped a guard was skipped, so they
-    are the weights of the checkpoint saved at the stop). No callbacks run: this is a check, not a curve point."""
-    try:
-        out = trainer.evaluation_loop(trainer.get_eval_dataloader(valid), "restart check", metric_key_prefix="check")
-    except Exception as exc:  # a check that cannot run must not hide the divergence report
-        log.warning("could not evaluate the weights at the stop: %s", exc)
-        return None
-    loss = out.metrics.get("check_loss")
-    return float(loss) if loss is not None else None
-
-
-def last_valid_checkpoint(ctx: RunContext, stop_val_loss: Optional[float]) -> tuple[Optional[str], str]:
-    """The newest checkpoint whose weights are healthy, and why. A checkpoint is healthy when it verified at save
-    time and its validation loss (recorded at its evaluation; for the checkpoint saved at the stop, measured on
-    its weights now) is finite and at most spike_factor x the lowest validation loss of the run (initial
-    included), or, for a divergence stop, within divergence_increase of it. Skipping only the last update is
-    not enough: at a learning rate far too high, the updates before the stop may already have ruined the
-    weights. None means no checkpoint qualifies: restart from the base model."""
-    g, stop = ctx.config.training.guards, ctx.history.stop
-    vals = [v["val_loss"] for _, _, v in ctx.history.evals
-            if isinstance(v.get("val_loss"), float) and math.isfinite(v["val_loss"])]
-    best = min(vals) if vals else None
-    factor = 1 + g.divergence_increase if stop["kind"] == "divergence" else g.spike_factor
-    rejected = []
-    for c in reversed([c for c in read_checkpoints(ctx.run_dir, verify=True) if c.get("health") == "ok"]):
-        loss = stop_val_loss if c["step"] == ctx.global_step else (c.get("metrics") or {}).get("val_loss")
-        if best is None and loss is not None and math.isfinite(loss):
-            return c["path"], f"{c['name']}: validation loss {loss:.4g} (no earlier evaluation to compare with)"
-        if loss is not None and math.isfinite(loss) and best is not None and loss <= factor * best:
-            return c["path"], (f"{c['name']}: validation loss {loss:.4g} is within {factor:g}x the run's best "
-                               f"({best:.4g})" + (f"; rejected {', '.join(rejected)}" if rejected else ""))
-        rejected.append(f"{c['name']} (validation loss {_json_float(loss)})")
-    return None, (f"no checkpoint has a validation loss within {factor:g}x the run's best ({_json_float(best)}); "
-                  f"rejected {', '.join(rejected) or 'none saved'}: restart from the base model")
-
-
-def diverged_error(ctx: RunContext, stop_val_loss: Optional[float] = None) -> TrainerError:
-    """The spec's TrainingDiverged payload, naming a checkpoint whose weights are healthy (last_valid_checkpoint)."""
-    stop = ctx.history.stop
-    last_valid, why = last_valid_checkpoint(ctx, stop_val_loss)
-    lr = ctx.config.training.hyperparameters.learning_rate
-    new_lr = max(lr / 10, 1e-6)
-    train_loss = stop.get("train_loss")
-    if train_loss is None and ctx.history.train:
-        train_loss = _json_float(ctx.history.train[-1][2])
-    how = (f" (--resume-from {last_valid} --set training.hyperparameters.learning_rate={new_lr:.1e})"
-           if last_valid else f" as a new run from the base model (--set training.hyperparameters.learning_rate="
-                              f"{new_lr:.1e} --run-id NEW_ID): {why}")
-    return TrainerError("TrainingDiverged", {
-        "epoch": _best_epoch(stop["epoch"]) if stop["epoch"] else 1, "epoch_float": stop["epoch"],
-        "step": stop["step"], "train_loss": train_loss, "reason": stop["reason"], "kind": stop["kind"],
-        "last_valid_checkpoint": last_valid, "last_valid_checkpoint_reason": why,
-        "suggestion": f"Reduce learning rate to {new_lr:.1e} and try again{how}"})
-
-
-def _report_before_after(ctx: RunContext) -> None:
-    if not ctx.history.evals:
-        return
-    first, last = ctx.history.evals[0], ctx.history.evals[-1]
-    log.info("validation perplexity: %.3f at step %d -> %.3f at step %d; test perplexity %.3f (%s)",
-             first[2].get("val_perplexity", float("nan")), first[0], last[2].get("val_perplexity", float("nan")),
-             last[0], (ctx.test_results or {}).get("test_perplexity", float("nan")),
-             ctx.test_results.get("evaluated") if ctx.test_results else "-")
-
-
-def _oom_types() -> tuple:
-    import torch
-    return (torch.OutOfMemoryError,)
-
-
-def out_of_memory_error(config: TrainingConfig, message: str, estimated_gb: Optional[float] = None,
-                        available_gb: Optional[float] = None, fix: Optional[str] = None) -> TrainerError:
-    hp = config.training.hyperparameters
-    if fix is None:
-        smaller = max(1, hp.batch_size // 2)
-        fix = (f"Reduce batch_size to {smaller} (and double gradient_accumulation_steps to "
-               f"{hp.gradient_accumulation_steps * 2} to keep the effective batch)")
-        if not config.model.gradient_checkpointing:
-            fix += " or enable model.gradient_checkpointing"
-    return TrainerError("OutOfMemory", {"batch_size": hp.batch_size, "seq_length": config.data.max_seq_length,
-                                        "estimated_memory_gb": estimated_gb, "available_memory_gb": available_gb,
-                                        "message": message[:300], "suggestion": fix})
-
-
-# Changes that make a resumed run a different experiment (error unless --force); the training data's
-# checksum and the global batch (world size x batch size x accumulation) are checked besides these keys.
-RESUME_FATAL_KEYS = ("model.base_checkpoint", "data.max_seq_length")
-# Changes a resume applies to the restored optimizer and scheduler (Trainer would restore the old ones):
-# any of these restarts the learning-rate schedule at the resume step; weight_decay updates the param group.
-SCHEDULE_KEYS = ("training.hyperparameters.learning_rate", "training.hyperparameters.warmup_steps",
-                 "training.hyperparameters.num_epochs", "training.optimization.lr_scheduler")
-OPTIMIZER_GROUP_KEYS = ("training.hyperparameters.weight_decay",)
-
-
-def global_batch(cfg: dict, world: int) -> int:
-    hp = cfg["training"]["hyperparameters"]
-    return world * hp["batch_size"] * hp["gradient_accumulation_steps"]
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def resolve_resume(config: TrainingConfig, resume_from: str, run_id: Optional[str], force: bool = False) -> dict:
-    """Find the checkpoint to resume from and compare its stored config with the current one."""
-    if resume_from == "latest":
-        if not run_id:
-            raise TrainerError("InvalidConfig", {
-                "field": "--resume-from", "value": "latest", "expected": "--run-id RUN with `latest`",
-                "suggestion": "add --run-id <run id>, or pass the checkpoint directory itself"})
-        run_dir = run_paths(config, run_id)["run_dir"]
-        damaged, meta = {}, None
-        for c in reversed([c for c in read_checkpoints(run_dir) if c.get("health") == "ok"]):  # newest intact
-            reason = check_checkpoint_integrity(Path(c["path"]), c)
-            if not reason:
-                meta = c
-                break
-            damaged[c["name"]] = reason
-            log.warning("checkpoint %s is damaged (%s): not resuming from it", c["path"], reason)
-        if meta is None:
-            raise TrainerError("CheckpointNotFound", {
-                "field": "--resume-from", "value": "latest", "path": str(run_dir), "damaged": damaged,
-                "suggestion": "this run has no complete, healthy checkpoint (an interrupted save is never used); "
-                              f"start this run id over with the same command without --resume-from, plus --force "
-                              f"(the old run is moved aside to {run_id}.abandoned-<time>, nothing is deleted), start "
-                              "a new run with another --run-id, or pass a checkpoint directory explicitly"})
-        if damaged:
-            log.warning("resuming from %s, the newest intact checkpoint", meta["name"])
-    else:
-        path = Path(resume_from).expanduser().resolve()
-        meta_path = path / CHECKPOINT_META
-        if not meta_path.is_file():
-            raise TrainerError("CheckpointNotFound", {
-                "field": "--resume-from", "value": resume_from, "path": str(path),
-                "suggestion": ("the directory has no checkpoint_meta.json, so it is not a complete checkpoint of "
-                               "this tool; use --resume-from latest --run-id RUN") if path.is_dir()
-                else "no such directory; list the run's checkpoints with `ls <output_dir>/<run_id>`"})
-        meta = {**json.loads(meta_path.read_text()), "path": str(path)}
-        if meta.get("health") != "ok":
-            raise TrainerError("CheckpointNotFound", {
-                "field": "--resume-from", "value": resume_from, "health": meta.get("health"),
-                "suggestion": "this checkpoint failed verification after saving; resume from an earlier one"})
-        reason = check_checkpoint_integrity(path, meta)
-        if reason:
-            raise damaged_checkpoint_error("--resume-from", resume_from, path, reason,
-                                           "this checkpoint was damaged after it was saved; resume from an earlier "
-                                           "one (--resume-from latest --run-id RUN picks the newest intact one)")
-    # the checkpoint stored its config redacted: compare like with like (a secret is not a config difference)
-    old, new = _flatten(meta.get("config") or {}), _flatten(redact(config.to_dict()))
-    diffs = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    fatal = [problem("InvalidConfig", field=k, value=_jsonable(n), expected=_jsonable(o),
-                     suggestion=f"the checkpoint was trained with {k}={o!r}; restore it, start a new run, or pass "
-                                "--force to resume anyway") for k, o, n in diffs if k in RESUME_FATAL_KEYS]
-    old_sha = (meta.get("data_sha256") or {}).get("train")
-    new_sha = _sha256(data_path(config, "train_path"))
-    if old_sha and old_sha != new_sha:
-        fatal.append(problem("InvalidConfig", field="data.train_path", value=str(data_path(config, "train_path")),
-                             expected=f"training data with sha256 {old_sha}", actual_sha256=new_sha,
-                             suggestion="the training data changed since the checkpoint was saved: restore it, start "
-                                        "a new run, or pass --force to resume anyway"))
-    if meta.get("config") and meta.get("world_size"):
-        before, now = global_batch(meta["config"], meta["world_size"]), global_batch(config.to_dict(), world_size(config))
-        if before != now:
-            fatal.append(problem("InvalidConfig", field="training.hyperparameters.batch_size",
-                                 value=f"global batch {now}", expected=f"global batch {before}",
-                                 suggestion="world size x batch_size x gradient_accumulation_steps must stay "
-                                            f"{before} (it was {meta['world_size']} x ...); restore them, start a "
-                                            "new run, or pass --force"))
-    if fatal and not force:
-        raise TrainerError.collected(fatal)
-    return {"run_id": meta["run_id"], "path": meta["path"], "step": meta["step"], "epoch": meta["epoch"],
-            "config_diff": [f"config differs from the checkpoint's: {k}: {o!r} -> {n!r}" for k, o, n in diffs],
-            "hyperparameter_changes": {k: [o, n] for k, o, n in diffs if k in SCHEDULE_KEYS + OPTIMIZER_GROUP_KEYS},
-            "schedule": meta.get("schedule")}
-
-
-def format_resume_line(resume: dict) -> str:
-    """`resuming from checkpoint-epoch-2 (step 4980, epoch 2): config unchanged` (spec Session 2); the config
-    differences themselves are logged as warnings just before this line."""
-    n = len(resume["config_diff"])
-    verdict = "config unchanged" if not n else f"{n} config difference{'s' if n > 1 else ''} (listed above)"
-    return f"resuming from {Path(resume['path']).name} (step {resume['step']}, epoch {resume['epoch']:g}): {verdict}"
-
-
-DRY_RUN_STEPS = 10  # spec Phase 2 (`--dry-run --max-steps 10`), also the dry run the training command runs first
-DRY_RUN_REPORT = "dry_run_report.json"
-
-
-def dry_run_records(config: TrainingConfig, steps: int) -> int:
-    """Train records that `steps` optimizer steps take on all ranks together: the dry run's slice."""
-    hp = config.training.hyperparameters
-    return max(hp.batch_size * hp.gradient_accumulation_steps * world_size(config) * steps, hp.batch_size)
-
-
-def dry_run_model(config: TrainingConfig, validation: ValidationResult, run_id: str, steps: int) -> RunResult:
-    """`--dry-run`: the real pipeline on a slice (only the slice is tokenized): data, batches, model, `steps`
-    optimizer steps, logging setup (run_dry_steps). No checkpoints, no manifest (so it cannot block the real run)."""
-    run_dir = run_paths(config, run_id)["run_dir"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # Trackers get their own `-dryrun` id so the real run's curves and W&B run start clean.
-    tracker = init_tracking(config, f"{run_id}-dryrun", is_main=is_main_process())
-    ctx = RunContext(config=config, run_id=run_id, run_dir=run_dir, validation=validation, tracker=tracker,
-                     history=RunHistory(), reproducibility={}, created_at=utc_now(), start_time=time.time())
-    try:
-        for w in validation.warnings:  # as the training command and --validate-only show them
-            log.warning(w)
-        echo_config(config)
-        tokenizer, datasets_, model = _prepare(ctx, limit=dry_run_records(config, steps))
-        report = run_dry_steps(ctx, tokenizer, datasets_, model, steps, ctx.data_stats)
-    except _oom_types() as exc:  # loading the model (run_dry_steps reports its own)
-        raise out_of_memory_error(config, str(exc)) from exc
-    finally:
-        tracker.close()
-    if report["status"] != "passed":
-        raise dry_run_failed(report, run_dir / DRY_RUN_REPORT)
-    return RunResult(run_id, "dry_run", str(run_dir), None, report, EXIT_OK)
-
-
-def default_dry_run_steps(config: TrainingConfig, train_stats: dict) -> int:
-    """DRY_RUN_STEPS, or a tenth of the run's planned optimizer steps when that is fewer (at least 2, so the loss is
-    seen after an update): a short run does not spend a third of its time rehearsing (the tiny test runs: 2)."""
-    return max(2, min(DRY_RUN_STEPS, total_optimizer_steps(config, train_rows(train_stats)) // 10))
-
-
-def dry_run_before_training(ctx: RunContext, tokenizer, datasets_: dict, model, steps: Optional[int],
-                            skip: bool = False, resuming: bool = False) -> None:
-    """Spec Phase 2 inside the training command (Example Session 1: validate, dry run, train): the same dry run as
-    --dry-run, for `steps` (default default_dry_run_steps) on the first records of the data already tokenized and
-    with the model already loaded, so it costs seconds and no second load. It must not change the run: the trainable
-    weights are copied to CPU before and put back after (the optimizer and scheduler are the dry Trainer's own,
-    dropped with it), and the RNGs are re-seeded (Trainer seeds again when it is built), so the final weights are
-    bit-identical with or without it (tested). Its trackers get the `-dryrun` id, CSV and TensorBoard only (no
-    second W&B or MLflow run), and its step lines stay off the console: the run's curves start clean and the
-    console gets one line. A failure raises TrainingFailed before the first training step. Skipped with
-    --skip-dry-run, on a resume (the run had its dry run before it first trained; the manifest keeps that record),
-    and under FSDP/DeepSpeed, which shard the model in place."""
-    import torch
-    config, c = ctx.config, ctx.config.compute
-    reason = ("resuming a run that has trained already" if resuming else "--skip-dry-run" if skip
-              else "compute.fsdp/deepspeed shard the model in place; run --dry-run on its own first"
-              if c.fsdp or c.deepspeed else None)
+# --------------------------------------------------------------------------------------------------
+# 18. Tools: --status, --list-checkpoints, --evaluate, --plan, and the spec's tool functions
+# --------------------------------------------------------------------------------------------------
+
+def list_checkpoints(run_id: str, output_dir: Optional[str] = None) -> list[dict]:
+    """Complete checkpoints of a run, oldest first: name, path, step, epoch, metrics, health, and which one is
+    the best (the manifest's best_checkpoint) and the latest (newest healthy). Interrupted saves never appear.
+    Health is measured (every file hashed): a checkpoint damaged since its save is `corrupt`, never best or
+    latest, and `integrity` says which file and how."""
+    run_dir = find_run_dir(run_id, output_dir)
+    ckpts = read_checkpoints(run_dir, verify=True)
+    recorded = (read_run_record(run_dir / MANIFEST_NAME, DAMAGED_MANIFEST_HINT) or {}).get("checkpoints")
+    best = resolve_manifest_path(recorded.get("best_checkpoint"), run_dir) if isinstance(recorded, dict) else None
+    healthy = [c["path"] for c in ckpts if c.get("health") == "ok"]
+    return [{"name": c["name"], "path": c["path"], "step": c["step"], "epoch": c["epoch"],
+             "metrics": c.get("metrics"), "health": c.get("health"), "integrity": c.get("integrity"),
+             "run_id": c.get("run_id"), "dataset": c.get("dataset"),
+             "is_best": c["path"] == best and c["path"] in healthy,
+             "is_latest": bool(healthy) and c["path"] == healthy[-1]} for c in ckpts]
+
+
+def load_checkpoint(path: str):
+    """A checkpoint's model, loaded exactly as the inference side will load it (plain from_pretrained)."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+    p = Path(path).expanduser()
+    reason = check_checkpoint_integrity(p, resume=False) if p.is_dir() else None
     if reason:
-        if not resuming:
-            ctx.dry_run = {"status": "skipped", "reason": reason}
-        log.info("dry run skipped: %s", reason)
-        return
-    t0 = time.perf_counter()
-    steps = steps or default_dry_run_steps(config, ctx.data_stats["train"])
-    train = datasets_["train"]
-    sliced = {**datasets_, "train": train.select(range(min(dry_run_records(config, steps), len(train))))}
-    saved = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-    lg = config.logging
-    trackers_config = dataclasses.replace(config, logging=dataclasses.replace(
-        lg, wandb=dataclasses.replace(lg.wandb, enabled=False), mlflow=dataclasses.replace(lg.mlflow, enabled=False)))
-    tracker = init_tracking(trackers_config, f"{ctx.run_id}-dryrun", is_main=ctx.tracker.is_main)
-    tracker.echo = False
-    dry_ctx = dataclasses.replace(ctx, tracker=tracker, history=RunHistory())
+        raise damaged_checkpoint_error("path", path, p, reason, "this checkpoint was damaged after it was saved; "
+                                       "use another one (--list-checkpoints RUN shows which are intact)")
+    if (p / "adapter_config.json").is_file():  # LoRA checkpoint: base + adapter, as peft loads it
+        from peft import AutoPeftModelForCausalLM
+        base = (_read_json(p / CHECKPOINT_META).get("config") or {}).get("model", {}).get("base_checkpoint")
+        try:
+            return AutoPeftModelForCausalLM.from_pretrained(str(p))
+        except OSError as exc:
+            raise TrainerError("CheckpointNotFound", {
+                "field": "path", "value": str(path), "base_checkpoint": base,
+                "suggestion": f"this adapter needs its base model ({base}) at the path it was trained from"}) from exc
+    if not (p / "config.json").is_file():
+        raise TrainerError("CheckpointNotFound", {
+            "field": "path", "value": str(path), "path": str(p.resolve()),
+            "suggestion": "pass a checkpoint directory (it holds config.json and *.safetensors); "
+                          "list a run's checkpoints with list_checkpoints(run_id)"})
     try:
-        report = run_dry_steps(dry_ctx, tokenizer, sliced, model, steps,
-                               {"train_slice_samples": len(sliced["train"]), "splits": ctx.data_stats},
-                               before_training=True)
-    finally:
-        tracker.close()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in saved:
-                    p.copy_(saved[name])
-                p.grad = None
-        del saved
-        seed_everything(config.training.seed)
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.reset_peak_memory_stats()  # the run's performance block measures the run
-    ctx.dry_run = {"status": report["status"], "report": str(ctx.run_dir / DRY_RUN_REPORT),
-                   "steps": report["steps_run"], "initial_loss": report["initial_loss"],
-                   "ln_vocab": report["ln_vocab"], "measured_over_estimated":
-                   report["memory"]["measured_over_estimated"], "seconds": round(time.perf_counter() - t0, 2)}
-    if report["status"] != "passed":
-        raise dry_run_failed(report, ctx.run_dir / DRY_RUN_REPORT)
+        return AutoModelForCausalLM.from_pretrained(str(p))
+    except SafetensorError as exc:  # a damaged file in a dir with no recorded checksums to catch it earlier
+        raise TrainerError("CheckpointNotFound", {
+            "field": "path", "value": str(path), "path": str(p.resolve()), "reason": f"{type(exc).__name__}: {exc}",
+            "suggestion": "a weights file in this directory is damaged; use another checkpoint"}) from exc
 
 
-def run_dry_steps(ctx: RunContext, tokenizer, datasets_: dict, model, steps: int, data: dict,
-                  before_training: bool = False) -> dict:
-    """The dry run proper, for --dry-run and the training command alike: `steps` real optimizer steps on
-    datasets_["train"], the first batch's shapes, a masked sample, the initial loss beside ln(vocab) (where a
-    fresh head starts), and the memory of a full-length batch measured beside the estimate. Writes
-    dry_run_report.json into the run dir and says how it went in one console line; returns the report (status
-    `failed` when a loss was not finite or the curve was not written)."""
+def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_length: Optional[int] = None,
+                        batch_size: int = 8) -> dict:
+    """Test metrics of any checkpoint on any JSONL file, computed exactly as the post-training evaluation
+    computes them: test_loss (mean NLL per answer token), test_perplexity, test_token_accuracy, test_exact_match."""
+    import tempfile
+
     import torch
-    config, validation, tracker, history = ctx.config, ctx.validation, ctx.tracker, ctx.history
-    hp, scratch = config.training.hyperparameters, ctx.run_dir / "dry_run_tmp"
-    trainer = None
-    try:
-        collator = collator_for(getattr(model.config, "_attn_implementation", None), tokenizer.pad_token_id)
-        first = collator([datasets_["train"][i] for i in range(min(hp.batch_size, len(datasets_["train"])))])
-        sample = datasets_["train"][0]
-        args = build_training_args(config, scratch, dry_run=True, max_steps=steps, resuming=False)
-        trainer = _build_trainer(ctx, tokenizer, datasets_, model, args, dry_run=True)
-        t0 = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - t0
-        measured = _measure_after_dry_run(trainer, config, tokenizer)
-        steps_run, tokens = trainer.state.global_step, trainer.state.num_input_tokens_seen
-    except _oom_types() as exc:
-        raise out_of_memory_error(config, str(exc)) from exc
-    finally:
-        # Its optimizer states and wrappers go before the real Trainer makes its own: on CPU dropping the reference
-        # is enough (the real Trainer.train collects garbage as it starts; a gc pass here costs ~0.5 s with torch
-        # loaded); on a GPU the memory is handed back at once.
-        trainer = None
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            gc.collect()
-            torch.cuda.empty_cache()
-        shutil.rmtree(scratch, ignore_errors=True)
-    losses = [x[2] for x in history.train]
-    initial = losses[0] if losses else float("nan")
-    estimated = validation.memory.get("total_bytes")
-    checks = {"initial_loss_finite": math.isfinite(initial),
-              "final_loss_finite": bool(losses) and math.isfinite(losses[-1]),
-              "logging_ok": tracker.train_curve.exists() or not tracker.is_main}  # only rank 0 writes curves
-    report = {
-        "run_id": ctx.run_id, "status": "passed" if all(checks.values()) else "failed", "steps": steps,
-        "steps_run": steps_run, "before_training": before_training,
-        "batch_shapes": {k: list(v.shape) for k, v in first.items()},
-        "sample": _masked_sample(tokenizer, sample),
-        "initial_loss": _json_float(initial), "ln_vocab": round(math.log(model.config.vocab_size), 4),
-        "loss_after_steps": _json_float(losses[-1]) if losses else None,
-        "tokens_per_second": round(tokens / seconds, 1) if seconds else None, "train_seconds": round(seconds, 3),
-        "memory": {"estimated": validation.memory, "measured": measured,
-                   "measured_over_estimated": round(measured["total_bytes"] / estimated, 4) if estimated else None},
-        "data": data, "checks": checks, "anomalies": history.anomalies, "warnings": validation.warnings,
-        "baseline_memory": _dry_run_vs_baseline(validation, measured["total_bytes"]),
-        "tracking": {"csv": str(tracker.log_dir), "tensorboard": str(tracker.tensorboard_dir)
-                     if tracker.tensorboard_dir else None, "wandb": tracker.wandb_run is not None},
-        "created_at": utc_now(),
-    }
-    path = ctx.run_dir / DRY_RUN_REPORT
-    if tracker.is_main:
-        write_json_atomic(path, report)
-    stopped = f" (a guard stopped it: {history.stop['reason']})" if history.stop else ""
-    failed = "" if report["status"] == "passed" else f", failed: {', '.join(k for k, v in checks.items() if not v)}"
-    vs = report["baseline_memory"]
-    vs_text = (f" ({_signed_size(vs['delta_bytes'])} on baseline {vs['baseline_run_id']}'s {_size(vs['baseline_bytes'])})"
-               if vs else "")
-    (log.info if report["status"] == "passed" else log.error)(
-        "dry run %s: %d step%s%s, initial loss %.2f (ln vocab %.2f), memory %s measured%s vs %s estimated%s -> %s",
-        report["status"], steps_run, "" if steps_run == 1 else "s", stopped, initial, report["ln_vocab"],
-        _size(measured["total_bytes"]), vs_text, _size(estimated), failed, path)
-    return report
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainingArguments
+    ckpt = Path(checkpoint_path).expanduser()
+    model = load_checkpoint(str(ckpt))
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    stored = _read_json(ckpt / CHECKPOINT_META).get("config") or {}
+    max_len = max_seq_length or (stored.get("data") or {}).get("max_seq_length") \
+        or model.config.max_position_embeddings
+    info, problems = scan_jsonl(Path(test_data_path).expanduser().resolve(), "test", "auto", "as given")
+    if problems:
+        raise TrainerError.collected(problems)
+    rows = tokenize_records(_read_jsonl(Path(info["path"])), tokenizer, info["shape"], max_len, False)
+    rows = [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows if r["answer_tokens"] > 0]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none",
+                                 use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+        trainer = _trainer_class()(model=model, args=args, eval_dataset=Dataset.from_list(rows),
+                                   processing_class=tokenizer, data_collator=PadToLongestCollator(tokenizer.pad_token_id),
+                                   compute_metrics=compute_metrics)
+        from transformers.trainer_callback import PrinterCallback
+        trainer.remove_callback(PrinterCallback)
+        metrics = trainer.evaluate(metric_key_prefix="test")
+    out = {k: _json_float(v) for k, v in metrics.items() if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)}
+    return {**out, "samples": len(rows), "checkpoint": str(ckpt.resolve()), "data_path": info["path"],
+            "max_seq_length": max_len}
 
 
-def _dry_run_vs_baseline(validation: ValidationResult, measured_bytes: Optional[float]) -> Optional[dict]:
-    """The dry run's measured memory beside the baseline's (spec Session 3: "Dry-run passes with 8GB extra memory
-    usage"): the baseline's own dry-run measurement, or its GPU peak when it has none."""
-    mem = (validation.baseline or {}).get("memory") or {}
-    base = (mem.get("measured") or {}).get("baseline_bytes") or mem.get("baseline_gpu_peak_bytes")
-    if not base or measured_bytes is None:
-        return None
-    return {"baseline_run_id": validation.baseline.get("baseline_run_id"), "baseline_bytes": base,
-            "current_bytes": measured_bytes, "delta_bytes": measured_bytes - base}
-
-
-def dry_run_failed(report: dict, path: Path) -> TrainerError:
-    """The dry run's failure, before any training step: exit 1 with its checks and where the report is."""
-    return TrainerError("TrainingFailed", {
-        "checks": report["checks"], "report": str(path), "initial_loss": report["initial_loss"],
-        "suggestion": "a non-finite loss on the first steps: check the data and lower the learning rate"})
-
-
-def _size(n: Optional[float]) -> str:
-    """Bytes for the console, in the units the memory estimate uses (GB = 2**30)."""
-    if not n:
-        return "n/a"
-    for unit, exp in (("GB", 30), ("MB", 20), ("KB", 10)):
-        if n >= 2 ** exp:
-            return f"{n / 2 ** exp:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def _measure_after_dry_run(trainer, config: TrainingConfig, tokenizer) -> dict:
-    """Memory of a full-length batch (batch_size x max_seq_length), measured the way the estimate counts it;
-    on CUDA also the allocator's peak over the dry run."""
-    import torch
-    hp, device = config.training.hyperparameters, trainer.args.device
-    ids = torch.full((hp.batch_size, config.data.max_seq_length), tokenizer.pad_token_id or 0, device=device)
-    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-    autocast = torch.autocast(device.type, dtype=torch.float16 if config.compute.mixed_precision == "fp16"
-                              else torch.bfloat16, enabled=config.compute.mixed_precision != "no")
-    with autocast:
-        out = measure_training_memory(trainer.model, trainer.optimizer, batch)
-    if device.type == "cuda":
-        out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+def monitor_training(run_id: str, output_dir: Optional[str] = None) -> dict:
+    """The state of a run, running or not: status, step/max_steps, epoch, latest losses, tokens/s, elapsed,
+    ETA, last checkpoint. A run whose process died without finishing is reported as failed."""
+    run_dir = find_run_dir(run_id, output_dir)
+    status = read_run_record(run_dir / "status.json", (
+        "status.json is rewritten (atomically) at every log step: something else damaged it. Remove it to have "
+        "--status report from the manifest, or follow the run's train.log")) or {}
+    manifest = read_run_record(run_dir / MANIFEST_NAME, DAMAGED_MANIFEST_HINT) or {}
+    if not status and not manifest:
+        raise TrainerError("CheckpointNotFound", {"field": "run", "value": run_id, "path": str(run_dir),
+                                                  "suggestion": "no status.json or manifest: is this a run dir?"})
+    out = {"run_id": manifest.get("run_id") or status.get("run_id"), "run_dir": str(run_dir),
+           **{k: status.get(k) for k in ("status", "step", "max_steps", "epoch", "train_loss", "val_loss",
+                                         "tokens_per_second", "elapsed_seconds", "eta_seconds", "updated_at",
+                                         "pid", "hostname")}}
+    healthy = [c for c in read_checkpoints(run_dir) if c.get("health") == "ok"]
+    out["last_checkpoint"] = healthy[-1]["path"] if healthy else None
+    final = manifest.get("status")
+    if final and final != "running":
+        out["status"] = final
+        perf = manifest.get("performance") or {}
+        if perf.get("tokens_per_second") is not None:  # the whole run's training throughput
+            out["tokens_per_second"] = perf["tokens_per_second"]
+    elif out["status"] == "running" and out["hostname"] == platform.node() and out["pid"] \
+            and not _process_alive(int(out["pid"])):
+        out["status"] = "failed"
+        out["note"] = (f"process {out['pid']} is gone and never wrote a final status (killed?); "
+                       f"resume with --resume-from latest --run-id {out['run_id']}")
     return out
-
-
-def _masked_sample(tokenizer, example: dict) -> dict:
-    """The first training record decoded, with the prompt (no loss) and answer (loss) parts shown apart."""
-    ids, labels = example["input_ids"], example["labels"]
-    prompt = tokenizer.decode([i for i, l in zip(ids, labels) if l == IGNORE_INDEX])
-    answer = tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX])
-    return {"tokens": len(ids), "answer_tokens": sum(l != IGNORE_INDEX for l in labels),
-            "prompt_text_masked": prompt[:400], "answer_text_trained": answer[:400]}
-
-
-# --------------------------------------------------------------------------------------------------
-# 13. CLI
-# --------------------------------------------------------------------------------------------------
-
-EPILOG = """exit codes: 0 success; 2 invalid config, data, checkpoint or paths, or the run dir is in use by
-another process (nothing trained); 3 training stopped by an anomaly guard; 4 out of memory;
-143 preempted (SIGTERM/SIGUSR1: checkpoint saved, resume with --resume-from latest); 130 Ctrl-C;
-1 anything else.
-Failures end with one JSON object on stderr: {"error": Kind, "details": {...}, "errors": [...]}."""
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="train_finance_ssc_model.py", description="Fine-tune SmolLM3 on finance data from a YAML config.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="path to training_config.yaml (required to train, validate or dry-run)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="only the dry run: the real pipeline for --max-steps steps on a slice, a report in "
-                        "dry_run_report.json; no checkpoints or manifest")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help=f"optimizer steps of the dry run: --dry-run's (default {DRY_RUN_STEPS}) or the one training "
-                        f"runs first (default {DRY_RUN_STEPS}, or a tenth of the planned steps when fewer, at least 2)")
-    p.add_argument("--skip-dry-run", action="store_true",
-                   help="train without the dry run that otherwise runs first (a resume never repeats it)")
-    p.add_argument("--validate-only", action="store_true", help="check config, data and checkpoint, then exit")
-    p.add_argument("--plan", action="store_true",
-                   help="before renting: memory per GPU under DDP, FSDP full-shard, LoRA and QLoRA on "
-                        "compute.num_gpus x compute.gpu_type, which fit, wall time and cost, from the model's "
-                        "config.json alone (no weights, no GPU); --json for machines")
-    p.add_argument("--resume-from", metavar="PATH|latest",
-                   help="continue a run from a checkpoint dir, or from its newest healthy one (with --run-id)")
-    p.add_argument("--force", action="store_true",
-                   help="resume even if a config change makes the resume a different experiment, or its manifest "
-                        "is damaged (the history is then lost); without --resume-from: start an existing run id "
-                        "over (the old run is moved aside to <run_id>.abandoned-<time>, nothing is deleted)")
-    p.add_argument("--run-id", help=f"run id (letters, digits, - _ ., at most {MAX_RUN_ID_LENGTH} characters); "
-                                    "default: <dataset_name>_<UTC time>")
-    p.add_argument("--output-dir", help="override logging.output_dir")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set training.hyperparameters.learning_rate=1e-5 "
-                        "(repeatable; recorded in the manifest)")
-    p.add_argument("--baseline", metavar="MANIFEST_OR_RUN_DIR",
-                   help="compare this run's validation and test metrics with a previous run's")
-    tools = p.add_argument_group("monitoring and checkpoint tools (RUN = run dir, or run_id under the output dir; "
-                                 "a bare run_id is also looked up under ./training_config.yaml's output_dir and in "
-                                 "the index of runs started here, $XDG_CACHE_HOME/finance_smollm3/runs.json)")
-    tools.add_argument("--status", metavar="RUN", help="status of a running or finished run, with ETA")
-    tools.add_argument("--list-checkpoints", metavar="RUN", help="complete checkpoints with metrics and health")
-    tools.add_argument("--evaluate", metavar="CHECKPOINT", help="test metrics of a checkpoint (with --test-data)")
-    tools.add_argument("--test-data", metavar="PATH", help="JSONL file for --evaluate")
-    tools.add_argument("--json", action="store_true", help="print tool or --plan output as JSON instead of a table")
-    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
-    args = p.parse_args(argv)
-    if not (args.config or args.status or args.list_checkpoints or args.evaluate):
-        p.error("--config is required (or one of --status, --list-checkpoints, --evaluate)")
-    if args.evaluate and not args.test_data:
-        p.error("--evaluate needs --test-data PATH")
-    return args
 
 
 def run_tool(args: argparse.Namespace) -> int:
@@ -5822,6 +5780,66 @@ def run_plan(config: TrainingConfig, as_json: bool) -> int:
     plan = plan_training(config)
     print(json_text(plan, indent=2) if as_json else redact(format_plan(plan)))
     return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------
+# 19. CLI
+# --------------------------------------------------------------------------------------------------
+
+EPILOG = """exit codes: 0 success; 2 invalid config, data, checkpoint or paths, or the run dir is in use by
+another process (nothing trained); 3 training stopped by an anomaly guard; 4 out of memory;
+143 preempted (SIGTERM/SIGUSR1: checkpoint saved, resume with --resume-from latest); 130 Ctrl-C;
+1 anything else.
+Failures end with one JSON object on stderr: {"error": Kind, "details": {...}, "errors": [...]}."""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="train_finance_ssc_model.py", description="Fine-tune SmolLM3 on finance data from a YAML config.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="path to training_config.yaml (required to train, validate or dry-run)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only the dry run: the real pipeline for --max-steps steps on a slice, a report in "
+                        "dry_run_report.json; no checkpoints or manifest")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help=f"optimizer steps of the dry run: --dry-run's (default {DRY_RUN_STEPS}) or the one training "
+                        f"runs first (default {DRY_RUN_STEPS}, or a tenth of the planned steps when fewer, at least 2)")
+    p.add_argument("--skip-dry-run", action="store_true",
+                   help="train without the dry run that otherwise runs first (a resume never repeats it)")
+    p.add_argument("--validate-only", action="store_true", help="check config, data and checkpoint, then exit")
+    p.add_argument("--plan", action="store_true",
+                   help="before renting: memory per GPU under DDP, FSDP full-shard, LoRA and QLoRA on "
+                        "compute.num_gpus x compute.gpu_type, which fit, wall time and cost, from the model's "
+                        "config.json alone (no weights, no GPU); --json for machines")
+    p.add_argument("--resume-from", metavar="PATH|latest",
+                   help="continue a run from a checkpoint dir, or from its newest healthy one (with --run-id)")
+    p.add_argument("--force", action="store_true",
+                   help="resume even if a config change makes the resume a different experiment, or its manifest "
+                        "is damaged (the history is then lost); without --resume-from: start an existing run id "
+                        "over (the old run is moved aside to <run_id>.abandoned-<time>, nothing is deleted)")
+    p.add_argument("--run-id", help=f"run id (letters, digits, - _ ., at most {MAX_RUN_ID_LENGTH} characters); "
+                                    "default: <dataset_name>_<UTC time>")
+    p.add_argument("--output-dir", help="override logging.output_dir")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set training.hyperparameters.learning_rate=1e-5 "
+                        "(repeatable; recorded in the manifest)")
+    p.add_argument("--baseline", metavar="MANIFEST_OR_RUN_DIR",
+                   help="compare this run's validation and test metrics with a previous run's")
+    tools = p.add_argument_group("monitoring and checkpoint tools (RUN = run dir, or run_id under the output dir; "
+                                 "a bare run_id is also looked up under ./training_config.yaml's output_dir and in "
+                                 "the index of runs started here, $XDG_CACHE_HOME/finance_smollm3/runs.json)")
+    tools.add_argument("--status", metavar="RUN", help="status of a running or finished run, with ETA")
+    tools.add_argument("--list-checkpoints", metavar="RUN", help="complete checkpoints with metrics and health")
+    tools.add_argument("--evaluate", metavar="CHECKPOINT", help="test metrics of a checkpoint (with --test-data)")
+    tools.add_argument("--test-data", metavar="PATH", help="JSONL file for --evaluate")
+    tools.add_argument("--json", action="store_true", help="print tool or --plan output as JSON instead of a table")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    args = p.parse_args(argv)
+    if not (args.config or args.status or args.list_checkpoints or args.evaluate):
+        p.error("--config is required (or one of --status, --list-checkpoints, --evaluate)")
+    if args.evaluate and not args.test_data:
+        p.error("--evaluate needs --test-data PATH")
+    return args
 
 
 def launch_distributed(config: TrainingConfig, args: argparse.Namespace, argv: list[str]) -> int:
