@@ -2677,6 +2677,53 @@ HF_TO_OURS = {"loss": "train_loss", "eval_loss": "val_loss", "eval_perplexity": 
               "eval_token_accuracy": "val_token_accuracy"}
 
 
+@dataclass
+class RunHistory:
+    """What the callbacks saw, for the manifest."""
+    train: list = field(default_factory=list)  # (step, epoch, loss)
+    evals: list = field(default_factory=list)  # (step, epoch, {val metrics})
+    summary: dict = field(default_factory=dict)
+    early_stopped: Optional[dict] = None
+    anomalies: list = field(default_factory=list)  # every guard event, warnings included
+    epoch_seconds: list = field(default_factory=list)  # wall time of each epoch run in this process
+    start_tokens: int = 0  # tokens seen before this process started (resume)
+    gpu_utilization: list = field(default_factory=list)  # % samples taken at log steps
+    checkpoints_saved: int = 0
+    # this process's train() time, split: inside optimizer steps (on_step_begin..on_step_end), in evaluations
+    # during training, in checkpoint saves (with the manifest written after each)
+    training_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    save_seconds: float = 0.0
+    stop: Optional[dict] = None  # the anomaly that stopped the run
+    preempted: Optional[dict] = None  # {"signal", "step", "epoch"} when SIGTERM/SIGUSR1 stopped it
+
+    def record(self, step: int, metrics: dict) -> None:
+        if "train_loss" in metrics:
+            self.train.append((step, metrics["epoch"], metrics["train_loss"]))
+        vals = {k: v for k, v in metrics.items() if k.startswith("val_")}
+        if vals:
+            self.evals.append((step, metrics["epoch"], vals))
+
+    def record_anomaly(self, kind: str, state, stop: bool, step: Optional[int] = None, epoch: Optional[float] = None,
+                       **details) -> None:
+        """`step` and `epoch` default to the state's (the step that just ended); a guard acting inside the step
+        under way passes both for that step (epoch_at_step). The first stopping anomaly is the run's stop."""
+        event = {"kind": kind, "step": state.global_step if step is None else step,
+                 "epoch": round(state.epoch or 0.0, 4) if epoch is None else round(epoch, 4),
+                 "action": "stopped" if stop else "warned", **details}
+        self.anomalies.append(event)
+        if stop and self.stop is None:
+            self.stop = event
+        (log.error if stop else log.warning)("anomaly: %s", json.dumps(event, default=str))
+
+
+@dataclass
+class StepProbe:
+    """Filled by FinanceTrainer inside each optimizer step, read by the guards before the update."""
+    loss_sum: Any = None  # sum of this step's micro-batch losses (a tensor: no sync until a guard reads it)
+    grad_norm: Optional[float] = None  # pre-clip norm
+
+
 def _callback_base():
     from transformers import TrainerCallback
     return TrainerCallback
@@ -2863,18 +2910,6 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
 
     g = config.training.guards
 
-    def record_anomaly(kind: str, state, stop: bool, step: Optional[int] = None, epoch: Optional[float] = None,
-                       **details) -> None:
-        """`step` and `epoch` default to the state's (the step that just ended); a guard acting inside the step
-        under way passes both for that step (epoch_at_step)."""
-        event = {"kind": kind, "step": state.global_step if step is None else step,
-                 "epoch": round(state.epoch or 0.0, 4) if epoch is None else round(epoch, 4),
-                 "action": "stopped" if stop else "warned", **details}
-        history.anomalies.append(event)
-        if stop and history.stop is None:
-            history.stop = event
-        (log.error if stop else log.warning)("anomaly: %s", json.dumps(event, default=str))
-
     class NonFiniteAndExplodingGradGuard(TrainerCallback):
         """NaN/inf loss or grad norm, or grad norm > grad_norm_limit: skip the update and stop.
         Runs in on_pre_optimizer_step, while gradients exist and before the weights change; a guard in
@@ -2900,8 +2935,8 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
                 if self.fp16_overflows >= FP16_MAX_OVERFLOWS:
                     reason = f"{self.fp16_overflows} consecutive fp16 gradient overflows (loss scaler cannot recover)"
                 elif self.fp16_overflows == 1:
-                    record_anomaly("fp16_overflow", state, stop=False, **at,
-                                   reason="fp16 gradient overflow: the loss scaler skips the step and lowers its scale")
+                    history.record_anomaly("fp16_overflow", state, stop=False, **at,
+                                           reason="fp16 gradient overflow: the loss scaler skips the step and lowers its scale")
             elif norm is not None and not math.isfinite(norm):
                 reason = "gradient norm is NaN/inf"
             elif norm is not None and norm > g.grad_norm_limit:
@@ -2912,9 +2947,9 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
                 for p in model.parameters():  # optimizers skip parameters without a gradient
                     p.grad = None
                 control.should_training_stop = True
-                record_anomaly("nonfinite" if "NaN" in reason else "grad_explosion", state, stop=True,
-                               **at, reason=reason, train_loss=_json_float(loss), grad_norm=_json_float(norm),
-                               update_skipped=True)
+                history.record_anomaly("nonfinite" if "NaN" in reason else "grad_explosion", state, stop=True,
+                                       **at, reason=reason, train_loss=_json_float(loss), grad_norm=_json_float(norm),
+                                       update_skipped=True)
             if norm is not None and math.isfinite(norm):
                 self.fp16_overflows = 0
             probe.loss_sum, probe.grad_norm = None, None
@@ -2938,8 +2973,8 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
                 return
             if not math.isfinite(loss):
                 control.should_training_stop = True
-                record_anomaly("nonfinite_val_loss", state, stop=True, val_loss=_json_float(loss),
-                               reason="validation loss is NaN/inf")
+                history.record_anomaly("nonfinite_val_loss", state, stop=True, val_loss=_json_float(loss),
+                                       reason="validation loss is NaN/inf")
                 return
             if self.best is None or loss < self.best:
                 self.best, self.bad = loss, 0
@@ -2948,10 +2983,10 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
                 self.bad += 1
                 if self.bad >= g.divergence_evals:
                     control.should_training_stop = True
-                    record_anomaly("divergence", state, stop=True, val_loss=loss, best_val_loss=self.best,
-                                   reason=f"validation loss {loss:.4f} has been more than "
-                                          f"{g.divergence_increase:.0%} above the best ({self.best:.4f}) for "
-                                          f"{self.bad} consecutive evaluations")
+                    history.record_anomaly("divergence", state, stop=True, val_loss=loss, best_val_loss=self.best,
+                                           reason=f"validation loss {loss:.4f} has been more than "
+                                                  f"{g.divergence_increase:.0%} above the best ({self.best:.4f}) for "
+                                                  f"{self.bad} consecutive evaluations")
             else:
                 self.bad = 0
 
@@ -2976,8 +3011,8 @@ def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistor
             else:
                 ref = None
             if ref is not None and loss > g.spike_factor * ref:
-                record_anomaly("loss_spike", state, stop=False, train_loss=loss, recent_mean=ref,
-                               reason=f"train loss {loss:.4f} is over {g.spike_factor:g}x {what} ({ref:.4f})")
+                history.record_anomaly("loss_spike", state, stop=False, train_loss=loss, recent_mean=ref,
+                                       reason=f"train loss {loss:.4f} is over {g.spike_factor:g}x {what} ({ref:.4f})")
             self.recent = (self.recent + [loss])[-g.spike_window:]
 
     class PreemptionCallback(TrainerCallback):
@@ -3044,41 +3079,6 @@ def _gpu_utilization() -> Optional[float]:
     except Exception:  # NVML missing: not measurable here
         return None
     return None
-
-
-@dataclass
-class RunHistory:
-    """What the callbacks saw, for the manifest."""
-    train: list = field(default_factory=list)  # (step, epoch, loss)
-    evals: list = field(default_factory=list)  # (step, epoch, {val metrics})
-    summary: dict = field(default_factory=dict)
-    early_stopped: Optional[dict] = None
-    anomalies: list = field(default_factory=list)  # every guard event, warnings included
-    epoch_seconds: list = field(default_factory=list)  # wall time of each epoch run in this process
-    start_tokens: int = 0  # tokens seen before this process started (resume)
-    gpu_utilization: list = field(default_factory=list)  # % samples taken at log steps
-    checkpoints_saved: int = 0
-    # this process's train() time, split: inside optimizer steps (on_step_begin..on_step_end), in evaluations
-    # during training, in checkpoint saves (with the manifest written after each)
-    training_seconds: float = 0.0
-    eval_seconds: float = 0.0
-    save_seconds: float = 0.0
-    stop: Optional[dict] = None  # the anomaly that stopped the run
-    preempted: Optional[dict] = None  # {"signal", "step", "epoch"} when SIGTERM/SIGUSR1 stopped it
-
-    def record(self, step: int, metrics: dict) -> None:
-        if "train_loss" in metrics:
-            self.train.append((step, metrics["epoch"], metrics["train_loss"]))
-        vals = {k: v for k, v in metrics.items() if k.startswith("val_")}
-        if vals:
-            self.evals.append((step, metrics["epoch"], vals))
-
-
-@dataclass
-class StepProbe:
-    """Filled by FinanceTrainer inside each optimizer step, read by the guards before the update."""
-    loss_sum: Any = None  # sum of this step's micro-batch losses (a tensor: no sync until a guard reads it)
-    grad_norm: Optional[float] = None  # pre-clip norm
 
 
 # --------------------------------------------------------------------------------------------------
