@@ -2724,9 +2724,20 @@ class StepProbe:
     grad_norm: Optional[float] = None  # pre-clip norm
 
 
-def _callback_base():
-    from transformers import TrainerCallback
-    return TrainerCallback
+def _ignore_event(*args, **kw) -> None:
+    return None
+
+
+class Callback:
+    """Our callbacks' base: every Trainer event is a no-op until a subclass defines it. Trainer's CallbackHandler
+    only calls `getattr(callback, event)(args, state, control, **kw)` on each callback in turn (keeping `control`
+    when one is returned) and never checks for TrainerCallback, so transformers stays out of this module's import.
+    An event a later transformers adds is a no-op here too, as it is in TrainerCallback."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):
+            return _ignore_event
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 def epoch_at_step(step: int, state, args, train_dataloader=None) -> float:
@@ -2745,298 +2756,324 @@ def epoch_at_step(step: int, state, args, train_dataloader=None) -> float:
     return done + min((k + 1) * accumulation, per_epoch) / per_epoch
 
 
-def make_callbacks(config: TrainingConfig, tracker: Tracker, history: "RunHistory", probe: "StepProbe",
-                   dry_run: bool, status_dir: Optional[Path] = None) -> list:
-    """Build the callback instances (the classes subclass TrainerCallback, imported lazily)."""
-    TrainerCallback = _callback_base()
+class MetricsCallback(Callback):
+    """Renames Trainer's log keys to ours, adds tokens/s, and sends the dict to log_metrics (and, with status_dir,
+    to the run's status file)."""
 
-    class MetricsCallback(TrainerCallback):
-        """Renames Trainer's log keys to ours, adds tokens/s, and sends the dict to log_metrics."""
+    def __init__(self, tracker: Tracker, history: RunHistory, status_dir: Optional[Path] = None):
+        self.tracker, self.history, self.status_dir = tracker, history, status_dir
+        self.last_time, self.last_tokens = None, 0
+        self.start_time, self.start_step, self.epoch_start, self.step_start = time.time(), 0, None, None
+        self.latest: dict = {}
 
-        def __init__(self):
-            self.last_time, self.last_tokens = None, 0
-            self.start_time, self.start_step, self.epoch_start = time.time(), 0, None
-            self.latest: dict = {}
+    def on_train_begin(self, args, state, control, **kw):
+        self.last_time, self.last_tokens = self.history.training_seconds, state.num_input_tokens_seen
+        self.start_time, self.start_step = time.time(), state.global_step
+        self.history.start_tokens = state.num_input_tokens_seen
 
-        def on_train_begin(self, args, state, control, **kw):
-            self.last_time, self.last_tokens = history.training_seconds, state.num_input_tokens_seen
-            self.start_time, self.start_step = time.time(), state.global_step
-            history.start_tokens = state.num_input_tokens_seen
+    # checkpoints_saved is counted by _train's after_save, before the manifest that follows each save is written
 
-        # checkpoints_saved is counted by _train's after_save, before the manifest that follows each save is written
+    def on_step_begin(self, args, state, control, **kw):
+        self.step_start = time.perf_counter()
 
-        def on_step_begin(self, args, state, control, **kw):
-            self.step_start = time.perf_counter()
+    def on_step_end(self, args, state, control, **kw):
+        # training time = inside optimizer steps; evaluations, saves and logging come after on_step_end
+        if self.step_start is not None:
+            self.history.training_seconds += time.perf_counter() - self.step_start
+            self.step_start = None
 
-        def on_step_end(self, args, state, control, **kw):
-            # training time = inside optimizer steps; evaluations, saves and logging come after on_step_end
-            if getattr(self, "step_start", None) is not None:
-                history.training_seconds += time.perf_counter() - self.step_start
-                self.step_start = None
+    def on_epoch_begin(self, args, state, control, **kw):
+        self.epoch_start = time.time()
 
-        def on_epoch_begin(self, args, state, control, **kw):
-            self.epoch_start = time.time()
+    def on_epoch_end(self, args, state, control, **kw):
+        if self.epoch_start is not None:
+            self.history.epoch_seconds.append(round(time.time() - self.epoch_start, 3))
 
-        def on_epoch_end(self, args, state, control, **kw):
-            if self.epoch_start is not None:
-                history.epoch_seconds.append(round(time.time() - self.epoch_start, 3))
+    def eta(self, state) -> tuple[float, Optional[float]]:
+        """(elapsed seconds in this process, estimated seconds left) from this process's pace."""
+        elapsed = time.time() - self.start_time
+        done = state.global_step - self.start_step
+        return elapsed, (elapsed / done * (state.max_steps - state.global_step) if done > 0 else None)
 
-        def eta(self, state) -> tuple[float, Optional[float]]:
-            """(elapsed seconds in this process, estimated seconds left) from this process's pace."""
-            elapsed = time.time() - self.start_time
-            done = state.global_step - self.start_step
-            return elapsed, (elapsed / done * (state.max_steps - state.global_step) if done > 0 else None)
+    def write_status(self, state, status: str = "running") -> None:
+        if self.status_dir is None or not self.tracker.is_main:
+            return
+        elapsed, eta = self.eta(state)
+        write_status(self.status_dir, {"run_id": self.tracker.run_id, "status": status, "step": state.global_step,
+                                       "max_steps": state.max_steps, "epoch": round(state.epoch or 0.0, 4),
+                                       "elapsed_seconds": round(elapsed, 1),
+                                       "eta_seconds": round(eta, 1) if eta is not None else None, **self.latest})
 
-        def write_status(self, state, status: str = "running") -> None:
-            if status_dir is None or not tracker.is_main:
-                return
-            elapsed, eta = self.eta(state)
-            write_status(status_dir, {"run_id": tracker.run_id, "status": status, "step": state.global_step,
-                                      "max_steps": state.max_steps, "epoch": round(state.epoch or 0.0, 4),
-                                      "elapsed_seconds": round(elapsed, 1),
-                                      "eta_seconds": round(eta, 1) if eta is not None else None, **self.latest})
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = dict(logs or {})
+        if "train_loss" in logs and "loss" not in logs:  # Trainer's end-of-run summary, not a curve point
+            self.history.summary.update(logs)
+            return
+        metrics = {"epoch": round(state.epoch or 0.0, 4)}
+        for key, value in logs.items():
+            if key in ("epoch", "num_input_tokens_seen") or key.endswith(NOISE_SUFFIXES):
+                continue
+            metrics[HF_TO_OURS.get(key, key.replace("eval_", "val_"))] = value
+        if "train_loss" in metrics:
+            util = _gpu_utilization()
+            if util is not None:
+                self.history.gpu_utilization.append(util)
+            now = self.history.training_seconds  # time in optimizer steps: evaluations and saves left out
+            tokens = state.num_input_tokens_seen
+            if self.last_time is not None and now > self.last_time and tokens >= self.last_tokens:
+                metrics["tokens_per_second"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
+            self.last_time, self.last_tokens = now, tokens
+        self.history.record(state.global_step, metrics)
+        log_metrics(self.tracker, state.global_step, metrics, state.max_steps,
+                    eta_seconds=self.eta(state)[1] if "train_loss" in metrics else None)
+        self.latest.update({k: _json_float(metrics[k]) for k in ("train_loss", "val_loss", "tokens_per_second")
+                            if k in metrics})
+        self.write_status(state)
 
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = dict(logs or {})
-            if "train_loss" in logs and "loss" not in logs:  # Trainer's end-of-run summary, not a curve point
-                history.summary.update(logs)
-                return
-            metrics = {"epoch": round(state.epoch or 0.0, 4)}
-            for key, value in logs.items():
-                if key in ("epoch", "num_input_tokens_seen") or key.endswith(NOISE_SUFFIXES):
-                    continue
-                metrics[HF_TO_OURS.get(key, key.replace("eval_", "val_"))] = value
-            if "train_loss" in metrics:
-                util = _gpu_utilization()
-                if util is not None:
-                    history.gpu_utilization.append(util)
-                now = history.training_seconds  # time in optimizer steps: evaluations and saves left out
-                tokens = state.num_input_tokens_seen
-                if self.last_time is not None and now > self.last_time and tokens >= self.last_tokens:
-                    metrics["tokens_per_second"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
-                self.last_time, self.last_tokens = now, tokens
-            history.record(state.global_step, metrics)
-            log_metrics(tracker, state.global_step, metrics, state.max_steps,
-                        eta_seconds=self.eta(state)[1] if "train_loss" in metrics else None)
-            self.latest.update({k: _json_float(metrics[k]) for k in ("train_loss", "val_loss", "tokens_per_second")
-                                if k in metrics})
-            self.write_status(state)
 
-    class EvalSaveFlowCallback(TrainerCallback):
-        """Checkpoint at every evaluation (spec: save before every eval, so the best is always on disk),
-        and evaluate + save at every epoch end under save_strategy: epoch."""
+class EvalSaveFlowCallback(Callback):
+    """Checkpoint at every evaluation (spec: save before every eval, so the best is always on disk),
+    and evaluate + save at every epoch end under save_strategy: epoch."""
 
-        def __init__(self):
-            self.last_saved_step = -1
+    def __init__(self, save_strategy: str, dry_run: bool):
+        self.save_strategy, self.dry_run = save_strategy, dry_run
+        self.last_saved_step = -1
 
-        def on_step_end(self, args, state, control, **kw):
-            if control.should_evaluate and not dry_run:
-                control.should_save = True
-            return control
-
-        def on_epoch_end(self, args, state, control, **kw):
-            if (config.training.checkpointing.save_strategy == "epoch" and not dry_run
-                    and state.global_step != self.last_saved_step and state.global_step > 0):
-                control.should_evaluate = True
-                control.should_save = True
-            return control
-
-        def on_save(self, args, state, control, **kw):
-            self.last_saved_step = state.global_step
-
-    class EpochSummaryCallback(TrainerCallback):
-        """One line per epoch end, as the spec's Session 1 shows it: `epoch 2/3: val_loss 0.80, val_perplexity
-        2.23 (best)`. The epoch-end evaluation arrives in on_evaluate (after on_epoch_end, or before it when a
-        step evaluation falls on the epoch's last step), so the line is printed there for an evaluation at a whole
-        epoch. `(best)` is Trainer's own test, made just after on_evaluate: metric_for_best_model strictly better
-        than state.best_metric (the best of every earlier evaluation), which is how the best checkpoint is chosen."""
-
-        def __init__(self):
-            self.total = config.training.hyperparameters.num_epochs
-            self.metric = config.training.checkpointing.metric_for_best_model
-            self.printed: set = set()
-
-        def on_evaluate(self, args, state, control, metrics=None, **kw):
-            epoch = state.epoch or 0.0
-            if dry_run or state.global_step == 0 or not metrics or abs(epoch - round(epoch)) > 1e-6 \
-                    or round(epoch) in self.printed:
-                return
-            greater = EVAL_METRICS[self.metric]
-            ref = state.best_metric if state.best_metric is not None else (-math.inf if greater else math.inf)
-            value = metrics.get(self.metric.replace("val_", "eval_"))
-            best = value is not None and (value > ref if greater else value < ref)  # NaN is never best
-            self.printed.add(round(epoch))
-            log.info(format_epoch_line(round(epoch), self.total, metrics.get("eval_loss"),
-                                       metrics.get("eval_perplexity"), best))
-
-        def on_epoch_end(self, args, state, control, **kw):
-            # Runs after EvalSaveFlowCallback: no evaluation at this epoch end (save_strategy: steps with
-            # eval_steps off the epoch boundary) still gets its line, from the latest evaluation.
-            epoch = state.epoch or 0.0
-            if dry_run or control.should_evaluate or abs(epoch - round(epoch)) > 1e-6 \
-                    or round(epoch) in self.printed:
-                return
-            last = next((e for e in reversed(history.evals) if e[0] > 0), None)
-            self.printed.add(round(epoch))
-            log.info(format_epoch_line(round(epoch), self.total, last[2].get("val_loss") if last else None,
-                                       last[2].get("val_perplexity") if last else None, False)
-                     + (f" (no evaluation at this epoch end; last at step {last[0]})" if last
-                        else " (no evaluation yet)"))
-
-    class EarlyStoppingCallback(TrainerCallback):
-        """Stop after `patience` evaluations without improvement of early_stopping_metric. Not an anomaly:
-        the run completes normally. Works whether or not load_best_at_end is on."""
-
-        def __init__(self, metric: str, patience: int):
-            self.key, self.patience = metric.replace("val_", "eval_"), patience
-            self.greater = EVAL_METRICS[metric]
-            self.best, self.bad_evals = None, 0
-
-        def on_evaluate(self, args, state, control, metrics=None, **kw):
-            if state.global_step == 0 or not metrics or self.key not in metrics:
-                return  # the eval_on_start baseline is not an epoch of training
-            value = metrics[self.key]
-            if self.best is None or (value > self.best if self.greater else value < self.best):
-                self.best, self.bad_evals = value, 0
-                return
-            self.bad_evals += 1
-            if self.bad_evals >= self.patience:
-                control.should_training_stop = True
-                history.early_stopped = {"epoch": round(state.epoch, 4), "step": state.global_step,
-                                         "metric": self.key.replace("eval_", "val_"), "best": self.best,
-                                         "evals_without_improvement": self.bad_evals}
-                log.info("early stopping: %s has not improved for %d evaluations (best %.4f)",
-                         self.key, self.bad_evals, self.best)
-
-    g = config.training.guards
-
-    class NonFiniteAndExplodingGradGuard(TrainerCallback):
-        """NaN/inf loss or grad norm, or grad norm > grad_norm_limit: skip the update and stop.
-        Runs in on_pre_optimizer_step, while gradients exist and before the weights change; a guard in
-        on_log would fire after the poisoned update. The grad norm is all-reduced under DDP, so every rank
-        takes the same decision."""
-
-        def __init__(self):
-            self.fp16_overflows = 0  # consecutive steps the fp16 loss scaler skipped
-
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-            norm = probe.grad_norm
-            loss = float(probe.loss_sum) if probe.loss_sum is not None else None
-            reason = None
-            # the step under way, and its epoch (state.epoch still holds the previous step's until it ends)
-            at = {"step": state.global_step + 1,
-                  "epoch": epoch_at_step(state.global_step + 1, state, args, kw.get("train_dataloader"))}
-            if loss is not None and not math.isfinite(loss):
-                reason = "loss is NaN/inf"
-            elif norm is not None and not math.isfinite(norm) and config.compute.mixed_precision == "fp16":
-                # fp16 gradient overflow with a finite loss: routine while the loss scaler finds its scale; the
-                # scaler skips this update itself. Only a long run of them means the training is broken.
-                self.fp16_overflows += 1
-                if self.fp16_overflows >= FP16_MAX_OVERFLOWS:
-                    reason = f"{self.fp16_overflows} consecutive fp16 gradient overflows (loss scaler cannot recover)"
-                elif self.fp16_overflows == 1:
-                    history.record_anomaly("fp16_overflow", state, stop=False, **at,
-                                           reason="fp16 gradient overflow: the loss scaler skips the step and lowers its scale")
-            elif norm is not None and not math.isfinite(norm):
-                reason = "gradient norm is NaN/inf"
-            elif norm is not None and norm > g.grad_norm_limit:
-                reason = f"gradient norm {norm:.4g} exceeds grad_norm_limit {g.grad_norm_limit:g}"
-            if _any_rank(reason is not None, model) and reason is None:
-                reason = "another rank saw a NaN/inf loss or gradient"  # every rank stops at the same step
-            if reason:
-                for p in model.parameters():  # optimizers skip parameters without a gradient
-                    p.grad = None
-                control.should_training_stop = True
-                history.record_anomaly("nonfinite" if "NaN" in reason else "grad_explosion", state, stop=True,
-                                       **at, reason=reason, train_loss=_json_float(loss), grad_norm=_json_float(norm),
-                                       update_skipped=True)
-            if norm is not None and math.isfinite(norm):
-                self.fp16_overflows = 0
-            probe.loss_sum, probe.grad_norm = None, None
-            return control
-
-        def on_step_end(self, args, state, control, **kw):
-            if history.stop is not None and history.stop["step"] == state.global_step and not dry_run:
-                control.should_save = True  # a checkpoint of the last good weights to resume from
-            return control
-
-    class DivergenceGuard(TrainerCallback):
-        """Validation loss above the best so far by more than divergence_increase for divergence_evals
-        consecutive evaluations: stop."""
-
-        def __init__(self):
-            self.best, self.bad = None, 0
-
-        def on_evaluate(self, args, state, control, metrics=None, **kw):
-            loss = (metrics or {}).get("eval_loss")
-            if loss is None:
-                return
-            if not math.isfinite(loss):
-                control.should_training_stop = True
-                history.record_anomaly("nonfinite_val_loss", state, stop=True, val_loss=_json_float(loss),
-                                       reason="validation loss is NaN/inf")
-                return
-            if self.best is None or loss < self.best:
-                self.best, self.bad = loss, 0
-                return
-            if loss > self.best * (1 + g.divergence_increase):
-                self.bad += 1
-                if self.bad >= g.divergence_evals:
-                    control.should_training_stop = True
-                    history.record_anomaly("divergence", state, stop=True, val_loss=loss, best_val_loss=self.best,
-                                           reason=f"validation loss {loss:.4f} has been more than "
-                                                  f"{g.divergence_increase:.0%} above the best ({self.best:.4f}) for "
-                                                  f"{self.bad} consecutive evaluations")
-            else:
-                self.bad = 0
-
-    class LossSpikeWarning(TrainerCallback):
-        """Train loss far above its recent mean: a warning in the manifest, training goes on."""
-
-        def __init__(self):
-            self.recent: list = []
-            self.window = g.spike_window
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            loss = (logs or {}).get("loss")
-            if loss is None or not math.isfinite(loss):
-                return
-            # the recent mean once 3 losses exist; before that the initial validation loss, so a blow-up in the
-            # first steps (lr far too high) is flagged at once
-            initial = history.evals[0][2].get("val_loss") if history.evals and history.evals[0][0] == 0 else None
-            if len(self.recent) >= 3:
-                ref, what = sum(self.recent) / len(self.recent), "its recent mean"
-            elif isinstance(initial, float) and math.isfinite(initial):
-                ref, what = initial, "the initial validation loss"
-            else:
-                ref = None
-            if ref is not None and loss > g.spike_factor * ref:
-                history.record_anomaly("loss_spike", state, stop=False, train_loss=loss, recent_mean=ref,
-                                       reason=f"train loss {loss:.4f} is over {g.spike_factor:g}x {what} ({ref:.4f})")
-            self.recent = (self.recent + [loss])[-g.spike_window:]
-
-    class PreemptionCallback(TrainerCallback):
-        """A SIGTERM/SIGUSR1 (install_preemption_handlers) stops at the end of the optimizer step under way, with a
-        verified checkpoint of it. Under DDP the flag is all-reduced, so every rank saves and stops at the same
-        step when any one of them got the signal."""
-
-        def on_step_end(self, args, state, control, model=None, **kw):
-            if dry_run or not _any_rank(bool(_preempt), model):
-                return control
-            if history.preempted is None:
-                history.preempted = {"signal": _preempt.get("signal", "signal on another rank"),
-                                     "step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
-                log.warning("preempted (%s): saving a checkpoint at step %d and stopping",
-                            history.preempted["signal"], state.global_step)
+    def on_step_end(self, args, state, control, **kw):
+        if control.should_evaluate and not self.dry_run:
             control.should_save = True
-            control.should_training_stop = True
-            return control
+        return control
 
-    callbacks = [MetricsCallback(), EvalSaveFlowCallback(), EpochSummaryCallback(), NonFiniteAndExplodingGradGuard(),
-                 DivergenceGuard(), LossSpikeWarning(), PreemptionCallback()]
-    opt = config.training.optimization
+    def on_epoch_end(self, args, state, control, **kw):
+        if (self.save_strategy == "epoch" and not self.dry_run
+                and state.global_step != self.last_saved_step and state.global_step > 0):
+            control.should_evaluate = True
+            control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, **kw):
+        self.last_saved_step = state.global_step
+
+
+class EpochSummaryCallback(Callback):
+    """One line per epoch end, as the spec's Session 1 shows it: `epoch 2/3: val_loss 0.80, val_perplexity
+    2.23 (best)`. The epoch-end evaluation arrives in on_evaluate (after on_epoch_end, or before it when a
+    step evaluation falls on the epoch's last step), so the line is printed there for an evaluation at a whole
+    epoch. `(best)` is Trainer's own test, made just after on_evaluate: metric_for_best_model strictly better
+    than state.best_metric (the best of every earlier evaluation), which is how the best checkpoint is chosen."""
+
+    def __init__(self, history: RunHistory, num_epochs: Any, metric: str, dry_run: bool):
+        self.history, self.total, self.metric, self.dry_run = history, num_epochs, metric, dry_run
+        self.printed: set = set()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        epoch = state.epoch or 0.0
+        if self.dry_run or state.global_step == 0 or not metrics or abs(epoch - round(epoch)) > 1e-6 \
+                or round(epoch) in self.printed:
+            return
+        greater = EVAL_METRICS[self.metric]
+        ref = state.best_metric if state.best_metric is not None else (-math.inf if greater else math.inf)
+        value = metrics.get(self.metric.replace("val_", "eval_"))
+        best = value is not None and (value > ref if greater else value < ref)  # NaN is never best
+        self.printed.add(round(epoch))
+        log.info(format_epoch_line(round(epoch), self.total, metrics.get("eval_loss"),
+                                   metrics.get("eval_perplexity"), best))
+
+    def on_epoch_end(self, args, state, control, **kw):
+        # Runs after EvalSaveFlowCallback: no evaluation at this epoch end (save_strategy: steps with
+        # eval_steps off the epoch boundary) still gets its line, from the latest evaluation.
+        epoch = state.epoch or 0.0
+        if self.dry_run or control.should_evaluate or abs(epoch - round(epoch)) > 1e-6 \
+                or round(epoch) in self.printed:
+            return
+        last = next((e for e in reversed(self.history.evals) if e[0] > 0), None)
+        self.printed.add(round(epoch))
+        log.info(format_epoch_line(round(epoch), self.total, last[2].get("val_loss") if last else None,
+                                   last[2].get("val_perplexity") if last else None, False)
+                 + (f" (no evaluation at this epoch end; last at step {last[0]})" if last
+                    else " (no evaluation yet)"))
+
+
+class EarlyStoppingCallback(Callback):
+    """Stop after `patience` evaluations without improvement of early_stopping_metric. Not an anomaly:
+    the run completes normally. Works whether or not load_best_at_end is on."""
+
+    def __init__(self, history: RunHistory, metric: str, patience: int):
+        self.history = history
+        self.key, self.patience = metric.replace("val_", "eval_"), patience
+        self.greater = EVAL_METRICS[metric]
+        self.best, self.bad_evals = None, 0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        if state.global_step == 0 or not metrics or self.key not in metrics:
+            return  # the eval_on_start baseline is not an epoch of training
+        value = metrics[self.key]
+        if self.best is None or (value > self.best if self.greater else value < self.best):
+            self.best, self.bad_evals = value, 0
+            return
+        self.bad_evals += 1
+        if self.bad_evals >= self.patience:
+            control.should_training_stop = True
+            self.history.early_stopped = {"epoch": round(state.epoch, 4), "step": state.global_step,
+                                          "metric": self.key.replace("eval_", "val_"), "best": self.best,
+                                          "evals_without_improvement": self.bad_evals}
+            log.info("early stopping: %s has not improved for %d evaluations (best %.4f)",
+                     self.key, self.bad_evals, self.best)
+
+
+class NonFiniteAndExplodingGradGuard(Callback):
+    """NaN/inf loss or grad norm, or grad norm > grad_norm_limit: skip the update and stop.
+    Runs in on_pre_optimizer_step, while gradients exist and before the weights change; a guard in
+    on_log would fire after the poisoned update. The grad norm is all-reduced under DDP, so every rank
+    takes the same decision."""
+
+    def __init__(self, history: RunHistory, probe: StepProbe, grad_norm_limit: float, fp16: bool, dry_run: bool):
+        self.history, self.probe, self.grad_norm_limit, self.fp16, self.dry_run = \
+            history, probe, grad_norm_limit, fp16, dry_run
+        self.fp16_overflows = 0  # consecutive steps the fp16 loss scaler skipped
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        norm = self.probe.grad_norm
+        loss = float(self.probe.loss_sum) if self.probe.loss_sum is not None else None
+        reason = None
+        # the step under way, and its epoch (state.epoch still holds the previous step's until it ends)
+        at = {"step": state.global_step + 1,
+              "epoch": epoch_at_step(state.global_step + 1, state, args, kw.get("train_dataloader"))}
+        if loss is not None and not math.isfinite(loss):
+            reason = "loss is NaN/inf"
+        elif norm is not None and not math.isfinite(norm) and self.fp16:
+            # fp16 gradient overflow with a finite loss: routine while the loss scaler finds its scale; the
+            # scaler skips this update itself. Only a long run of them means the training is broken.
+            self.fp16_overflows += 1
+            if self.fp16_overflows >= FP16_MAX_OVERFLOWS:
+                reason = f"{self.fp16_overflows} consecutive fp16 gradient overflows (loss scaler cannot recover)"
+            elif self.fp16_overflows == 1:
+                self.history.record_anomaly(
+                    "fp16_overflow", state, stop=False, **at,
+                    reason="fp16 gradient overflow: the loss scaler skips the step and lowers its scale")
+        elif norm is not None and not math.isfinite(norm):
+            reason = "gradient norm is NaN/inf"
+        elif norm is not None and norm > self.grad_norm_limit:
+            reason = f"gradient norm {norm:.4g} exceeds grad_norm_limit {self.grad_norm_limit:g}"
+        if _any_rank(reason is not None, model) and reason is None:
+            reason = "another rank saw a NaN/inf loss or gradient"  # every rank stops at the same step
+        if reason:
+            for p in model.parameters():  # optimizers skip parameters without a gradient
+                p.grad = None
+            control.should_training_stop = True
+            self.history.record_anomaly("nonfinite" if "NaN" in reason else "grad_explosion", state, stop=True,
+                                        **at, reason=reason, train_loss=_json_float(loss),
+                                        grad_norm=_json_float(norm), update_skipped=True)
+        if norm is not None and math.isfinite(norm):
+            self.fp16_overflows = 0
+        self.probe.loss_sum, self.probe.grad_norm = None, None
+        return control
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.history.stop is not None and self.history.stop["step"] == state.global_step and not self.dry_run:
+            control.should_save = True  # a checkpoint of the last good weights to resume from
+        return control
+
+
+class DivergenceGuard(Callback):
+    """Validation loss above the best so far by more than divergence_increase for divergence_evals
+    consecutive evaluations: stop."""
+
+    def __init__(self, history: RunHistory, divergence_increase: float, divergence_evals: int):
+        self.history, self.increase, self.evals = history, divergence_increase, divergence_evals
+        self.best, self.bad = None, 0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None:
+            return
+        if not math.isfinite(loss):
+            control.should_training_stop = True
+            self.history.record_anomaly("nonfinite_val_loss", state, stop=True, val_loss=_json_float(loss),
+                                        reason="validation loss is NaN/inf")
+            return
+        if self.best is None or loss < self.best:
+            self.best, self.bad = loss, 0
+            return
+        if loss > self.best * (1 + self.increase):
+            self.bad += 1
+            if self.bad >= self.evals:
+                control.should_training_stop = True
+                self.history.record_anomaly("divergence", state, stop=True, val_loss=loss, best_val_loss=self.best,
+                                            reason=f"validation loss {loss:.4f} has been more than "
+                                                   f"{self.increase:.0%} above the best ({self.best:.4f}) for "
+                                                   f"{self.bad} consecutive evaluations")
+        else:
+            self.bad = 0
+
+
+class LossSpikeWarning(Callback):
+    """Train loss far above its recent mean: a warning in the manifest, training goes on."""
+
+    def __init__(self, history: RunHistory, spike_factor: float, spike_window: int):
+        self.history, self.factor, self.window = history, spike_factor, spike_window
+        self.recent: list = []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        loss = (logs or {}).get("loss")
+        if loss is None or not math.isfinite(loss):
+            return
+        # the recent mean once 3 losses exist; before that the initial validation loss, so a blow-up in the
+        # first steps (lr far too high) is flagged at once
+        evals = self.history.evals
+        initial = evals[0][2].get("val_loss") if evals and evals[0][0] == 0 else None
+        if len(self.recent) >= 3:
+            ref, what = sum(self.recent) / len(self.recent), "its recent mean"
+        elif isinstance(initial, float) and math.isfinite(initial):
+            ref, what = initial, "the initial validation loss"
+        else:
+            ref = None
+        if ref is not None and loss > self.factor * ref:
+            self.history.record_anomaly("loss_spike", state, stop=False, train_loss=loss, recent_mean=ref,
+                                        reason=f"train loss {loss:.4f} is over {self.factor:g}x {what} ({ref:.4f})")
+        self.recent = (self.recent + [loss])[-self.window:]
+
+
+class PreemptionCallback(Callback):
+    """A SIGTERM/SIGUSR1 (install_preemption_handlers) stops at the end of the optimizer step under way, with a
+    verified checkpoint of it. Under DDP the flag is all-reduced, so every rank saves and stops at the same
+    step when any one of them got the signal."""
+
+    def __init__(self, history: RunHistory, dry_run: bool, signal_flag: dict):
+        self.history, self.dry_run = history, dry_run
+        self.signal_flag = signal_flag  # {"signal": name} once one arrived (_preempt, set by the handler)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if self.dry_run or not _any_rank(bool(self.signal_flag), model):
+            return control
+        if self.history.preempted is None:
+            self.history.preempted = {"signal": self.signal_flag.get("signal", "signal on another rank"),
+                                      "step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+            log.warning("preempted (%s): saving a checkpoint at step %d and stopping",
+                        self.history.preempted["signal"], state.global_step)
+        control.should_save = True
+        control.should_training_stop = True
+        return control
+
+
+def callbacks_for_run(config: TrainingConfig, tracker: Tracker, history: RunHistory, probe: StepProbe,
+                      dry_run: bool, status_dir: Optional[Path] = None) -> list:
+    """The run's callbacks in the order Trainer calls them at each event (EvalSaveFlowCallback before
+    EpochSummaryCallback: the epoch line needs to know whether an epoch-end evaluation was requested), their
+    counters continued from the interrupted run on resume."""
+    g, ckpt, opt = config.training.guards, config.training.checkpointing, config.training.optimization
+    callbacks = [
+        MetricsCallback(tracker, history, status_dir),
+        EvalSaveFlowCallback(ckpt.save_strategy, dry_run),
+        EpochSummaryCallback(history, config.training.hyperparameters.num_epochs, ckpt.metric_for_best_model,
+                             dry_run),
+        NonFiniteAndExplodingGradGuard(history, probe, g.grad_norm_limit, config.compute.mixed_precision == "fp16",
+                                       dry_run),
+        DivergenceGuard(history, g.divergence_increase, g.divergence_evals),
+        LossSpikeWarning(history, g.spike_factor, g.spike_window),
+        PreemptionCallback(history, dry_run, _preempt)]
     if opt.early_stopping_patience and not dry_run:
-        callbacks.append(EarlyStoppingCallback(opt.early_stopping_metric, opt.early_stopping_patience))
+        callbacks.append(EarlyStoppingCallback(history, opt.early_stopping_metric, opt.early_stopping_patience))
     _replay_history(callbacks, history)
     return callbacks
 
@@ -3052,10 +3089,10 @@ def _replay_history(callbacks: list, history: "RunHistory") -> None:
         state, metrics = TrainerState(global_step=step, epoch=epoch), {k.replace("val_", "eval_"): v
                                                                        for k, v in vals.items()}
         for cb in callbacks:
-            if type(cb).__name__ in ("EarlyStoppingCallback", "DivergenceGuard"):
+            if isinstance(cb, (EarlyStoppingCallback, DivergenceGuard)):
                 cb.on_evaluate(None, state, TrainerControl(), metrics=metrics)
     for cb in callbacks:
-        if type(cb).__name__ == "LossSpikeWarning":
+        if isinstance(cb, LossSpikeWarning):
             cb.recent = [x[2] for x in history.train if isinstance(x[2], float)][-cb.window:]
 
 
@@ -3499,8 +3536,8 @@ def build_training_args(config: TrainingConfig, run_dir: Path, dry_run: bool, ma
 def _build_trainer(ctx: RunContext, tokenizer, datasets_, model, args, dry_run: bool):
     FinanceTrainer = _trainer_class()
     probe = StepProbe()
-    callbacks = make_callbacks(ctx.config, ctx.tracker, ctx.history, probe, dry_run=dry_run,
-                               status_dir=None if dry_run else ctx.run_dir)
+    callbacks = callbacks_for_run(ctx.config, ctx.tracker, ctx.history, probe, dry_run=dry_run,
+                                  status_dir=None if dry_run else ctx.run_dir)
     trainer = FinanceTrainer(
         model=model, args=args, train_dataset=datasets_["train"], eval_dataset=datasets_["valid"],
         processing_class=tokenizer,

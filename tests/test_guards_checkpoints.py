@@ -87,7 +87,7 @@ def guards(tmp_path, tiny_dir, **overrides):
     config = tf.load_training_config(str(write_config(tmp_path / "g.yaml", cfg)))
     tracker = tf.Tracker(run_id="t", log_dir=tmp_path, is_main=False)
     history, probe = tf.RunHistory(), tf.StepProbe()
-    cbs = tf.make_callbacks(config, tracker, history, probe, dry_run=False)
+    cbs = tf.callbacks_for_run(config, tracker, history, probe, dry_run=False)
     return {type(c).__name__: c for c in cbs}, history, probe
 
 
@@ -234,7 +234,7 @@ def test_resume_replays_patience_and_divergence_counters(tmp_path, tiny_dir):
                                    (12, 1.0, {"val_loss": 2.5}), (18, 1.5, {"val_loss": 2.4})],
                             train=[(s, 0.1, 3.0) for s in range(1, 19)])
     tracker = tf.Tracker(run_id="t", log_dir=tmp_path, is_main=False)
-    cbs = {type(c).__name__: c for c in tf.make_callbacks(config, tracker, history, tf.StepProbe(), dry_run=False)}
+    cbs = {type(c).__name__: c for c in tf.callbacks_for_run(config, tracker, history, tf.StepProbe(), dry_run=False)}
     es, div = cbs["EarlyStoppingCallback"], cbs["DivergenceGuard"]
     assert (es.best, es.bad_evals) == (2.0, 2)  # two evaluations without improvement before the kill
     assert (div.best, div.bad) == (2.0, 2)  # 2.5 and 2.4 are both > 10% above 2.0
