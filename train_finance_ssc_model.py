@@ -2756,22 +2756,14 @@ def epoch_at_step(step: int, state, args, train_dataloader=None) -> float:
     return done + min((k + 1) * accumulation, per_epoch) / per_epoch
 
 
-class MetricsCallback(Callback):
-    """Renames Trainer's log keys to ours, adds tokens/s, and sends the dict to log_metrics (and, with status_dir,
-    to the run's status file)."""
+class TrainingTimeCallback(Callback):
+    """Where this process's time goes: seconds inside optimizer steps (history.training_seconds, the clock of
+    tokens/s) and the wall time of each epoch. FinanceTrainer times evaluations and saves (eval_seconds,
+    save_seconds)."""
 
-    def __init__(self, tracker: Tracker, history: RunHistory, status_dir: Optional[Path] = None):
-        self.tracker, self.history, self.status_dir = tracker, history, status_dir
-        self.last_time, self.last_tokens = None, 0
-        self.start_time, self.start_step, self.epoch_start, self.step_start = time.time(), 0, None, None
-        self.latest: dict = {}
-
-    def on_train_begin(self, args, state, control, **kw):
-        self.last_time, self.last_tokens = self.history.training_seconds, state.num_input_tokens_seen
-        self.start_time, self.start_step = time.time(), state.global_step
-        self.history.start_tokens = state.num_input_tokens_seen
-
-    # checkpoints_saved is counted by _train's after_save, before the manifest that follows each save is written
+    def __init__(self, history: RunHistory):
+        self.history = history
+        self.step_start, self.epoch_start = None, None
 
     def on_step_begin(self, args, state, control, **kw):
         self.step_start = time.perf_counter()
@@ -2788,6 +2780,24 @@ class MetricsCallback(Callback):
     def on_epoch_end(self, args, state, control, **kw):
         if self.epoch_start is not None:
             self.history.epoch_seconds.append(round(time.time() - self.epoch_start, 3))
+
+
+class MetricsCallback(Callback):
+    """Renames Trainer's log keys to ours, adds tokens/s, and sends the dict to log_metrics (and, with status_dir,
+    to the run's status file)."""
+
+    def __init__(self, tracker: Tracker, history: RunHistory, status_dir: Optional[Path] = None):
+        self.tracker, self.history, self.status_dir = tracker, history, status_dir
+        self.last_time, self.last_tokens = None, 0
+        self.start_time, self.start_step = time.time(), 0
+        self.latest: dict = {}
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.last_time, self.last_tokens = self.history.training_seconds, state.num_input_tokens_seen
+        self.start_time, self.start_step = time.time(), state.global_step
+        self.history.start_tokens = state.num_input_tokens_seen
+
+    # checkpoints_saved is counted by _train's after_save, before the manifest that follows each save is written
 
     def eta(self, state) -> tuple[float, Optional[float]]:
         """(elapsed seconds in this process, estimated seconds left) from this process's pace."""
@@ -3063,6 +3073,7 @@ def callbacks_for_run(config: TrainingConfig, tracker: Tracker, history: RunHist
     counters continued from the interrupted run on resume."""
     g, ckpt, opt = config.training.guards, config.training.checkpointing, config.training.optimization
     callbacks = [
+        TrainingTimeCallback(history),
         MetricsCallback(tracker, history, status_dir),
         EvalSaveFlowCallback(ckpt.save_strategy, dry_run),
         EpochSummaryCallback(history, config.training.hyperparameters.num_epochs, ckpt.metric_for_best_model,
