@@ -3089,7 +3089,7 @@ def callbacks_for_run(config: TrainingConfig, tracker: Tracker, history: RunHist
     return callbacks
 
 
-def _replay_history(callbacks: list, history: "RunHistory") -> None:
+def _replay_history(callbacks: list, history: RunHistory) -> None:
     """On resume, feed the evaluations and train losses the interrupted process saw (restored from its
     manifest) back through the callbacks that count them, so patience and divergence counters, and the
     spike window, continue exactly where they were."""
