@@ -64,6 +64,7 @@ EXIT_INVALID = 2  # invalid config, data, checkpoint or paths: nothing was train
 EXIT_DIVERGED = 3  # stopped by an anomaly guard
 EXIT_OOM = 4  # out of memory, predicted or real
 EXIT_PREEMPTED = 143  # SIGTERM / SIGUSR1: saved a checkpoint at the step boundary and stopped (128 + SIGTERM)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 ERROR_EXIT_CODES = {
     "InvalidConfig": EXIT_INVALID,
     "EmptyDataset": EXIT_INVALID,
@@ -79,6 +80,7 @@ ERROR_EXIT_CODES = {
     "DiskFull": EXIT_FAILED,  # a write failed with ENOSPC/EDQUOT during the run (what was saved stays usable)
     "TrainingFailed": EXIT_FAILED,
     "Preempted": EXIT_PREEMPTED,
+    "Interrupted": EXIT_INTERRUPTED,
 }
 MANIFEST_NAME = "run_manifest.json"
 DAMAGED_MANIFEST_HINT = (  # RunRecordDamaged's suggestion for a damaged manifest, outside a resume
@@ -5882,8 +5884,7 @@ def launch_distributed(config: TrainingConfig, args: argparse.Namespace, argv: l
         return EXIT_OK
     last_error = last_error or unexpected_error(RuntimeError(f"torch.distributed.run exited with {rc}")).payload
     emit_error(last_error)
-    return 130 if last_error.get("error") == "Interrupted" else ERROR_EXIT_CODES.get(last_error.get("error"),
-                                                                                     EXIT_FAILED)
+    return ERROR_EXIT_CODES.get(last_error.get("error"), EXIT_FAILED)
 
 
 def _error_payload(line: str) -> Optional[dict]:
@@ -5970,7 +5971,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt as exc:
         print_run_output(getattr(exc, "run_output", None))
         emit_error(TrainerError("Interrupted", {"suggestion": "resume with --resume-from latest --run-id RUN"}).payload)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # unexpected: still one JSON object, traceback only with --debug
         if args.debug:
             import traceback
