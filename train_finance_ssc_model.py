@@ -218,13 +218,18 @@ def _dotted_get(obj: Any, dotted: str) -> Any:
     return obj
 
 
-def _human_bytes(n: float) -> str:
-    """1536 -> `1.5 KiB`, 3.2e9 -> `3.0 GiB`."""
+def format_bytes(n: Optional[float], signed: bool = False) -> str:
+    """The one way this script shows a byte count, in binary units labelled as such (KiB = 2**10 ... TiB = 2**40):
+    1536 -> `1.5 KiB`, 3.2e9 -> `3.0 GiB`, None (not known) -> `n/a`; `signed` for a difference: `+8.0 GiB`, `+0 B`."""
+    if n is None:
+        return "n/a"
+    sign = ("+" if n >= 0 else "-") if signed else ("-" if n < 0 else "")
+    value = abs(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return sign + (f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}")
 
 
 def format_duration(seconds: float) -> str:
@@ -303,10 +308,6 @@ def _read_jsonl(path: Path, limit: Optional[int] = None) -> list[dict]:
     return [record for _, record in itertools.islice(_jsonl_rows(path), limit)]
 
 
-def _signed_size(n: float) -> str:
-    return ("+" if n >= 0 else "-") + (_size(abs(n)) if n else "0 B")
-
-
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -374,16 +375,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         key = f"{prefix}{k}"
         out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
     return out
-
-
-def _size(n: Optional[float]) -> str:
-    """Bytes for the console, in the units the memory estimate uses (GB = 2**30)."""
-    if not n:
-        return "n/a"
-    for unit, exp in (("GB", 30), ("MB", 20), ("KB", 10)):
-        if n >= 2 ** exp:
-            return f"{n / 2 ** exp:.1f} {unit}"
-    return f"{n:.0f} B"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2403,7 +2394,7 @@ def check_disk(config: TrainingConfig, ckpt_cfg: dict, validation: ValidationRes
         free = shutil.disk_usage(probe).free
     except OSError:
         return {}
-    gb, h = (lambda b: round(b / 2**30, 3)), _human_bytes  # noqa: E731
+    gb, h = (lambda b: round(b / 2**30, 3)), format_bytes  # noqa: E731
     out = {"path": str(probe), "free_bytes": free, "checkpoint_bytes": one, "needed_bytes": need,
            "minimum_bytes": minimum, "free_gb": gb(free), "checkpoint_gb": gb(one), "needed_gb": gb(need)}
     if free < minimum:
@@ -4339,12 +4330,12 @@ def run_dry_steps(ctx: RunContext, tokenizer, datasets_: dict, model, steps: int
     stopped = f" (a guard stopped it: {history.stop['reason']})" if history.stop else ""
     failed = "" if report["status"] == "passed" else f", failed: {', '.join(k for k, v in checks.items() if not v)}"
     vs = report["baseline_memory"]
-    vs_text = (f" ({_signed_size(vs['delta_bytes'])} on baseline {vs['baseline_run_id']}'s {_size(vs['baseline_bytes'])})"
-               if vs else "")
+    vs_text = (f" ({format_bytes(vs['delta_bytes'], signed=True)} on baseline {vs['baseline_run_id']}'s "
+               f"{format_bytes(vs['baseline_bytes'])})" if vs else "")
     (log.info if report["status"] == "passed" else log.error)(
         "dry run %s: %d step%s%s, initial loss %.2f (ln vocab %.2f), memory %s measured%s vs %s estimated%s -> %s",
         report["status"], steps_run, "" if steps_run == 1 else "s", stopped, initial, report["ln_vocab"],
-        _size(measured["total_bytes"]), vs_text, _size(estimated), failed, path)
+        format_bytes(measured["total_bytes"]), vs_text, format_bytes(estimated), failed, path)
     return report
 
 
@@ -4920,8 +4911,9 @@ def baseline_lines(diffs: dict, run_id: Any) -> list[str]:
                      "metric deltas compare different data")
     est = diffs["memory"]["estimated"]
     if est["delta_bytes"]:
-        lines.append(f"vs baseline {run_id}: memory estimate {_size(est['current_bytes'])}, "
-                     f"{_signed_size(est['delta_bytes'])} on the baseline's {_size(est['baseline_bytes'])}")
+        lines.append(f"vs baseline {run_id}: memory estimate {format_bytes(est['current_bytes'])}, "
+                     f"{format_bytes(est['delta_bytes'], signed=True)} on the baseline's "
+                     f"{format_bytes(est['baseline_bytes'])}")
     return lines
 
 
