@@ -334,7 +334,10 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def read_run_record(path: Path, suggestion: str) -> Optional[dict]:
+# Two JSON readers with opposite policies for a damaged file: the strict one for records a decision rests on (a run's
+# manifest and status.json), the lenient one for files whose loss costs nothing but detail (an index, a lock's
+# holder, settings with a fallback). A caller picks one by name.
+def read_json_strict(path: Path, suggestion: str) -> Optional[dict]:
     """A run's JSON record (run_manifest.json, status.json): None when the file does not exist. One that exists but
     is empty, truncated or not a JSON object is RunRecordDamaged (exit 2) naming the file and what is wrong with
     it: never read as an empty record (a resume would drop the run's history, --status would guess)."""
@@ -362,11 +365,14 @@ def read_run_record(path: Path, suggestion: str) -> Optional[dict]:
     raise TrainerError("RunRecordDamaged", {"path": str(path.resolve()), "problem": what, "suggestion": suggestion})
 
 
-def _read_json(path: Path) -> dict:
+def read_json_lenient(path: Path) -> dict:
+    """The JSON object in `path`, or {} when the file is missing, unreadable, damaged or holds no object: only for
+    callers that have a fallback for every key (read_json_strict for the run's own records)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        value = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):  # ValueError: not UTF-8, not JSON
         return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -1246,7 +1252,7 @@ def _baseline_manifest_path(ref: str) -> Optional[Path]:
     """The baseline's manifest, if `ref` is a manifest or a run dir holding one and it is a JSON object."""
     p = Path(ref).expanduser()
     p = p / MANIFEST_NAME if p.is_dir() else p
-    return p.resolve() if p.is_file() and isinstance(_read_json(p), dict) and _read_json(p) else None
+    return p.resolve() if p.is_file() and read_json_lenient(p) else None
 
 
 def detect_shape(record: Any) -> Optional[str]:
@@ -1795,7 +1801,7 @@ def _baseline_rules(config: TrainingConfig, res: ValidationResult) -> None:
     path = _baseline_manifest_path(config.evaluation.baseline) if config.evaluation.baseline else None
     if path is None:
         return
-    base = _read_json(path)
+    base = read_json_lenient(path)
     res.baseline = {"baseline_run_id": base.get("run_id"), "baseline_manifest": str(path),
                     **baseline_differences(_config_facts(config, res), _run_facts(base))}
     res.warnings.extend(baseline_lines(res.baseline, base.get("run_id")))
@@ -3623,7 +3629,7 @@ def check_checkpoint_integrity(ckpt_dir: Path, meta: Optional[dict] = None, resu
     the save loads silently (Trainer even skips a missing optimizer.pt). `resume=False`: only what inference
     loads. A dir without checkpoint_meta.json is checked against its SHA256SUMS if it has one, else not at all."""
     d = Path(ckpt_dir)
-    meta = _read_json(d / CHECKPOINT_META) if meta is None else meta
+    meta = read_json_lenient(d / CHECKPOINT_META) if meta is None else meta
     sums = dict(meta.get("checksums") or {})
     if not meta and (d / "SHA256SUMS").is_file():
         sums = {name: sha for sha, _, name in (line.partition("  ") for line in
@@ -3783,8 +3789,7 @@ def run_index_path() -> Path:
 
 
 def _run_index() -> dict:
-    index = _read_json(run_index_path())
-    return index if isinstance(index, dict) else {}
+    return read_json_lenient(run_index_path())
 
 
 def register_run(run_id: str, run_dir: Path) -> None:
@@ -3892,7 +3897,7 @@ def lock_run_dir(run_dir: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        holder = _read_json(path)
+        holder = read_json_lenient(path)
         who = f"pid {holder.get('pid')} on {holder.get('hostname')}, since {holder.get('started_at')}"
         raise TrainerError("RunLocked", {
             "path": str(path), "pid": holder.get("pid"), "hostname": holder.get("hostname"),
@@ -4047,7 +4052,7 @@ def previous_manifest(manifest_path: Path, force: bool, main_proc: bool = True) 
     checkpoint copied to a new output dir). A damaged one is refused unless --force: then it is renamed to
     `run_manifest.json.damaged-<time>` (kept, not overwritten) and the run continues without the earlier history."""
     try:
-        return read_run_record(manifest_path, (
+        return read_json_strict(manifest_path, (
             "the run's history (curves, evaluations, anomalies, earlier resumes) cannot be read from it: restore "
             "it from a backup, or add --force to resume without the earlier history (the damaged file is kept as "
             f"{MANIFEST_NAME}.damaged-<time>)")) or {}
@@ -4642,7 +4647,7 @@ def _train(ctx: RunContext, resume_path: Optional[str], skip_dry_run: bool = Fal
     if resume_path:
         trainer.resume_plan = ctx.resume_plan
     if resume_path:  # the best as of the resumed checkpoint, never a later one from the abandoned timeline
-        best_step = _read_json(Path(resume_path) / "trainer_state.json").get("best_global_step")
+        best_step = read_json_lenient(Path(resume_path) / "trainer_state.json").get("best_global_step")
         trainer.best_checkpoint = next((c["path"] for c in read_checkpoints(ctx.run_dir, verify=True)
                                         if c["step"] == best_step and c.get("health") == "ok"), None)
 
@@ -4678,7 +4683,7 @@ def _train(ctx: RunContext, resume_path: Optional[str], skip_dry_run: bool = Fal
         trainer.state.best_model_checkpoint = ctx.best_checkpoint
         # the best saved at the last step holds the weights in memory (verified equal when saved): no reload,
         # which for a multi-GB model is a read of every shard
-        if _read_json(Path(ctx.best_checkpoint) / "trainer_state.json").get("global_step") != trainer.state.global_step:
+        if read_json_lenient(Path(ctx.best_checkpoint) / "trainer_state.json").get("global_step") != trainer.state.global_step:
             trainer._load_best_model()
         final_model = Path(ctx.best_checkpoint).name
     test = trainer.evaluate(datasets_["test"], metric_key_prefix="test")
@@ -4973,7 +4978,7 @@ def prepare_for_serving(d: Path) -> list[str]:
 
     def rewrite(name: str, data: dict) -> None:
         path = d / name
-        if path.is_file() and _read_json(path) == data:
+        if path.is_file() and read_json_lenient(path) == data:
             return
         if path.exists():
             path.unlink()  # a hard link to the checkpoint's file: replace the link, not the bytes behind it
@@ -4981,10 +4986,10 @@ def prepare_for_serving(d: Path) -> list[str]:
         rewritten.append(name)
 
     if (d / "config.json").is_file():
-        config = _read_json(d / "config.json")
+        config = read_json_lenient(d / "config.json")
         rewrite("config.json", {**config, "use_cache": True})
         tok = AutoTokenizer.from_pretrained(str(d))
-        gen = _read_json(d / "generation_config.json") or {
+        gen = read_json_lenient(d / "generation_config.json") or {
             k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
         for key, value in (("pad_token_id", tok.pad_token_id), ("eos_token_id", tok.eos_token_id),
                            ("bos_token_id", tok.bos_token_id)):
@@ -4992,7 +4997,7 @@ def prepare_for_serving(d: Path) -> list[str]:
                 gen[key] = value
         rewrite("generation_config.json", {**gen, **({"use_cache": True} if "use_cache" in gen else {})})
     if (d / "tokenizer_config.json").is_file():
-        rewrite("tokenizer_config.json", {**_read_json(d / "tokenizer_config.json"), "padding_side": "left"})
+        rewrite("tokenizer_config.json", {**read_json_lenient(d / "tokenizer_config.json"), "padding_side": "left"})
     return rewritten
 
 
@@ -5016,7 +5021,7 @@ def archive_best(run_dir: Path, best_checkpoint: str, manifest: dict) -> Path:
                 shutil.copy2(f, tmp / f.name)
     rewritten = prepare_for_serving(tmp)
     if rewritten and (tmp / CHECKPOINT_META).is_file():
-        meta = _read_json(tmp / CHECKPOINT_META)
+        meta = read_json_lenient(tmp / CHECKPOINT_META)
         meta["checksums"] = {**(meta.get("checksums") or {}), **{n: _sha256(tmp / n) for n in rewritten}}
         meta["rewritten_for_serving"] = rewritten
         write_json_atomic(tmp / CHECKPOINT_META, meta)  # a new file (rename), never a write through the link
@@ -5500,7 +5505,7 @@ def list_checkpoints(run_id: str, output_dir: Optional[str] = None) -> list[dict
     latest, and `integrity` says which file and how."""
     run_dir = find_run_dir(run_id, output_dir)
     ckpts = read_checkpoints(run_dir, verify=True)
-    recorded = (read_run_record(run_dir / MANIFEST_NAME, DAMAGED_MANIFEST_HINT) or {}).get("checkpoints")
+    recorded = (read_json_strict(run_dir / MANIFEST_NAME, DAMAGED_MANIFEST_HINT) or {}).get("checkpoints")
     best = resolve_manifest_path(recorded.get("best_checkpoint"), run_dir) if isinstance(recorded, dict) else None
     healthy = [c["path"] for c in ckpts if c.get("health") == "ok"]
     return [{"name": c["name"], "path": c["path"], "step": c["step"], "epoch": c["epoch"],
@@ -5521,7 +5526,7 @@ def load_checkpoint(path: str):
                                        "use another one (--list-checkpoints RUN shows which are intact)")
     if (p / "adapter_config.json").is_file():  # LoRA checkpoint: base + adapter, as peft loads it
         from peft import AutoPeftModelForCausalLM
-        base = (_read_json(p / CHECKPOINT_META).get("config") or {}).get("model", {}).get("base_checkpoint")
+        base = (read_json_lenient(p / CHECKPOINT_META).get("config") or {}).get("model", {}).get("base_checkpoint")
         try:
             return AutoPeftModelForCausalLM.from_pretrained(str(p))
         except OSError as exc:
@@ -5555,7 +5560,7 @@ def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_lengt
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    stored = _read_json(ckpt / CHECKPOINT_META).get("config") or {}
+    stored = read_json_lenient(ckpt / CHECKPOINT_META).get("config") or {}
     max_len = max_seq_length or (stored.get("data") or {}).get("max_seq_length") \
         or model.config.max_position_embeddings
     info, problems = scan_jsonl(Path(test_data_path).expanduser().resolve(), "test", "auto", "as given")
@@ -5581,10 +5586,10 @@ def monitor_training(run_id: str, output_dir: Optional[str] = None) -> dict:
     """The state of a run, running or not: status, step/max_steps, epoch, latest losses, tokens/s, elapsed,
     ETA, last checkpoint. A run whose process died without finishing is reported as failed."""
     run_dir = find_run_dir(run_id, output_dir)
-    status = read_run_record(run_dir / "status.json", (
+    status = read_json_strict(run_dir / "status.json", (
         "status.json is rewritten (atomically) at every log step: something else damaged it. Remove it to have "
         "--status report from the manifest, or follow the run's train.log")) or {}
-    manifest = read_run_record(run_dir / MANIFEST_NAME, DAMAGED_MANIFEST_HINT) or {}
+    manifest = read_json_strict(run_dir / MANIFEST_NAME, DAMAGED_MANIFEST_HINT) or {}
     if not status and not manifest:
         raise TrainerError("CheckpointNotFound", {"field": "run", "value": run_id, "path": str(run_dir),
                                                   "suggestion": "no status.json or manifest: is this a run dir?"})
