@@ -28,6 +28,7 @@ Sections, in the order a run flows through them (spec phases in brackets):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import datetime as dt
@@ -270,21 +271,24 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary name in the same folder, fsync, then rename over the target. The text is json_text's:
-    secrets redacted, strict JSON. A failed write (a full disk) removes its temporary file and raises the OSError
-    with the target's path as its filename; the target is left as it was."""
+@contextlib.contextmanager
+def open_atomic(path: Path, mode: str = "w", newline: Optional[str] = None):
+    """The one way this script writes a file: a handle on a temporary name in the same folder
+    (`.tmp-<name>.<pid>`), flushed, fsynced and renamed over `path` when the block ends, so a reader, or a crash,
+    finds the old file or the new one, never part of one. `mode` "w" (UTF-8 text; `newline=""` for csv) or "wb".
+    A block that fails (a full disk) removes the temporary file and re-raises, an OSError with the target's path
+    as its filename; `path` is left as it was. The disk-full test hook (injected_enospc) fails it here."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json_text(data, indent=2) + "\n"
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     try:
-        with tmp.open("w", encoding="utf-8") as fh:
+        with tmp.open(mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": newline})) as fh:
+            yield fh
+            fh.flush()
             injected = injected_enospc(path)
             if injected is not None:
-                fh.write(text[:len(text) // 2])  # what a full disk leaves: a partial temporary file
+                fh.truncate(tmp.stat().st_size // 2)  # what a full disk leaves: a partial temporary file
                 raise injected
-            fh.write(text)
-            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
@@ -295,6 +299,45 @@ def write_json_atomic(path: Path, data: Any) -> None:
         if isinstance(exc, OSError) and not exc.filename:
             exc.filename = str(path)
         raise
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """`data` (text as UTF-8) into `path` through open_atomic."""
+    with open_atomic(path, "wb" if isinstance(data, bytes) else "w") as fh:
+        fh.write(data)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """`data` as json_text writes it (secrets redacted, strict JSON, indented) into `path` through open_atomic."""
+    write_atomic(path, json_text(data, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def build_dir_atomic(final: Path):
+    """A fresh directory beside `final` (`.tmp-<name>`; a leftover of an earlier try is removed) to build in. When
+    the block ends it takes `final`'s place: the old one is renamed aside (`.tmp-delete-<name>`), the new one
+    renamed in, then the old one deleted, so `final` is never a half-built directory or a mix of two. A block that
+    fails removes the temporary directory and re-raises; `final` is left as it was."""
+    final = Path(final)
+    tmp, old = final.with_name(f"{TMP_PREFIX}{final.name}"), final.with_name(f"{TMP_PREFIX}delete-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    moved_aside = False
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            moved_aside = True
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if moved_aside and not final.exists():
+            os.rename(old, final)
+        raise
+    if moved_aside:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def utc_now() -> str:
@@ -2514,10 +2557,8 @@ def init_tracking(config: TrainingConfig, run_id: Optional[str] = None, resume: 
         if resume and path.exists():
             with path.open(newline="") as fh:
                 rows = [r for r in list(csv.reader(fh))[1:] if resume_step is None or int(r[0]) <= resume_step]
-        tmp = path.with_name(TMP_PREFIX + path.name)
-        with tmp.open("w", newline="") as fh:
+        with open_atomic(path, newline="") as fh:
             csv.writer(fh).writerows([["step", "epoch", "value"], *rows])
-        os.replace(tmp, path)
     if tracker.tensorboard_dir is not None:
         from torch.utils.tensorboard import SummaryWriter
         tracker.tensorboard_dir.mkdir(parents=True, exist_ok=True)
@@ -4960,10 +5001,11 @@ def plot_loss_curves(train_csv: Path, val_csv: Path, best_step: Optional[int], o
     ax.set_ylabel("loss (mean NLL per answer token)")
     ax.legend()
     ax.grid(alpha=0.3)
-    tmp = out.with_name(TMP_PREFIX + out.name)
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with open_atomic(out, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -4980,9 +5022,9 @@ def prepare_for_serving(d: Path) -> list[str]:
         path = d / name
         if path.is_file() and read_json_lenient(path) == data:
             return
-        if path.exists():
-            path.unlink()  # a hard link to the checkpoint's file: replace the link, not the bytes behind it
-        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        # a new file renamed in: where `path` is a hard link to the checkpoint's file, the link is replaced, not
+        # the bytes behind it
+        write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         rewritten.append(name)
 
     if (d / "config.json").is_file():
@@ -5010,32 +5052,26 @@ def archive_best(run_dir: Path, best_checkpoint: str, manifest: dict) -> Path:
     the checkpoint's own files keep the sha256 its checkpoint_meta.json records (check_checkpoint_integrity), and
     best/'s copy of checkpoint_meta.json records best/'s. Built under a temporary name, then renamed."""
     src, final = Path(best_checkpoint), run_dir / "best"
-    tmp = run_dir / f"{TMP_PREFIX}best"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for pattern in INFERENCE_FILES:
-        for f in sorted(src.glob(pattern)):
-            try:
-                os.link(f, tmp / f.name)
-            except OSError:
-                shutil.copy2(f, tmp / f.name)
-    rewritten = prepare_for_serving(tmp)
-    if rewritten and (tmp / CHECKPOINT_META).is_file():
-        meta = read_json_lenient(tmp / CHECKPOINT_META)
-        meta["checksums"] = {**(meta.get("checksums") or {}), **{n: _sha256(tmp / n) for n in rewritten}}
-        meta["rewritten_for_serving"] = rewritten
-        write_json_atomic(tmp / CHECKPOINT_META, meta)  # a new file (rename), never a write through the link
-    write_json_atomic(tmp / MANIFEST_NAME, manifest)
-    (tmp / "SOURCE").write_text(f"{src.name}\n")
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    (tmp / "SHA256SUMS").write_text("".join(f"{_sha256_cached(p)}  {p.relative_to(tmp).as_posix()}\n" for p in files))
-    for p in [tmp, *tmp.rglob("*")]:
-        os.chmod(p, 0o755 if p.is_dir() else 0o644)
-    if final.exists():
-        old = run_dir / f"{TMP_PREFIX}delete-best"
-        os.rename(final, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.rename(tmp, final)
+    with build_dir_atomic(final) as tmp:
+        for pattern in INFERENCE_FILES:
+            for f in sorted(src.glob(pattern)):
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+        rewritten = prepare_for_serving(tmp)
+        if rewritten and (tmp / CHECKPOINT_META).is_file():
+            meta = read_json_lenient(tmp / CHECKPOINT_META)
+            meta["checksums"] = {**(meta.get("checksums") or {}), **{n: _sha256(tmp / n) for n in rewritten}}
+            meta["rewritten_for_serving"] = rewritten
+            write_json_atomic(tmp / CHECKPOINT_META, meta)  # a new file (rename), never a write through the link
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        write_atomic(tmp / "SOURCE", f"{src.name}\n")
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        write_atomic(tmp / "SHA256SUMS",
+                     "".join(f"{_sha256_cached(p)}  {p.relative_to(tmp).as_posix()}\n" for p in files))
+        for p in [tmp, *tmp.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
     return final
 
 
@@ -5093,9 +5129,7 @@ def analyse_run(ctx: RunContext, model, tokenizer, samples: Optional[list] = Non
     if ev.num_samples:
         samples = samples if samples is not None else sample_completions(ctx, model, tokenizer)
         path = ctx.run_dir / "samples.jsonl"
-        tmp = path.with_name(TMP_PREFIX + path.name)
-        tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples))
         ctx.samples = {"path": str(path), "count": len(samples), "greedy": True,
                        "max_new_tokens": ev.max_new_tokens,
                        "exact_match_rate": sum(x["exact_match"] for x in samples) / len(samples),
@@ -5115,16 +5149,12 @@ def merge_adapter(config: TrainingConfig, adapter_dir: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     base = AutoModelForCausalLM.from_pretrained(checkpoint_ref(config))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    tmp = out.with_name(TMP_PREFIX + out.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp))
-    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))
-    write_json_atomic(tmp / "merge_info.json", {"adapter": str(adapter_dir), "base_model": config.model.base_checkpoint,
-                                                "base_config_sha256": base_config_sha256(config),
-                                                "created_at": utc_now()})
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    with build_dir_atomic(out) as tmp:
+        merged.save_pretrained(str(tmp))
+        AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))
+        write_json_atomic(tmp / "merge_info.json", {
+            "adapter": str(adapter_dir), "base_model": config.model.base_checkpoint,
+            "base_config_sha256": base_config_sha256(config), "created_at": utc_now()})
     log.info("merged %s into the base weights: %s", adapter_dir.name, out)
     return out
 
