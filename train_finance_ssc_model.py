@@ -28,6 +28,7 @@ Sections, in the order a run flows through them (spec phases in brackets):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import datetime as dt
@@ -64,6 +65,7 @@ EXIT_INVALID = 2  # invalid config, data, checkpoint or paths: nothing was train
 EXIT_DIVERGED = 3  # stopped by an anomaly guard
 EXIT_OOM = 4  # out of memory, predicted or real
 EXIT_PREEMPTED = 143  # SIGTERM / SIGUSR1: saved a checkpoint at the step boundary and stopped (128 + SIGTERM)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 ERROR_EXIT_CODES = {
     "InvalidConfig": EXIT_INVALID,
     "EmptyDataset": EXIT_INVALID,
@@ -79,6 +81,7 @@ ERROR_EXIT_CODES = {
     "DiskFull": EXIT_FAILED,  # a write failed with ENOSPC/EDQUOT during the run (what was saved stays usable)
     "TrainingFailed": EXIT_FAILED,
     "Preempted": EXIT_PREEMPTED,
+    "Interrupted": EXIT_INTERRUPTED,
 }
 MANIFEST_NAME = "run_manifest.json"
 DAMAGED_MANIFEST_HINT = (  # RunRecordDamaged's suggestion for a damaged manifest, outside a resume
@@ -216,13 +219,18 @@ def _dotted_get(obj: Any, dotted: str) -> Any:
     return obj
 
 
-def _human_bytes(n: float) -> str:
-    """1536 -> `1.5 KiB`, 3.2e9 -> `3.0 GiB`."""
+def format_bytes(n: Optional[float], signed: bool = False) -> str:
+    """The one way this script shows a byte count, in binary units labelled as such (KiB = 2**10 ... TiB = 2**40):
+    1536 -> `1.5 KiB`, 3.2e9 -> `3.0 GiB`, None (not known) -> `n/a`; `signed` for a difference: `+8.0 GiB`, `+0 B`."""
+    if n is None:
+        return "n/a"
+    sign = ("+" if n >= 0 else "-") if signed else ("-" if n < 0 else "")
+    value = abs(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return sign + (f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}")
 
 
 def format_duration(seconds: float) -> str:
@@ -263,21 +271,24 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary name in the same folder, fsync, then rename over the target. The text is json_text's:
-    secrets redacted, strict JSON. A failed write (a full disk) removes its temporary file and raises the OSError
-    with the target's path as its filename; the target is left as it was."""
+@contextlib.contextmanager
+def open_atomic(path: Path, mode: str = "w", newline: Optional[str] = None):
+    """The one way this script writes a file: a handle on a temporary name in the same folder
+    (`.tmp-<name>.<pid>`), flushed, fsynced and renamed over `path` when the block ends, so a reader, or a crash,
+    finds the old file or the new one, never part of one. `mode` "w" (UTF-8 text; `newline=""` for csv) or "wb".
+    A block that fails (a full disk) removes the temporary file and re-raises, an OSError with the target's path
+    as its filename; `path` is left as it was. The disk-full test hook (injected_enospc) fails it here."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json_text(data, indent=2) + "\n"
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     try:
-        with tmp.open("w", encoding="utf-8") as fh:
+        with tmp.open(mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": newline})) as fh:
+            yield fh
+            fh.flush()
             injected = injected_enospc(path)
             if injected is not None:
-                fh.write(text[:len(text) // 2])  # what a full disk leaves: a partial temporary file
+                fh.truncate(tmp.stat().st_size // 2)  # what a full disk leaves: a partial temporary file
                 raise injected
-            fh.write(text)
-            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
@@ -290,6 +301,45 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """`data` (text as UTF-8) into `path` through open_atomic."""
+    with open_atomic(path, "wb" if isinstance(data, bytes) else "w") as fh:
+        fh.write(data)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """`data` as json_text writes it (secrets redacted, strict JSON, indented) into `path` through open_atomic."""
+    write_atomic(path, json_text(data, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def build_dir_atomic(final: Path):
+    """A fresh directory beside `final` (`.tmp-<name>`; a leftover of an earlier try is removed) to build in. When
+    the block ends it takes `final`'s place: the old one is renamed aside (`.tmp-delete-<name>`), the new one
+    renamed in, then the old one deleted, so `final` is never a half-built directory or a mix of two. A block that
+    fails removes the temporary directory and re-raises; `final` is left as it was."""
+    final = Path(final)
+    tmp, old = final.with_name(f"{TMP_PREFIX}{final.name}"), final.with_name(f"{TMP_PREFIX}delete-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    moved_aside = False
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            moved_aside = True
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if moved_aside and not final.exists():
+            os.rename(old, final)
+        raise
+    if moved_aside:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -299,10 +349,6 @@ def _read_jsonl(path: Path, limit: Optional[int] = None) -> list[dict]:
     past a UTF-8 BOM at the start of the file)."""
     import itertools
     return [record for _, record in itertools.islice(_jsonl_rows(path), limit)]
-
-
-def _signed_size(n: float) -> str:
-    return ("+" if n >= 0 else "-") + (_size(abs(n)) if n else "0 B")
 
 
 def _process_alive(pid: int) -> bool:
@@ -331,7 +377,10 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def read_run_record(path: Path, suggestion: str) -> Optional[dict]:
+# Two JSON readers with opposite policies for a damaged file: the strict one for records a decision rests on (a run's
+# manifest and status.json), the lenient one for files whose loss costs nothing but detail (an index, a lock's
+# holder, settings with a fallback). A caller picks one by name.
+def read_json_strict(path: Path, suggestion: str) -> Optional[dict]:
     """A run's JSON record (run_manifest.json, status.json): None when the file does not exist. One that exists but
     is empty, truncated or not a JSON object is RunRecordDamaged (exit 2) naming the file and what is wrong with
     it: never read as an empty record (a resume would drop the run's history, --status would guess)."""
@@ -359,11 +408,14 @@ def read_run_record(path: Path, suggestion: str) -> Optional[dict]:
     raise TrainerError("RunRecordDamaged", {"path": str(path.resolve()), "problem": what, "suggestion": suggestion})
 
 
-def _read_json(path: Path) -> dict:
+def read_json_lenient(path: Path) -> dict:
+    """The JSON object in `path`, or {} when the file is missing, unreadable, damaged or holds no object: only for
+    callers that have a fallback for every key (read_json_strict for the run's own records)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        value = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):  # ValueError: not UTF-8, not JSON
         return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -372,16 +424,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         key = f"{prefix}{k}"
         out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
     return out
-
-
-def _size(n: Optional[float]) -> str:
-    """Bytes for the console, in the units the memory estimate uses (GB = 2**30)."""
-    if not n:
-        return "n/a"
-    for unit, exp in (("GB", 30), ("MB", 20), ("KB", 10)):
-        if n >= 2 ** exp:
-            return f"{n / 2 ** exp:.1f} {unit}"
-    return f"{n:.0f} B"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1253,7 +1295,7 @@ def _baseline_manifest_path(ref: str) -> Optional[Path]:
     """The baseline's manifest, if `ref` is a manifest or a run dir holding one and it is a JSON object."""
     p = Path(ref).expanduser()
     p = p / MANIFEST_NAME if p.is_dir() else p
-    return p.resolve() if p.is_file() and isinstance(_read_json(p), dict) and _read_json(p) else None
+    return p.resolve() if p.is_file() and read_json_lenient(p) else None
 
 
 def detect_shape(record: Any) -> Optional[str]:
@@ -1802,7 +1844,7 @@ def _baseline_rules(config: TrainingConfig, res: ValidationResult) -> None:
     path = _baseline_manifest_path(config.evaluation.baseline) if config.evaluation.baseline else None
     if path is None:
         return
-    base = _read_json(path)
+    base = read_json_lenient(path)
     res.baseline = {"baseline_run_id": base.get("run_id"), "baseline_manifest": str(path),
                     **baseline_differences(_config_facts(config, res), _run_facts(base))}
     res.warnings.extend(baseline_lines(res.baseline, base.get("run_id")))
@@ -2401,7 +2443,7 @@ def check_disk(config: TrainingConfig, ckpt_cfg: dict, validation: ValidationRes
         free = shutil.disk_usage(probe).free
     except OSError:
         return {}
-    gb, h = (lambda b: round(b / 2**30, 3)), _human_bytes  # noqa: E731
+    gb, h = (lambda b: round(b / 2**30, 3)), format_bytes  # noqa: E731
     out = {"path": str(probe), "free_bytes": free, "checkpoint_bytes": one, "needed_bytes": need,
            "minimum_bytes": minimum, "free_gb": gb(free), "checkpoint_gb": gb(one), "needed_gb": gb(need)}
     if free < minimum:
@@ -2515,10 +2557,8 @@ def init_tracking(config: TrainingConfig, run_id: Optional[str] = None, resume: 
         if resume and path.exists():
             with path.open(newline="") as fh:
                 rows = [r for r in list(csv.reader(fh))[1:] if resume_step is None or int(r[0]) <= resume_step]
-        tmp = path.with_name(TMP_PREFIX + path.name)
-        with tmp.open("w", newline="") as fh:
+        with open_atomic(path, newline="") as fh:
             csv.writer(fh).writerows([["step", "epoch", "value"], *rows])
-        os.replace(tmp, path)
     if tracker.tensorboard_dir is not None:
         from torch.utils.tensorboard import SummaryWriter
         tracker.tensorboard_dir.mkdir(parents=True, exist_ok=True)
@@ -3678,7 +3718,7 @@ def check_checkpoint_integrity(ckpt_dir: Path, meta: Optional[dict] = None, resu
     the save loads silently (Trainer even skips a missing optimizer.pt). `resume=False`: only what inference
     loads. A dir without checkpoint_meta.json is checked against its SHA256SUMS if it has one, else not at all."""
     d = Path(ckpt_dir)
-    meta = _read_json(d / CHECKPOINT_META) if meta is None else meta
+    meta = read_json_lenient(d / CHECKPOINT_META) if meta is None else meta
     sums = dict(meta.get("checksums") or {})
     if not meta and (d / "SHA256SUMS").is_file():
         sums = {name: sha for sha, _, name in (line.partition("  ") for line in
@@ -3838,8 +3878,7 @@ def run_index_path() -> Path:
 
 
 def _run_index() -> dict:
-    index = _read_json(run_index_path())
-    return index if isinstance(index, dict) else {}
+    return read_json_lenient(run_index_path())
 
 
 def register_run(run_id: str, run_dir: Path) -> None:
@@ -3947,7 +3986,7 @@ def lock_run_dir(run_dir: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        holder = _read_json(path)
+        holder = read_json_lenient(path)
         who = f"pid {holder.get('pid')} on {holder.get('hostname')}, since {holder.get('started_at')}"
         raise TrainerError("RunLocked", {
             "path": str(path), "pid": holder.get("pid"), "hostname": holder.get("hostname"),
@@ -4102,7 +4141,7 @@ def previous_manifest(manifest_path: Path, force: bool, main_proc: bool = True) 
     checkpoint copied to a new output dir). A damaged one is refused unless --force: then it is renamed to
     `run_manifest.json.damaged-<time>` (kept, not overwritten) and the run continues without the earlier history."""
     try:
-        return read_run_record(manifest_path, (
+        return read_json_strict(manifest_path, (
             "the run's history (curves, evaluations, anomalies, earlier resumes) cannot be read from it: restore "
             "it from a backup, or add --force to resume without the earlier history (the damaged file is kept as "
             f"{MANIFEST_NAME}.damaged-<time>)")) or {}
@@ -4385,12 +4424,12 @@ def run_dry_steps(ctx: RunContext, tokenizer, datasets_: dict, model, steps: int
     stopped = f" (a guard stopped it: {history.stop['reason']})" if history.stop else ""
     failed = "" if report["status"] == "passed" else f", failed: {', '.join(k for k, v in checks.items() if not v)}"
     vs = report["baseline_memory"]
-    vs_text = (f" ({_signed_size(vs['delta_bytes'])} on baseline {vs['baseline_run_id']}'s {_size(vs['baseline_bytes'])})"
-               if vs else "")
+    vs_text = (f" ({format_bytes(vs['delta_bytes'], signed=True)} on baseline {vs['baseline_run_id']}'s "
+               f"{format_bytes(vs['baseline_bytes'])})" if vs else "")
     (log.info if report["status"] == "passed" else log.error)(
         "dry run %s: %d step%s%s, initial loss %.2f (ln vocab %.2f), memory %s measured%s vs %s estimated%s -> %s",
         report["status"], steps_run, "" if steps_run == 1 else "s", stopped, initial, report["ln_vocab"],
-        _size(measured["total_bytes"]), vs_text, _size(estimated), failed, path)
+        format_bytes(measured["total_bytes"]), vs_text, format_bytes(estimated), failed, path)
     return report
 
 
@@ -4697,7 +4736,7 @@ def _train(ctx: RunContext, resume_path: Optional[str], skip_dry_run: bool = Fal
     if resume_path:
         trainer.resume_plan = ctx.resume_plan
     if resume_path:  # the best as of the resumed checkpoint, never a later one from the abandoned timeline
-        best_step = _read_json(Path(resume_path) / "trainer_state.json").get("best_global_step")
+        best_step = read_json_lenient(Path(resume_path) / "trainer_state.json").get("best_global_step")
         trainer.best_checkpoint = next((c["path"] for c in read_checkpoints(ctx.run_dir, verify=True)
                                         if c["step"] == best_step and c.get("health") == "ok"), None)
 
@@ -4733,7 +4772,7 @@ def _train(ctx: RunContext, resume_path: Optional[str], skip_dry_run: bool = Fal
         trainer.state.best_model_checkpoint = ctx.best_checkpoint
         # the best saved at the last step holds the weights in memory (verified equal when saved): no reload,
         # which for a multi-GB model is a read of every shard
-        if _read_json(Path(ctx.best_checkpoint) / "trainer_state.json").get("global_step") != trainer.state.global_step:
+        if read_json_lenient(Path(ctx.best_checkpoint) / "trainer_state.json").get("global_step") != trainer.state.global_step:
             trainer._load_best_model()
         final_model = Path(ctx.best_checkpoint).name
     test = trainer.evaluate(datasets_["test"], metric_key_prefix="test")
@@ -4966,8 +5005,9 @@ def baseline_lines(diffs: dict, run_id: Any) -> list[str]:
                      "metric deltas compare different data")
     est = diffs["memory"]["estimated"]
     if est["delta_bytes"]:
-        lines.append(f"vs baseline {run_id}: memory estimate {_size(est['current_bytes'])}, "
-                     f"{_signed_size(est['delta_bytes'])} on the baseline's {_size(est['baseline_bytes'])}")
+        lines.append(f"vs baseline {run_id}: memory estimate {format_bytes(est['current_bytes'])}, "
+                     f"{format_bytes(est['delta_bytes'], signed=True)} on the baseline's "
+                     f"{format_bytes(est['baseline_bytes'])}")
     return lines
 
 
@@ -5009,10 +5049,11 @@ def plot_loss_curves(train_csv: Path, val_csv: Path, best_step: Optional[int], o
     ax.set_ylabel("loss (mean NLL per answer token)")
     ax.legend()
     ax.grid(alpha=0.3)
-    tmp = out.with_name(TMP_PREFIX + out.name)
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with open_atomic(out, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -5027,18 +5068,18 @@ def prepare_for_serving(d: Path) -> list[str]:
 
     def rewrite(name: str, data: dict) -> None:
         path = d / name
-        if path.is_file() and _read_json(path) == data:
+        if path.is_file() and read_json_lenient(path) == data:
             return
-        if path.exists():
-            path.unlink()  # a hard link to the checkpoint's file: replace the link, not the bytes behind it
-        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        # a new file renamed in: where `path` is a hard link to the checkpoint's file, the link is replaced, not
+        # the bytes behind it
+        write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         rewritten.append(name)
 
     if (d / "config.json").is_file():
-        config = _read_json(d / "config.json")
+        config = read_json_lenient(d / "config.json")
         rewrite("config.json", {**config, "use_cache": True})
         tok = AutoTokenizer.from_pretrained(str(d))
-        gen = _read_json(d / "generation_config.json") or {
+        gen = read_json_lenient(d / "generation_config.json") or {
             k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
         for key, value in (("pad_token_id", tok.pad_token_id), ("eos_token_id", tok.eos_token_id),
                            ("bos_token_id", tok.bos_token_id)):
@@ -5046,7 +5087,7 @@ def prepare_for_serving(d: Path) -> list[str]:
                 gen[key] = value
         rewrite("generation_config.json", {**gen, **({"use_cache": True} if "use_cache" in gen else {})})
     if (d / "tokenizer_config.json").is_file():
-        rewrite("tokenizer_config.json", {**_read_json(d / "tokenizer_config.json"), "padding_side": "left"})
+        rewrite("tokenizer_config.json", {**read_json_lenient(d / "tokenizer_config.json"), "padding_side": "left"})
     return rewritten
 
 
@@ -5059,32 +5100,26 @@ def archive_best(run_dir: Path, best_checkpoint: str, manifest: dict) -> Path:
     the checkpoint's own files keep the sha256 its checkpoint_meta.json records (check_checkpoint_integrity), and
     best/'s copy of checkpoint_meta.json records best/'s. Built under a temporary name, then renamed."""
     src, final = Path(best_checkpoint), run_dir / "best"
-    tmp = run_dir / f"{TMP_PREFIX}best"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for pattern in INFERENCE_FILES:
-        for f in sorted(src.glob(pattern)):
-            try:
-                os.link(f, tmp / f.name)
-            except OSError:
-                shutil.copy2(f, tmp / f.name)
-    rewritten = prepare_for_serving(tmp)
-    if rewritten and (tmp / CHECKPOINT_META).is_file():
-        meta = _read_json(tmp / CHECKPOINT_META)
-        meta["checksums"] = {**(meta.get("checksums") or {}), **{n: _sha256(tmp / n) for n in rewritten}}
-        meta["rewritten_for_serving"] = rewritten
-        write_json_atomic(tmp / CHECKPOINT_META, meta)  # a new file (rename), never a write through the link
-    write_json_atomic(tmp / MANIFEST_NAME, manifest)
-    (tmp / "SOURCE").write_text(f"{src.name}\n")
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    (tmp / "SHA256SUMS").write_text("".join(f"{_sha256_cached(p)}  {p.relative_to(tmp).as_posix()}\n" for p in files))
-    for p in [tmp, *tmp.rglob("*")]:
-        os.chmod(p, 0o755 if p.is_dir() else 0o644)
-    if final.exists():
-        old = run_dir / f"{TMP_PREFIX}delete-best"
-        os.rename(final, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.rename(tmp, final)
+    with build_dir_atomic(final) as tmp:
+        for pattern in INFERENCE_FILES:
+            for f in sorted(src.glob(pattern)):
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+        rewritten = prepare_for_serving(tmp)
+        if rewritten and (tmp / CHECKPOINT_META).is_file():
+            meta = read_json_lenient(tmp / CHECKPOINT_META)
+            meta["checksums"] = {**(meta.get("checksums") or {}), **{n: _sha256(tmp / n) for n in rewritten}}
+            meta["rewritten_for_serving"] = rewritten
+            write_json_atomic(tmp / CHECKPOINT_META, meta)  # a new file (rename), never a write through the link
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        write_atomic(tmp / "SOURCE", f"{src.name}\n")
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        write_atomic(tmp / "SHA256SUMS",
+                     "".join(f"{_sha256_cached(p)}  {p.relative_to(tmp).as_posix()}\n" for p in files))
+        for p in [tmp, *tmp.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
     return final
 
 
@@ -5142,9 +5177,7 @@ def analyse_run(ctx: RunContext, model, tokenizer, samples: Optional[list] = Non
     if ev.num_samples:
         samples = samples if samples is not None else sample_completions(ctx, model, tokenizer)
         path = ctx.run_dir / "samples.jsonl"
-        tmp = path.with_name(TMP_PREFIX + path.name)
-        tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples))
         ctx.samples = {"path": str(path), "count": len(samples), "greedy": True,
                        "max_new_tokens": ev.max_new_tokens,
                        "exact_match_rate": sum(x["exact_match"] for x in samples) / len(samples),
@@ -5164,16 +5197,12 @@ def merge_adapter(config: TrainingConfig, adapter_dir: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     base = AutoModelForCausalLM.from_pretrained(checkpoint_ref(config))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    tmp = out.with_name(TMP_PREFIX + out.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp))
-    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))
-    write_json_atomic(tmp / "merge_info.json", {"adapter": str(adapter_dir), "base_model": config.model.base_checkpoint,
-                                                "base_config_sha256": base_config_sha256(config),
-                                                "created_at": utc_now()})
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    with build_dir_atomic(out) as tmp:
+        merged.save_pretrained(str(tmp))
+        AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))
+        write_json_atomic(tmp / "merge_info.json", {
+            "adapter": str(adapter_dir), "base_model": config.model.base_checkpoint,
+            "base_config_sha256": base_config_sha256(config), "created_at": utc_now()})
     log.info("merged %s into the base weights: %s", adapter_dir.name, out)
     return out
 
@@ -5554,7 +5583,7 @@ def list_checkpoints(run_id: str, output_dir: Optional[str] = None) -> list[dict
     latest, and `integrity` says which file and how."""
     run_dir = find_run_dir(run_id, output_dir)
     ckpts = read_checkpoints(run_dir, verify=True)
-    recorded = (read_run_record(run_dir / MANIFEST_NAME, DAMAGED_MANIFEST_HINT) or {}).get("checkpoints")
+    recorded = (read_json_strict(run_dir / MANIFEST_NAME, DAMAGED_MANIFEST_HINT) or {}).get("checkpoints")
     best = resolve_manifest_path(recorded.get("best_checkpoint"), run_dir) if isinstance(recorded, dict) else None
     healthy = [c["path"] for c in ckpts if c.get("health") == "ok"]
     return [{"name": c["name"], "path": c["path"], "step": c["step"], "epoch": c["epoch"],
@@ -5575,7 +5604,7 @@ def load_checkpoint(path: str):
                                        "use another one (--list-checkpoints RUN shows which are intact)")
     if (p / "adapter_config.json").is_file():  # LoRA checkpoint: base + adapter, as peft loads it
         from peft import AutoPeftModelForCausalLM
-        base = (_read_json(p / CHECKPOINT_META).get("config") or {}).get("model", {}).get("base_checkpoint")
+        base = (read_json_lenient(p / CHECKPOINT_META).get("config") or {}).get("model", {}).get("base_checkpoint")
         try:
             return AutoPeftModelForCausalLM.from_pretrained(str(p))
         except OSError as exc:
@@ -5609,7 +5638,7 @@ def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_lengt
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    stored = _read_json(ckpt / CHECKPOINT_META).get("config") or {}
+    stored = read_json_lenient(ckpt / CHECKPOINT_META).get("config") or {}
     max_len = max_seq_length or (stored.get("data") or {}).get("max_seq_length") \
         or model.config.max_position_embeddings
     info, problems = scan_jsonl(Path(test_data_path).expanduser().resolve(), "test", "auto", "as given")
@@ -5635,10 +5664,10 @@ def monitor_training(run_id: str, output_dir: Optional[str] = None) -> dict:
     """The state of a run, running or not: status, step/max_steps, epoch, latest losses, tokens/s, elapsed,
     ETA, last checkpoint. A run whose process died without finishing is reported as failed."""
     run_dir = find_run_dir(run_id, output_dir)
-    status = read_run_record(run_dir / "status.json", (
+    status = read_json_strict(run_dir / "status.json", (
         "status.json is rewritten (atomically) at every log step: something else damaged it. Remove it to have "
         "--status report from the manifest, or follow the run's train.log")) or {}
-    manifest = read_run_record(run_dir / MANIFEST_NAME, DAMAGED_MANIFEST_HINT) or {}
+    manifest = read_json_strict(run_dir / MANIFEST_NAME, DAMAGED_MANIFEST_HINT) or {}
     if not status and not manifest:
         raise TrainerError("CheckpointNotFound", {"field": "run", "value": run_id, "path": str(run_dir),
                                                   "suggestion": "no status.json or manifest: is this a run dir?"})
@@ -5930,8 +5959,7 @@ def launch_distributed(config: TrainingConfig, args: argparse.Namespace, argv: l
         return EXIT_OK
     last_error = last_error or unexpected_error(RuntimeError(f"torch.distributed.run exited with {rc}")).payload
     emit_error(last_error)
-    return 130 if last_error.get("error") == "Interrupted" else ERROR_EXIT_CODES.get(last_error.get("error"),
-                                                                                     EXIT_FAILED)
+    return ERROR_EXIT_CODES.get(last_error.get("error"), EXIT_FAILED)
 
 
 def _error_payload(line: str) -> Optional[dict]:
@@ -6018,7 +6046,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt as exc:
         print_run_output(getattr(exc, "run_output", None))
         emit_error(TrainerError("Interrupted", {"suggestion": "resume with --resume-from latest --run-id RUN"}).payload)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # unexpected: still one JSON object, traceback only with --debug
         if args.debug:
             import traceback

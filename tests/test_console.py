@@ -26,6 +26,14 @@ def test_step_line_shows_progress_and_eta():
     assert tf.format_duration(3725) == "1h02m" and tf.format_duration(9.4) == "9s"
 
 
+@pytest.mark.parametrize("n,signed,text", [
+    (1023, False, "1023 B"), (1536, False, "1.5 KiB"), (3.2e9, False, "3.0 GiB"), (5 * 2**40, False, "5.0 TiB"),
+    (2**50, False, "1024.0 TiB"), (0, False, "0 B"), (None, False, "n/a"), (-1536, False, "-1.5 KiB"),
+    (8 * 2**30, True, "+8.0 GiB"), (-3 * 2**20, True, "-3.0 MiB"), (0, True, "+0 B")])
+def test_one_byte_format_in_binary_units(n, signed, text):
+    assert tf.format_bytes(n, signed=signed) == text
+
+
 @pytest.fixture(scope="module")
 def short_run(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("console")

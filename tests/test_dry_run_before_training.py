@@ -45,8 +45,8 @@ def test_training_runs_the_dry_run_first_and_says_so_in_one_line(pair):
     lines = [line for line in stdout.splitlines() if "dry run" in line]
     assert len(lines) == 1, lines
     # 96 samples / batch 8 x 2 epochs = 24 planned steps: the default is a tenth of them, at least 2
-    assert re.search(r" INFO dry run passed: 2 steps, initial loss \d+\.\d\d \(ln vocab 5\.95\), memory [\d.]+ [KMG]?B "
-                     r"measured vs [\d.]+ [KMG]?B estimated -> " + re.escape(str(report_path)) + "$", lines[0]), lines[0]
+    assert re.search(r" INFO dry run passed: 2 steps, initial loss \d+\.\d\d \(ln vocab 5\.95\), memory [\d.]+ [KMGT]iB "
+                     r"measured vs [\d.]+ [KMGT]iB estimated -> " + re.escape(str(report_path)) + "$", lines[0]), lines[0]
     first_step = next(i for i, line in enumerate(stdout.splitlines()) if " INFO step " in line)
     assert stdout.splitlines().index(lines[0]) < first_step  # before the run's first evaluation and step
     assert not re.search(r" step \d+/2 ", stdout)  # the dry run's own step lines stay off the console

@@ -141,6 +141,62 @@ def test_write_json_atomic_removes_its_temp_file_when_the_write_fails(tmp_path, 
     assert json.loads(target.read_text()) == {"old": True}
 
 
+def test_samples_jsonl_goes_through_the_atomic_writer(tiny_dir, tmp_path):
+    """A full disk at the samples file (written after training, before the final manifest) is DiskFull naming it,
+    and leaves neither a partial samples.jsonl nor its temporary file."""
+    proc = full_disk_run(tiny_dir, tmp_path, "samples.jsonl")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    err = last_json(proc.stderr)
+    run_dir = tmp_path / "runs" / "full"
+    assert err["error"] == "DiskFull" and err["details"]["errno_name"] == "ENOSPC"
+    assert err["details"]["path"] == str(run_dir / "samples.jsonl")
+    assert not (run_dir / "samples.jsonl").exists() and tmp_entries(run_dir) == []
+    manifest = json.loads((run_dir / "run_manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["error"]["details"]["path"] == err["details"]["path"]
+
+
+def test_csv_curves_and_the_loss_plot_go_through_the_atomic_writer(tiny_dir, tmp_path, monkeypatch):
+    cfg = set_key(base_config(tiny_dir, tmp_path), "logging.tensorboard.enabled", False)
+    config = tf.load_training_config(str(write_config(tmp_path / "c.yaml", cfg)))
+    log_dir = tmp_path / "logs" / "r"
+    log_dir.mkdir(parents=True)
+    curve = "step,epoch,value\r\n1,0.1,2.0\r\n2,0.2,1.5\r\n3,0.3,1.2\r\n"
+    for name in ("train_loss.csv", "val_loss.csv"):
+        (log_dir / name).write_bytes(curve.encode())
+    (log_dir / "loss_curves.png").write_bytes(b"old plot")
+    monkeypatch.setenv("FINANCE_TRAINER_INJECT_ENOSPC", "train_loss.csv,loss_curves.png")
+    with pytest.raises(OSError) as info:  # a resume trims the curves to the resumed step: a rewrite
+        tf.init_tracking(config, "r", resume=True, resume_step=2)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(log_dir / "train_loss.csv")
+    with pytest.raises(OSError) as info:
+        tf.plot_loss_curves(log_dir / "train_loss.csv", log_dir / "val_loss.csv", 2, log_dir / "loss_curves.png")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(log_dir / "loss_curves.png")
+    assert (log_dir / "train_loss.csv").read_bytes() == curve.encode()  # the old files, whole
+    assert (log_dir / "loss_curves.png").read_bytes() == b"old plot"
+    assert sorted(p.name for p in log_dir.iterdir()) == ["loss_curves.png", "train_loss.csv", "val_loss.csv"]
+    monkeypatch.delenv("FINANCE_TRAINER_INJECT_ENOSPC")
+    tf.init_tracking(config, "r", resume=True, resume_step=2)
+    assert (log_dir / "train_loss.csv").read_bytes() == b"step,epoch,value\r\n1,0.1,2.0\r\n2,0.2,1.5\r\n"
+    tf.plot_loss_curves(log_dir / "train_loss.csv", log_dir / "val_loss.csv", 2, log_dir / "loss_curves.png")
+    assert (log_dir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_build_dir_atomic_replaces_the_whole_dir_or_nothing(tmp_path):
+    final = tmp_path / "best"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with tf.build_dir_atomic(final) as tmp:
+            tf.write_atomic(tmp / "new.bin", b"\x00new")
+            raise RuntimeError("the build failed half way")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"] and (final / "old.txt").read_text() == "old"
+    with tf.build_dir_atomic(final) as tmp:
+        tf.write_atomic(tmp / "new.bin", b"\x00new")
+        assert not (final / "new.bin").exists()  # nothing shows before the block ends
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    assert sorted(p.name for p in final.iterdir()) == ["new.bin"] and (final / "new.bin").read_bytes() == b"\x00new"
+
+
 def test_preflight_refuses_a_disk_that_cannot_hold_two_checkpoints(tiny_dir, tmp_path, monkeypatch):
     config = tf.load_training_config(str(write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))))
     roomy = tf.validate_config(config, check_device=False)

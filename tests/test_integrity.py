@@ -152,7 +152,7 @@ def test_one_writer_per_run_dir_and_a_killed_writer_never_blocks(tiny_dir, tmp_p
     first = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(path), "--run-id", "same"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: tf._read_json(run_dir / "status.json").get("status") == "running"
+        wait_for(lambda: tf.read_json_lenient(run_dir / "status.json").get("status") == "running"
                  and list(run_dir.glob("checkpoint-*/checkpoint_meta.json")), "status running and a checkpoint", first)
         report = (run_dir / "dry_run_report.json").read_bytes()  # the first process's, from before it trained
         assert_locked(run_cli("--config", path, "--run-id", "same"), first)
