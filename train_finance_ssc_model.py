@@ -4540,6 +4540,8 @@ class RunContext:
     resume_plan: Optional[dict] = None  # hyperparameter changes a resume applies (apply_resume_plan)
     optimizer_implementation: Optional[str] = None  # the TrainingArguments optim the Trainer ran
     dry_run: Optional[dict] = None  # the dry run before training: passed (with its report) or skipped, and why
+    evaluated: Optional[str] = None  # what the test evaluation measured: the best checkpoint's name, or final weights
+    log_handler: Optional[logging.Handler] = None  # train.log's, removed when the run's record is written
 
 
 @dataclass
@@ -4573,50 +4575,82 @@ def train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opti
             gc.unfreeze()
 
 
-def _train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Optional[str] = None, *,
-                 run_id: Optional[str] = None, max_steps: Optional[int] = None, force: bool = False,
-                 argv: Optional[list] = None, skip_dry_run: bool = False) -> RunResult:
+def _train_model(config: TrainingConfig, dry_run: bool, resume_from: Optional[str], *, run_id: Optional[str],
+                 max_steps: Optional[int], force: bool, argv: Optional[list], skip_dry_run: bool) -> RunResult:
+    """The spec's workflow, a phase a line: preflight (Phase 1), the run claimed and opened, then inside its record
+    (RunRecorder: the final manifest however the run ends) data and model, the dry run (Phase 2), training (Phase
+    3) and the post-training analysis (Phase 4)."""
     if run_id is not None:
         check_run_id(run_id)  # before anything is read or written under <output_dir>/<run_id>
     validation = validate_config(config, resuming=bool(resume_from))
     validation.raise_if_failed()
-    if resume_from == "latest" and run_id and is_main_process() and run_paths(config, run_id)["run_dir"].is_dir():
+    claim = claim_run(config, validation, resume_from, run_id, force, dry_run)
+    if dry_run:
+        return dry_run_model(config, validation, claim.run_id, max_steps or DRY_RUN_STEPS)
+    ctx = open_run(config, validation, claim, argv or sys.argv)
+    resume_path = claim.resume["path"] if claim.resume else None
+    with RunRecorder(ctx, claim.resume) as recorder:
+        tokenizer, datasets_, model = _prepare(ctx)
+        dry_run_before_training(ctx, tokenizer, datasets_, model, max_steps, skip=skip_dry_run,
+                                resuming=resume_path is not None)
+        trainer = fit(ctx, tokenizer, datasets_, model, resume_path)
+        post_training_analysis(ctx, trainer, tokenizer, datasets_)
+    return recorder.result
+
+
+@dataclass
+class RunClaim:
+    """The run a training command writes: its id and dir (locked), and what it resumes, if anything."""
+    run_id: str
+    run_dir: Path
+    resume: Optional[dict] = None  # resolve_resume's answer
+    previous: dict = field(default_factory=dict)  # the manifest a resume continues
+
+
+def claim_run(config: TrainingConfig, validation: ValidationResult, resume_from: Optional[str],
+              run_id: Optional[str], force: bool, dry_run: bool) -> RunClaim:
+    """Which run this command writes, taken before anything is written: the resume checkpoint (resolve_resume),
+    the run id, the run dir's lock (one writer), RunExists for a run that exists (or --force: moved aside), and the
+    manifest a resume continues (a damaged one is refused, or with --force set aside)."""
+    main_proc = is_main_process()
+    if resume_from == "latest" and run_id and main_proc and run_paths(config, run_id)["run_dir"].is_dir():
         lock_run_dir(run_paths(config, run_id)["run_dir"])  # before `latest` is chosen: its writer may be saving it
     resume = resolve_resume(config, resume_from, run_id, force) if resume_from else None
     if resume:
         run_id = resume["run_id"]
     run_id = run_id or make_run_id(config)
     check_run_id(run_id)  # also the one a checkpoint's meta names
-    paths = run_paths(config, run_id)
-    run_dir = paths["run_dir"]
+    run_dir = run_paths(config, run_id)["run_dir"]
     manifest_path = run_dir / MANIFEST_NAME
-    if is_main_process():
+    if main_proc:
         lock_run_dir(run_dir)  # one writer per run dir (dry run included), before RunExists and any write
-    if not dry_run and not resume and is_main_process():
+    if not dry_run and not resume and main_proc:
         if force and manifest_path.exists():  # --force without --resume-from: start this run id over
             abandon_run(config, run_id)
         refuse_existing_run(manifest_path, run_id)
     if resume and resume.get("config_diff"):
         validation.warnings.extend(resume["config_diff"])
-    # the history a resume continues; a damaged manifest is refused (or, with --force, set aside) before any write
-    previous = previous_manifest(manifest_path, force, is_main_process()) if resume and not dry_run else {}
+    previous = previous_manifest(manifest_path, force, main_proc) if resume and not dry_run else {}
+    return RunClaim(run_id, run_dir, resume, previous)
 
-    if dry_run:
-        return dry_run_model(config, validation, run_id, max_steps or DRY_RUN_STEPS)
 
-    main_proc = is_main_process()
+def open_run(config: TrainingConfig, validation: ValidationResult, claim: RunClaim, argv: list) -> RunContext:
+    """The run dir (partial saves of an earlier process removed, registered in the run index), trackers, train.log,
+    the run context (a resume's history, timings and dry-run record carried over), the console's opening lines and
+    the manifest with status `running`."""
+    main_proc, resume, previous = is_main_process(), claim.resume, claim.previous
     if main_proc:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        clean_partial_saves(run_dir)
-        register_run(run_id, run_dir)
-    tracker = init_tracking(config, run_id, resume=bool(resume), is_main=main_proc,
+        claim.run_dir.mkdir(parents=True, exist_ok=True)
+        clean_partial_saves(claim.run_dir)
+        register_run(claim.run_id, claim.run_dir)
+    tracker = init_tracking(config, claim.run_id, resume=bool(resume), is_main=main_proc,
                             resume_step=resume["step"] if resume else None)
-    handler = _add_file_log(tracker.log_dir / "train.log") if main_proc else None
-    ctx = RunContext(config=config, run_id=run_id, run_dir=run_dir, validation=validation, tracker=tracker,
-                     history=RunHistory(),
-                     reproducibility=reproducibility_block(config, validation, argv or sys.argv) if main_proc else {},
+    ctx = RunContext(config=config, run_id=claim.run_id, run_dir=claim.run_dir, validation=validation,
+                     tracker=tracker, history=RunHistory(),
+                     reproducibility=reproducibility_block(config, validation, argv) if main_proc else {},
                      created_at=previous.get("created_at") or utc_now(), start_time=time.time(),
                      wandb_url=tracker.wandb_url, resumes=list(previous.get("resumes") or []))
+    ctx.log_handler = _add_file_log(tracker.log_dir / "train.log") if main_proc else None
     if resume:
         ctx.resume_from = {"path": resume["path"], "step": resume["step"], "epoch": resume["epoch"]}
         ctx.resumes.append({**ctx.resume_from, "at": utc_now(), "config_differences": resume["config_diff"],
@@ -4626,48 +4660,64 @@ def _train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opt
         ctx.history = _history_from_manifest(previous, resume["step"])
         ctx.prior_seconds = float((previous.get("reproducibility") or {}).get("duration_seconds") or 0.0)
         ctx.dry_run = previous.get("dry_run")  # the run's own, from before it started training
-    try:
-        for w in validation.warnings:
-            log.warning(w)
-        if resume:
-            log.info(format_resume_line(resume))
-        echo_config(config)
-        if main_proc:
-            save_manifest(run_id, build_manifest(ctx, "running"), str(manifest_path))
-        previous_handlers = install_preemption_handlers()
-        try:
-            status = _train(ctx, resume["path"] if resume else None, skip_dry_run=skip_dry_run,
-                            dry_run_steps=max_steps)
-        finally:
-            restore_signal_handlers(previous_handlers)
-        exit_code = EXIT_OK
-    except TrainerError as exc:
-        status = {"TrainingDiverged": "diverged", "Preempted": "interrupted"}.get(exc.kind, "failed")
-        ctx.error = exc.payload
-        raise
-    except KeyboardInterrupt:
-        status = "interrupted"
-        ctx.error = TrainerError("Interrupted", {"suggestion": f"continue with --resume-from latest "
-                                                               f"--run-id {run_id}"}).payload
-        raise
-    except Exception as exc:
-        status = "failed"
-        if is_disk_full(exc):  # the first failed write is the error reported, with its path and the free space
-            full = disk_full_error(exc, run_dir, run_id=run_id)
-            ctx.error = full.payload
-            raise full from exc
-        ctx.error = unexpected_error(exc).payload
-        raise
-    finally:
-        ctx.end_time = time.time()
-        final_status = status if "status" in locals() else "failed"
-        manifest = {}
-        pending = sys.exc_info()[1]
-        # While an error is on its way out, recording it must not replace it (on a full disk the manifest write
-        # fails too): each record is tried, a failure is logged and listed in the error's `not_recorded`.
-        not_recorded = []
+    return ctx
 
-        def record(what: str, write) -> Any:
+
+# How a run ends, by the error that ended it (no error: completed; anything else: failed).
+END_STATUS = {"TrainingDiverged": "diverged", "Preempted": "interrupted", "Interrupted": "interrupted"}
+
+
+class RunRecorder:
+    """The run's record, however it ends. On entry: the opening console lines, the manifest with status `running`
+    and the preemption signal handlers. On exit: the final status (run_ending), the final manifest
+    (finalize_manifest: for a completed run also the `best/` archive), error.json for a failure, the trackers closed
+    and train.log's handler removed. While an error is on its way out, recording it must not replace it (on a full
+    disk the manifest write fails too): each record is tried, and one that fails is logged and listed in the error's
+    `not_recorded`. `result` is the RunResult of a completed run."""
+
+    def __init__(self, ctx: RunContext, resume: Optional[dict] = None):
+        self.ctx, self.resume, self.result = ctx, resume, None
+        self.manifest_path = ctx.run_dir / MANIFEST_NAME
+        self.previous_handlers: dict = {}
+
+    def __enter__(self) -> "RunRecorder":
+        ctx = self.ctx
+        try:
+            for w in ctx.validation.warnings:
+                log.warning(w)
+            if self.resume:
+                log.info(format_resume_line(self.resume))
+            echo_config(ctx.config)
+            if is_main_process():
+                save_manifest(ctx.run_id, build_manifest(ctx, "running"), str(self.manifest_path))
+        except BaseException as exc:
+            if not self.__exit__(type(exc), exc, exc.__traceback__):
+                raise
+        self.previous_handlers = install_preemption_handlers()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        restore_signal_handlers(self.previous_handlers)
+        ctx = self.ctx
+        ctx.end_time = time.time()
+        status, error, instead = run_ending(exc, ctx)
+        if error is not None:
+            ctx.error = error.payload
+        pending = instead or exc
+        manifest = self._record(status, pending)
+        if pending is None:
+            self.result = RunResult(ctx.run_id, status, str(ctx.run_dir), str(self.manifest_path), manifest, EXIT_OK)
+            return False
+        if manifest:  # main prints it on stdout before the error JSON on stderr
+            pending.run_output = run_output(manifest, self.manifest_path)
+        if instead is not None:
+            raise instead from exc
+        return False
+
+    def _record(self, status: str, pending: Optional[BaseException]) -> dict:
+        ctx, not_recorded, manifest = self.ctx, [], {}
+
+        def record(what: Any, write) -> Any:
             try:
                 return write()
             except Exception as exc:
@@ -4677,20 +4727,38 @@ def _train_model(config: TrainingConfig, dry_run: bool = False, resume_from: Opt
                 not_recorded.append({"path": str(what), "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
                 return None
 
-        if main_proc:
-            manifest = record(manifest_path, lambda: finalize_manifest(ctx, final_status)) or {}
-            if ctx.error is not None:
-                record(run_dir / "error.json", lambda: write_json_atomic(run_dir / "error.json", ctx.error))
-        record("trackers", lambda: tracker.close(final_status, manifest_path if main_proc else None))
-        if not_recorded and isinstance(pending, TrainerError):
-            pending.details["not_recorded"] = not_recorded
-        if handler:
-            log.removeHandler(handler)
-            handler.close()
-        raised = sys.exc_info()[1] if "exit_code" not in locals() else None
-        if raised is not None and manifest:  # main prints it on stdout before the error JSON on stderr
-            raised.run_output = run_output(manifest, manifest_path)
-    return RunResult(run_id, status, str(run_dir), str(manifest_path), manifest, exit_code)
+        try:
+            if is_main_process():
+                manifest = record(self.manifest_path, lambda: finalize_manifest(ctx, status)) or {}
+                if ctx.error is not None:
+                    record(ctx.run_dir / "error.json",
+                           lambda: write_json_atomic(ctx.run_dir / "error.json", ctx.error))
+            record("trackers", lambda: ctx.tracker.close(status, self.manifest_path if is_main_process() else None))
+        finally:
+            if not_recorded and isinstance(pending, TrainerError):
+                pending.details["not_recorded"] = not_recorded
+            if ctx.log_handler:
+                log.removeHandler(ctx.log_handler)
+                ctx.log_handler.close()
+        return manifest
+
+
+def run_ending(exc: Optional[BaseException], ctx: RunContext) -> tuple[str, Optional[TrainerError],
+                                                                         Optional[TrainerError]]:
+    """(final status, the error recorded, the error raised instead of `exc` or None) for a run that ended with
+    `exc` (None: completed). A full disk is reported as DiskFull (the first failed write, its path and the free
+    space); Ctrl-C is recorded as Interrupted; anything else unexpected as TrainingFailed."""
+    if exc is None:
+        return "completed", None, None
+    if isinstance(exc, TrainerError):
+        return END_STATUS.get(exc.kind, "failed"), exc, None
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", TrainerError("Interrupted", {
+            "suggestion": f"continue with --resume-from latest --run-id {ctx.run_id}"}), None
+    if isinstance(exc, Exception) and is_disk_full(exc):
+        full = disk_full_error(exc, ctx.run_dir, run_id=ctx.run_id)
+        return "failed", full, full
+    return "failed", unexpected_error(exc) if isinstance(exc, Exception) else None, None
 
 
 def _prepare(ctx: RunContext, limit: Optional[int] = None):
@@ -4721,12 +4789,11 @@ def startup_done() -> None:
     gc.enable()
 
 
-def _train(ctx: RunContext, resume_path: Optional[str], skip_dry_run: bool = False,
-           dry_run_steps: Optional[int] = None) -> str:
+def fit(ctx: RunContext, tokenizer, datasets_: dict, model, resume_path: Optional[str]):
+    """Spec Phase 3: Trainer.train from the start or from `resume_path`; the manifest follows every checkpoint. A
+    guard's stop raises TrainingDiverged, a preemption Preempted (both after their checkpoint is saved). Ends with
+    the best checkpoint's weights in the model (load_best_at_end). Returns the Trainer."""
     config = ctx.config
-    tokenizer, datasets_, model = _prepare(ctx)
-    dry_run_before_training(ctx, tokenizer, datasets_, model, dry_run_steps, skip=skip_dry_run,
-                            resuming=resume_path is not None)
     args = build_training_args(config, ctx.run_dir, dry_run=False, max_steps=None, resuming=resume_path is not None,
                                model=model)
     ctx.optimizer_implementation = str(getattr(args.optim, "value", args.optim))
@@ -4735,7 +4802,7 @@ def _train(ctx: RunContext, resume_path: Optional[str], skip_dry_run: bool = Fal
     trainer = _build_trainer(ctx, tokenizer, datasets_, model, args, dry_run=False)
     if resume_path:
         trainer.resume_plan = ctx.resume_plan
-    if resume_path:  # the best as of the resumed checkpoint, never a later one from the abandoned timeline
+        # the best as of the resumed checkpoint, never a later one from the abandoned timeline
         best_step = read_json_lenient(Path(resume_path) / "trainer_state.json").get("best_global_step")
         trainer.best_checkpoint = next((c["path"] for c in read_checkpoints(ctx.run_dir, verify=True)
                                         if c["step"] == best_step and c.get("health") == "ok"), None)
@@ -4767,35 +4834,15 @@ def _train(ctx: RunContext, resume_path: Optional[str], skip_dry_run: bool = Fal
         raise diverged_error(ctx, stop_validation_loss(trainer, datasets_["valid"]))
     if ctx.history.preempted is not None:
         raise preempted_error(ctx)
-    final_model = "final weights"
+    ctx.evaluated = "final weights"
     if config.training.checkpointing.load_best_at_end and ctx.best_checkpoint:
         trainer.state.best_model_checkpoint = ctx.best_checkpoint
         # the best saved at the last step holds the weights in memory (verified equal when saved): no reload,
         # which for a multi-GB model is a read of every shard
         if read_json_lenient(Path(ctx.best_checkpoint) / "trainer_state.json").get("global_step") != trainer.state.global_step:
             trainer._load_best_model()
-        final_model = Path(ctx.best_checkpoint).name
-    test = trainer.evaluate(datasets_["test"], metric_key_prefix="test")
-    ctx.test_results = {"evaluated": final_model, **{k: _json_float(v) for k, v in test.items()
-                                                    if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)}}
-    ctx.performance = performance_block(ctx, parameter_counts(trainer.model)["trainable"])
-    if config.model.lora.enabled:
-        ctx.lora = {**dataclasses.asdict(config.model.lora), **parameter_counts(trainer.model),
-                    "target_modules": sorted(trainer.model.peft_config["default"].target_modules),
-                    "adapter_checkpoint": ctx.best_checkpoint, "merged_checkpoint": None}
-    samples = None
-    if getattr(trainer, "is_fsdp_enabled", False) and world_size(config) > 1 and config.evaluation.num_samples:
-        # a sharded model runs a forward only with every rank taking part (generate keeps the ranks in step:
-        # synced_gpus); rank 0 alone would wait forever on the first all-gather
-        samples = sample_completions(ctx, trainer.model, tokenizer)
-    if is_main_process():
-        analyse_run(ctx, trainer.model, tokenizer, samples)
-        if config.model.lora.enabled and config.model.lora.merge_at_end:
-            source = ctx.best_checkpoint or (read_checkpoints(ctx.run_dir) or [{}])[-1].get("path")
-            if source:
-                ctx.lora["merged_checkpoint"] = str(merge_adapter(config, Path(source), ctx.run_dir / "merged"))
-    _report_before_after(ctx)
-    return "completed"
+        ctx.evaluated = Path(ctx.best_checkpoint).name
+    return trainer
 
 
 def rank_weight_agreement(trainer) -> dict:
@@ -5259,6 +5306,37 @@ def performance_block(ctx: RunContext, trainable: Optional[int] = None) -> dict:
             if h.gpu_utilization else None}
 
 
+def post_training_analysis(ctx: RunContext, trainer, tokenizer, datasets_: dict) -> None:
+    """Spec Phase 4, after a completed training: the test evaluation of the weights `fit` left in the model (the best
+    checkpoint's), performance, the LoRA block, sample completions and the loss plot (analyse_run), the merged
+    adapter, the baseline comparison, and the console's before/after line. The final manifest and the `best/`
+    archive follow (finalize_manifest)."""
+    config = ctx.config
+    test = trainer.evaluate(datasets_["test"], metric_key_prefix="test")
+    ctx.test_results = {"evaluated": ctx.evaluated, **{k: _json_float(v) for k, v in test.items()
+                                                      if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)}}
+    ctx.performance = performance_block(ctx, parameter_counts(trainer.model)["trainable"])
+    if config.model.lora.enabled:
+        ctx.lora = {**dataclasses.asdict(config.model.lora), **parameter_counts(trainer.model),
+                    "target_modules": sorted(trainer.model.peft_config["default"].target_modules),
+                    "adapter_checkpoint": ctx.best_checkpoint, "merged_checkpoint": None}
+    samples = None
+    if getattr(trainer, "is_fsdp_enabled", False) and world_size(config) > 1 and config.evaluation.num_samples:
+        # a sharded model runs a forward only with every rank taking part (generate keeps the ranks in step:
+        # synced_gpus); rank 0 alone would wait forever on the first all-gather
+        samples = sample_completions(ctx, trainer.model, tokenizer)
+    if is_main_process():
+        analyse_run(ctx, trainer.model, tokenizer, samples)
+        if config.model.lora.enabled and config.model.lora.merge_at_end:
+            source = ctx.best_checkpoint or (read_checkpoints(ctx.run_dir) or [{}])[-1].get("path")
+            if source:
+                ctx.lora["merged_checkpoint"] = str(merge_adapter(config, Path(source), ctx.run_dir / "merged"))
+        if config.evaluation.baseline:
+            ctx.baseline_comparison = compare_to_baseline(build_manifest(ctx, "completed"), config.evaluation.baseline)
+            log.info(format_comparison(ctx.baseline_comparison))
+    _report_before_after(ctx)
+
+
 def _report_before_after(ctx: RunContext) -> None:
     if not ctx.history.evals:
         return
@@ -5550,18 +5628,13 @@ def print_run_output(output: Optional[dict]) -> None:
 
 
 def finalize_manifest(ctx: RunContext, status: str) -> dict:
-    """The final manifest; for a completed run also the baseline comparison and the `best` archive."""
+    """The final manifest; for a completed run also the `best` archive (the baseline comparison is Phase 4's)."""
     path = ctx.run_dir / MANIFEST_NAME
     manifest = build_manifest(ctx, status)
-    if status == "completed":
-        if ctx.config.evaluation.baseline:
-            ctx.baseline_comparison = compare_to_baseline(manifest, ctx.config.evaluation.baseline)
-            log.info(format_comparison(ctx.baseline_comparison))
-        if ctx.best_checkpoint:
-            ctx.best_archive = str(ctx.run_dir / "best")
+    if status == "completed" and ctx.best_checkpoint:
+        ctx.best_archive = str(ctx.run_dir / "best")
         manifest = build_manifest(ctx, status)
-        if ctx.best_checkpoint:
-            archive_best(ctx.run_dir, ctx.best_checkpoint, manifest)
+        archive_best(ctx.run_dir, ctx.best_checkpoint, manifest)
     save_manifest(ctx.run_id, manifest, str(path))
     monitor = ctx.history.train[-1] if ctx.history.train else None
     write_status(ctx.run_dir, {"run_id": ctx.run_id, "status": status, "step": ctx.global_step,
