@@ -3512,19 +3512,6 @@ def _build_trainer(ctx: RunContext, tokenizer, datasets_, model, args, dry_run: 
 # do happens here alone: FaultInjection (a Trainer mixin that FinanceTrainer gets only when a hook is set),
 # InjectedGradScale (a callback ahead of the guards) and injected_enospc (asked by the atomic writers).
 
-FAULT_HOOKS = {  # variable -> (what it takes, an example)
-    "FINANCE_TRAINER_INJECT_NAN_AT_STEP": (
-        "STEP, STEP:RANK, dry:STEP or dry:STEP:RANK: an optimizer step >= 1 (of the dry run with dry:), on rank RANK "
-        "only when given", "5"),
-    "FINANCE_TRAINER_INJECT_GRAD_SCALE": ("STEP:FACTOR: an optimizer step >= 1 and a number", "3:1000"),
-    "FINANCE_TRAINER_INJECT_VAL_LOSSES": ("numbers separated by commas, one per evaluation", "6.0,3.0,2.0"),
-    "FINANCE_TRAINER_INJECT_SIGNAL": (
-        "STEP:SIGNAL or STEP:SIGNAL:RANK: an optimizer step >= 1 and a signal name (SIGKILL, SIGTERM, ...), on rank "
-        "RANK only when given", "8:SIGTERM"),
-    "FINANCE_TRAINER_INJECT_ENOSPC": ("SUBSTR[,SUBSTR...] or SUBSTR[,SUBSTR...]:sticky", "checkpoint-6"),
-}
-
-
 def _hook_int(text: str, minimum: int) -> int:
     value = int(text)
     if value < minimum:
@@ -3536,96 +3523,96 @@ def _on_this_rank(rank_text: Optional[str], rank: int) -> bool:
     return rank_text is None or _hook_int(rank_text, 0) == rank
 
 
-def _parse_nan_hook(text: str, rank: int) -> tuple[Optional[int], bool]:
-    """(this rank's step or None, whether it is the dry run's step)."""
-    in_dry_run = text.startswith("dry:")
+# Each parser takes the variable's text and this process's rank, and returns InjectedFaults fields (ValueError:
+# malformed).
+
+def _parse_nan_hook(text: str, rank: int) -> dict:
     step, *rest = text.removeprefix("dry:").split(":")
     if len(rest) > 1:
         raise ValueError(text)
     step_n = _hook_int(step, 1)
-    return (step_n if _on_this_rank(rest[0] if rest else None, rank) else None), in_dry_run
+    return {"nan_at_step": step_n if _on_this_rank(rest[0] if rest else None, rank) else None,
+            "nan_in_dry_run": text.startswith("dry:")}
 
 
-def _parse_grad_scale_hook(text: str) -> tuple[int, float]:
+def _parse_grad_scale_hook(text: str, rank: int) -> dict:
     step, factor = text.split(":")  # exactly two parts, else ValueError
-    return _hook_int(step, 1), float(factor)
+    return {"grad_scale": (_hook_int(step, 1), float(factor))}
 
 
-def _parse_val_losses_hook(text: str) -> list[float]:
+def _parse_val_losses_hook(text: str, rank: int) -> dict:
     losses = [float(x) for x in text.split(",") if x]
     if not losses:
         raise ValueError(text)
-    return losses
+    return {"val_losses": losses}
 
 
-def _parse_signal_hook(text: str, rank: int) -> Optional[tuple[int, signal.Signals]]:
+def _parse_signal_hook(text: str, rank: int) -> dict:
     step, name, *rest = text.split(":")
-    if len(rest) > 1:
+    if len(rest) > 1 or name not in signal.Signals.__members__:
         raise ValueError(text)
-    try:
-        sig = signal.Signals[name]
-    except KeyError:
-        raise ValueError(name) from None
-    at = (_hook_int(step, 1), sig)
-    return at if _on_this_rank(rest[0] if rest else None, rank) else None
+    at = (_hook_int(step, 1), signal.Signals[name])
+    return {"signal_at_step": at if _on_this_rank(rest[0] if rest else None, rank) else None}
 
 
-def _parse_enospc_hook(text: str) -> tuple[list[str], bool]:
-    """(path substrings, sticky)."""
+def _parse_enospc_hook(text: str, rank: int) -> dict:
     subs, colon, mode = text.partition(":")
     names = [s for s in subs.split(",") if s]
     if not names or (colon and mode != "sticky"):
         raise ValueError(text)
-    return names, bool(colon)
+    return {"enospc_paths": names, "enospc_sticky": bool(colon)}
+
+
+FAULT_HOOKS = {  # variable -> (parser, what it takes, an example)
+    "FINANCE_TRAINER_INJECT_NAN_AT_STEP": (
+        _parse_nan_hook, "STEP, STEP:RANK, dry:STEP or dry:STEP:RANK: an optimizer step >= 1 (of the dry run with "
+                         "dry:), on rank RANK only when given", "5"),
+    "FINANCE_TRAINER_INJECT_GRAD_SCALE": (
+        _parse_grad_scale_hook, "STEP:FACTOR: an optimizer step >= 1 and a number", "3:1000"),
+    "FINANCE_TRAINER_INJECT_VAL_LOSSES": (
+        _parse_val_losses_hook, "numbers separated by commas, one per evaluation", "6.0,3.0,2.0"),
+    "FINANCE_TRAINER_INJECT_SIGNAL": (
+        _parse_signal_hook, "STEP:SIGNAL or STEP:SIGNAL:RANK: an optimizer step >= 1 and a signal name (SIGKILL, "
+                            "SIGTERM, ...), on rank RANK only when given", "8:SIGTERM"),
+    "FINANCE_TRAINER_INJECT_ENOSPC": (
+        _parse_enospc_hook, "SUBSTR[,SUBSTR...] or SUBSTR[,SUBSTR...]:sticky", "checkpoint-6"),
+}
 
 
 @dataclass
 class InjectedFaults:
-    """The Trainer's test hooks of this process (FAULT_HOOKS), parsed once by injected_faults. A hook meant for
-    another rank (the `:RANK` forms) is None here."""
+    """The test hooks of this process (FAULT_HOOKS), parsed once by injected_faults. A hook meant for another
+    rank (the `:RANK` forms) is None here."""
     nan_at_step: Optional[int] = None  # poison this optimizer step's gradients and loss with NaN
     nan_in_dry_run: bool = False  # `dry:STEP`: the step of the dry run, not of the training run
     grad_scale: Optional[tuple[int, float]] = None  # (step, factor): the guards see that step's norm times factor
     val_losses: list[float] = field(default_factory=list)  # what successive evaluations report, consumed in turn
     signal_at_step: Optional[tuple[int, signal.Signals]] = None  # (step, signal) this process sends itself
+    # FINANCE_TRAINER_INJECT_ENOSPC: injected_enospc parses it at each write (tests set it with monkeypatch)
+    enospc_paths: list[str] = field(default_factory=list)
+    enospc_sticky: bool = False
 
     @property
     def on_trainer(self) -> bool:
+        """Whether a hook acts on the Trainer (FaultInjection); the disk-full hook acts on the writers."""
         return self.nan_at_step is not None or self.grad_scale is not None or bool(self.val_losses) \
             or self.signal_at_step is not None
 
     @classmethod
     def from_env(cls, env: typing.Mapping[str, str], rank: int) -> "InjectedFaults":
-        """Every malformed hook at once, as InvalidConfig (FINANCE_TRAINER_INJECT_ENOSPC is checked here too,
-        though injected_enospc reads it at each write)."""
-        faults, problems = cls(), []
-        parsers = {
-            "FINANCE_TRAINER_INJECT_NAN_AT_STEP": lambda t: _parse_nan_hook(t, rank),
-            "FINANCE_TRAINER_INJECT_GRAD_SCALE": _parse_grad_scale_hook,
-            "FINANCE_TRAINER_INJECT_VAL_LOSSES": _parse_val_losses_hook,
-            "FINANCE_TRAINER_INJECT_SIGNAL": lambda t: _parse_signal_hook(t, rank),
-            "FINANCE_TRAINER_INJECT_ENOSPC": _parse_enospc_hook,
-        }
-        parsed = {}
-        for var, parse in parsers.items():
+        """Every malformed hook at once, as InvalidConfig naming the variable."""
+        fields, problems = {}, []
+        for var, (parse, expected, example) in FAULT_HOOKS.items():
             text = env.get(var, "")
-            if not text:
-                continue
             try:
-                parsed[var] = parse(text)
+                fields.update(parse(text, rank) if text else {})
             except ValueError:
-                expected, example = FAULT_HOOKS[var]
                 problems.append(problem("InvalidConfig", field=var, value=text, expected=expected,
                                         suggestion=f"unset {var} (a test hook, for the test suite) or write it as "
                                                    f"e.g. {var}={example}"))
         if problems:
             raise TrainerError.collected(problems)
-        if "FINANCE_TRAINER_INJECT_NAN_AT_STEP" in parsed:
-            faults.nan_at_step, faults.nan_in_dry_run = parsed["FINANCE_TRAINER_INJECT_NAN_AT_STEP"]
-        faults.grad_scale = parsed.get("FINANCE_TRAINER_INJECT_GRAD_SCALE")
-        faults.val_losses = parsed.get("FINANCE_TRAINER_INJECT_VAL_LOSSES", [])
-        faults.signal_at_step = parsed.get("FINANCE_TRAINER_INJECT_SIGNAL")
-        return faults
+        return cls(**fields)
 
 
 _INJECTED_FAULTS: Optional[InjectedFaults] = None
@@ -3714,11 +3701,11 @@ def injected_enospc(path: Any) -> Optional[OSError]:
     if not hook:
         return None
     try:
-        subs, sticky = _parse_enospc_hook(hook)
-    except ValueError:
+        faults = InjectedFaults.from_env({"FINANCE_TRAINER_INJECT_ENOSPC": hook}, rank=0)
+    except TrainerError:
         return None
-    if _ENOSPC_STUCK or any(s in str(path) for s in subs):
-        if sticky:
+    if _ENOSPC_STUCK or any(s in str(path) for s in faults.enospc_paths):
+        if faults.enospc_sticky:
             _ENOSPC_STUCK.append(str(path))
         return OSError(28, os.strerror(28), str(path))
     return None

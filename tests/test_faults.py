@@ -319,7 +319,8 @@ NAN, SIGNAL, ENOSPC = ("FINANCE_TRAINER_INJECT_NAN_AT_STEP", "FINANCE_TRAINER_IN
     ({SIGNAL: "5:SIGKILL:1"}, 0, {"signal_at_step": None}),
     ({"FINANCE_TRAINER_INJECT_GRAD_SCALE": "3:1000"}, 0, {"grad_scale": (3, 1000.0)}),
     ({"FINANCE_TRAINER_INJECT_VAL_LOSSES": "6.0,3.0,2.0"}, 0, {"val_losses": [6.0, 3.0, 2.0]}),
-    ({ENOSPC: "checkpoint-6,record.json:sticky"}, 0, {"on_trainer": False}),  # asked at each write instead
+    ({ENOSPC: "checkpoint-6,record.json:sticky"}, 0,  # asked at each write (injected_enospc), not the Trainer
+     {"enospc_paths": ["checkpoint-6", "record.json"], "enospc_sticky": True, "on_trainer": False}),
     ({}, 0, {"on_trainer": False}),
 ])
 def test_valid_hooks_parse_as_the_readme_says(env, rank, expected):
