@@ -3305,24 +3305,21 @@ class SeededLengthGroupedSampler:
 
 def _trainer_class():
     from transformers import Trainer
+    # the test hooks' mixin only when one is set; read here, where a run first needs them (malformed: InvalidConfig)
+    bases = (FaultInjection, Trainer) if injected_faults().on_trainer else (Trainer,)
 
-    class FinanceTrainer(Trainer):
+    class FinanceTrainer(*bases):
         """Trainer with checkpoints named as the spec names them, written atomically and verified."""
 
         run_config: TrainingConfig
         run_id: str
         checkpoint_records: dict  # name -> meta
-        # The test hooks act on the training run's steps, never on a dry run's: the dry run before training would
-        # otherwise take the NaN or the signal meant for step N of the run (the NaN hook's `dry:N` form is the one
-        # meant for the dry run).
-        dry_run = False
+        dry_run = False  # True for the dry run's Trainer (_build_trainer)
 
         def evaluation_loop(self, *args, **kwargs):
             out = super().evaluation_loop(*args, **kwargs)
             prefix = kwargs.get("metric_key_prefix", args[-1] if len(args) >= 5 else "eval")
             m = out.metrics
-            if prefix == "eval" and _INJECT_VAL_LOSSES and f"{prefix}_token_loss" in m:
-                m[f"{prefix}_token_loss"] = _INJECT_VAL_LOSSES.pop(0)
             if f"{prefix}_token_loss" in m:  # token-level loss is the true per-token NLL: use it as the loss
                 m[f"{prefix}_loss"] = m.pop(f"{prefix}_token_loss")
                 m[f"{prefix}_perplexity"] = math.exp(min(m[f"{prefix}_loss"], 700.0))
@@ -3418,13 +3415,6 @@ def _trainer_class():
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
-            if _INJECT_SIGNAL is not None and self.state.global_step + 1 == _INJECT_SIGNAL[0] \
-                    and not self.dry_run and not getattr(self, "_signal_sent", False):
-                self._signal_sent = True  # once, even with gradient accumulation
-                os.kill(os.getpid(), _INJECT_SIGNAL[1])
-            if _INJECT_NAN_AT_STEP is not None and self.state.global_step + 1 == _INJECT_NAN_AT_STEP \
-                    and self.dry_run == _NAN_IN_DRY_RUN:
-                loss = _inject_nan(model, loss)
             self.probe.loss_sum = loss if self.probe.loss_sum is None else self.probe.loss_sum + loss
             return loss
 
@@ -3432,9 +3422,6 @@ def _trainer_class():
             norm = super()._clip_grad_norm(model)
             # a sync point Trainer pays anyway when it logs the norm; the global norm under FSDP (global_grad_norm)
             self.probe.grad_norm = global_grad_norm(norm)
-            if _INJECT_GRAD_SCALE_AT_STEP is not None and self.state.global_step + 1 == _INJECT_GRAD_SCALE_AT_STEP[0] \
-                    and not self.dry_run:
-                self.probe.grad_norm *= _INJECT_GRAD_SCALE_AT_STEP[1]
             return norm
 
     return FinanceTrainer
@@ -3606,26 +3593,179 @@ def _build_trainer(ctx: RunContext, tokenizer, datasets_, model, args, dry_run: 
 # 11. Test hooks: deterministic faults for the test suite (unset in normal use)
 # --------------------------------------------------------------------------------------------------
 
-# Test hooks (documented in the README): make one optimizer step see a NaN loss or an exploding gradient norm,
-# so the guards can be tested deterministically. Unset in normal use.
-_NAN_HOOK = os.environ.get("FINANCE_TRAINER_INJECT_NAN_AT_STEP", "")  # "STEP" or "STEP:RANK" (one rank only)
-_NAN_IN_DRY_RUN = _NAN_HOOK.startswith("dry:")  # "dry:STEP": step STEP of the dry run, not of the training run
-_NAN_HOOK = _NAN_HOOK.removeprefix("dry:")
-_INJECT_NAN_AT_STEP = int(_NAN_HOOK.split(":")[0]) if _NAN_HOOK and (
-    ":" not in _NAN_HOOK or _NAN_HOOK.split(":")[1] == os.environ.get("RANK", "0")) else None
-_INJECT_GRAD_SCALE_AT_STEP = tuple(float(x) for x in os.environ["FINANCE_TRAINER_INJECT_GRAD_SCALE"].split(":")) \
-    if os.environ.get("FINANCE_TRAINER_INJECT_GRAD_SCALE") else None  # "STEP:FACTOR"
+# The FINANCE_TRAINER_INJECT_* hooks (documented in the README) make a fault happen at a moment the test knows: a
+# NaN loss, an exploding gradient norm, given validation losses, a signal, a full disk. Unset in normal use. They
+# are read from the environment when a run first needs them (injected_faults, when the Trainer class is
+# assembled), so `--help` never parses them and a malformed value is InvalidConfig naming the variable. What they
+# do happens here alone: FaultInjection (a Trainer mixin that FinanceTrainer gets only when a hook is set),
+# InjectedGradScale (a callback ahead of the guards) and injected_enospc (asked by the atomic writers).
 
-# "L0,L1,...": the validation losses that successive evaluations report (the training run itself is real), so
-# early stopping, best-checkpoint choice and the divergence guard can be tested without relying on how fast a
-# tiny model learns on one CPU. Evaluations past the list report their real loss.
-_INJECT_VAL_LOSSES = [float(x) for x in os.environ.get("FINANCE_TRAINER_INJECT_VAL_LOSSES", "").split(",") if x]
+def _hook_int(text: str, minimum: int) -> int:
+    value = int(text)
+    if value < minimum:
+        raise ValueError(text)
+    return value
 
-# "STEP:SIGNAL" (e.g. "11:SIGKILL"): this process sends itself SIGNAL inside optimizer step STEP, as an
-# operator or a cluster would, at a moment the test knows. "STEP:SIGNAL:RANK" for one rank only.
-_SIGNAL_HOOK = os.environ.get("FINANCE_TRAINER_INJECT_SIGNAL", "").split(":")
-_INJECT_SIGNAL = (int(_SIGNAL_HOOK[0]), getattr(signal, _SIGNAL_HOOK[1])) if len(_SIGNAL_HOOK) >= 2 and (
-    len(_SIGNAL_HOOK) == 2 or _SIGNAL_HOOK[2] == os.environ.get("RANK", "0")) else None
+
+def _on_this_rank(rank_text: Optional[str], rank: int) -> bool:
+    return rank_text is None or _hook_int(rank_text, 0) == rank
+
+
+# Each parser takes the variable's text and this process's rank, and returns InjectedFaults fields (ValueError:
+# malformed).
+
+def _parse_nan_hook(text: str, rank: int) -> dict:
+    step, *rest = text.removeprefix("dry:").split(":")
+    if len(rest) > 1:
+        raise ValueError(text)
+    step_n = _hook_int(step, 1)
+    return {"nan_at_step": step_n if _on_this_rank(rest[0] if rest else None, rank) else None,
+            "nan_in_dry_run": text.startswith("dry:")}
+
+
+def _parse_grad_scale_hook(text: str, rank: int) -> dict:
+    step, factor = text.split(":")  # exactly two parts, else ValueError
+    return {"grad_scale": (_hook_int(step, 1), float(factor))}
+
+
+def _parse_val_losses_hook(text: str, rank: int) -> dict:
+    losses = [float(x) for x in text.split(",") if x]
+    if not losses:
+        raise ValueError(text)
+    return {"val_losses": losses}
+
+
+def _parse_signal_hook(text: str, rank: int) -> dict:
+    step, name, *rest = text.split(":")
+    if len(rest) > 1 or name not in signal.Signals.__members__:
+        raise ValueError(text)
+    at = (_hook_int(step, 1), signal.Signals[name])
+    return {"signal_at_step": at if _on_this_rank(rest[0] if rest else None, rank) else None}
+
+
+def _parse_enospc_hook(text: str, rank: int) -> dict:
+    subs, colon, mode = text.partition(":")
+    names = [s for s in subs.split(",") if s]
+    if not names or (colon and mode != "sticky"):
+        raise ValueError(text)
+    return {"enospc_paths": names, "enospc_sticky": bool(colon)}
+
+
+FAULT_HOOKS = {  # variable -> (parser, what it takes, an example)
+    "FINANCE_TRAINER_INJECT_NAN_AT_STEP": (
+        _parse_nan_hook, "STEP, STEP:RANK, dry:STEP or dry:STEP:RANK: an optimizer step >= 1 (of the dry run with "
+                         "dry:), on rank RANK only when given", "5"),
+    "FINANCE_TRAINER_INJECT_GRAD_SCALE": (
+        _parse_grad_scale_hook, "STEP:FACTOR: an optimizer step >= 1 and a number", "3:1000"),
+    "FINANCE_TRAINER_INJECT_VAL_LOSSES": (
+        _parse_val_losses_hook, "numbers separated by commas, one per evaluation", "6.0,3.0,2.0"),
+    "FINANCE_TRAINER_INJECT_SIGNAL": (
+        _parse_signal_hook, "STEP:SIGNAL or STEP:SIGNAL:RANK: an optimizer step >= 1 and a signal name (SIGKILL, "
+                            "SIGTERM, ...), on rank RANK only when given", "8:SIGTERM"),
+    "FINANCE_TRAINER_INJECT_ENOSPC": (
+        _parse_enospc_hook, "SUBSTR[,SUBSTR...] or SUBSTR[,SUBSTR...]:sticky", "checkpoint-6"),
+}
+
+
+@dataclass
+class InjectedFaults:
+    """The test hooks of this process (FAULT_HOOKS), parsed once by injected_faults. A hook meant for another
+    rank (the `:RANK` forms) is None here."""
+    nan_at_step: Optional[int] = None  # poison this optimizer step's gradients and loss with NaN
+    nan_in_dry_run: bool = False  # `dry:STEP`: the step of the dry run, not of the training run
+    grad_scale: Optional[tuple[int, float]] = None  # (step, factor): the guards see that step's norm times factor
+    val_losses: list[float] = field(default_factory=list)  # what successive evaluations report, consumed in turn
+    signal_at_step: Optional[tuple[int, signal.Signals]] = None  # (step, signal) this process sends itself
+    # FINANCE_TRAINER_INJECT_ENOSPC: injected_enospc parses it at each write (tests set it with monkeypatch)
+    enospc_paths: list[str] = field(default_factory=list)
+    enospc_sticky: bool = False
+
+    @property
+    def on_trainer(self) -> bool:
+        """Whether a hook acts on the Trainer (FaultInjection); the disk-full hook acts on the writers."""
+        return self.nan_at_step is not None or self.grad_scale is not None or bool(self.val_losses) \
+            or self.signal_at_step is not None
+
+    @classmethod
+    def from_env(cls, env: typing.Mapping[str, str], rank: int) -> "InjectedFaults":
+        """Every malformed hook at once, as InvalidConfig naming the variable."""
+        fields, problems = {}, []
+        for var, (parse, expected, example) in FAULT_HOOKS.items():
+            text = env.get(var, "")
+            try:
+                fields.update(parse(text, rank) if text else {})
+            except ValueError:
+                problems.append(problem("InvalidConfig", field=var, value=text, expected=expected,
+                                        suggestion=f"unset {var} (a test hook, for the test suite) or write it as "
+                                                   f"e.g. {var}={example}"))
+        if problems:
+            raise TrainerError.collected(problems)
+        return cls(**fields)
+
+
+_INJECTED_FAULTS: Optional[InjectedFaults] = None
+
+
+def injected_faults() -> InjectedFaults:
+    """This process's InjectedFaults, parsed from the environment on the first call (a failed parse is not kept:
+    the next call raises the same InvalidConfig). One object per process, so the validation losses are consumed
+    across the dry run's Trainer and the run's."""
+    global _INJECTED_FAULTS
+    if _INJECTED_FAULTS is None:
+        _INJECTED_FAULTS = InjectedFaults.from_env(os.environ, int(os.environ.get("RANK", "0") or 0))
+    return _INJECTED_FAULTS
+
+
+class FaultInjection:
+    """The Trainer mixin of the test hooks: _trainer_class puts it between FinanceTrainer and Trainer when a hook
+    is set, so each method acts right after Trainer's and before FinanceTrainer's bookkeeping reads the result (the
+    guards' probe sees the NaN loss; the injected validation loss becomes the eval_loss that Trainer logs and picks
+    the best checkpoint by). The hooks act on the training run's steps, never on a dry run's: the dry run before
+    training would otherwise take the NaN or the signal meant for step N of the run (the NaN hook's `dry:N` form
+    is the one meant for the dry run)."""
+
+    def __init__(self, *args, **kwargs):
+        grad_scale = injected_faults().grad_scale
+        if grad_scale is not None:  # ahead of the guards, which read the norm in the same event
+            kwargs["callbacks"] = [injected_grad_scale(self, *grad_scale), *(kwargs.get("callbacks") or [])]
+        super().__init__(*args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        faults, step = injected_faults(), self.state.global_step + 1
+        if faults.signal_at_step is not None and step == faults.signal_at_step[0] and not self.dry_run \
+                and not getattr(self, "_signal_sent", False):
+            self._signal_sent = True  # once, even with gradient accumulation
+            os.kill(os.getpid(), faults.signal_at_step[1])
+        if faults.nan_at_step == step and self.dry_run == faults.nan_in_dry_run:
+            loss = _inject_nan(model, loss)
+        return loss
+
+    def evaluation_loop(self, *args, **kwargs):
+        out = super().evaluation_loop(*args, **kwargs)
+        losses = injected_faults().val_losses
+        if losses and "eval_token_loss" in out.metrics:  # validation only: a test evaluation reports its own
+            out.metrics["eval_token_loss"] = losses.pop(0)
+        return out
+
+
+def injected_grad_scale(trainer, step: int, factor: float):
+    """The callback of FINANCE_TRAINER_INJECT_GRAD_SCALE: in on_pre_optimizer_step of `step`, before the guards,
+    the probe's pre-clip norm times `factor`; the norm Trainer logs stays the real one. It holds the Trainer
+    weakly (no cycle keeps a dropped dry-run Trainer alive) and reads its probe and dry_run when the step comes,
+    as _build_trainer sets them after construction."""
+    import weakref
+
+    from transformers import TrainerCallback
+    owner = weakref.ref(trainer)
+
+    class InjectedGradScale(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            t = owner()
+            if t is not None and state.global_step + 1 == step and not t.dry_run and t.probe.grad_norm is not None:
+                t.probe.grad_norm *= factor
+
+    return InjectedGradScale()
 
 
 def _inject_nan(model, loss):
@@ -3642,13 +3782,18 @@ _ENOSPC_STUCK: list = []  # FINANCE_TRAINER_INJECT_ENOSPC=...:sticky: set once t
 def injected_enospc(path: Any) -> Optional[OSError]:
     """Test hook FINANCE_TRAINER_INJECT_ENOSPC=SUBSTR[,SUBSTR...][:sticky]: this script's JSON writes and checkpoint
     saves to a path containing one of the substrings fail with ENOSPC, as on a full disk; with `:sticky` every
-    later write fails too (the disk stays full). Read at each call, so tests can set it with monkeypatch."""
+    later write fails too (the disk stays full). Read at each call, so tests can set it with monkeypatch. A
+    malformed value injects nothing here (a write is no place to fail a run over it): injected_faults refuses it
+    as InvalidConfig when the run assembles its Trainer."""
     hook = os.environ.get("FINANCE_TRAINER_INJECT_ENOSPC", "")
     if not hook:
         return None
-    subs, _, mode = hook.partition(":")
-    if _ENOSPC_STUCK or any(s and s in str(path) for s in subs.split(",")):
-        if mode == "sticky":
+    try:
+        faults = InjectedFaults.from_env({"FINANCE_TRAINER_INJECT_ENOSPC": hook}, rank=0)
+    except TrainerError:
+        return None
+    if _ENOSPC_STUCK or any(s in str(path) for s in faults.enospc_paths):
+        if faults.enospc_sticky:
             _ENOSPC_STUCK.append(str(path))
         return OSError(28, os.strerror(28), str(path))
     return None

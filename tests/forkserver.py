@@ -5,8 +5,9 @@ Every `run_cli` call used to start a fresh interpreter that imports torch, trans
 libraries once, without running anything (no tensor op, so no OpenMP thread pool exists to be broken by
 fork()), and then forks one child per request. The child is a real process with its own pid, environment,
 working directory, stdout/stderr and exit status; it runs the script file fresh as `__main__` (runpy), so the
-script's own module-level code and test hooks (FINANCE_TRAINER_INJECT_*) are read from the request's
-environment exactly as in `python train_finance_ssc_model.py ...`. Only the library modules are shared.
+script's own module-level code runs again and its test hooks (FINANCE_TRAINER_INJECT_*, read when the run first
+needs them) come from the request's environment exactly as in `python train_finance_ssc_model.py ...`. Only the
+library modules are shared.
 
 What a fork cannot reproduce, the caller sends to a plain subprocess instead (see `needs_fresh_interpreter`):
 environment variables those libraries read at import time (HF_*, TRANSFORMERS_*, TORCH*, OMP_*, PYTHON*...),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -353,3 +354,63 @@ def test_json_records_are_strict_json(tmp_path):
         raise AssertionError(f"bare {constant} in JSON")
     assert json.loads(target.read_text(), parse_constant=refuse) == {"loss": "NaN", "curve": [[1, 0.5, "inf"]],
                                                                       "m": {"x": "-inf"}}
+
+
+# --------------------------------------------------------------------------------------------------
+# The test hooks themselves (FINANCE_TRAINER_INJECT_*): read when a run first needs them, never on --help, and a
+# malformed one is InvalidConfig naming the variable
+# --------------------------------------------------------------------------------------------------
+
+NAN, SIGNAL, ENOSPC = ("FINANCE_TRAINER_INJECT_NAN_AT_STEP", "FINANCE_TRAINER_INJECT_SIGNAL",
+                       "FINANCE_TRAINER_INJECT_ENOSPC")
+
+
+@pytest.mark.parametrize("env, rank, expected", [
+    ({NAN: "5"}, 0, {"nan_at_step": 5, "nan_in_dry_run": False}),
+    ({NAN: "dry:1"}, 0, {"nan_at_step": 1, "nan_in_dry_run": True}),
+    ({NAN: "4:1"}, 1, {"nan_at_step": 4}),
+    ({NAN: "4:1"}, 0, {"nan_at_step": None}),  # another rank's
+    ({SIGNAL: "8:SIGTERM"}, 0, {"signal_at_step": (8, signal.SIGTERM)}),
+    ({SIGNAL: "5:SIGKILL:1"}, 1, {"signal_at_step": (5, signal.SIGKILL)}),
+    ({SIGNAL: "5:SIGKILL:1"}, 0, {"signal_at_step": None}),
+    ({"FINANCE_TRAINER_INJECT_GRAD_SCALE": "3:1000"}, 0, {"grad_scale": (3, 1000.0)}),
+    ({"FINANCE_TRAINER_INJECT_VAL_LOSSES": "6.0,3.0,2.0"}, 0, {"val_losses": [6.0, 3.0, 2.0]}),
+    ({ENOSPC: "checkpoint-6,record.json:sticky"}, 0,  # asked at each write (injected_enospc), not the Trainer
+     {"enospc_paths": ["checkpoint-6", "record.json"], "enospc_sticky": True, "on_trainer": False}),
+    ({}, 0, {"on_trainer": False}),
+])
+def test_valid_hooks_parse_as_the_readme_says(env, rank, expected):
+    faults = tf.InjectedFaults.from_env(env, rank)
+    assert {k: getattr(faults, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("var, value", [
+    (NAN, "x"), (NAN, "0"), (NAN, "dry:"), (NAN, "5:1:2"), (SIGNAL, "5"), (SIGNAL, "5:SIGNOPE"),
+    (SIGNAL, "x:SIGKILL"), ("FINANCE_TRAINER_INJECT_GRAD_SCALE", "3"), ("FINANCE_TRAINER_INJECT_GRAD_SCALE", "3:big"),
+    ("FINANCE_TRAINER_INJECT_VAL_LOSSES", "6.0,low"), (ENOSPC, ":sticky"), (ENOSPC, "checkpoint-6:stickyy"),
+])
+def test_a_malformed_hook_is_invalid_config_naming_the_variable(var, value):
+    with pytest.raises(tf.TrainerError) as info:
+        tf.InjectedFaults.from_env({var: value}, 0)
+    d = info.value.details
+    assert info.value.kind == "InvalidConfig" and info.value.exit_code == 2
+    assert (d["field"], d["value"]) == (var, value) and d["expected"] and var in d["suggestion"]
+
+
+def test_malformed_enospc_hook_injects_nothing_at_a_write(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENOSPC, "record.json:stickyy")  # refused when the run assembles its Trainer
+    tf.write_json_atomic(tmp_path / "record.json", {"ok": True})
+    assert json.loads((tmp_path / "record.json").read_text()) == {"ok": True}
+
+
+def test_malformed_hooks_stop_a_run_with_exit_2_and_leave_help_alone(tiny_dir, tmp_path):
+    bad = {NAN: "five", ENOSPC: "run_manifest.json:always"}  # a lenient ENOSPC would fail the first manifest write
+    helped = run_cli("--help", env=bad)
+    assert helped.returncode == 0 and "usage:" in helped.stdout and "Traceback" not in helped.stderr
+    path = write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))
+    proc = run_cli("--config", path, "--run-id", "bad_hooks", env=bad)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    err = last_json(proc.stderr)
+    assert err["error"] == "InvalidConfig" and err["details"]["field"] == NAN and err["details"]["value"] == "five"
+    assert [e["details"]["field"] for e in err["errors"]] == [NAN, ENOSPC]  # every malformed hook at once
