@@ -4729,6 +4729,7 @@ def _train_model(config: TrainingConfig, dry_run: bool, resume_from: Optional[st
         check_run_id(run_id)  # before anything is read or written under <output_dir>/<run_id>
     validation = validate_config(config, resuming=bool(resume_from))
     validation.raise_if_failed()
+    injected_faults()  # a malformed test hook is refused here, before anything is written
     claim = claim_run(config, validation, resume_from, run_id, force, dry_run)
     if dry_run:
         return dry_run_model(config, validation, claim.run_id, max_steps or DRY_RUN_STEPS)
