@@ -3303,10 +3303,45 @@ class SeededLengthGroupedSampler:
         return iter([i for batch in order for i in batch])
 
 
+class LengthOrderedSampling:
+    """A Trainer mixin (FinanceTrainer's): seeded length-grouped training batches under data.group_by_length, and
+    evaluation in length order."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Under data.group_by_length: batches of similar lengths (SeededLengthGroupedSampler), so a batch padded
+        to its longest record carries little padding (the demo data: ~20% padding in random batches, <1%
+        grouped). Seeded by (seed, epoch) alone, never the global RNG, so a resumed run sees the same batches.
+        Otherwise, and for packed rows (all ~max_seq_length), Trainer's own uniform shuffle."""
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        config = getattr(self, "run_config", None)
+        if ds is None or not hasattr(ds, "column_names") or "position_ids" in ds.column_names \
+                or (config is not None and not config.data.group_by_length):
+            return super()._get_train_sampler(train_dataset)
+        args = self.args
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        return SeededLengthGroupedSampler([len(x) for x in ds["input_ids"]], seed,
+                                          args.train_batch_size * args.gradient_accumulation_steps
+                                          * max(1, args.world_size))
+
+    def _get_eval_sampler(self, eval_dataset):
+        """Evaluation in length order (longest first: an OOM shows at once), so batches carry almost no
+        padding. The metrics are per token and per record, so the order does not change them."""
+        if self.args.world_size > 1 or not hasattr(eval_dataset, "column_names") \
+                or "input_ids" not in eval_dataset.column_names:
+            return super()._get_eval_sampler(eval_dataset)
+        key = getattr(eval_dataset, "_fingerprint", None) or id(eval_dataset)
+        cache = self.__dict__.setdefault("_eval_orders", {})
+        if key not in cache:
+            lengths = [len(x) for x in eval_dataset["input_ids"]]
+            cache[key] = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        return cache[key]
+
+
 def _trainer_class():
     from transformers import Trainer
     # the test hooks' mixin only when one is set; read here, where a run first needs them (malformed: InvalidConfig)
-    bases = (FaultInjection, Trainer) if injected_faults().on_trainer else (Trainer,)
+    bases = (FaultInjection, LengthOrderedSampling, Trainer) if injected_faults().on_trainer \
+        else (LengthOrderedSampling, Trainer)
 
     class FinanceTrainer(*bases):
         """Trainer with checkpoints named as the spec names them, written atomically and verified."""
@@ -3370,35 +3405,6 @@ def _trainer_class():
                     and self.compute_loss_func is None and self._answer_logits_only(model):
                 inputs = answer_only_inputs(self._causal_inputs(inputs))
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-        def _get_train_sampler(self, train_dataset=None):
-            """Under data.group_by_length: batches of similar lengths (SeededLengthGroupedSampler), so a batch padded
-            to its longest record carries little padding (the demo data: ~20% padding in random batches, <1%
-            grouped). Seeded by (seed, epoch) alone, never the global RNG, so a resumed run sees the same batches.
-            Otherwise, and for packed rows (all ~max_seq_length), Trainer's own uniform shuffle."""
-            ds = train_dataset if train_dataset is not None else self.train_dataset
-            config = getattr(self, "run_config", None)
-            if ds is None or not hasattr(ds, "column_names") or "position_ids" in ds.column_names \
-                    or (config is not None and not config.data.group_by_length):
-                return super()._get_train_sampler(train_dataset)
-            args = self.args
-            seed = args.data_seed if args.data_seed is not None else args.seed
-            return SeededLengthGroupedSampler([len(x) for x in ds["input_ids"]], seed,
-                                              args.train_batch_size * args.gradient_accumulation_steps
-                                              * max(1, args.world_size))
-
-        def _get_eval_sampler(self, eval_dataset):
-            """Evaluation in length order (longest first: an OOM shows at once), so batches carry almost no
-            padding. The metrics are per token and per record, so the order does not change them."""
-            if self.args.world_size > 1 or not hasattr(eval_dataset, "column_names") \
-                    or "input_ids" not in eval_dataset.column_names:
-                return super()._get_eval_sampler(eval_dataset)
-            key = getattr(eval_dataset, "_fingerprint", None) or id(eval_dataset)
-            cache = self.__dict__.setdefault("_eval_orders", {})
-            if key not in cache:
-                lengths = [len(x) for x in eval_dataset["input_ids"]]
-                cache[key] = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-            return cache[key]
 
         def _save_checkpoint(self, model, trial):
             t0 = time.perf_counter()
