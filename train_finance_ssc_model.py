@@ -390,6 +390,12 @@ def _size(n: Optional[float]) -> str:
 
 REQUIRED: Any = dataclasses.MISSING  # marks a key the YAML must set
 
+# Choices of config fields, declared before the dataclasses that name them in their metadata
+OPTIMIZERS = {"adamw": "adamw_torch", "adamw_fused": "adamw_torch_fused", "adafactor": "adafactor", "sgd": "sgd"}
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+SAVE_STRATEGIES = ("epoch", "steps")
+DATA_FORMATS = ("auto",) + tuple(RECORD_SHAPES)
+
 
 @dataclass(kw_only=True)
 class LoraConfig:
@@ -1020,10 +1026,6 @@ def checkpoint_ref(config: TrainingConfig) -> str:
 # 5. Validation (spec Phase 1): per-field rules, cross-section rules, data files, base checkpoint, device
 # --------------------------------------------------------------------------------------------------
 
-OPTIMIZERS = {"adamw": "adamw_torch", "adamw_fused": "adamw_torch_fused", "adafactor": "adafactor", "sgd": "sgd"}
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
-SAVE_STRATEGIES = ("epoch", "steps")
-DATA_FORMATS = ("auto",) + tuple(RECORD_SHAPES)
 MAX_BAD_LINES = 5  # bad data lines reported per file
 
 
