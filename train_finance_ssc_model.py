@@ -1184,7 +1184,7 @@ def _limits_expected(md: typing.Mapping, tp: Any) -> str:
 def _limits_suggestion(f: dataclasses.Field, value: Any) -> str:
     md = f.metadata
     if "suggestion" not in md:
-        return f"set {f.name}: {f.default}" if f.default is not REQUIRED else f"set {f.name}"
+        return f"set {f.name}" if f.default is REQUIRED or f.default is None else f"set {f.name}: {f.default}"
     if "closest" not in md:
         return md["suggestion"]
     fallback, cutoff = md["closest"]
