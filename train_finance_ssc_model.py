@@ -1175,7 +1175,7 @@ def _limits_expected(md: typing.Mapping, tp: Any) -> str:
         return "a non-empty string" if tp is str else "a non-empty list"
     noun = "integer" if tp is int else "number"
     bounds = [(sym, bracket, md[key]) for key, sym, bracket, _ in LIMIT_BOUNDS if key in md]
-    if len(bounds) == 2:  # a range: (low, high]
+    if len(bounds) == 2:  # a low and a high bound: a range, "number in (0, 1]"
         (_, low_bracket, low), (_, high_bracket, high) = bounds
         return f"{noun} in {low_bracket}{low}, {high}{high_bracket}"
     return " and ".join(f"{noun} {sym} {bound}" for sym, _, bound in bounds) or "a valid value"
