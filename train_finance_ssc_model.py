@@ -432,29 +432,70 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 REQUIRED: Any = dataclasses.MISSING  # marks a key the YAML must set
 
+# A field's metadata documents it ("doc") and may declare its limits, which `_field_limit_problems` (Validation)
+# checks for every field: a new field gets its check by declaring it. A null (Optional field) has no limits.
+#   "choices": the allowed values: a tuple, a dict (its keys), or a function returning one (a table defined later)
+#   "minimum" / "exclusive_minimum" / "maximum" / "exclusive_maximum": bounds (>=, >, <=, <)
+#   "finite": inf and nan break this field's limit. Without it nan still fails any bound, and an inf that passes
+#       (inf > 0) gets the catch-all "a finite number" error: no number of the config may be inf or nan
+#   "non_empty": a string with text in it, a list with items
+#   "check": a function of the value, true when valid, for a limit that is none of the above
+#   "when": a boolean field of the same section: the limits apply only while it is true (lora.enabled)
+#   "expected": the error's `expected` text; by default said from the limits ("integer >= 1", "number in (0, 1]",
+#       "one of [...]"); "{choices}" in it is the list of choices
+#   "suggestion": the error's fix; by default "set <name>: <default>"; "{closest}" in it is the choice nearest the
+#       value, or else the fallback of "closest": (fallback, difflib cutoff)
+#   "recommended": (low, high), inclusive, None = open: a value within the limits but outside it warns "advice",
+#       with "{field}" and "{value}" formatted in
+# The choices that the metadata names are defined here, before the dataclasses (GPU_TYPES, a table in section 7,
+# is named through a function).
+OPTIMIZERS = {"adamw": "adamw_torch", "adamw_fused": "adamw_torch_fused", "adafactor": "adafactor", "sgd": "sgd"}
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+SAVE_STRATEGIES = ("epoch", "steps")
+DATA_FORMATS = ("auto",) + tuple(RECORD_SHAPES)
+
 
 @dataclass(kw_only=True)
 class LoraConfig:
     """Parameter-efficient fine-tuning with peft. Checkpoints then hold the adapter only."""
     enabled: bool = False
-    r: int = field(default=16, metadata={"doc": "adapter rank"})
-    alpha: float = field(default=32, metadata={"doc": "scaling numerator (scale = alpha / r)"})
-    dropout: float = field(default=0.05, metadata={"doc": "dropout on the adapter input"})
+    r: int = field(default=16, metadata={"doc": "adapter rank", "when": "enabled", "minimum": 1})
+    alpha: float = field(default=32, metadata={"doc": "scaling numerator (scale = alpha / r)", "when": "enabled",
+                                               "exclusive_minimum": 0})
+    dropout: float = field(default=0.05, metadata={"doc": "dropout on the adapter input", "when": "enabled",
+                                                   "minimum": 0, "exclusive_maximum": 1})
     target_modules: Optional[list] = field(default=None, metadata={
-        "doc": "module names; null = the attention and MLP projections found in the model"})
-    bias: str = field(default="none", metadata={"doc": "none|all|lora_only"})
-    quantization: str = field(default="none", metadata={"doc": "none|4bit|8bit (QLoRA, bitsandbytes, CUDA only)"})
+        "doc": "module names; null = the attention and MLP projections found in the model", "when": "enabled",
+        "non_empty": True, "expected": "a non-empty list, or null",
+        "suggestion": "remove target_modules to adapt the attention and MLP projections"})
+    bias: str = field(default="none", metadata={"doc": "none|all|lora_only", "when": "enabled",
+                                                "choices": ("none", "all", "lora_only"),
+                                                "expected": "none, all or lora_only"})
+    quantization: str = field(default="none", metadata={"doc": "none|4bit|8bit (QLoRA, bitsandbytes, CUDA only)",
+                                                        "when": "enabled", "choices": ("none", "4bit", "8bit"),
+                                                        "expected": "none, 4bit or 8bit"})
     merge_at_end: bool = field(default=True, metadata={"doc": "save the best adapter merged into the base weights"})
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
     base_checkpoint: str = field(default=REQUIRED, metadata={"doc": "local directory or Hub id"})
-    architecture: str = field(default="decoder-only-transformer", metadata={"doc": "informational, must be a decoder"})
-    vocab_size: Optional[int] = field(default=None, metadata={"doc": "checked against the checkpoint's config.json"})
-    hidden_size: Optional[int] = field(default=None, metadata={"doc": "checked against config.json"})
-    num_layers: Optional[int] = field(default=None, metadata={"doc": "checked against config.json num_hidden_layers"})
-    num_heads: Optional[int] = field(default=None, metadata={"doc": "checked against config.json num_attention_heads"})
+    architecture: str = field(default="decoder-only-transformer", metadata={
+        "doc": "informational, must be a decoder", "choices": ("decoder-only-transformer",),
+        "expected": "decoder-only-transformer",
+        "suggestion": "this trainer fine-tunes causal (decoder-only) language models such as SmolLM3"})
+    vocab_size: Optional[int] = field(default=None, metadata={
+        "doc": "checked against the checkpoint's config.json", "minimum": 1, "expected": "integer >= 1 (or omit it)",
+        "suggestion": "copy vocab_size from config.json"})
+    hidden_size: Optional[int] = field(default=None, metadata={
+        "doc": "checked against config.json", "minimum": 1, "expected": "integer >= 1 (or omit it)",
+        "suggestion": "copy hidden_size from config.json"})
+    num_layers: Optional[int] = field(default=None, metadata={
+        "doc": "checked against config.json num_hidden_layers", "minimum": 1, "expected": "integer >= 1 (or omit it)",
+        "suggestion": "copy num_layers from config.json"})
+    num_heads: Optional[int] = field(default=None, metadata={
+        "doc": "checked against config.json num_attention_heads", "minimum": 1,
+        "expected": "integer >= 1 (or omit it)", "suggestion": "copy num_heads from config.json"})
     gradient_checkpointing: bool = field(default=False, metadata={"doc": "trade compute for activation memory"})
     use_flash_attention_2: bool = field(default=False, metadata={"doc": "needs flash-attn; falls back to sdpa"})
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -465,10 +506,16 @@ class DataConfig:
     train_path: str = field(default=REQUIRED, metadata={"doc": "JSONL, relative to the config's folder or cwd"})
     valid_path: str = field(default=REQUIRED, metadata={"doc": "JSONL validation split"})
     test_path: str = field(default=REQUIRED, metadata={"doc": "JSONL test split"})
-    max_seq_length: int = field(default=2048, metadata={"doc": "longer records are truncated and counted"})
-    dataset_name: str = field(default=REQUIRED, metadata={"doc": "recorded in manifest and checkpoints"})
-    dataset_version: str = field(default=REQUIRED, metadata={"doc": "recorded in manifest and checkpoints"})
-    format: str = field(default="auto", metadata={"doc": "auto|text|prompt_completion|messages|instruction"})
+    max_seq_length: int = field(default=2048, metadata={"doc": "longer records are truncated and counted",
+                                                        "minimum": 8})
+    dataset_name: str = field(default=REQUIRED, metadata={
+        "doc": "recorded in manifest and checkpoints", "non_empty": True,
+        "suggestion": "set dataset_name, e.g. finance_ssc_bir_v1"})
+    dataset_version: str = field(default=REQUIRED, metadata={
+        "doc": "recorded in manifest and checkpoints", "non_empty": True,
+        "suggestion": "set dataset_version, e.g. 2025-11-17"})
+    format: str = field(default="auto", metadata={"doc": "auto|text|prompt_completion|messages|instruction",
+                                                  "choices": DATA_FORMATS, "suggestion": "use format: auto"})
     train_on_prompt: bool = field(default=False, metadata={"doc": "also compute loss on prompt tokens"})
     packing: bool = field(default=False, metadata={"doc": "pack records into full max_seq_length rows"})
     group_by_length: bool = field(default=False, metadata={
@@ -480,32 +527,54 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class HyperparametersConfig:
-    learning_rate: float = 2.0e-5
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 8
+    learning_rate: float = field(default=2.0e-5, metadata={
+        "exclusive_minimum": 0, "finite": True, "expected": "float in range [1e-6, 1e-4]",
+        "suggestion": "Try 2e-5 (default for fine-tuning)", "recommended": (1e-6, 1e-4),
+        "advice": "{field}={value:g} is outside the recommended [1e-6, 1e-4]; 2e-5 is the usual fine-tuning value"})
+    batch_size: int = field(default=4, metadata={"minimum": 1, "suggestion": "set batch_size to 1 or more"})
+    gradient_accumulation_steps: int = field(default=8, metadata={
+        "minimum": 1, "suggestion": "set gradient_accumulation_steps to 1 or more"})
     num_epochs: float = field(default=3, metadata={"doc": "may be fractional; an integer stays an integer (manifest)",
-                                                   "int_stays_int": True})
-    warmup_steps: int = 500
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
+                                                   "int_stays_int": True, "exclusive_minimum": 0, "finite": True})
+    warmup_steps: int = field(default=500, metadata={"minimum": 0, "suggestion": "set warmup_steps to 1 or more"})
+    weight_decay: float = field(default=0.01, metadata={"minimum": 0, "finite": True})
+    max_grad_norm: float = field(default=1.0, metadata={
+        "exclusive_minimum": 0, "finite": True,
+        "suggestion": "set max_grad_norm: 1.0 (gradient clipping keeps fine-tuning stable)"})
     fp16: bool = False
     bf16: bool = False
 
 
 @dataclass(kw_only=True)
 class OptimizationConfig:
-    optimizer: str = field(default="adamw", metadata={"doc": "adamw (torch AdamW)"})
-    lr_scheduler: str = field(default="cosine", metadata={"doc": "cosine|linear|constant|constant_with_warmup"})
-    early_stopping_patience: Optional[int] = field(default=3, metadata={"doc": "evals without improvement; null=off"})
-    early_stopping_metric: str = field(default="val_loss", metadata={"doc": "val_loss|val_perplexity|val_token_accuracy"})
+    optimizer: str = field(default="adamw", metadata={"doc": "adamw (torch AdamW)", "choices": OPTIMIZERS,
+                                                      "suggestion": "use optimizer: adamw"})
+    lr_scheduler: str = field(default="cosine", metadata={"doc": "cosine|linear|constant|constant_with_warmup",
+                                                          "choices": SCHEDULERS,
+                                                          "suggestion": "use lr_scheduler: cosine"})
+    early_stopping_patience: Optional[int] = field(default=3, metadata={
+        "doc": "evals without improvement; null=off", "minimum": 1,
+        "expected": "integer >= 1, or null to turn early stopping off"})
+    early_stopping_metric: str = field(default="val_loss", metadata={
+        "doc": "val_loss|val_perplexity|val_token_accuracy", "choices": EVAL_METRICS,
+        "expected": "one of the metrics this script reports: {choices}", "suggestion": "use {closest}",
+        "closest": ("val_loss", 0.6)})
 
 
 @dataclass(kw_only=True)
 class CheckpointingConfig:
-    save_strategy: str = field(default="epoch", metadata={"doc": "epoch|steps; a checkpoint is also saved at every eval"})
-    save_total_limit: int = field(default=3, metadata={"doc": "best, latest and one backup are always kept"})
+    save_strategy: str = field(default="epoch", metadata={
+        "doc": "epoch|steps; a checkpoint is also saved at every eval", "choices": SAVE_STRATEGIES,
+        "suggestion": "use save_strategy: epoch (or steps, with logging.save_steps)"})
+    save_total_limit: int = field(default=3, metadata={
+        "doc": "best, latest and one backup are always kept", "minimum": 1, "recommended": (3, None),
+        "advice": "{field}={value}: the best, the latest and one backup checkpoint are always kept, so up to 3 "
+                  "checkpoints stay on disk"})
     load_best_at_end: bool = field(default=True, metadata={"doc": "final evaluation uses the best checkpoint"})
-    metric_for_best_model: str = field(default="val_perplexity", metadata={"doc": "one of the val_* metrics"})
+    metric_for_best_model: str = field(default="val_perplexity", metadata={
+        "doc": "one of the val_* metrics", "choices": EVAL_METRICS,
+        "expected": "one of the metrics this script reports: {choices}", "suggestion": "use {closest}",
+        "closest": ("val_loss", 0.6)})
 
 
 @dataclass(kw_only=True)
@@ -533,9 +602,9 @@ class MlflowConfig:
 class LoggingConfig:
     output_dir: str = field(default=REQUIRED, metadata={"doc": "runs go to <output_dir>/<run_id>"})
     logging_dir: str = field(default="logs", metadata={"doc": "train.log and CSV curves go to <logging_dir>/<run_id>"})
-    logging_steps: int = 10
-    eval_steps: int = 100
-    save_steps: int = 500
+    logging_steps: int = field(default=10, metadata={"minimum": 1, "suggestion": "set logging_steps to 1 or more"})
+    eval_steps: int = field(default=100, metadata={"minimum": 1, "suggestion": "set eval_steps to 1 or more"})
+    save_steps: int = field(default=500, metadata={"minimum": 1, "suggestion": "set save_steps to 1 or more"})
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -543,28 +612,45 @@ class LoggingConfig:
 
 @dataclass(kw_only=True)
 class ComputeConfig:
-    device: str = field(default="cuda", metadata={"doc": "cuda|cpu"})
-    num_gpus: int = field(default=1, metadata={"doc": "processes per node (GPUs; CPU processes with gloo)"})
-    distributed_backend: str = field(default="nccl", metadata={"doc": "nccl (GPU) | gloo (CPU)"})
-    mixed_precision: str = field(default="no", metadata={"doc": "no|fp16|bf16; must agree with fp16/bf16 flags"})
+    device: str = field(default="cuda", metadata={"doc": "cuda|cpu", "choices": ("cuda", "cpu"),
+                                                  "expected": "cuda or cpu",
+                                                  "suggestion": "use device: cuda (cpu for testing)"})
+    num_gpus: int = field(default=1, metadata={"doc": "processes per node (GPUs; CPU processes with gloo)",
+                                               "minimum": 1})
+    distributed_backend: str = field(default="nccl", metadata={"doc": "nccl (GPU) | gloo (CPU)",
+                                                               "choices": ("nccl", "gloo"), "expected": "nccl or gloo",
+                                                               "suggestion": "use nccl on GPUs, gloo on CPU"})
+    mixed_precision: str = field(default="no", metadata={
+        "doc": "no|fp16|bf16; must agree with fp16/bf16 flags", "choices": ("no", "fp16", "bf16"),
+        "expected": "no, fp16 or bf16",
+        "suggestion": "use mixed_precision: bf16 on Ampere+ GPUs, fp16 on older ones, no on CPU"})
     fsdp: Optional[str] = field(default=None, metadata={"doc": "passed to TrainingArguments.fsdp"})
     fsdp_config: Optional[dict] = field(default=None, metadata={"doc": "passed to TrainingArguments.fsdp_config"})
     deepspeed: Optional[str] = field(default=None, metadata={"doc": "DeepSpeed JSON path for TrainingArguments"})
     gpu_type: Optional[str] = field(default=None, metadata={
-        "doc": "--plan's target GPU, a GPU_TYPES name (H100-80GB, A100-40GB, L40S-48GB, ...); null = the visible GPU"})
+        "doc": "--plan's target GPU, a GPU_TYPES name (H100-80GB, A100-40GB, L40S-48GB, ...); null = the visible GPU",
+        "choices": lambda: GPU_TYPES, "expected": "one of {choices}, or null (the visible GPU)",
+        "suggestion": "use gpu_type: {closest}", "closest": ("H100-80GB", 0.5)})
     assumed_mfu: float = field(default=0.4, metadata={
         "doc": "--plan's model FLOPs utilization for the wall-time estimate, in (0, 1]; a run measures its own "
-               "(manifest performance.mfu.value)"})
+               "(manifest performance.mfu.value)", "exclusive_minimum": 0, "maximum": 1, "finite": True,
+        "suggestion": "set assumed_mfu: 0.4 (dense fine-tuning typically reaches 0.3-0.5)"})
 
 
 @dataclass(kw_only=True)
 class GuardsConfig:
     """Anomaly guards (spec: Training Stability). A stop ends the run with exit code 3."""
-    grad_norm_limit: float = field(default=100.0, metadata={"doc": "stop when the pre-clip grad norm exceeds it"})
-    divergence_increase: float = field(default=0.10, metadata={"doc": "val loss above best by this fraction..."})
-    divergence_evals: int = field(default=3, metadata={"doc": "...for this many consecutive evals: stop"})
-    spike_factor: float = field(default=3.0, metadata={"doc": "warn when train loss > factor x recent mean"})
-    spike_window: int = field(default=10, metadata={"doc": "logged train losses in the recent mean"})
+    grad_norm_limit: float = field(default=100.0, metadata={"doc": "stop when the pre-clip grad norm exceeds it",
+                                                            "exclusive_minimum": 0,
+                                                            "suggestion": "set grad_norm_limit: 100 (spec default)"})
+    divergence_increase: float = field(default=0.10, metadata={"doc": "val loss above best by this fraction...",
+                                                               "exclusive_minimum": 0,
+                                                               "suggestion": "set divergence_increase: 0.10"})
+    divergence_evals: int = field(default=3, metadata={"doc": "...for this many consecutive evals: stop",
+                                                       "minimum": 1})
+    spike_factor: float = field(default=3.0, metadata={"doc": "warn when train loss > factor x recent mean",
+                                                       "exclusive_minimum": 1})
+    spike_window: int = field(default=10, metadata={"doc": "logged train losses in the recent mean", "minimum": 2})
 
 
 @dataclass(kw_only=True)
@@ -579,20 +665,30 @@ class TrainingSection:
 @dataclass(kw_only=True)
 class EvaluationConfig:
     """Post-training analysis on the test split (spec Phase 4)."""
-    num_samples: int = field(default=5, metadata={"doc": "test prompts to generate completions for (0 = none)"})
-    max_new_tokens: int = field(default=128, metadata={"doc": "greedy generation length limit"})
-    baseline: Optional[str] = field(default=None, metadata={"doc": "manifest or run dir to compare against"})
+    num_samples: int = field(default=5, metadata={"doc": "test prompts to generate completions for (0 = none)",
+                                                  "minimum": 0, "suggestion": "set num_samples: 5 (0 = none)"})
+    max_new_tokens: int = field(default=128, metadata={"doc": "greedy generation length limit", "minimum": 1})
+    baseline: Optional[str] = field(default=None, metadata={
+        "doc": "manifest or run dir to compare against", "check": lambda ref: _baseline_manifest_path(ref) is not None,
+        "expected": "a run_manifest.json or a run dir holding one",
+        "suggestion": "point it at a finished run's directory, or remove it"})
 
 
 @dataclass(kw_only=True)
 class CostConfig:
     """Inputs of the cost and ROI lines in the manifest (spec: Cost Tracking)."""
-    gpu_hourly_usd: float = field(default=3.39, metadata={"doc": "price of one GPU for one hour"})
+    gpu_hourly_usd: float = field(default=3.39, metadata={"doc": "price of one GPU for one hour", "minimum": 0,
+                                                          "finite": True,
+                                                          "suggestion": "set gpu_hourly_usd to a price in USD"})
     gpu_price_source: str = "DigitalOcean GPU Droplet, NVIDIA H100 1x on-demand list price (May 2026)"
     node_hourly_usd: Optional[float] = field(default=None, metadata={
         "doc": "list price of one node of compute.num_gpus GPUs for one hour (an 8-GPU node is usually below "
-               "8 x gpu_hourly_usd); null = gpu_hourly_usd x GPUs"})
-    api_usd_per_million_tokens: float = field(default=10.0, metadata={"doc": "API price the run is compared with"})
+               "8 x gpu_hourly_usd); null = gpu_hourly_usd x GPUs", "minimum": 0, "finite": True,
+        "expected": "number >= 0, or null",
+        "suggestion": "set node_hourly_usd to the provider's hourly price of the whole node, or remove it"})
+    api_usd_per_million_tokens: float = field(default=10.0, metadata={
+        "doc": "API price the run is compared with", "minimum": 0, "finite": True,
+        "suggestion": "set api_usd_per_million_tokens to a price in USD"})
     api_name: str = "GPT-4 Turbo (input tokens)"
 
 
@@ -1062,10 +1158,6 @@ def checkpoint_ref(config: TrainingConfig) -> str:
 # 5. Validation (spec Phase 1): per-field rules, cross-section rules, data files, base checkpoint, device
 # --------------------------------------------------------------------------------------------------
 
-OPTIMIZERS = {"adamw": "adamw_torch", "adamw_fused": "adamw_torch_fused", "adafactor": "adafactor", "sgd": "sgd"}
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
-SAVE_STRATEGIES = ("epoch", "steps")
-DATA_FORMATS = ("auto",) + tuple(RECORD_SHAPES)
 MAX_BAD_LINES = 5  # bad data lines reported per file
 
 
@@ -1090,168 +1182,125 @@ class ValidationResult:
             raise TrainerError.collected(self.errors)
 
 
+# A field's bounds in its metadata: (key, symbol in `expected`, bracket in a range, test)
+LIMIT_BOUNDS = (("minimum", ">=", "[", lambda v, b: v >= b), ("exclusive_minimum", ">", "(", lambda v, b: v > b),
+                ("maximum", "<=", "]", lambda v, b: v <= b), ("exclusive_maximum", "<", ")", lambda v, b: v < b))
+
+
+def _declared_choices(md: typing.Mapping) -> Optional[Any]:
+    choices = md.get("choices")
+    return choices() if callable(choices) else choices
+
+
+def _within_limits(md: typing.Mapping, value: Any) -> bool:
+    """`value` passes every limit declared in the field metadata `md` (a comparison with nan fails)."""
+    choices = _declared_choices(md)
+    if md.get("finite") and isinstance(value, float) and not math.isfinite(value):
+        return False
+    if choices is not None and value not in choices:
+        return False
+    if md.get("non_empty") and not (value.strip() if isinstance(value, str) else value):
+        return False
+    if not all(test(value, md[key]) for key, _, _, test in LIMIT_BOUNDS if key in md):
+        return False
+    return "check" not in md or md["check"](value)
+
+
+def _limits_expected(md: typing.Mapping, tp: Any) -> str:
+    """The `expected` text of a field's limits: declared, or said from them ("integer >= 1", "number in (0, 1])."""
+    choices = _declared_choices(md)
+    if "expected" in md:
+        return md["expected"].format(choices=list(choices)) if choices is not None else md["expected"]
+    if choices is not None:
+        return f"one of {list(choices)}"
+    if md.get("non_empty"):
+        return "a non-empty string" if tp is str else "a non-empty list"
+    noun = "integer" if tp is int else "number"
+    bounds = [(sym, bracket, md[key]) for key, sym, bracket, _ in LIMIT_BOUNDS if key in md]
+    if len(bounds) == 2:  # a low and a high bound: a range, "number in (0, 1]"
+        (_, low_bracket, low), (_, high_bracket, high) = bounds
+        return f"{noun} in {low_bracket}{low}, {high}{high_bracket}"
+    return " and ".join(f"{noun} {sym} {bound}" for sym, _, bound in bounds) or "a valid value"
+
+
+def _limits_suggestion(f: dataclasses.Field, value: Any) -> str:
+    md = f.metadata
+    if "suggestion" not in md:
+        return f"set {f.name}" if f.default is REQUIRED or f.default is None else f"set {f.name}: {f.default}"
+    if "closest" not in md:
+        return md["suggestion"]
+    fallback, cutoff = md["closest"]
+    close = difflib.get_close_matches(str(value), list(_declared_choices(md)), n=1, cutoff=cutoff)
+    return md["suggestion"].format(closest=close[0] if close else fallback)
+
+
+def _section_limit_problems(section: Any, path: str, problems: list, warnings: list) -> None:
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, dotted, md = getattr(section, f.name), f"{path}.{f.name}", f.metadata
+        if dataclasses.is_dataclass(value):
+            _section_limit_problems(value, dotted, problems, warnings)
+            continue
+        applies = value is not None and ("when" not in md or getattr(section, md["when"]))
+        if applies and not _within_limits(md, value):
+            tp = hints[f.name]
+            tp = next(a for a in typing.get_args(tp) if a is not type(None)) if _is_optional(tp) else tp
+            problems.append(config_problem(dotted, value, _limits_expected(md, tp), _limits_suggestion(f, value)))
+            continue
+        if applies and "recommended" in md:
+            low, high = md["recommended"]
+            if (low is not None and value < low) or (high is not None and value > high):
+                warnings.append(md["advice"].format(field=dotted, value=value))
+        # inf/nan is never a setting (`grad_norm_limit: .inf` would switch a guard off unseen, and JSON cannot hold
+        # it): every number of the config must be finite, whether or not its section is enabled
+        numbers = _flatten(value, dotted + ".") if isinstance(value, dict) else {dotted: value}
+        for key, number in numbers.items():
+            if isinstance(number, float) and not math.isfinite(number):
+                problems.append(config_problem(key, number, "a finite number", f"set {key.rsplit('.', 1)[-1]} to a "
+                                               "finite number (inf and nan are not settings)"))
+
+
+def _field_limit_problems(config: TrainingConfig, warnings: Optional[list] = None) -> list[dict]:
+    """Every field outside the limits its metadata declares (the keys are listed above the config dataclasses),
+    in the order of the YAML sections and their keys, one problem per field at most; and any other inf/nan.
+    A value within its limits but outside its "recommended" range adds its advice to `warnings`."""
+    problems: list = []
+    for name in SECTIONS:
+        _section_limit_problems(getattr(config, name), name, problems, [] if warnings is None else warnings)
+    return problems
+
+
 def _field_rules(config: TrainingConfig, res: ValidationResult) -> None:
-    """Rules that look at one field at a time."""
-    hp = config.training.hyperparameters
+    """Each field against its declared limits (`_field_limit_problems`), then the rules that relate two or more
+    fields. A field already outside its own limits is not compared with others (one mistake, one error)."""
+    limit_problems = _field_limit_problems(config, res.warnings)
+    res.errors.extend(limit_problems)
+    outside = {p["details"]["field"] for p in limit_problems}
     err, warn = res.errors.append, res.warnings.append
-    lr = hp.learning_rate
-    if not math.isfinite(lr) or lr <= 0:
-        err(config_problem("training.hyperparameters.learning_rate", lr, "float in range [1e-6, 1e-4]",
-                           "Try 2e-5 (default for fine-tuning)"))
-    elif not 1e-6 <= lr <= 1e-4:
-        warn(f"training.hyperparameters.learning_rate={lr:g} is outside the recommended [1e-6, 1e-4]; "
-             "2e-5 is the usual fine-tuning value")
-    for key, minimum in (("batch_size", 1), ("gradient_accumulation_steps", 1), ("warmup_steps", 0)):
-        value = getattr(hp, key)
-        if value < minimum:
-            err(config_problem(f"training.hyperparameters.{key}", value, f"integer >= {minimum}",
-                               f"set {key} to {max(minimum, 1)} or more"))
-    if not (math.isfinite(hp.num_epochs) and hp.num_epochs > 0):
-        err(config_problem("training.hyperparameters.num_epochs", hp.num_epochs, "number > 0", "set num_epochs: 3"))
-    if not (math.isfinite(hp.weight_decay) and hp.weight_decay >= 0):
-        err(config_problem("training.hyperparameters.weight_decay", hp.weight_decay, "number >= 0",
-                           "set weight_decay: 0.01"))
-    if not (math.isfinite(hp.max_grad_norm) and hp.max_grad_norm > 0):
-        err(config_problem("training.hyperparameters.max_grad_norm", hp.max_grad_norm, "number > 0",
-                           "set max_grad_norm: 1.0 (gradient clipping keeps fine-tuning stable)"))
+    hp, c, lo = config.training.hyperparameters, config.compute, config.model.lora
     if hp.fp16 and hp.bf16:
         err(config_problem("training.hyperparameters.bf16", True, "at most one of fp16 and bf16",
                            "set fp16: false to use bf16 (preferred on Ampere and newer GPUs) or bf16: false"))
-
-    opt, ck = config.training.optimization, config.training.checkpointing
-    if opt.optimizer not in OPTIMIZERS:
-        err(config_problem("training.optimization.optimizer", opt.optimizer, f"one of {list(OPTIMIZERS)}",
-                           "use optimizer: adamw"))
-    if opt.lr_scheduler not in SCHEDULERS:
-        err(config_problem("training.optimization.lr_scheduler", opt.lr_scheduler, f"one of {list(SCHEDULERS)}",
-                           "use lr_scheduler: cosine"))
-    if opt.early_stopping_patience is not None and opt.early_stopping_patience < 1:
-        err(config_problem("training.optimization.early_stopping_patience", opt.early_stopping_patience,
-                           "integer >= 1, or null to turn early stopping off", "set early_stopping_patience: 3"))
-    for dotted, value in (("training.optimization.early_stopping_metric", opt.early_stopping_metric),
-                          ("training.checkpointing.metric_for_best_model", ck.metric_for_best_model)):
-        if value not in EVAL_METRICS:
-            close = difflib.get_close_matches(value, EVAL_METRICS, n=1)
-            err(config_problem(dotted, value, f"one of the metrics this script reports: {list(EVAL_METRICS)}",
-                               f"use {close[0] if close else 'val_loss'}"))
-    if ck.save_strategy not in SAVE_STRATEGIES:
-        err(config_problem("training.checkpointing.save_strategy", ck.save_strategy, f"one of {list(SAVE_STRATEGIES)}",
-                           "use save_strategy: epoch (or steps, with logging.save_steps)"))
-    if ck.save_total_limit < 1:
-        err(config_problem("training.checkpointing.save_total_limit", ck.save_total_limit, "integer >= 1",
-                           "set save_total_limit: 3"))
-    elif ck.save_total_limit < 3:
-        warn(f"training.checkpointing.save_total_limit={ck.save_total_limit}: the best, the latest and one "
-             "backup checkpoint are always kept, so up to 3 checkpoints stay on disk")
-
-    g = config.training.guards
-    for key, ok, expected, fix in (
-            ("grad_norm_limit", g.grad_norm_limit > 0, "number > 0", "grad_norm_limit: 100 (spec default)"),
-            ("divergence_increase", g.divergence_increase > 0, "number > 0", "divergence_increase: 0.10"),
-            ("divergence_evals", g.divergence_evals >= 1, "integer >= 1", "divergence_evals: 3"),
-            ("spike_factor", g.spike_factor > 1, "number > 1", "spike_factor: 3.0"),
-            ("spike_window", g.spike_window >= 2, "integer >= 2", "spike_window: 10")):
-        if not ok:
-            err(config_problem(f"training.guards.{key}", getattr(g, key), expected, f"set {fix}"))
-
+    flags = "fp16" if hp.fp16 else "bf16" if hp.bf16 else "no"
+    if "compute.mixed_precision" not in outside and flags != c.mixed_precision and not (hp.fp16 and hp.bf16):
+        err(config_problem("compute.mixed_precision", c.mixed_precision,
+                           f"{flags} (training.hyperparameters has fp16={hp.fp16}, bf16={hp.bf16})",
+                           f"set compute.mixed_precision: {flags}, or change the fp16/bf16 flags to match"))
+    if lo.enabled and lo.quantization in ("4bit", "8bit") and c.device != "cuda":
+        err(config_problem("model.lora.quantization", lo.quantization, "none when compute.device is cpu",
+                           "QLoRA (bitsandbytes 4/8-bit) needs a CUDA GPU: set quantization: none for a "
+                           "CPU run, or compute.device: cuda on a GPU machine"))
+    elif not lo.enabled and lo.quantization != "none":
+        err(config_problem("model.lora.quantization", lo.quantization, "none unless model.lora.enabled is true",
+                           "set model.lora.enabled: true (QLoRA trains adapters on the quantized model)"))
+    if c.distributed_backend == "nccl" and c.device == "cpu":
+        err(config_problem("compute.distributed_backend", "nccl", "gloo when compute.device is cpu",
+                           "nccl needs CUDA GPUs: set distributed_backend: gloo for CPU runs"))
     lg = config.logging
-    for key in ("logging_steps", "eval_steps", "save_steps"):
-        if getattr(lg, key) < 1:
-            err(config_problem(f"logging.{key}", getattr(lg, key), "integer >= 1", f"set {key} to 1 or more"))
-    if ck.save_strategy == "epoch" and lg.save_steps != LoggingConfig.save_steps:
+    if config.training.checkpointing.save_strategy == "epoch" and lg.save_steps != LoggingConfig.save_steps:
         warn(f"logging.save_steps={lg.save_steps} applies to save_strategy: steps only; with save_strategy: epoch "
              "checkpoints are saved at every epoch end and at every evaluation (every "
              f"{lg.eval_steps} steps)")
-
-    d = config.data
-    if d.max_seq_length < 8:
-        err(config_problem("data.max_seq_length", d.max_seq_length, "integer >= 8", "set max_seq_length: 2048"))
-    if d.format not in DATA_FORMATS:
-        err(config_problem("data.format", d.format, f"one of {list(DATA_FORMATS)}", "use format: auto"))
-    for key in ("dataset_name", "dataset_version"):
-        if not str(getattr(d, key)).strip():
-            err(config_problem(f"data.{key}", getattr(d, key), "a non-empty string", f"set {key}, e.g. "
-                               + ("finance_ssc_bir_v1" if key == "dataset_name" else "2025-11-17")))
-    if config.model.architecture != "decoder-only-transformer":
-        err(config_problem("model.architecture", config.model.architecture, "decoder-only-transformer",
-                           "this trainer fine-tunes causal (decoder-only) language models such as SmolLM3"))
-    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads"):
-        value = getattr(config.model, key)
-        if value is not None and value < 1:
-            err(config_problem(f"model.{key}", value, "integer >= 1 (or omit it)", f"copy {key} from config.json"))
-
-    lo = config.model.lora
-    if lo.enabled:
-        for key, ok, expected, fix in (
-                ("r", lo.r >= 1, "integer >= 1", "r: 16"), ("alpha", lo.alpha > 0, "number > 0", "alpha: 32"),
-                ("dropout", 0 <= lo.dropout < 1, "number in [0, 1)", "dropout: 0.05"),
-                ("bias", lo.bias in ("none", "all", "lora_only"), "none, all or lora_only", "bias: none"),
-                ("quantization", lo.quantization in ("none", "4bit", "8bit"), "none, 4bit or 8bit",
-                 "quantization: none")):
-            if not ok:
-                err(config_problem(f"model.lora.{key}", getattr(lo, key), expected, f"set {fix}"))
-        if lo.target_modules is not None and not lo.target_modules:
-            err(config_problem("model.lora.target_modules", lo.target_modules, "a non-empty list, or null",
-                               "remove target_modules to adapt the attention and MLP projections"))
-        if lo.quantization in ("4bit", "8bit") and config.compute.device != "cuda":
-            err(config_problem("model.lora.quantization", lo.quantization, "none when compute.device is cpu",
-                               "QLoRA (bitsandbytes 4/8-bit) needs a CUDA GPU: set quantization: none for a "
-                               "CPU run, or compute.device: cuda on a GPU machine"))
-    elif lo.quantization != "none":
-        err(config_problem("model.lora.quantization", lo.quantization, "none unless model.lora.enabled is true",
-                           "set model.lora.enabled: true (QLoRA trains adapters on the quantized model)"))
-
-    ev, cost = config.evaluation, config.cost
-    if ev.num_samples < 0:
-        err(config_problem("evaluation.num_samples", ev.num_samples, "integer >= 0", "set num_samples: 5 (0 = none)"))
-    if ev.max_new_tokens < 1:
-        err(config_problem("evaluation.max_new_tokens", ev.max_new_tokens, "integer >= 1", "set max_new_tokens: 128"))
-    if ev.baseline is not None and not _baseline_manifest_path(ev.baseline):
-        err(config_problem("evaluation.baseline", ev.baseline, "a run_manifest.json or a run dir holding one",
-                           "point it at a finished run's directory, or remove it"))
-    for key in ("gpu_hourly_usd", "api_usd_per_million_tokens"):
-        if not (math.isfinite(getattr(cost, key)) and getattr(cost, key) >= 0):
-            err(config_problem(f"cost.{key}", getattr(cost, key), "number >= 0", f"set {key} to a price in USD"))
-    if cost.node_hourly_usd is not None and not (math.isfinite(cost.node_hourly_usd) and cost.node_hourly_usd >= 0):
-        err(config_problem("cost.node_hourly_usd", cost.node_hourly_usd, "number >= 0, or null",
-                           "set node_hourly_usd to the provider's hourly price of the whole node, or remove it"))
-    gpu_type, mfu = config.compute.gpu_type, config.compute.assumed_mfu
-    if gpu_type is not None and gpu_type not in GPU_TYPES:
-        close = difflib.get_close_matches(gpu_type, GPU_TYPES, n=1, cutoff=0.5)
-        err(config_problem("compute.gpu_type", gpu_type, f"one of {list(GPU_TYPES)}, or null (the visible GPU)",
-                           f"use gpu_type: {close[0] if close else 'H100-80GB'}"))
-    if not (math.isfinite(mfu) and 0 < mfu <= 1):
-        err(config_problem("compute.assumed_mfu", mfu, "number in (0, 1]",
-                           "set assumed_mfu: 0.4 (dense fine-tuning typically reaches 0.3-0.5)"))
-
-    c = config.compute
-    if c.device not in ("cuda", "cpu"):
-        err(config_problem("compute.device", c.device, "cuda or cpu", "use device: cuda (cpu for testing)"))
-    if c.num_gpus < 1:
-        err(config_problem("compute.num_gpus", c.num_gpus, "integer >= 1", "set num_gpus: 1"))
-    if c.distributed_backend not in ("nccl", "gloo"):
-        err(config_problem("compute.distributed_backend", c.distributed_backend, "nccl or gloo",
-                           "use nccl on GPUs, gloo on CPU"))
-    elif c.distributed_backend == "nccl" and c.device == "cpu":
-        err(config_problem("compute.distributed_backend", "nccl", "gloo when compute.device is cpu",
-                           "nccl needs CUDA GPUs: set distributed_backend: gloo for CPU runs"))
-    if c.mixed_precision not in ("no", "fp16", "bf16"):
-        err(config_problem("compute.mixed_precision", c.mixed_precision, "no, fp16 or bf16",
-                           "use mixed_precision: bf16 on Ampere+ GPUs, fp16 on older ones, no on CPU"))
-    else:
-        flags = "fp16" if hp.fp16 else "bf16" if hp.bf16 else "no"
-        if flags != c.mixed_precision and not (hp.fp16 and hp.bf16):
-            err(config_problem("compute.mixed_precision", c.mixed_precision,
-                               f"{flags} (training.hyperparameters has fp16={hp.fp16}, bf16={hp.bf16})",
-                               f"set compute.mixed_precision: {flags}, or change the fp16/bf16 flags to match"))
-
-    # inf/nan is never a setting (`grad_norm_limit: .inf` would switch a guard off unseen, and JSON cannot hold it):
-    # every number of the config must be finite, whether or not its section is enabled
-    reported = {e["details"].get("field") for e in res.errors}
-    for dotted, value in _flatten(config.to_dict()).items():
-        if isinstance(value, float) and not math.isfinite(value) and dotted not in reported:
-            err(config_problem(dotted, value, "a finite number",
-                               f"set {dotted.rsplit('.', 1)[-1]} to a finite number (inf and nan are not settings)"))
 
 
 def _writable_dir_problem(dotted: str, value: str) -> Optional[dict]:
