@@ -540,12 +540,37 @@ def test_loss_curves_plot(runs):
     assert png.stat().st_size > 1000
 
 
-def test_plot_loss_curves_skips_nan_rows(tmp_path):
-    train, val = tmp_path / "train.csv", tmp_path / "val.csv"
-    train.write_text("step,epoch,value\n1,0.1,2.0\n2,0.2,NaN\n3,0.3,1.5\n")
-    val.write_text("step,epoch,value\n0,0,2.5\n3,0.3,1.7\n")
-    out = tf.plot_loss_curves(train, val, 3, tmp_path / "loss.png")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_plot_loss_curves_skips_nan_rows(tmp_path, monkeypatch):
+    """A NaN row (the curve writer's "NaN" for a diverged step) is left out, not drawn as a gap or dropped with its
+    curve: the figure's lines hold exactly the finite rows, and the PNG equals the plot of the same curves written
+    without the NaN rows."""
+    import matplotlib.figure
+    import numpy as np
+    from matplotlib.image import imread
+    figures = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):  # every way of saving (fig.savefig, plt.savefig) ends here
+        figures.append(fig)
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    header = "step,epoch,value\n"
+    train_rows, val_rows = ["1,0.1,2.0", "2,0.2,NaN", "3,0.3,1.5", "4,0.4,1.2"], ["0,0,2.5", "2,0.2,NaN", "4,0.4,1.7"]
+    (tmp_path / "nan").mkdir()
+    (tmp_path / "clean").mkdir()
+    for name, rows in (("train.csv", train_rows), ("val.csv", val_rows)):
+        (tmp_path / "nan" / name).write_text(header + "".join(r + "\n" for r in rows))
+        (tmp_path / "clean" / name).write_text(header + "".join(r + "\n" for r in rows if not r.endswith("NaN")))
+    pngs = {d: tf.plot_loss_curves(tmp_path / d / "train.csv", tmp_path / d / "val.csv", None, tmp_path / f"{d}.png")
+            for d in ("nan", "clean")}
+    assert len(figures) == 2
+    drawn = sorted((list(map(int, line.get_xdata())), list(map(float, line.get_ydata())))
+                   for ax in figures[0].axes for line in ax.get_lines())
+    assert drawn == [([0, 4], [2.5, 1.7]), ([1, 3, 4], [2.0, 1.5, 1.2])]
+    nan_png, clean_png = imread(pngs["nan"]), imread(pngs["clean"])
+    assert nan_png.shape == clean_png.shape and np.array_equal(nan_png, clean_png), \
+        "loss_curves.png differs from the plot of the same curves without their NaN rows"
 
 
 # --------------------------------------------------------------------------------------------------
