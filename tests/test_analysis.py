@@ -529,7 +529,10 @@ def test_best_archive(runs):
     model = AutoModelForCausalLM.from_pretrained(str(best))
     ref = AutoModelForCausalLM.from_pretrained(str(runs.b_dir / m["checkpoints"]["best_checkpoint"]))
     import torch
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    archived, original = model.state_dict(), ref.state_dict()
+    assert archived.keys() == original.keys() and len(archived) == len(original) > 0
+    assert all(torch.equal(archived[k], original[k]) for k in original), \
+        [k for k in original if not torch.equal(archived[k], original[k])]
 
 
 def test_loss_curves_plot(runs):
