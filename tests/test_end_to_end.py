@@ -3,11 +3,31 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import base_config, last_json, run_cli, set_key, write_config
+from conftest import ROOT, base_config, last_json, run_cli, set_key, write_config
+
+
+def expected_git_info() -> dict:
+    """What the manifest's reproducibility.git must say, asked of git itself about the script's folder: inside a
+    checkout (CI's clone, a worktree) the 40-hex HEAD and whether tracked files differ from it; null outside one."""
+    if shutil.which("git") is None:
+        return {"commit": None, "dirty": None}
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if (ROOT / ".git").exists():  # a clone or a worktree: git must answer, so null cannot pass for a commit
+        assert head.returncode == 0, head.stderr
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None}
+    commit = head.stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{40}", commit), commit
+    status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                            capture_output=True, text=True, check=True)
+    return {"commit": commit, "dirty": bool(status.stdout.strip())}
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +80,7 @@ def test_run_succeeds_and_writes_spec_manifest(finished_run):
         f = rep["data_files"][split]
         assert f["sha256"] == hashlib.sha256(Path(cfg["data"][key]).read_bytes()).hexdigest()
         assert f["samples"] == m["dataset"][f"{split}_samples"]
-    assert rep["git"]["commit"] is None or len(rep["git"]["commit"]) == 40
-    assert rep["git"]["dirty"] in (None, True, False)
+    assert rep["git"] == expected_git_info()
     hw = rep["hardware"]
     assert hw["cpu_cores"] >= 1 and hw["ram_gb"] > 0 and hw["gpu_count"] == 0
     assert all(rep["versions"][k] for k in ("python", "torch", "transformers", "datasets", "accelerate"))
