@@ -445,10 +445,6 @@ def test_broken_config_is_rejected_by_validate_only(case: Case, tmp_path: Path, 
     assert snapshot(tmp_path, tiny_dir) == before, "--validate-only changed files on disk"
 
 
-def test_table_is_big_enough():
-    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
-
-
 # --------------------------------------------------------------------------------------------------
 # Several problems in one run; a valid config
 # --------------------------------------------------------------------------------------------------
