@@ -100,9 +100,16 @@ def test_dedup_drops_them_and_the_manifest_records_it(runs):
         in runs.a.stdout
 
 
-def test_dedup_default_is_false_and_documented():
-    f = {f.name: f for f in t.dataclasses.fields(t.DataConfig)}["dedup"]
-    assert f.default is False and f.metadata["doc"]
+def test_without_data_dedup_every_record_is_kept(runs):
+    """data.dedup is off unless set: B's config never names it, so B trains, validates and tests on every record,
+    the leaked valid and test records included, and its manifest reports the leaks with nothing dropped."""
+    m, n = runs.mb, runs.clean
+    assert "dedup" not in runs.cfg["data"]
+    integrity = m["data_integrity"]
+    assert integrity["valid_leaks"] == 1 and integrity["test_leaks"] == 1
+    assert integrity["dedup"] is False and integrity["dropped"] == {"train": 0, "valid": 0, "test": 0}
+    assert (m["dataset"]["train_samples"], m["dataset"]["valid_samples"], m["dataset"]["test_samples"]) == \
+        (n["train"], n["valid"] + 1, n["test"] + 1)
 
 
 def test_a_split_dedup_would_empty_is_a_config_error(runs, tmp_path):
