@@ -40,6 +40,7 @@ def finished_run(tiny_dir, tmp_path_factory):
     return out, cfg, proc
 
 
+@pytest.mark.slow
 def test_run_succeeds_and_writes_spec_manifest(finished_run):
     out, cfg, proc = finished_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -88,6 +89,7 @@ def test_run_succeeds_and_writes_spec_manifest(finished_run):
     assert m["test_results"]["test_loss"] > 0 and 0 <= m["test_results"]["test_token_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_checkpoints_load_with_plain_from_pretrained(finished_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out, _, proc = finished_run
@@ -105,6 +107,7 @@ def test_checkpoints_load_with_plain_from_pretrained(finished_run):
         assert meta["config"]["data"]["max_seq_length"] == 384
 
 
+@pytest.mark.slow
 def test_csv_curves(finished_run):
     out, _, _ = finished_run
     m = json.loads((out / "runs" / "e2e_run" / "run_manifest.json").read_text())
@@ -120,6 +123,7 @@ def test_csv_curves(finished_run):
     assert Path(m["metrics"]["train_log"]).read_text().count("train_loss") >= 12
 
 
+@pytest.mark.slow
 def test_tensorboard_events_read_back(finished_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out, _, _ = finished_run
@@ -132,6 +136,7 @@ def test_tensorboard_events_read_back(finished_run):
     assert [e.step for e in acc.Scalars("train/loss")][-1] == 24
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_in_run_dir(finished_run):
     out, _, _ = finished_run
     wandb_dir = out / "runs" / "e2e_run" / "wandb"
@@ -141,6 +146,7 @@ def test_wandb_offline_run_in_run_dir(finished_run):
     assert not (Path.cwd() / "wandb").exists() or not list((Path.cwd() / "wandb").glob("*e2e_run*"))
 
 
+@pytest.mark.slow
 def test_existing_run_is_never_overwritten(finished_run):
     out, _, _ = finished_run
     manifest = out / "runs" / "e2e_run" / "run_manifest.json"

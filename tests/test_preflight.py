@@ -25,6 +25,8 @@ import yaml
 
 from conftest import base_config, last_json, run_cli, set_key, write_config
 
+pytestmark = pytest.mark.slow  # every test here launches the CLI (conftest.run_cli)
+
 SPEC_EMPTY_SUGGESTION = "Run DataPrepAgent first to generate training data"
 CONFIG_ERRORS = {"InvalidConfig"}
 DATA_ERRORS = {"EmptyDataset", "InvalidDataset", "DataPathNotFound"}
