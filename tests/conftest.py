@@ -98,6 +98,15 @@ def set_key(cfg: dict, dotted: str, value) -> dict:
 
 
 _server: "ForkServer | None" = None
+_current_test: "pytest.Item | None" = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Remember the test being set up, before its fixtures run (a module-scoped fixture that launches the CLI runs
+    inside the first test that asks for it), so run_cli can refuse to run for a test not marked slow."""
+    global _current_test
+    _current_test = item
 
 
 def _fork_server(env: dict):
@@ -115,6 +124,10 @@ def _fork_server(env: dict):
 def run_cli(*args, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python train_finance_ssc_model.py ARGS` as its own process: forked from a server that has the heavy
     libraries imported already, or a fresh interpreter where a fork could differ (see tests/forkserver.py)."""
+    if _current_test is not None and _current_test.get_closest_marker("slow") is None:
+        # the fast tier (-m "not slow") is the suite without CLI launches: a launch from an unmarked test would
+        # slip into it unnoticed, so it fails here, in the full suite too
+        raise AssertionError(f"{_current_test.nodeid} launches the CLI through run_cli: mark it @pytest.mark.slow")
     base = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     full_env = {**base, **(env or {})}
     argv = [str(SCRIPT), *map(str, args)]

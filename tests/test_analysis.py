@@ -238,6 +238,7 @@ def test_compute_metrics_on_synthetic_logits():
 # 2. Greedy samples
 # --------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_samples_file_and_manifest(runs):
     m = manifest_of(runs.b_dir)
     path = runs.b_dir / "samples.jsonl"
@@ -256,6 +257,7 @@ def test_samples_file_and_manifest(runs):
         sum(s["generated"].strip() == s["reference"].strip() for s in samples) / N_SAMPLES)
 
 
+@pytest.mark.slow
 def test_sample_generation_is_deterministic(runs):
     """Two generations in this process agree with each other and with what the CLI wrote for the same weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -273,6 +275,7 @@ def test_sample_generation_is_deterministic(runs):
         assert len(tok(s["generated"], add_special_tokens=False)["input_ids"]) <= MAX_NEW_TOKENS + 2
 
 
+@pytest.mark.slow
 def test_samples_generated_in_a_batch_equal_one_prompt_at_a_time(runs):
     """generate_samples decodes up to SAMPLE_BATCH prompts per call, left-padded: every completion equals that of
     its prompt decoded alone (prompts of different lengths; a row that stops early is cut at its stop token)."""
@@ -306,6 +309,7 @@ def test_prompt_and_reference_per_shape(tiny_dir):
 # 3. Baseline comparison
 # --------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_baseline_comparison_better_run(runs):
     ma, mb = manifest_of(runs.a_dir), manifest_of(runs.b_dir)
     a_val = read_curve(ma["metrics"]["val_loss_curve"])[-1][1]
@@ -331,6 +335,7 @@ def test_baseline_comparison_better_run(runs):
         assert line in runs.proc_b.stdout
 
 
+@pytest.mark.slow
 def test_baseline_comparison_worse_run(runs):
     ma, mb = manifest_of(runs.a_dir), manifest_of(runs.b_dir)
     cmp = tf.compare_to_baseline(ma, str(runs.b_dir))
@@ -349,6 +354,7 @@ def test_baseline_comparison_worse_run(runs):
     assert "no" in tf.format_comparison(cmp).splitlines()[2].split()[-1]
 
 
+@pytest.mark.slow
 def test_run_without_baseline_has_no_comparison(runs):
     assert manifest_of(runs.a_dir)["baseline_comparison"] is None
 
@@ -357,6 +363,7 @@ def test_run_without_baseline_has_no_comparison(runs):
 # 4. --status: finished, running, killed
 # --------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_status_of_finished_run(runs):
     proc = run_cli("--status", "B", "--output-dir", runs.runs_dir, "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -413,6 +420,7 @@ def live_run(tiny_dir, tmp_path_factory):
                            killed=killed)
 
 
+@pytest.mark.slow
 def test_status_of_running_run(live_run):
     assert live_run.seen.get("status") == "running", live_run.seen
     assert live_run.still_alive, "the background run ended before --status was asked"
@@ -425,6 +433,7 @@ def test_status_of_running_run(live_run):
     assert "note" not in st
 
 
+@pytest.mark.slow
 def test_status_of_killed_run(live_run):
     assert live_run.killed.returncode == 0, live_run.killed.stderr[-2000:]
     st = json.loads(live_run.killed.stdout)
@@ -433,6 +442,7 @@ def test_status_of_killed_run(live_run):
     assert manifest_of(live_run.out / "runs" / "live")["status"] == "running"  # nobody wrote a final status
 
 
+@pytest.mark.slow
 def test_status_of_unknown_run_is_an_error(tmp_path):
     proc = run_cli("--status", "nope", "--output-dir", tmp_path, "--json")
     assert proc.returncode == 2
@@ -467,6 +477,7 @@ def test_break_even_tokens_is_exact_for_round_prices(price, api, expected):
     assert c["break_even_tokens"] == expected
 
 
+@pytest.mark.slow
 def test_manifest_cost_block_records_the_run(runs):
     m = manifest_of(runs.b_dir)
     c = m["cost"]
@@ -482,6 +493,7 @@ def test_manifest_cost_block_records_the_run(runs):
 # 6. MLflow
 # --------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_mlflow_run_reads_back(runs):
     from mlflow.tracking import MlflowClient
     m = manifest_of(runs.b_dir)
@@ -508,6 +520,7 @@ def test_mlflow_run_reads_back(runs):
 # 7. The best archive and the loss plot
 # --------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_best_archive(runs):
     from transformers import AutoModelForCausalLM
     m = manifest_of(runs.b_dir)
@@ -529,9 +542,13 @@ def test_best_archive(runs):
     model = AutoModelForCausalLM.from_pretrained(str(best))
     ref = AutoModelForCausalLM.from_pretrained(str(runs.b_dir / m["checkpoints"]["best_checkpoint"]))
     import torch
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    archived, original = model.state_dict(), ref.state_dict()
+    assert archived.keys() == original.keys() and len(archived) == len(original) > 0
+    assert all(torch.equal(archived[k], original[k]) for k in original), \
+        [k for k in original if not torch.equal(archived[k], original[k])]
 
 
+@pytest.mark.slow
 def test_loss_curves_plot(runs):
     m = manifest_of(runs.b_dir)
     png = Path(m["metrics"]["loss_curves_plot"])
@@ -540,18 +557,44 @@ def test_loss_curves_plot(runs):
     assert png.stat().st_size > 1000
 
 
-def test_plot_loss_curves_skips_nan_rows(tmp_path):
-    train, val = tmp_path / "train.csv", tmp_path / "val.csv"
-    train.write_text("step,epoch,value\n1,0.1,2.0\n2,0.2,NaN\n3,0.3,1.5\n")
-    val.write_text("step,epoch,value\n0,0,2.5\n3,0.3,1.7\n")
-    out = tf.plot_loss_curves(train, val, 3, tmp_path / "loss.png")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_plot_loss_curves_skips_nan_rows(tmp_path, monkeypatch):
+    """A NaN row (the curve writer's "NaN" for a diverged step) is left out, not drawn as a gap or dropped with its
+    curve: the figure's lines hold exactly the finite rows, and the PNG equals the plot of the same curves written
+    without the NaN rows."""
+    import matplotlib.figure
+    import numpy as np
+    from matplotlib.image import imread
+    figures = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):  # every way of saving (fig.savefig, plt.savefig) ends here
+        figures.append(fig)
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    header = "step,epoch,value\n"
+    train_rows, val_rows = ["1,0.1,2.0", "2,0.2,NaN", "3,0.3,1.5", "4,0.4,1.2"], ["0,0,2.5", "2,0.2,NaN", "4,0.4,1.7"]
+    (tmp_path / "nan").mkdir()
+    (tmp_path / "clean").mkdir()
+    for name, rows in (("train.csv", train_rows), ("val.csv", val_rows)):
+        (tmp_path / "nan" / name).write_text(header + "".join(r + "\n" for r in rows))
+        (tmp_path / "clean" / name).write_text(header + "".join(r + "\n" for r in rows if not r.endswith("NaN")))
+    pngs = {d: tf.plot_loss_curves(tmp_path / d / "train.csv", tmp_path / d / "val.csv", None, tmp_path / f"{d}.png")
+            for d in ("nan", "clean")}
+    assert len(figures) == 2
+    drawn = sorted((list(map(int, line.get_xdata())), list(map(float, line.get_ydata())))
+                   for ax in figures[0].axes for line in ax.get_lines())
+    assert drawn == [([0, 4], [2.5, 1.7]), ([1, 3, 4], [2.0, 1.5, 1.2])]
+    nan_png, clean_png = imread(pngs["nan"]), imread(pngs["clean"])
+    assert nan_png.shape == clean_png.shape and np.array_equal(nan_png, clean_png), \
+        "loss_curves.png differs from the plot of the same curves without their NaN rows"
 
 
 # --------------------------------------------------------------------------------------------------
 # 8. CLI tools: --list-checkpoints and --evaluate with --json
 # --------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_list_checkpoints_cli_json(runs):
     proc = run_cli("--list-checkpoints", "B", "--output-dir", runs.runs_dir, "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -566,6 +609,7 @@ def test_list_checkpoints_cli_json(runs):
     assert table.returncode == 0 and all(c["name"] in table.stdout for c in listed)
 
 
+@pytest.mark.slow
 def test_evaluate_cli_json(yes_checkpoint):
     ckpt, data, _ = yes_checkpoint
     proc = run_cli("--evaluate", ckpt, "--test-data", data, "--json")

@@ -43,6 +43,7 @@ def short_run(tiny_dir, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_console_before_training_fits_on_a_screen(short_run):
     out, proc = short_run
     lines = proc.stdout.splitlines()
@@ -57,6 +58,7 @@ def test_console_before_training_fits_on_a_screen(short_run):
     assert steps and all(re.search(r"\| eta \d+(h\d\dm|m\d\ds|s)$", line) for line in steps)
 
 
+@pytest.mark.slow
 def test_status_of_a_finished_run_shows_its_throughput(short_run):
     out, _ = short_run
     proc = run_cli("--status", "calm", "--output-dir", out / "runs", "--json")

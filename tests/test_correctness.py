@@ -34,6 +34,7 @@ def diverged(tiny_dir, tmp_path_factory):
     return out, path, last_json(proc.stderr)["details"]
 
 
+@pytest.mark.slow
 def test_resume_with_the_suggested_learning_rate_uses_it(diverged):
     out, path, d = diverged
     assert "1.0e-03" in d["suggestion"] and d["last_valid_checkpoint"]
@@ -57,6 +58,7 @@ def test_resume_with_the_suggested_learning_rate_uses_it(diverged):
     assert meta["schedule"]["start_step"] == 5 and meta["schedule"]["peak_lr"] == 1.0e-3
 
 
+@pytest.mark.slow
 def test_second_resume_keeps_the_restarted_schedule(diverged):
     """A checkpoint written after a schedule restart resumes onto that same schedule, bit for bit."""
     out, path, _ = diverged
@@ -70,6 +72,7 @@ def test_second_resume_keeps_the_restarted_schedule(diverged):
     assert (run_dir / "checkpoint-epoch-2" / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_nan_stop_offers_the_checkpoint_saved_at_the_stop(diverged):
     """The NaN update was skipped, so the weights saved at the stop are step 4's: measured, they are healthy."""
     out, _, d = diverged
@@ -77,6 +80,7 @@ def test_nan_stop_offers_the_checkpoint_saved_at_the_stop(diverged):
     assert "checkpoint-5: validation loss" in d["last_valid_checkpoint_reason"]
 
 
+@pytest.mark.slow
 def test_weights_ruined_before_the_stop_are_never_offered(tiny_dir, tmp_path):
     """lr 50 with no clipping: Adam moves every weight by about 50 in its first step, so the weights are ruined
     long before the grad-norm guard (forced at step 3 by the test hook, or earlier by itself) stops the run.

@@ -125,6 +125,7 @@ def test_collator_pads_to_longest_in_batch_not_max_seq_length():
     assert packed["position_ids"].tolist() == [[0, 1, 0, 1], [0, 0, 1, 2]]  # padding: a record of its own
 
 
+@pytest.mark.slow
 def test_messages_without_a_chat_template_fail_in_preflight(tiny_dir, tmp_path):
     import shutil
     from conftest import last_json, run_cli

@@ -76,6 +76,7 @@ def runs(tiny_dir, tmp_path_factory):
 
 # ---- 13.7: data integrity ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_validation_warns_with_counts_and_line_numbers(runs):
     err = runs.validate_plain.stdout + runs.validate_plain.stderr
     assert runs.validate_plain.returncode == 0, err[-2000:]
@@ -87,6 +88,7 @@ def test_validation_warns_with_counts_and_line_numbers(runs):
     assert err.count("set data.dedup: true to drop them") == 3
 
 
+@pytest.mark.slow
 def test_dedup_drops_them_and_the_manifest_records_it(runs):
     m, n = runs.ma, runs.clean
     integrity = m["data_integrity"]
@@ -101,11 +103,20 @@ def test_dedup_drops_them_and_the_manifest_records_it(runs):
         in runs.a.stdout
 
 
-def test_dedup_default_is_false_and_documented():
-    f = {f.name: f for f in t.dataclasses.fields(t.DataConfig)}["dedup"]
-    assert f.default is False and f.metadata["doc"]
+@pytest.mark.slow
+def test_without_data_dedup_every_record_is_kept(runs):
+    """data.dedup is off unless set: B's config never names it, so B trains, validates and tests on every record,
+    the leaked valid and test records included, and its manifest reports the leaks with nothing dropped."""
+    m, n = runs.mb, runs.clean
+    assert "dedup" not in runs.cfg["data"]
+    integrity = m["data_integrity"]
+    assert integrity["valid_leaks"] == 1 and integrity["test_leaks"] == 1
+    assert integrity["dedup"] is False and integrity["dropped"] == {"train": 0, "valid": 0, "test": 0}
+    assert (m["dataset"]["train_samples"], m["dataset"]["valid_samples"], m["dataset"]["test_samples"]) == \
+        (n["train"], n["valid"] + 1, n["test"] + 1)
 
 
+@pytest.mark.slow
 def test_a_split_dedup_would_empty_is_a_config_error(runs, tmp_path):
     """Every test prompt also in train: with data.dedup nothing would be left to test on (exit 2, spec JSON)."""
     cfg = set_key(set_key(runs.cfg, "data.dedup", True), "data.test_path", str(runs.out / "dup" / "train.jsonl"))
@@ -117,6 +128,7 @@ def test_a_split_dedup_would_empty_is_a_config_error(runs, tmp_path):
 
 # ---- 17.4: Session 3 against its baseline --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_validate_only_lists_every_change_against_the_baseline(runs):
     out = runs.validate_b.stdout + runs.validate_b.stderr
     assert runs.validate_b.returncode == 0, out[-2000:]
@@ -130,6 +142,7 @@ def test_validate_only_lists_every_change_against_the_baseline(runs):
                      out), out[-2000:]
 
 
+@pytest.mark.slow
 def test_the_training_command_shows_them_and_the_dry_run_memory_beside_the_baseline(runs):
     stdout = runs.b_run.stdout
     assert "vs baseline A: batch_size 8 -> 16: doubled, check memory" in stdout
@@ -138,6 +151,7 @@ def test_the_training_command_shows_them_and_the_dry_run_memory_beside_the_basel
                      r"vs [\d.]+ [KMGT]iB estimated", dry), dry
 
 
+@pytest.mark.slow
 def test_baseline_comparison_carries_the_differences_next_to_the_metric_deltas(runs):
     cmp, ma, mb = runs.mb["baseline_comparison"], runs.ma, runs.mb
     assert cmp["baseline_run_id"] == "A" and cmp["metrics"]
@@ -162,6 +176,7 @@ def test_baseline_comparison_carries_the_differences_next_to_the_metric_deltas(r
 
 # ---- 17.5: a manifest that survives being moved ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_manifest_paths_are_relative_to_the_manifest(runs):
     m = runs.ma
     assert m["checkpoints"]["best_checkpoint"] in m["checkpoints"]["all_checkpoints"]  # a bare name: relative
@@ -190,11 +205,13 @@ def test_portable_path_rules(tmp_path):
     assert t.resolve_manifest_path(curve, moved) == curve  # an absolute path (older manifests) is used as it is
 
 
+@pytest.mark.slow
 def test_num_epochs_stays_an_int(runs):
     assert runs.ma["hyperparameters"]["num_epochs"] == 2 and type(runs.ma["hyperparameters"]["num_epochs"]) is int
     assert type(runs.ma["config"]["training"]["hyperparameters"]["num_epochs"]) is int
 
 
+@pytest.mark.slow
 def test_a_moved_run_lists_its_best(runs):
     assert runs.listed.returncode == 0, runs.listed.stderr[-2000:]
     listed = json.loads(runs.listed.stdout)
@@ -203,6 +220,7 @@ def test_a_moved_run_lists_its_best(runs):
     assert best[0]["name"] == Path(runs.ma["checkpoints"]["best_checkpoint"]).name
 
 
+@pytest.mark.slow
 def test_a_moved_run_evaluates_and_resumes(runs, tmp_path):
     best = t.resolve_manifest_path(runs.ma["checkpoints"]["best_checkpoint"], runs.moved)
     assert Path(best).is_dir() and not runs.a_dir.exists()

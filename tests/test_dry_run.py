@@ -18,6 +18,7 @@ def dry(tiny_dir, tmp_path_factory):
     return out, path, proc
 
 
+@pytest.mark.slow
 def test_dry_run_report(dry):
     out, _, proc = dry
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -40,6 +41,7 @@ def test_dry_run_report(dry):
     assert not list(run_dir.glob("checkpoint-*")) and not (run_dir / "run_manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_does_not_block_the_real_run(dry, tiny_dir):
     out, path, _ = dry
     proc = run_cli("--config", path, "--run-id", "d1", "--set", "training.hyperparameters.num_epochs=1")

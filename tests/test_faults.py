@@ -43,6 +43,7 @@ def restarted(tiny_dir, tmp_path_factory):
     return out, path, {"killed": killed, "resumed": resumed, "forced": forced}
 
 
+@pytest.mark.slow
 def test_resume_before_any_checkpoint_says_how_to_start_over(restarted):
     _, _, procs = restarted
     assert procs["killed"].returncode == -9, procs["killed"].stderr[-2000:]
@@ -53,6 +54,7 @@ def test_resume_before_any_checkpoint_says_how_to_start_over(restarted):
     assert "--force" in err["details"]["suggestion"] and "again.abandoned-" in err["details"]["suggestion"]
 
 
+@pytest.mark.slow
 def test_force_starts_the_run_id_over_and_keeps_the_old_run(restarted):
     out, _, procs = restarted
     assert procs["forced"].returncode == 0, procs["forced"].stderr[-2000:]
@@ -64,6 +66,7 @@ def test_force_starts_the_run_id_over_and_keeps_the_old_run(restarted):
     assert len(old_logs) == 1 and (old_logs[0] / "train.log").is_file()
 
 
+@pytest.mark.slow
 def test_secrets_never_leave_the_process(restarted):
     out, _, procs = restarted
     files = [p for p in out.rglob("*") if p.is_file() and p != out / "c.yaml"]  # all but the input itself
@@ -100,6 +103,7 @@ def full_disk_run(tiny_dir, out: Path, hook: str):
                    env={"FINANCE_TRAINER_INJECT_ENOSPC": hook})
 
 
+@pytest.mark.slow
 def test_full_disk_at_a_checkpoint_is_reported_and_recorded(tiny_dir, tmp_path):
     proc = full_disk_run(tiny_dir, tmp_path, "checkpoint-6")
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -117,6 +121,7 @@ def test_full_disk_at_a_checkpoint_is_reported_and_recorded(tiny_dir, tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_a_disk_that_stays_full_still_reports_the_first_error(tiny_dir, tmp_path):
     proc = full_disk_run(tiny_dir, tmp_path, "checkpoint-6:sticky")  # every later write fails too
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -238,6 +243,7 @@ def test_yaml_alias_bomb_is_refused_before_it_expands():
     assert tf._parse_yaml("base: &b {x: 1}\nother: *b\n", "ok.yaml") == {"base": {"x": 1}, "other": {"x": 1}}
 
 
+@pytest.mark.slow
 def test_yaml_alias_bomb_cli_answers_with_a_short_error(tmp_path):
     path = tmp_path / "bomb.yaml"
     path.write_text(alias_bomb(6))
@@ -272,6 +278,7 @@ def test_status_and_list_refuse_a_damaged_record(tmp_path, record, content):
         assert info.value.details["path"] == str((run_dir / record).resolve())
 
 
+@pytest.mark.slow
 def test_status_cli_on_a_truncated_manifest_is_a_clear_exit_2(tmp_path):
     run_dir = tmp_path / "r"
     run_dir.mkdir()
@@ -282,6 +289,7 @@ def test_status_cli_on_a_truncated_manifest_is_a_clear_exit_2(tmp_path):
     assert err["error"] == "RunRecordDamaged" and "not valid JSON" in err["details"]["problem"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_truncated_manifest_and_force_keeps_it(restarted, tmp_path):
     out, path, procs = restarted
     assert procs["forced"].returncode == 0, procs["forced"].stderr[-2000:]
@@ -319,6 +327,7 @@ def test_utf8_bom_in_messages_data_is_read_past(tiny_dir, tmp_path):
     assert "byte order mark" in problems[0]["details"]["problem"]
 
 
+@pytest.mark.slow
 def test_run_id_length_is_validated(tiny_dir, tmp_path):
     path = write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))
     proc = run_cli("--config", path, "--run-id", "r" * 300, "--validate-only")
@@ -328,6 +337,7 @@ def test_run_id_length_is_validated(tiny_dir, tmp_path):
     assert "128" in err["details"]["expected"]
 
 
+@pytest.mark.slow
 def test_run_id_is_validated_before_anything_is_read_or_written(tiny_dir, tmp_path):
     path = write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path / "a"))
     proc = run_cli("--config", path, "--resume-from", "latest", "--run-id", "../../etc")

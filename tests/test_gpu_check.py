@@ -112,6 +112,7 @@ def test_fsdp_with_a_non_fsdp2_word_is_refused(tiny_dir, tmp_path):
     assert "['hybrid_shard'] are not FSDP2 options" in text and "shard_grad_op auto_wrap" in text
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_mode_reports_every_section(tmp_path):
     """Run as on the GPU machines, which lack datasets (and its pyarrow, pandas), wandb, mlflow and bitsandbytes:
     tests/hidepkg makes them look not installed."""
@@ -199,6 +200,7 @@ if __name__ == "__main__":
 '''
 
 
+@pytest.mark.slow
 def test_fsdp2_sharded_on_two_cpu_ranks_global_norm_and_consolidated_weights(tmp_path):
     """Real FSDP2 sharding (torch's fully_shard, two gloo ranks on CPU; Trainer itself shards only on GPUs): the
     norm the guard reads (global_grad_norm of clip_grad_norm_'s DTensor) is the unsharded model's norm on every

@@ -48,6 +48,7 @@ def assert_diverged(proc, out: Path, run_id: str) -> dict:
     return d
 
 
+@pytest.mark.slow
 def test_injected_nan_is_caught_within_one_step(tiny_dir, tmp_path):
     path = write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))
     proc = run_cli("--config", path, "--run-id", "nan", env={"FINANCE_TRAINER_INJECT_NAN_AT_STEP": "5"})
@@ -59,6 +60,7 @@ def test_injected_nan_is_caught_within_one_step(tiny_dir, tmp_path):
     assert m["anomalies"][0]["update_skipped"] is True
 
 
+@pytest.mark.slow
 def test_injected_gradient_explosion_stops(tiny_dir, tmp_path):
     path = write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))
     proc = run_cli("--config", path, "--run-id", "boom", env={"FINANCE_TRAINER_INJECT_GRAD_SCALE": "3:1000"})
@@ -66,6 +68,7 @@ def test_injected_gradient_explosion_stops(tiny_dir, tmp_path):
     assert d["step"] == 3 and "exceeds grad_norm_limit 100" in d["reason"]
 
 
+@pytest.mark.slow
 def test_absurd_learning_rate_diverges_by_itself(tiny_dir, tmp_path):
     cfg = set_key(base_config(tiny_dir, tmp_path), "training.hyperparameters.learning_rate", 50.0)
     cfg = set_key(cfg, "training.hyperparameters.max_grad_norm", 1.0e6)  # let the update blow up
@@ -113,6 +116,7 @@ def test_loss_spike_warns_without_stopping(tmp_path, tiny_dir):
     assert [a["step"] for a in history.anomalies] == [5] and history.anomalies[0]["action"] == "warned"
 
 
+@pytest.mark.slow
 def test_early_stopping_completes_normally(tiny_dir, tmp_path):
     """The real CLI end to end, with the validation losses fixed by a test hook so the outcome does not depend on
     how fast the tiny model learns on this CPU: evaluations at steps 0, 12, 24, 36 report 6.0, 3.0, 2.0, 2.5.
@@ -141,6 +145,7 @@ def test_early_stopping_completes_normally(tiny_dir, tmp_path):
         tf.evaluate_checkpoint(str(best), str(tiny_dir / "messages" / "test.jsonl"))["test_loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_best_checkpoint_at_the_last_step_is_what_the_test_evaluates(tiny_dir, tmp_path):
     """When the best checkpoint is the one saved at the last step, its weights are those in memory and are not read
     back: the test metrics still equal that checkpoint's, evaluated from disk. The validation losses are fixed by a
@@ -157,6 +162,7 @@ def test_a_best_checkpoint_at_the_last_step_is_what_the_test_evaluates(tiny_dir,
         tf.evaluate_checkpoint(str(best), str(tiny_dir / "messages" / "test.jsonl"))["test_loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_retention_keeps_best_latest_and_backup(tiny_dir, tmp_path):
     cfg = base_config(tiny_dir, tmp_path)
     cfg = set_key(cfg, "training.checkpointing.save_total_limit", 1)
@@ -188,6 +194,7 @@ def test_retention_unit(tmp_path):
     assert sorted(deleted) == ["checkpoint-20"]
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_save_leaves_no_half_checkpoint(tiny_dir, tmp_path):
     cfg = set_key(base_config(tiny_dir, tmp_path), "training.checkpointing.save_strategy", "steps")
     path = write_config(tmp_path / "c.yaml", cfg)

@@ -17,6 +17,8 @@ import pytest
 import train_finance_ssc_model as tf
 from conftest import SCRIPT, base_config, last_json, run_cli, set_key, write_config
 
+pytestmark = pytest.mark.slow  # every test here launches the CLI (conftest.run_cli)
+
 
 @pytest.fixture(scope="module")
 def trained(tiny_dir, tmp_path_factory):

@@ -12,6 +12,8 @@ import train_finance_ssc_model as tf
 from conftest import base_config, last_json, run_cli, set_key, write_config
 from test_resume import kill_at_step
 
+pytestmark = pytest.mark.slow  # every test here launches the CLI (conftest.run_cli)
+
 
 def lora_config(tiny_dir, out):
     cfg = base_config(tiny_dir, out)

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import base_config, last_json, run_cli, set_key, write_config
 
+pytestmark = pytest.mark.slow  # every test here launches the CLI (conftest.run_cli)
+
 HIDE = {"PYTHONPATH": str(Path(__file__).parent / "hidepkg")}
 
 

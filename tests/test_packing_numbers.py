@@ -116,6 +116,7 @@ def packed_run(tiny_dir, tmp_path_factory):
     return out, proc, json.loads((out / "runs" / "p" / "run_manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_planned_steps_are_the_trained_steps(packed_run):
     _, proc, m = packed_run
     planned = int(re.search(r"(\d+) optimizer steps planned", proc.stdout).group(1))
@@ -124,6 +125,7 @@ def test_planned_steps_are_the_trained_steps(packed_run):
     assert planned == m["training_results"]["max_steps"] == m["training_results"]["total_steps"] == 2 * -(-rows // 8)
 
 
+@pytest.mark.slow
 def test_throughput_counts_training_time_only(packed_run):
     _, _, m = packed_run
     p = m["performance"]
@@ -136,6 +138,7 @@ def test_throughput_counts_training_time_only(packed_run):
     assert p["training_seconds"] < runtime and p["tokens_per_second"] > p["wall_tokens_per_second"]
 
 
+@pytest.mark.slow
 def test_manifest_records_the_fused_adamw_that_ran(packed_run):
     out, _, m = packed_run
     assert m["hyperparameters"]["optimizer"] == "adamw"
@@ -170,6 +173,7 @@ def test_mfu_uses_real_lengths_and_lora_flops(tiny_dir, tmp_path):
     assert lora["value"] == round(10.0 * lora["flops_per_token"] / 989e12, 4)
 
 
+@pytest.mark.slow
 def test_checkpoint_count_survives_kill_and_resume(tiny_dir, tmp_path):
     # one epoch of 12 steps, an evaluation (and so a save) every 4: checkpoints at steps 4, 8 and 12
     cfg = set_key(set_key(base_config(tiny_dir, tmp_path), "training.hyperparameters.num_epochs", 1),
@@ -186,6 +190,7 @@ def test_checkpoint_count_survives_kill_and_resume(tiny_dir, tmp_path):
     assert json.loads(manifest.read_text())["cost"]["inputs"]["checkpoints_saved"] == saves == 3
 
 
+@pytest.mark.slow
 def test_anomaly_step_and_epoch_are_the_same_moment(tiny_dir, tmp_path):
     # 12 micro-batches per epoch, accumulation 5: optimizer steps of 5, 5 and 2 micro-batches. Step 2 ends at
     # epoch 10/12; a NaN there is caught before it ends (state.epoch still holds step 1's 5/12).
@@ -201,6 +206,7 @@ def test_anomaly_step_and_epoch_are_the_same_moment(tiny_dir, tmp_path):
     assert saved["step"] == 2 and saved["epoch"] == stop["epoch"]  # the checkpoint saved at the stop agrees
 
 
+@pytest.mark.slow
 def test_packing_without_a_varlen_kernel_is_flagged_before_training_with_its_cost(tiny_dir, tmp_path):
     # sdpa on CPU has no varlen kernel: --validate-only warns with the attention work and the optimizer steps
     # per epoch, packed and unpacked, and the numbers are the ones packing_cost gives for the real rows

@@ -61,6 +61,7 @@ def plan_json(config_path, *extra) -> dict:
     return json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_production_shape_on_8x_h100_ddp_does_not_fit_fsdp_does(tiny_dir, tmp_path):
     plan = plan_json(production_config(tiny_dir, tmp_path))
     assert (plan["gpu_type"], plan["num_gpus"], plan["model"]["parameters"]) == ("H100-80GB", 8, PROD_PARAMS)
@@ -96,6 +97,7 @@ def test_production_shape_on_8x_h100_ddp_does_not_fit_fsdp_does(tiny_dir, tmp_pa
     assert plan["price_basis"] == "cost.gpu_hourly_usd x 8 GPUs" and plan["hourly_usd"] == pytest.approx(27.12)
 
 
+@pytest.mark.slow
 def test_the_repo_production_config_plans_fsdp_on_8_h100(tmp_path):
     """training_config.yaml as shipped (its 8 GPUs, batch 4 x 2048, fp16, the repo's data), the model as a bare
     config.json: the README's example."""
@@ -107,6 +109,7 @@ def test_the_repo_production_config_plans_fsdp_on_8_h100(tmp_path):
     assert plan["price_basis"].startswith("cost.node_hourly_usd") and plan["hourly_usd"] == 23.92
 
 
+@pytest.mark.slow
 def test_plan_json_shape_and_table(tiny_dir, tmp_path):
     cfg = production_config(tiny_dir, tmp_path)
     plan = plan_json(cfg)
@@ -132,6 +135,7 @@ def test_plan_json_shape_and_table(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("shape,gpus,precision", [(PROD, 2, "fp16"), (PROD, 4, "no"), (WIDE_VOCAB, 8, "bf16")])
+@pytest.mark.slow
 def test_fsdp_per_rank_memory_is_states_over_world_plus_gathered_units_plus_activations(
         tiny_dir, tmp_path, shape, gpus, precision):
     model = tmp_path / "shape"
@@ -183,6 +187,7 @@ def test_out_of_memory_fix_names_the_fsdp_change(tiny_dir, tmp_path):
     assert small is None
 
 
+@pytest.mark.slow
 def test_node_price_is_used_and_recorded(tiny_dir, tmp_path):
     plan = plan_json(production_config(tiny_dir, tmp_path, **{"cost.node_hourly_usd": 23.92}))
     assert plan["hourly_usd"] == 23.92 and plan["price_basis"] == "cost.node_hourly_usd x 1 node(s) of 8 GPUs"
@@ -201,6 +206,7 @@ def test_node_price_is_used_and_recorded(tiny_dir, tmp_path):
     assert per_gpu["inputs"]["price_basis"] == "cost.gpu_hourly_usd x 8 GPUs"
 
 
+@pytest.mark.slow
 def test_manifest_records_the_node_price(tiny_dir, tmp_path):
     cfg = set_key(base_config(tiny_dir, tmp_path, fmt="text"), "cost.node_hourly_usd", 23.92)
     cfg = set_key(set_key(cfg, "training.hyperparameters.num_epochs", 1), "evaluation.num_samples", 0)
@@ -212,6 +218,7 @@ def test_manifest_records_the_node_price(tiny_dir, tmp_path):
     assert inputs["price_basis"] == "none (no GPU in use)" and inputs["hourly_usd"] == 0
 
 
+@pytest.mark.slow
 def test_plan_config_errors_exit_2_with_every_problem(tiny_dir, tmp_path):
     cfg = production_config(tiny_dir, tmp_path, **{"compute.gpu_type": "H100", "compute.assumed_mfu": 1.5,
                                                    "cost.node_hourly_usd": -1})
@@ -225,6 +232,7 @@ def test_plan_config_errors_exit_2_with_every_problem(tiny_dir, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_plan_without_gpu_type_on_a_host_without_gpu_names_the_key(tiny_dir, tmp_path):
     r = run_cli("--config", production_config(tiny_dir, tmp_path, **{"compute.gpu_type": None}), "--plan")
     assert r.returncode == 2
@@ -232,6 +240,7 @@ def test_plan_without_gpu_type_on_a_host_without_gpu_names_the_key(tiny_dir, tmp
     assert err["field"] == "compute.gpu_type" and "--set compute.gpu_type=H100-80GB" in err["suggestion"]
 
 
+@pytest.mark.slow
 def test_plan_reads_config_json_only_and_never_imports_torch(tiny_dir, tmp_path):
     """No weights and no tokenizer in the model dir, and with compute.gpu_type set no torch import at all."""
     cfg = production_config(tiny_dir, tmp_path)
@@ -243,6 +252,7 @@ def test_plan_reads_config_json_only_and_never_imports_torch(tiny_dir, tmp_path)
     assert json.loads(r.stdout)["strategies"]["fsdp"]["fits"] is True
 
 
+@pytest.mark.slow
 def test_fsdp_on_cpu_is_refused(tiny_dir, tmp_path):
     cfg = set_key(base_config(tiny_dir, tmp_path), "compute.fsdp", "full_shard auto_wrap")
     r = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--validate-only")

@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 import train_finance_ssc_model as tf
 from conftest import base_config, last_json, run_cli, write_config
 
+pytestmark = pytest.mark.slow  # every test here launches the CLI (conftest.run_cli)
+
 
 @pytest.fixture(scope="module")
 def reference(tiny_dir, tmp_path_factory):

@@ -25,6 +25,8 @@ import yaml
 
 from conftest import base_config, last_json, run_cli, set_key, write_config
 
+pytestmark = pytest.mark.slow  # every test here launches the CLI (conftest.run_cli)
+
 SPEC_EMPTY_SUGGESTION = "Run DataPrepAgent first to generate training data"
 CONFIG_ERRORS = {"InvalidConfig"}
 DATA_ERRORS = {"EmptyDataset", "InvalidDataset", "DataPathNotFound"}
@@ -443,10 +445,6 @@ def test_broken_config_is_rejected_by_validate_only(case: Case, tmp_path: Path, 
         extra = [e for e in payload["errors"] if e["details"].get("field") not in allowed]
         assert not extra, f"follow-on errors for a config with one mistake: {extra}"
     assert snapshot(tmp_path, tiny_dir) == before, "--validate-only changed files on disk"
-
-
-def test_table_is_big_enough():
-    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
 
 
 # --------------------------------------------------------------------------------------------------

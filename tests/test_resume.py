@@ -10,6 +10,8 @@ import pytest
 import train_finance_ssc_model as tf
 from conftest import base_config, last_json, run_cli, set_key, write_config
 
+pytestmark = pytest.mark.slow  # every test here launches the CLI (conftest.run_cli)
+
 
 def weights(path: Path) -> dict:
     from safetensors.torch import load_file

@@ -43,6 +43,7 @@ def test_packed_row_gives_each_record_its_own_logits(tiny_dir, attn):
             assert torch.allclose(model(**packed_form, use_cache=False).loss, want, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_packing_run_fills_rows(tiny_dir, tmp_path):
     cfg = set_key(base_config(tiny_dir, tmp_path, "prompt_completion"), "data.packing", True)
     cfg = set_key(cfg, "data.max_seq_length", 512)
@@ -69,6 +70,7 @@ def ddp_pair(tiny_dir, tmp_path_factory):
     return out, p1, p2
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_through_own_launcher(ddp_pair):
     out, p1, p2 = ddp_pair
     assert p1.returncode == 0, p1.stderr[-2000:]
@@ -88,6 +90,7 @@ def test_two_process_gloo_run_through_own_launcher(ddp_pair):
     assert abs(a - b) / a < 0.05, (a, b)
 
 
+@pytest.mark.slow
 def test_one_rank_nan_stops_every_rank(tiny_dir, tmp_path):
     cfg = set_key(base_config(tiny_dir, tmp_path), "compute.num_gpus", 2)
     cfg = set_key(cfg, "training.hyperparameters.batch_size", 4)
@@ -101,12 +104,14 @@ def test_one_rank_nan_stops_every_rank(tiny_dir, tmp_path):
     assert m["status"] == "diverged"
 
 
+@pytest.mark.slow
 def test_nccl_without_cuda_is_refused(tiny_dir, tmp_path):
     cfg = set_key(base_config(tiny_dir, tmp_path), "compute.distributed_backend", "nccl")
     proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--validate-only")
     assert proc.returncode == 2 and last_json(proc.stderr)["details"]["field"] == "compute.distributed_backend"
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(ddp_pair):
     """Rank 1 alone gets SIGTERM inside step 5: the flag is all-reduced, both ranks save checkpoint-5 and stop,
     and resuming gives the uninterrupted two-process run's weights."""

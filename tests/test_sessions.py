@@ -51,6 +51,7 @@ def epoch_lines(text: str) -> list[str]:
     return [m.group(0) for m in re.finditer(r"epoch \d+/\d+: val_loss \S+, val_perplexity \S+( \(best\))?", text)]
 
 
+@pytest.mark.slow
 def test_session1_prints_one_line_per_epoch_with_best_from_the_manifest(sessions):
     lines = epoch_lines(sessions.first.stdout)
     assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
@@ -63,6 +64,7 @@ def test_session1_prints_one_line_per_epoch_with_best_from_the_manifest(sessions
     assert epoch_lines(sessions.train_log) == lines
 
 
+@pytest.mark.slow
 def test_session1_ends_with_the_output_object_on_stdout(sessions):
     output = last_stdout_json(sessions.first.stdout)
     m = sessions.manifest
@@ -75,6 +77,7 @@ def test_session1_ends_with_the_output_object_on_stdout(sessions):
     assert output["manifest"] == str(sessions.run_dir / t.MANIFEST_NAME)
 
 
+@pytest.mark.slow
 def test_session2_says_what_it_resumed(sessions):
     stdout = sessions.resumed.stdout
     assert "resuming from checkpoint-epoch-1 (step 12, epoch 1): config unchanged" in stdout
@@ -86,6 +89,7 @@ def test_session2_says_what_it_resumed(sessions):
     assert sessions.resumed_manifest["resume_from"]["step"] == 12
 
 
+@pytest.mark.slow
 def test_session1_dry_runs_before_training_and_session2_does_not_repeat_it(sessions):
     """Session 1: validate, dry run, train (one console line for the dry run, before the first epoch line).
     Session 2: a resume continues a run that already passed its dry run; the manifest keeps that record."""
@@ -114,6 +118,7 @@ def test_epoch_line_total_is_num_epochs_as_configured():
     assert t.format_epoch_line(1, 2.5, None, None, False) == "epoch 1/2.5: val_loss -, val_perplexity -"
 
 
+@pytest.mark.slow
 def test_tools_find_a_bare_run_id_through_the_run_index(sessions, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # not the output dir, no training_config.yaml here
     monkeypatch.setenv("XDG_CACHE_HOME", str(sessions.cache))
@@ -125,6 +130,7 @@ def test_tools_find_a_bare_run_id_through_the_run_index(sessions, tmp_path, monk
     assert Path(status["run_dir"]) == sessions.run_dir.resolve()
 
 
+@pytest.mark.slow
 def test_tools_find_a_bare_run_id_through_the_working_directorys_config(sessions, tmp_path, monkeypatch):
     project = tmp_path / "project"
     write_config(project / "training_config.yaml", {"logging": {"output_dir": str(sessions.out / "runs")}})
@@ -134,6 +140,7 @@ def test_tools_find_a_bare_run_id_through_the_working_directorys_config(sessions
     assert [c["name"] for c in t.list_checkpoints(RUN_ID)] == [c["name"] for c in t.list_checkpoints(str(sessions.run_dir))]
 
 
+@pytest.mark.slow
 def test_cli_status_with_a_bare_run_id_from_another_directory(sessions, tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--list-checkpoints", RUN_ID, "--json"], cwd=tmp_path,
                           capture_output=True, text=True,
@@ -156,6 +163,7 @@ def test_unknown_run_id_says_where_it_looked(tmp_path, monkeypatch):
     assert any(entry.startswith(str(tmp_path / "cache" / "finance_smollm3" / "runs.json")) for entry in looked)
 
 
+@pytest.mark.slow
 def test_a_diverged_run_still_ends_with_the_output_object(tiny_dir, tmp_path):
     cfg = set_key(base_config(tiny_dir, tmp_path), "training.hyperparameters.num_epochs", 1)
     path = write_config(tmp_path / "c.yaml", cfg)
