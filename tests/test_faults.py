@@ -147,6 +147,7 @@ def test_write_json_atomic_removes_its_temp_file_when_the_write_fails(tmp_path, 
     assert json.loads(target.read_text()) == {"old": True}
 
 
+@pytest.mark.slow
 def test_samples_jsonl_goes_through_the_atomic_writer(tiny_dir, tmp_path):
     """A full disk at the samples file (written after training, before the final manifest) is DiskFull naming it,
     and leaves neither a partial samples.jsonl nor its temporary file."""
@@ -413,6 +414,7 @@ def test_malformed_enospc_hook_injects_nothing_at_a_write(tmp_path, monkeypatch)
     assert json.loads((tmp_path / "record.json").read_text()) == {"ok": True}
 
 
+@pytest.mark.slow
 def test_malformed_hooks_stop_a_run_with_exit_2_and_leave_help_alone(tiny_dir, tmp_path):
     bad = {NAN: "five", ENOSPC: "run_manifest.json:always"}  # a lenient ENOSPC would fail the first manifest write
     helped = run_cli("--help", env=bad)

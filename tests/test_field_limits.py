@@ -162,6 +162,7 @@ def test_cross_field_rules_do_not_repeat_a_field_outside_its_own_limits():
 # Through the real CLI
 # --------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_declared_limits_reach_the_cli_error_payload(tmp_path: Path, tiny_dir: Path):
     cfg = base_config(tiny_dir, tmp_path / "out")
     broken = {"training.guards.spike_window": 1, "compute.assumed_mfu": 1.5, "compute.gpu_type": "H100-80G",
@@ -184,6 +185,7 @@ def test_declared_limits_reach_the_cli_error_payload(tmp_path: Path, tiny_dir: P
     assert got["cost.gpu_hourly_usd"]["expected"] == "number >= 0"
 
 
+@pytest.mark.slow
 def test_limits_of_disabled_lora_are_not_enforced_and_advice_is_a_warning(tmp_path: Path, tiny_dir: Path):
     cfg = set_key(base_config(tiny_dir, tmp_path / "out"), "model.lora.dropout", 1.0)  # LoRA off: not checked
     cfg = set_key(cfg, "training.checkpointing.save_total_limit", 2)
