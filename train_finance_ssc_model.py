@@ -545,6 +545,11 @@ class HyperparametersConfig:
     bf16: bool = False
 
 
+# the limits of a field that names an evaluation metric (early_stopping_metric, metric_for_best_model)
+METRIC_LIMITS = {"choices": EVAL_METRICS, "expected": "one of the metrics this script reports: {choices}",
+                 "suggestion": "use {closest}", "closest": ("val_loss", 0.6)}
+
+
 @dataclass(kw_only=True)
 class OptimizationConfig:
     optimizer: str = field(default="adamw", metadata={"doc": "adamw (torch AdamW)", "choices": OPTIMIZERS,
@@ -556,9 +561,7 @@ class OptimizationConfig:
         "doc": "evals without improvement; null=off", "minimum": 1,
         "expected": "integer >= 1, or null to turn early stopping off"})
     early_stopping_metric: str = field(default="val_loss", metadata={
-        "doc": "val_loss|val_perplexity|val_token_accuracy", "choices": EVAL_METRICS,
-        "expected": "one of the metrics this script reports: {choices}", "suggestion": "use {closest}",
-        "closest": ("val_loss", 0.6)})
+        "doc": "val_loss|val_perplexity|val_token_accuracy", **METRIC_LIMITS})
 
 
 @dataclass(kw_only=True)
@@ -572,9 +575,7 @@ class CheckpointingConfig:
                   "checkpoints stay on disk"})
     load_best_at_end: bool = field(default=True, metadata={"doc": "final evaluation uses the best checkpoint"})
     metric_for_best_model: str = field(default="val_perplexity", metadata={
-        "doc": "one of the val_* metrics", "choices": EVAL_METRICS,
-        "expected": "one of the metrics this script reports: {choices}", "suggestion": "use {closest}",
-        "closest": ("val_loss", 0.6)})
+        "doc": "one of the val_* metrics", **METRIC_LIMITS})
 
 
 @dataclass(kw_only=True)
