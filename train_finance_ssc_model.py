@@ -260,6 +260,11 @@ def _sha256_cached(path: Path) -> str:
     return _HASHED[key]
 
 
+def chat_template_sha256(template: Optional[str]) -> Optional[str]:
+    """sha256 of a chat template's text (None for None): one line of a template changes every rendered record."""
+    return None if template is None else hashlib.sha256(template.encode("utf-8")).hexdigest()
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -783,14 +788,15 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 def disk_full_error(exc: BaseException, path: Any = None, free_at_failure: Optional[int] = None,
-                    run_id: Optional[str] = None) -> TrainerError:
+                    run_id: Optional[str] = None, config: Optional[TrainingConfig] = None) -> TrainerError:
     """DiskFull (exit 1) for the first write that failed: errno, the file (the OSError's own filename, else `path`),
     the free space at the failure and now, and how to continue."""
     err = next((e for e in (exc, exc.__cause__, exc.__context__) if isinstance(e, OSError) and e.errno), None)
     where = (err.filename if err is not None and err.filename else None) or (str(path) if path else None)
     free_now = _free_bytes(where) if where else None
     number = err.errno if err is not None and err.errno in DISK_FULL_ERRNOS else 28
-    resume = f"--resume-from latest --run-id {run_id}" if run_id else "--resume-from latest --run-id RUN"
+    resume = (resume_command(run_id, config.config_path, config.overrides) if run_id and config
+              else f"--resume-from latest --run-id {run_id or 'RUN'}")
     return TrainerError("DiskFull", {
         "errno": number, "errno_name": DISK_FULL_ERRNOS.get(number, "ENOSPC"), "path": where,
         "message": f"{type(exc).__name__}: {str(exc)[:500]}",
@@ -809,10 +815,25 @@ def damaged_checkpoint_error(field_: str, value: Any, ckpt_dir: Path, reason: st
                                                "suggestion": suggestion})
 
 
-def resume_command(ctx: RunContext) -> str:
-    overrides = "".join(f" --set {shlex.quote(o)}" for o in ctx.config.overrides)
-    return (f"python {Path(sys.argv[0]).name} --config {shlex.quote(ctx.config.config_path or 'CONFIG')}{overrides} "
-            f"--resume-from latest --run-id {ctx.run_id}")
+def resume_command(run_id: str, config_path: Optional[str], overrides: list, *, cwd: Optional[str] = None,
+                   resume_from: Any = "latest", sets: tuple = ()) -> str:
+    """The command that continues run `run_id`, whatever directory it is pasted into: `cd` to the directory the
+    run was started from (where a relative output_dir, logging_dir, data path or --output-dir resolve), then this
+    interpreter and script by absolute path, the absolute config, the run's --set overrides (one of `sets`, e.g.
+    a new learning rate, replaces the run's own value of that key), --resume-from and --run-id. Every resume hint
+    is built here: Preempted, TrainingDiverged, Interrupted, RunExists, DiskFull, CheckpointNotFound, --status."""
+    keys = {s.split("=", 1)[0] for s in sets}
+    kept = [o for o in overrides or [] if o.split("=", 1)[0] not in keys]
+    words = [sys.executable or "python", str(Path(__file__).resolve()), "--config", config_path or "CONFIG"]
+    for o in [*kept, *sets]:
+        words += ["--set", o]
+    words += ["--resume-from", str(resume_from), "--run-id", run_id]
+    return f"cd {shlex.quote(cwd or os.getcwd())} && " + " ".join(shlex.quote(w) for w in words)
+
+
+def run_resume_command(ctx: RunContext, resume_from: Any = "latest", sets: tuple = ()) -> str:
+    """resume_command for the run this process writes."""
+    return resume_command(ctx.run_id, ctx.config.config_path, ctx.config.overrides, resume_from=resume_from, sets=sets)
 
 
 def preempted_error(ctx: RunContext) -> TrainerError:
@@ -823,7 +844,7 @@ def preempted_error(ctx: RunContext) -> TrainerError:
                   and c.get("health") == "ok"), None)
     return TrainerError("Preempted", {
         "signal": p["signal"], "step": p["step"], "epoch": p["epoch"],
-        "checkpoint": saved["path"] if saved else None, "resume_command": resume_command(ctx),
+        "checkpoint": saved["path"] if saved else None, "resume_command": run_resume_command(ctx),
         "suggestion": "continue exactly where it stopped with the resume_command"})
 
 
@@ -836,13 +857,14 @@ def diverged_error(ctx: RunContext, stop_val_loss: Optional[float] = None) -> Tr
     train_loss = stop.get("train_loss")
     if train_loss is None and ctx.history.train:
         train_loss = _json_float(ctx.history.train[-1][2])
-    how = (f" (--resume-from {last_valid} --set training.hyperparameters.learning_rate={new_lr:.1e})"
-           if last_valid else f" as a new run from the base model (--set training.hyperparameters.learning_rate="
-                              f"{new_lr:.1e} --run-id NEW_ID): {why}")
+    command = (run_resume_command(ctx, last_valid, (f"training.hyperparameters.learning_rate={new_lr:.1e}",))
+               if last_valid else None)
+    how = (f": {command}" if last_valid else f" as a new run from the base model (--set training.hyperparameters."
+                                             f"learning_rate={new_lr:.1e} --run-id NEW_ID): {why}")
     return TrainerError("TrainingDiverged", {
         "epoch": _best_epoch(stop["epoch"]) if stop["epoch"] else 1, "epoch_float": stop["epoch"],
         "step": stop["step"], "train_loss": train_loss, "reason": stop["reason"], "kind": stop["kind"],
-        "last_valid_checkpoint": last_valid, "last_valid_checkpoint_reason": why,
+        "last_valid_checkpoint": last_valid, "last_valid_checkpoint_reason": why, "resume_command": command,
         "suggestion": f"Reduce learning rate to {new_lr:.1e} and try again{how}"})
 
 
@@ -3034,7 +3056,7 @@ class NonFiniteAndExplodingGradGuard(Callback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
         norm = self.probe.grad_norm
         loss = float(self.probe.loss_sum) if self.probe.loss_sum is not None else None
-        reason = None
+        reason, kind = None, None
         # the step under way, and its epoch (state.epoch still holds the previous step's until it ends)
         at = {"step": state.global_step + 1,
               "epoch": epoch_at_step(state.global_step + 1, state, args, kw.get("train_dataloader"))}
@@ -3046,6 +3068,7 @@ class NonFiniteAndExplodingGradGuard(Callback):
             self.fp16_overflows += 1
             if self.fp16_overflows >= FP16_MAX_OVERFLOWS:
                 reason = f"{self.fp16_overflows} consecutive fp16 gradient overflows (loss scaler cannot recover)"
+                kind = "fp16_overflow"  # the scaler's range, not an exploding gradient: the fix differs
             elif self.fp16_overflows == 1:
                 self.history.record_anomaly(
                     "fp16_overflow", state, stop=False, **at,
@@ -3060,7 +3083,8 @@ class NonFiniteAndExplodingGradGuard(Callback):
             for p in model.parameters():  # optimizers skip parameters without a gradient
                 p.grad = None
             control.should_training_stop = True
-            self.history.record_anomaly("nonfinite" if "NaN" in reason else "grad_explosion", state, stop=True,
+            kind = kind or ("nonfinite" if "NaN" in reason else "grad_explosion")
+            self.history.record_anomaly(kind, state, stop=True,
                                         **at, reason=reason, train_loss=_json_float(loss),
                                         grad_norm=_json_float(norm), update_skipped=True)
         if norm is not None and math.isfinite(norm):
@@ -3957,7 +3981,7 @@ def save_checkpoint(trainer) -> Path:
         # pos ..."): a write that failed with (almost) nothing left on the filesystem is a full disk too
         nearly_full = free is not None and free < SAVE_FULL_BELOW_BYTES and isinstance(exc, (OSError, RuntimeError))
         if not isinstance(exc, TrainerError) and (is_disk_full(exc) or nearly_full):
-            raise disk_full_error(exc, tmp, free, getattr(trainer, "run_id", None)) from exc
+            raise disk_full_error(exc, tmp, free, getattr(trainer, "run_id", None), trainer.run_config) from exc
         raise
 
 
@@ -4212,12 +4236,14 @@ def unlock_run_dir(run_dir: Path) -> None:
         os.close(fd)
 
 
-def refuse_existing_run(manifest_path: Path, run_id: str) -> None:
+def refuse_existing_run(manifest_path: Path, run_id: str, config: Optional[TrainingConfig] = None) -> None:
     """A run dir that already holds a manifest is never overwritten."""
     if manifest_path.exists():
+        command = resume_command(run_id, config.config_path, config.overrides) if config else None
         raise TrainerError("RunExists", {
-            "run_id": run_id, "path": str(manifest_path),
-            "suggestion": f"choose another --run-id, continue it with --resume-from latest --run-id {run_id}, or "
+            "run_id": run_id, "path": str(manifest_path), "resume_command": command,
+            "suggestion": f"choose another --run-id, continue it with "
+                          f"{command or f'--resume-from latest --run-id {run_id}'}, or "
                           f"start this run id over with --force (the old run is moved aside to "
                           f"{run_id}.abandoned-<time>, nothing is deleted)"})
 
@@ -4267,7 +4293,9 @@ def last_valid_checkpoint(ctx: RunContext, stop_val_loss: Optional[float]) -> tu
     best = min(vals) if vals else None
     factor = 1 + g.divergence_increase if stop["kind"] == "divergence" else g.spike_factor
     rejected = []
-    for c in reversed([c for c in read_checkpoints(ctx.run_dir, verify=True) if c.get("health") == "ok"]):
+    # at or before the stop: a later one could only be a leftover of another timeline (resume moves those aside)
+    for c in reversed([c for c in read_checkpoints(ctx.run_dir, verify=True)
+                       if c.get("health") == "ok" and c["step"] <= stop["step"]]):
         loss = stop_val_loss if c["step"] == ctx.global_step else (c.get("metrics") or {}).get("val_loss")
         if best is None and loss is not None and math.isfinite(loss):
             return c["path"], f"{c['name']}: validation loss {loss:.4g} (no earlier evaluation to compare with)"
@@ -4828,7 +4856,7 @@ def claim_run(config: TrainingConfig, validation: ValidationResult, resume_from:
     if not dry_run and not resume and main_proc:
         if force and manifest_path.exists():  # --force without --resume-from: start this run id over
             abandon_run(config, run_id)
-        refuse_existing_run(manifest_path, run_id)
+        refuse_existing_run(manifest_path, run_id, config)
     if resume and resume.get("config_diff"):
         validation.warnings.extend(resume["config_diff"])
     previous = previous_manifest(manifest_path, force, main_proc) if resume and not dry_run else {}
@@ -4911,6 +4939,8 @@ class RunRecorder:
             return False
         if manifest:  # main prints it on stdout before the error JSON on stderr
             pending.run_output = run_output(manifest, self.manifest_path)
+        if error is not None and not isinstance(pending, TrainerError):  # Ctrl-C: main reports what was recorded
+            pending.recorded_error = error.payload
         if instead is not None:
             raise instead from exc
         return False
@@ -4954,10 +4984,11 @@ def run_ending(exc: Optional[BaseException], ctx: RunContext) -> tuple[str, Opti
     if isinstance(exc, TrainerError):
         return END_STATUS.get(exc.kind, "failed"), exc, None
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted", TrainerError("Interrupted", {
-            "suggestion": f"continue with --resume-from latest --run-id {ctx.run_id}"}), None
+        command = run_resume_command(ctx)
+        return "interrupted", TrainerError("Interrupted", {"resume_command": command,
+                                                           "suggestion": f"continue with {command}"}), None
     if isinstance(exc, Exception) and is_disk_full(exc):
-        full = disk_full_error(exc, ctx.run_dir, run_id=ctx.run_id)
+        full = disk_full_error(exc, ctx.run_dir, run_id=ctx.run_id, config=ctx.config)
         return "failed", full, full
     return "failed", unexpected_error(exc) if isinstance(exc, Exception) else None, None
 
@@ -5682,6 +5713,7 @@ def reproducibility_block(config: TrainingConfig, validation: ValidationResult, 
         "hardware": _hardware(),
         "versions": _versions(),
         "command_line": [sys.executable] + argv,
+        "working_directory": os.getcwd(),  # where the command's relative paths resolve (resume_command cds here)
         "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE"),
     }
 
@@ -5960,8 +5992,11 @@ def monitor_training(run_id: str, output_dir: Optional[str] = None) -> dict:
     elif out["status"] == "running" and out["hostname"] == platform.node() and out["pid"] \
             and not _process_alive(int(out["pid"])):
         out["status"] = "failed"
+        rep = manifest.get("reproducibility") or {}
+        out["resume_command"] = resume_command(out["run_id"], rep.get("config_path"), rep.get("config_overrides"),
+                                               cwd=rep.get("working_directory"))
         out["note"] = (f"process {out['pid']} is gone and never wrote a final status (killed?); "
-                       f"resume with --resume-from latest --run-id {out['run_id']}")
+                       f"resume with {out['resume_command']}")
     return out
 
 
@@ -6209,7 +6244,7 @@ def launch_distributed(config: TrainingConfig, args: argparse.Namespace, argv: l
         lock_run_dir(run_paths(config, run_id)["run_dir"])
         unlock_run_dir(run_paths(config, run_id)["run_dir"])  # rank 0 takes it for the run
     if not args.resume_from and not args.force:  # --force: rank 0 moves the old run aside (abandon_run)
-        refuse_existing_run(run_paths(config, run_id)["run_dir"] / MANIFEST_NAME, run_id)
+        refuse_existing_run(run_paths(config, run_id)["run_dir"] / MANIFEST_NAME, run_id, config)
     n = config.compute.num_gpus
     child_argv = list(argv) + ([] if args.run_id else ["--run-id", run_id])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
@@ -6319,7 +6354,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt as exc:
         print_run_output(getattr(exc, "run_output", None))
-        emit_error(TrainerError("Interrupted", {"suggestion": "resume with --resume-from latest --run-id RUN"}).payload)
+        emit_error(getattr(exc, "recorded_error", None)
+                   or TrainerError("Interrupted", {"suggestion": "resume with --resume-from latest --run-id RUN"}).payload)
         return EXIT_INTERRUPTED
     except Exception as exc:  # unexpected: still one JSON object, traceback only with --debug
         if args.debug:
