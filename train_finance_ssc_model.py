@@ -2596,6 +2596,24 @@ class Tracker:
     def wandb_url(self) -> Optional[str]:
         return getattr(self.wandb_run, "url", None) if self.wandb_run is not None else None
 
+    def restart_at(self, step: int) -> None:
+        """A resume from `step` continues the curves from there: the CSV rows logged after it (by the process that
+        was interrupted, or on a timeline the resume abandons) are dropped, and TensorBoard purges its events after
+        it (SummaryWriter's purge_step). W&B and MLflow keep what they were sent."""
+        if not self.is_main:
+            return
+        for path in (self.train_curve, self.val_curve):
+            rows = []
+            if path.exists():
+                with path.open(newline="") as fh:
+                    rows = [r for r in list(csv.reader(fh))[1:] if int(r[0]) <= step]
+            with open_atomic(path, newline="") as fh:
+                csv.writer(fh).writerows([["step", "epoch", "value"], *rows])
+        if self.tb_writer is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb_writer.close()
+            self.tb_writer = SummaryWriter(log_dir=str(self.tensorboard_dir), purge_step=step + 1)
+
     def close(self, status: str = "completed", manifest_path: Optional[Path] = None) -> None:
         """Flush and close every tracker; the manifest becomes an MLflow artifact."""
         if self.tb_writer is not None:
@@ -2614,8 +2632,9 @@ class Tracker:
 
 def init_tracking(config: TrainingConfig, run_id: Optional[str] = None, resume: bool = False,
                   is_main: bool = True, resume_step: Optional[int] = None) -> Tracker:
-    """Open the run's trackers. On resume the CSV curves continue from `resume_step` (rows logged after it by
-    the interrupted process are dropped, they are about to be recomputed) and W&B continues the same run id."""
+    """Open the run's trackers. On resume the CSV curves are kept, and continue from `resume_step` when it is given
+    (Tracker.restart_at; a training resume calls that when it starts training, so one that fails before keeps
+    the run's curves whole), and W&B continues the same run id."""
     run_id = run_id or make_run_id(config)
     paths = run_paths(config, run_id)
     tracker = Tracker(run_id=run_id, log_dir=paths["log_dir"], tensorboard_dir=paths["tensorboard_dir"],
@@ -2624,12 +2643,9 @@ def init_tracking(config: TrainingConfig, run_id: Optional[str] = None, resume: 
         return tracker
     tracker.log_dir.mkdir(parents=True, exist_ok=True)
     for path in (tracker.train_curve, tracker.val_curve):
-        rows = []
-        if resume and path.exists():
-            with path.open(newline="") as fh:
-                rows = [r for r in list(csv.reader(fh))[1:] if resume_step is None or int(r[0]) <= resume_step]
-        with open_atomic(path, newline="") as fh:
-            csv.writer(fh).writerows([["step", "epoch", "value"], *rows])
+        if not (resume and path.exists()):
+            with open_atomic(path, newline="") as fh:
+                csv.writer(fh).writerow(["step", "epoch", "value"])
     if tracker.tensorboard_dir is not None:
         from torch.utils.tensorboard import SummaryWriter
         tracker.tensorboard_dir.mkdir(parents=True, exist_ok=True)
@@ -2649,6 +2665,8 @@ def init_tracking(config: TrainingConfig, run_id: Optional[str] = None, resume: 
             sys.argv = argv
     if config.logging.mlflow.enabled:
         _init_mlflow(tracker, config, run_id, resume)
+    if resume and resume_step is not None:
+        tracker.restart_at(resume_step)
     return tracker
 
 
@@ -4031,6 +4049,7 @@ def _save_checkpoint_atomic(trainer) -> Path:
                 "metrics": eval_metrics if eval_step == st.global_step else None,
                 "dataset": {"name": config.data.dataset_name, "version": config.data.dataset_version},
                 "base_model": config.model.base_checkpoint, "base_config_sha256": base_config_sha256(config),
+                "base_identity": base_identity(config),
                 "data_sha256": getattr(trainer, "data_sha256", None), "world_size": world_size(config),
                 "adapter": is_peft_model(model), "config": config.to_dict(),
                 "schedule": getattr(trainer, "schedule", None) or schedule_spec(config, st.max_steps),
@@ -4065,9 +4084,91 @@ def _save_checkpoint_atomic(trainer) -> Path:
 
 def base_config_sha256(config: TrainingConfig) -> Optional[str]:
     """sha256 of the base checkpoint's config.json: an adapter checkpoint names the exact base it needs."""
+    d = base_model_dir(config)
+    return _sha256_cached(d / "config.json") if d is not None and (d / "config.json").is_file() else None
+
+
+def base_model_dir(config: TrainingConfig) -> Optional[Path]:
+    """The base checkpoint's local directory: the resolved path, or the Hub cache snapshot that holds its
+    config.json (None when it is not cached)."""
     ref = config.resolved_paths.get("model.base_checkpoint")
-    path = Path(ref["path"]) / "config.json" if ref else _hub_cached_file(config.model.base_checkpoint, "config.json")
-    return _sha256(Path(path)) if path and Path(path).is_file() else None
+    if ref:
+        return Path(ref["path"])
+    cached = _hub_cached_file(config.model.base_checkpoint, "config.json")
+    return Path(cached).parent if cached else None
+
+
+def base_chat_template(model_dir: Path) -> Optional[str]:
+    """The chat template the base's tokenizer loads: chat_template.jinja, else tokenizer_config.json's (a list of
+    named templates as canonical JSON)."""
+    jinja = Path(model_dir) / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = read_json_lenient(Path(model_dir) / "tokenizer_config.json").get("chat_template")
+    return template if template is None or isinstance(template, str) else json.dumps(template, sort_keys=True)
+
+
+WEIGHT_SAMPLE_BYTES = 4096  # read from the start and from the end of every tensor's data by weights_fingerprint
+WEIGHTS_FINGERPRINT_METHOD = ("sha256 of each weight file's name and size, its safetensors header, and the first "
+                              f"and last {WEIGHT_SAMPLE_BYTES} bytes of every tensor's data")
+
+
+def weights_fingerprint(model_dir: Path) -> Optional[str]:
+    """A sha256 that changes with the base's weights, read in milliseconds even for SmolLM3-3B's 6 GB: per weight
+    file its name and size; for safetensors also the header (every tensor's name, dtype, shape and offsets) and the
+    first and last WEIGHT_SAMPLE_BYTES of every tensor's data (a few MB for a 3B model); for other formats the
+    first and last MiB. Why not the alternatives: a full sha256 reads every byte (~10 s per 6 GB on every start and
+    resume); the sharded index and the headers alone name tensors, shapes and offsets but miss a tensor whose
+    values changed in place (a base with one tensor scaled, another fine-tune saved the same way). Sampling both
+    ends of every tensor sees any change that touches a whole tensor (scaling, re-initialising, another fine-tune,
+    a cast); it misses only an edit confined to the middle of one tensor. None without weight files."""
+    files = sorted(p for p in Path(model_dir).iterdir() if p.is_file() and p.name.endswith(WEIGHT_FILE_SUFFIXES))
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little") if f.suffix == ".safetensors" else -1
+            if 0 <= n <= size - 8:
+                header = fh.read(n)
+                h.update(header)
+                try:
+                    entries = json.loads(header)
+                except ValueError:
+                    entries = {}
+                spans = sorted(tuple(v["data_offsets"]) for k, v in entries.items()
+                               if k != "__metadata__" and isinstance(v, dict) and len(v.get("data_offsets") or ()) == 2)
+                for begin, end in spans:
+                    for at in dict.fromkeys((begin, max(begin, end - WEIGHT_SAMPLE_BYTES))):
+                        fh.seek(8 + n + at)
+                        h.update(fh.read(min(WEIGHT_SAMPLE_BYTES, end - at)))
+            else:
+                fh.seek(0)
+                h.update(fh.read(1 << 20))
+                fh.seek(max(0, size - (1 << 20)))
+                h.update(fh.read(1 << 20))
+    return h.hexdigest() if files else None
+
+
+_BASE_IDENTITIES: dict[tuple, dict] = {}  # (dir, its files' names, sizes and mtimes) -> base_identity
+
+
+def base_identity(config: TrainingConfig) -> dict:
+    """What the base model is beyond its name: sha256 of its config.json and of its chat template, and its weights
+    fingerprint (weights_fingerprint). Recorded in the manifest and in every checkpoint_meta.json; a resume compares
+    them (base_identity_problem). Remembered per version of the directory's files: every save records it."""
+    d = base_model_dir(config)
+    if d is None or not d.is_dir():
+        return {"config_sha256": None, "chat_template_sha256": None, "weights_fingerprint": None,
+                "weights_fingerprint_method": WEIGHTS_FINGERPRINT_METHOD}
+    key = (str(d.resolve()), tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in d.iterdir()
+                                          if p.is_file() for st in [p.stat()])))
+    if key not in _BASE_IDENTITIES:
+        _BASE_IDENTITIES[key] = {
+            "config_sha256": base_config_sha256(config),
+            "chat_template_sha256": chat_template_sha256(base_chat_template(d)),
+            "weights_fingerprint": weights_fingerprint(d), "weights_fingerprint_method": WEIGHTS_FINGERPRINT_METHOD}
+    return dict(_BASE_IDENTITIES[key])
 
 
 def read_checkpoints(run_dir: Path, verify: bool = False) -> list[dict]:
@@ -4167,6 +4268,41 @@ def apply_retention(run_dir: Path, limit: int, best: Optional[str]) -> list[str]
     if deleted:
         log.info("retention (save_total_limit=%d): deleted %s", limit, ", ".join(deleted))
     return deleted
+
+
+SUPERSEDED_DIR = "superseded"  # <run_dir>/superseded/<UTC time>-after-step-<S>/: one folder per resume that moved any
+
+
+def supersede_checkpoints(run_dir: Path, after_step: int) -> Optional[dict]:
+    """One timeline per run: a resume from step S abandons every later checkpoint of the run (the future it belonged
+    to will not happen), so before the first new step each complete checkpoint with step > S, and `best/` when it
+    was built from one, moves to superseded/<UTC time>-after-step-<S>/. Nothing is deleted; read_checkpoints looks
+    at the run dir's top level only, so they are never listed, latest, best, a backup, last_valid_checkpoint or a
+    resume point again (an explicit --resume-from of one still works). Returns what moved, for the resume's
+    `resumes` entry, or None when nothing was later."""
+    run_dir = Path(run_dir)
+    later = [c for c in read_checkpoints(run_dir) if c["step"] > after_step]
+    best = run_dir / "best"
+    best_later = best.is_dir() and (read_json_lenient(best / CHECKPOINT_META).get("step") or 0) > after_step
+    if not later and not best_later:
+        return None
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = run_dir / SUPERSEDED_DIR / f"{stamp}-after-step-{after_step}"
+    n = 1
+    while folder.exists():  # two resumes within a second
+        n += 1
+        folder = folder.with_name(f"{stamp}-after-step-{after_step}.{n}")
+    folder.mkdir(parents=True)
+    for c in later:
+        os.rename(c["path"], folder / Path(c["path"]).name)
+    if best_later:
+        os.rename(best, folder / "best")
+    _fsync_dir(run_dir)
+    names = [c["name"] for c in later] + (["best"] if best_later else [])
+    log.warning("resuming from step %d: %s of the abandoned timeline moved to %s (kept, never used again)",
+                after_step, ", ".join(names), folder.relative_to(run_dir))
+    return {"folder": folder.relative_to(run_dir).as_posix(), "after_step": after_step,
+            "checkpoints": [{"name": c["name"], "step": c["step"]} for c in later], "best_archive": best_later}
 
 
 def clean_partial_saves(run_dir: Path) -> list[str]:
@@ -4311,13 +4447,21 @@ def last_valid_checkpoint(ctx: RunContext, stop_val_loss: Optional[float]) -> tu
 # 13. Resume: which checkpoint, what changed, the schedule it continues
 # --------------------------------------------------------------------------------------------------
 
+RESTART_WARMUP_FRACTION = 0.1  # a schedule restarted at a resume warms up over at most this share of the steps left
+
+
 def schedule_spec(config: TrainingConfig, num_training_steps: int, start_step: int = 0) -> dict:
     """The learning-rate schedule a checkpoint continues: Trainer's own from step 0, or one restarted at a resume
-    that changed the schedule. Recorded in checkpoint_meta.json so a later resume rebuilds the same one."""
+    that changed the schedule (start_step > 0, num_training_steps = the steps left, so the decay ends at the run's
+    true last step). A restart's warmup is warmup_steps capped at RESTART_WARMUP_FRACTION of the steps left: a
+    warmup sized for a whole run (the spec's 500) would otherwise outlast a late resume, which then never decays
+    and ends near its peak. Recorded in checkpoint_meta.json so a later resume rebuilds the same one."""
     hp = config.training.hyperparameters
+    warmup = min(hp.warmup_steps, num_training_steps)
+    if start_step:
+        warmup = min(hp.warmup_steps, int(RESTART_WARMUP_FRACTION * num_training_steps))
     return {"type": config.training.optimization.lr_scheduler, "peak_lr": hp.learning_rate,
-            "warmup_steps": min(hp.warmup_steps, num_training_steps), "num_training_steps": num_training_steps,
-            "start_step": start_step}
+            "warmup_steps": warmup, "num_training_steps": num_training_steps, "start_step": start_step}
 
 
 def _build_scheduler(trainer, spec: dict):
@@ -4344,9 +4488,7 @@ def apply_resume_plan(trainer, checkpoint: str) -> None:
     if any(k in changes for k in SCHEDULE_KEYS):
         spec = schedule_spec(config, max(st.max_steps - st.global_step, 1), st.global_step)
         trainer.lr_scheduler = _build_scheduler(trainer, spec)
-        log.info("resume: learning-rate schedule restarted at step %d: %s warmup over %d steps to lr %g, then %s "
-                 "decay over the remaining %d steps (%s)", st.global_step, spec["type"], spec["warmup_steps"],
-                 spec["peak_lr"], spec["type"], spec["num_training_steps"],
+        log.info("resume: %s (%s)", format_schedule_restart(spec, config.training.hyperparameters.warmup_steps),
                  ", ".join(f"{k.rsplit('.', 1)[1]} {o!r} -> {n!r}" for k, (o, n) in changes.items()))
     elif plan.get("schedule") and plan["schedule"].get("start_step"):
         spec = plan["schedule"]
@@ -4362,6 +4504,17 @@ def apply_resume_plan(trainer, checkpoint: str) -> None:
     if OPTIMIZER_GROUP_KEYS[0] in changes:
         trainer.optimizer.param_groups[0]["weight_decay"] = config.training.hyperparameters.weight_decay
         log.info("resume: weight_decay %r -> %r on the decayed parameters", *changes[OPTIMIZER_GROUP_KEYS[0]])
+
+
+def format_schedule_restart(spec: dict, configured_warmup: int) -> str:
+    """The numbers a restarted schedule uses, as the resume's log line states them."""
+    start, left, warmup = spec["start_step"], spec["num_training_steps"], spec["warmup_steps"]
+    why = (f"warmup_steps {configured_warmup} capped at {RESTART_WARMUP_FRACTION:.0%} of the {left} steps left"
+           if warmup < configured_warmup else "warmup_steps")
+    then = ("then constant" if spec["type"] in ("constant", "constant_with_warmup") else
+            f"then {spec['type']} decay over {left - warmup} steps, reaching its end at step {start + left}")
+    return (f"learning-rate schedule restarted at step {start} of {start + left}: warmup over {warmup} steps "
+            f"({why}) to lr {spec['peak_lr']:g}, {then}")
 
 
 def previous_manifest(manifest_path: Path, force: bool, main_proc: bool = True) -> dict:
@@ -4394,15 +4547,23 @@ def _history_from_manifest(previous: dict, up_to_step: int) -> RunHistory:
                       checkpoints_saved=((previous.get("cost") or {}).get("inputs") or {}).get("checkpoints_saved", 0))
 
 
-# Changes that make a resumed run a different experiment (error unless --force); the training data's
-# checksum and the global batch (world size x batch size x accumulation) are checked besides these keys.
-RESUME_FATAL_KEYS = ("model.base_checkpoint", "data.max_seq_length")
+# Changes that make a resumed run a different experiment (exit 2 unless --force); the training data's checksum,
+# the base model's identity (base_identity) and the global batch are checked besides these keys. The model.lora
+# keys count only when LoRA is on before or after (with it off they configure nothing).
+RESUME_FATAL_KEYS = ("model.base_checkpoint", "data.max_seq_length", "model.lora.enabled", "model.lora.r",
+                     "model.lora.alpha", "model.lora.target_modules", "model.lora.bias", "model.lora.quantization")
+# Of those, the keys that change which parameters exist or train: the checkpoint's weights (an adapter of another
+# shape, or none) and its optimizer state cannot load into the new set of parameters (peft: `size mismatch for
+# ...lora_A`), so --force cannot make such a resume work: it is refused at preflight, before data or weights load.
+RESUME_SHAPE_KEYS = ("model.lora.enabled", "model.lora.r", "model.lora.target_modules", "model.lora.bias")
 
 # Changes a resume applies to the restored optimizer and scheduler (Trainer would restore the old ones):
 # any of these restarts the learning-rate schedule at the resume step; weight_decay updates the param group.
 SCHEDULE_KEYS = ("training.hyperparameters.learning_rate", "training.hyperparameters.warmup_steps",
                  "training.hyperparameters.num_epochs", "training.optimization.lr_scheduler")
 OPTIMIZER_GROUP_KEYS = ("training.hyperparameters.weight_decay",)
+BASE_IDENTITY_PARTS = {"config_sha256": "config.json", "chat_template_sha256": "chat template",
+                       "weights_fingerprint": "weights"}
 
 
 def global_batch(cfg: dict, world: int) -> int:
@@ -4410,56 +4571,120 @@ def global_batch(cfg: dict, world: int) -> int:
     return world * hp["batch_size"] * hp["gradient_accumulation_steps"]
 
 
-def resolve_resume(config: TrainingConfig, resume_from: str, run_id: Optional[str], force: bool = False) -> dict:
-    """Find the checkpoint to resume from and compare its stored config with the current one."""
-    if resume_from == "latest":
-        if not run_id:
-            raise TrainerError("InvalidConfig", {
-                "field": "--resume-from", "value": "latest", "expected": "--run-id RUN with `latest`",
-                "suggestion": "add --run-id <run id>, or pass the checkpoint directory itself"})
-        run_dir = run_paths(config, run_id)["run_dir"]
-        damaged, meta = {}, None
-        for c in reversed([c for c in read_checkpoints(run_dir) if c.get("health") == "ok"]):  # newest intact
-            reason = check_checkpoint_integrity(Path(c["path"]), c)
-            if not reason:
-                meta = c
-                break
-            damaged[c["name"]] = reason
-            log.warning("checkpoint %s is damaged (%s): not resuming from it", c["path"], reason)
-        if meta is None:
-            raise TrainerError("CheckpointNotFound", {
-                "field": "--resume-from", "value": "latest", "path": str(run_dir), "damaged": damaged,
-                "suggestion": "this run has no complete, healthy checkpoint (an interrupted save is never used); "
-                              f"start this run id over with the same command without --resume-from, plus --force "
-                              f"(the old run is moved aside to {run_id}.abandoned-<time>, nothing is deleted), start "
-                              "a new run with another --run-id, or pass a checkpoint directory explicitly"})
-        if damaged:
-            log.warning("resuming from %s, the newest intact checkpoint", meta["name"])
-    else:
-        path = Path(resume_from).expanduser().resolve()
-        meta_path = path / CHECKPOINT_META
-        if not meta_path.is_file():
-            raise TrainerError("CheckpointNotFound", {
-                "field": "--resume-from", "value": resume_from, "path": str(path),
-                "suggestion": ("the directory has no checkpoint_meta.json, so it is not a complete checkpoint of "
-                               "this tool; use --resume-from latest --run-id RUN") if path.is_dir()
-                else "no such directory; list the run's checkpoints with `ls <output_dir>/<run_id>`"})
-        meta = {**json.loads(meta_path.read_text()), "path": str(path)}
-        if meta.get("health") != "ok":
-            raise TrainerError("CheckpointNotFound", {
-                "field": "--resume-from", "value": resume_from, "health": meta.get("health"),
-                "suggestion": "this checkpoint failed verification after saving; resume from an earlier one"})
-        reason = check_checkpoint_integrity(path, meta)
-        if reason:
-            raise damaged_checkpoint_error("--resume-from", resume_from, path, reason,
-                                           "this checkpoint was damaged after it was saved; resume from an earlier "
-                                           "one (--resume-from latest --run-id RUN picks the newest intact one)")
+def no_such_run_error(config: TrainingConfig, run_id: str, run_dir: Path) -> TrainerError:
+    """`--resume-from latest --run-id X` for a run that is not under the output dir: where it looked, the runs that
+    are there, and where this machine's run index last saw X."""
+    out = run_dir.parent
+    runs = sorted(p.name for p in out.iterdir() if (p / MANIFEST_NAME).is_file()) if out.is_dir() else []
+    indexed = _run_index().get(run_id)
+    where = (f"this machine's run index has it in {Path(indexed).parent}: add --output-dir {Path(indexed).parent}"
+             if isinstance(indexed, str) and Path(indexed).is_dir() else
+             f"runs there: {', '.join(runs[:10])}{' ...' if len(runs) > 10 else ''}" if runs else
+             "that directory holds no runs")
+    return TrainerError("CheckpointNotFound", {
+        "field": "--run-id", "value": run_id, "path": str(run_dir), "looked_in": [str(run_dir)],
+        "output_dir": str(out), "runs_there": runs[:50],
+        "suggestion": f"there is no run {run_id!r} in {out} (logging.output_dir, or --output-dir): {where}. Check "
+                      "the run id; to start a new run with it, drop --resume-from"})
+
+
+def _latest_checkpoint(config: TrainingConfig, run_id: Optional[str]) -> dict:
+    """`--resume-from latest`: the run's newest complete, healthy checkpoint whose files are intact (its meta,
+    with its path); a damaged one is passed over with a warning."""
+    if not run_id:
+        raise TrainerError("InvalidConfig", {
+            "field": "--resume-from", "value": "latest", "expected": "--run-id RUN with `latest`",
+            "suggestion": "add --run-id <run id>, or pass the checkpoint directory itself"})
+    run_dir = run_paths(config, run_id)["run_dir"]
+    if not run_dir.is_dir():
+        raise no_such_run_error(config, run_id, run_dir)
+    damaged = {}
+    for c in reversed([c for c in read_checkpoints(run_dir) if c.get("health") == "ok"]):  # newest intact
+        reason = check_checkpoint_integrity(Path(c["path"]), c)
+        if not reason:
+            if damaged:
+                log.warning("resuming from %s, the newest intact checkpoint", c["name"])
+            return c
+        damaged[c["name"]] = reason
+        log.warning("checkpoint %s is damaged (%s): not resuming from it", c["path"], reason)
+    raise TrainerError("CheckpointNotFound", {
+        "field": "--resume-from", "value": "latest", "path": str(run_dir), "damaged": damaged,
+        "suggestion": "this run has no complete, healthy checkpoint (an interrupted save is never used); "
+                      f"start this run id over with the same command without --resume-from, plus --force "
+                      f"(the old run is moved aside to {run_id}.abandoned-<time>, nothing is deleted), start "
+                      "a new run with another --run-id, or pass a checkpoint directory explicitly"})
+
+
+def _named_checkpoint(resume_from: str) -> dict:
+    """`--resume-from PATH`: the checkpoint there (its meta, with its path), complete, healthy and intact."""
+    path = Path(resume_from).expanduser().resolve()
+    meta_path = path / CHECKPOINT_META
+    if not meta_path.is_file():
+        raise TrainerError("CheckpointNotFound", {
+            "field": "--resume-from", "value": resume_from, "path": str(path),
+            "suggestion": ("the directory has no checkpoint_meta.json, so it is not a complete checkpoint of "
+                           "this tool; use --resume-from latest --run-id RUN") if path.is_dir()
+            else "no such directory; list the run's checkpoints with `ls <output_dir>/<run_id>`"})
+    meta = {**json.loads(meta_path.read_text()), "path": str(path)}
+    if meta.get("health") != "ok":
+        raise TrainerError("CheckpointNotFound", {
+            "field": "--resume-from", "value": resume_from, "health": meta.get("health"),
+            "suggestion": "this checkpoint failed verification after saving; resume from an earlier one"})
+    reason = check_checkpoint_integrity(path, meta)
+    if reason:
+        raise damaged_checkpoint_error("--resume-from", resume_from, path, reason,
+                                       "this checkpoint was damaged after it was saved; resume from an earlier "
+                                       "one (--resume-from latest --run-id RUN picks the newest intact one)")
+    return meta
+
+
+def base_identity_problem(meta: dict, config: TrainingConfig) -> Optional[dict]:
+    """The base model is part of a run's identity: its config.json, chat template or weights differing from those
+    the checkpoint recorded (base_identity) make the resume train another model, like changed training data.
+    A checkpoint saved before the identity was recorded is compared on its base_config_sha256 alone."""
+    recorded = meta.get("base_identity") or (
+        {"config_sha256": meta["base_config_sha256"]} if meta.get("base_config_sha256") else {})
+    now = base_identity(config)
+    changed = {label: {"recorded": recorded[k], "now": now.get(k)} for k, label in BASE_IDENTITY_PARTS.items()
+               if k in recorded and recorded[k] != now.get(k)}
+    if not changed:
+        return None
+    return problem("InvalidConfig", field="model.base_checkpoint", value=config.model.base_checkpoint,
+                   path=str(base_model_dir(config)), changed=changed,
+                   expected="the base model the checkpoint was trained on",
+                   suggestion=f"the base model's {' and '.join(changed)} changed since the checkpoint was saved "
+                              "(the resumed run would train another model): restore the base, start a new run "
+                              "(another --run-id, without --resume-from), or pass --force to resume on this base")
+
+
+def resume_config_problems(meta: dict, config: TrainingConfig, new_run: bool) -> tuple[list, list, list]:
+    """(differences, problems --force accepts, problems it cannot) between the checkpoint and this command: the
+    config keys (RESUME_FATAL_KEYS, RESUME_SHAPE_KEYS), the base model's identity, and for a resume of the same
+    run the training data's sha256 and the global batch."""
     # the checkpoint stored its config redacted: compare like with like (a secret is not a config difference)
     old, new = _flatten(meta.get("config") or {}), _flatten(redact(config.to_dict()))
     diffs = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    fatal = [problem("InvalidConfig", field=k, value=_jsonable(n), expected=_jsonable(o),
-                     suggestion=f"the checkpoint was trained with {k}={o!r}; restore it, start a new run, or pass "
-                                "--force to resume anyway") for k, o, n in diffs if k in RESUME_FATAL_KEYS]
+    lora_on = bool(old.get("model.lora.enabled")) or config.model.lora.enabled
+    fatal, shape = [], []
+    for k, o, n in diffs:
+        if k.startswith("model.lora.") and not lora_on:
+            continue
+        if k in RESUME_SHAPE_KEYS:
+            shape.append(problem(
+                "InvalidConfig", field=k, value=_jsonable(n), expected=_jsonable(o),
+                suggestion=f"the checkpoint was trained with {k}={o!r}: its weights and optimizer state do not fit "
+                           f"a model with {k}={n!r}, so this resume cannot work, even with --force. Restore {k}, or "
+                           "train the new setting as a new run (the same command with another --run-id and "
+                           "without --resume-from)"))
+        elif k in RESUME_FATAL_KEYS:
+            fatal.append(config_problem(k, n, _jsonable(o), f"the checkpoint was trained with {k}={o!r}; restore "
+                                        "it, start a new run (another --run-id, without --resume-from), or pass "
+                                        "--force to resume anyway"))
+    changed_base = base_identity_problem(meta, config)
+    if changed_base:
+        fatal.append(changed_base)
+    if new_run:  # a new run has its own data and batch
+        return diffs, fatal, shape
     old_sha = (meta.get("data_sha256") or {}).get("train")
     new_sha = _sha256(data_path(config, "train_path"))
     if old_sha and old_sha != new_sha:
@@ -4475,12 +4700,60 @@ def resolve_resume(config: TrainingConfig, resume_from: str, run_id: Optional[st
                                  suggestion="world size x batch_size x gradient_accumulation_steps must stay "
                                             f"{before} (it was {meta['world_size']} x ...); restore them, start a "
                                             "new run, or pass --force"))
-    if fatal and not force:
-        raise TrainerError.collected(fatal)
-    return {"run_id": meta["run_id"], "path": meta["path"], "step": meta["step"], "epoch": meta["epoch"],
+    return diffs, fatal, shape
+
+
+def resolve_resume(config: TrainingConfig, resume_from: str, run_id: Optional[str], force: bool = False) -> dict:
+    """Find the checkpoint to resume from and compare it with this command (resume_config_problems), at preflight:
+    before any data or weights load. A checkpoint belongs to its run: `--resume-from PATH --run-id B` where PATH is
+    run A's is refused, or with --force answered as a new run B that starts from those weights (`new_run`)."""
+    meta = _latest_checkpoint(config, run_id) if resume_from == "latest" else _named_checkpoint(resume_from)
+    owner = meta.get("run_id") or run_id
+    new_run = resume_from != "latest" and run_id is not None and run_id != owner
+    if new_run and not force:
+        raise TrainerError("InvalidConfig", {
+            "field": "--run-id", "value": run_id, "expected": f"{owner} (the run {Path(meta['path']).name} "
+                                                              "belongs to)",
+            "checkpoint": meta["path"], "checkpoint_run_id": owner,
+            "suggestion": f"this checkpoint is run {owner}'s. To continue run {owner}, drop --run-id (or pass "
+                          f"--run-id {owner}); to start a new run {run_id} from its weights (step 0, a fresh "
+                          f"optimizer and learning-rate schedule; run {owner} is not touched), add --force"})
+    diffs, fatal, shape = resume_config_problems(meta, config, new_run)
+    if shape or (fatal and not force):
+        raise TrainerError.collected(shape + fatal)
+    return {"run_id": run_id if resume_from == "latest" or new_run else owner, "path": meta["path"],
+            "step": meta["step"], "epoch": meta["epoch"], "new_run": new_run, "checkpoint_run_id": owner,
             "config_diff": [f"config differs from the checkpoint's: {k}: {o!r} -> {n!r}" for k, o, n in diffs],
             "hyperparameter_changes": {k: [o, n] for k, o, n in diffs if k in SCHEDULE_KEYS + OPTIMIZER_GROUP_KEYS},
             "schedule": meta.get("schedule")}
+
+
+def init_weights_from(model, ckpt_dir: Path) -> None:
+    """A new run started from another run's checkpoint (`--resume-from PATH --run-id NEW --force`): that checkpoint's
+    weights (its adapter under LoRA) replace the base's just after loading, before the dry run and training; the
+    optimizer and the learning-rate schedule start fresh at step 0 (the moments and schedule position belong to
+    the other run's timeline: to continue them, resume that run). Weights that do not fit are exit 2."""
+    from safetensors.torch import load_file
+    state: dict = {}
+    for f in sorted(Path(ckpt_dir).glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    if is_peft_model(model):
+        from peft import set_peft_model_state_dict
+        result = set_peft_model_state_dict(model, state)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+    else:
+        result = model.load_state_dict(state, strict=False)
+        own = model.state_dict()
+        loaded = {own[k].data_ptr() for k in state if k in own}
+        missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]  # tied weights are loaded
+    if missing or result.unexpected_keys or not state:
+        raise TrainerError("InvalidConfig", {
+            "field": "--resume-from", "value": str(ckpt_dir), "missing": missing[:20],
+            "unexpected": list(result.unexpected_keys)[:20],
+            "expected": "a checkpoint of this model (base and model.lora settings)",
+            "suggestion": "this checkpoint's weights do not fit the model this config builds: use the base model and "
+                          "model.lora settings it was trained with"})
+    log.info("weights initialised from %s (%d tensors)", ckpt_dir, len(state))
 
 
 def format_resume_line(resume: dict) -> str:
@@ -4770,6 +5043,11 @@ class RunContext:
     dry_run: Optional[dict] = None  # the dry run before training: passed (with its report) or skipped, and why
     evaluated: Optional[str] = None  # what the test evaluation measured: the best checkpoint's name, or final weights
     log_handler: Optional[logging.Handler] = None  # train.log's, removed when the run's record is written
+    # False while a resume has not started training: the run's record is still the previous process's, and a
+    # resume that ends before its first step leaves it so (RunRecorder, record_resume_attempt)
+    record_started: bool = True
+    previous_record: dict = field(default_factory=dict)  # the manifest a resume continues, as it was read
+    initialized_from: Optional[dict] = None  # a new run started from another run's checkpoint (resolve_resume)
 
 
 @dataclass
@@ -4834,6 +5112,7 @@ class RunClaim:
     run_dir: Path
     resume: Optional[dict] = None  # resolve_resume's answer
     previous: dict = field(default_factory=dict)  # the manifest a resume continues
+    init_from: Optional[dict] = None  # another run's checkpoint this new run starts from (--force)
 
 
 def claim_run(config: TrainingConfig, validation: ValidationResult, resume_from: Optional[str],
@@ -4845,8 +5124,13 @@ def claim_run(config: TrainingConfig, validation: ValidationResult, resume_from:
     if resume_from == "latest" and run_id and main_proc and run_paths(config, run_id)["run_dir"].is_dir():
         lock_run_dir(run_paths(config, run_id)["run_dir"])  # before `latest` is chosen: its writer may be saving it
     resume = resolve_resume(config, resume_from, run_id, force) if resume_from else None
+    init_from = None
     if resume:
         run_id = resume["run_id"]
+        validation.warnings.extend(resume["config_diff"])
+    if resume and resume["new_run"]:  # another run's checkpoint with --force: a new run from its weights
+        init_from = {k: resume[k] for k in ("path", "step", "epoch")} | {"run_id": resume["checkpoint_run_id"]}
+        resume = None
     run_id = run_id or make_run_id(config)
     check_run_id(run_id)  # also the one a checkpoint's meta names
     run_dir = run_paths(config, run_id)["run_dir"]
@@ -4854,13 +5138,11 @@ def claim_run(config: TrainingConfig, validation: ValidationResult, resume_from:
     if main_proc:
         lock_run_dir(run_dir)  # one writer per run dir (dry run included), before RunExists and any write
     if not dry_run and not resume and main_proc:
-        if force and manifest_path.exists():  # --force without --resume-from: start this run id over
+        if force and manifest_path.exists() and not init_from:  # --force alone: start this run id over
             abandon_run(config, run_id)
-        refuse_existing_run(manifest_path, run_id, config)
-    if resume and resume.get("config_diff"):
-        validation.warnings.extend(resume["config_diff"])
+        refuse_existing_run(manifest_path, run_id, config)  # that --force was for the other run's checkpoint
     previous = previous_manifest(manifest_path, force, main_proc) if resume and not dry_run else {}
-    return RunClaim(run_id, run_dir, resume, previous)
+    return RunClaim(run_id, run_dir, resume, previous, init_from)
 
 
 def open_run(config: TrainingConfig, validation: ValidationResult, claim: RunClaim, argv: list) -> RunContext:
@@ -4872,19 +5154,26 @@ def open_run(config: TrainingConfig, validation: ValidationResult, claim: RunCla
         claim.run_dir.mkdir(parents=True, exist_ok=True)
         clean_partial_saves(claim.run_dir)
         register_run(claim.run_id, claim.run_dir)
-    tracker = init_tracking(config, claim.run_id, resume=bool(resume), is_main=main_proc,
-                            resume_step=resume["step"] if resume else None)
+    # a resume keeps the curves whole until it starts training (start_resumed_timeline)
+    tracker = init_tracking(config, claim.run_id, resume=bool(resume), is_main=main_proc)
     ctx = RunContext(config=config, run_id=claim.run_id, run_dir=claim.run_dir, validation=validation,
                      tracker=tracker, history=RunHistory(),
                      reproducibility=reproducibility_block(config, validation, argv) if main_proc else {},
                      created_at=previous.get("created_at") or utc_now(), start_time=time.time(),
-                     wandb_url=tracker.wandb_url, resumes=list(previous.get("resumes") or []))
+                     wandb_url=tracker.wandb_url, resumes=list(previous.get("resumes") or []),
+                     initialized_from=claim.init_from)
     ctx.log_handler = _add_file_log(tracker.log_dir / "train.log") if main_proc else None
+    if claim.init_from:
+        log.warning("run %s starts from run %s's %s (step %d): its weights, with a fresh optimizer and learning-rate "
+                    "schedule from step 0; run %s is not touched", claim.run_id, claim.init_from["run_id"],
+                    Path(claim.init_from["path"]).name, claim.init_from["step"], claim.init_from["run_id"])
     if resume:
         ctx.resume_from = {"path": resume["path"], "step": resume["step"], "epoch": resume["epoch"]}
         ctx.resumes.append({**ctx.resume_from, "at": utc_now(), "config_differences": resume["config_diff"],
                             "hyperparameter_changes": {k: {"old": o, "new": n} for k, (o, n)
-                                                       in resume["hyperparameter_changes"].items()}})
+                                                       in resume["hyperparameter_changes"].items()},
+                            "previous_status": previous.get("status")})
+        ctx.previous_record, ctx.record_started = previous, not previous
         ctx.resume_plan = {"changes": resume["hyperparameter_changes"], "schedule": resume["schedule"]}
         ctx.history = _history_from_manifest(previous, resume["step"])
         ctx.prior_seconds = float((previous.get("reproducibility") or {}).get("duration_seconds") or 0.0)
@@ -4917,7 +5206,7 @@ class RunRecorder:
             if self.resume:
                 log.info(format_resume_line(self.resume))
             echo_config(ctx.config)
-            if is_main_process():
+            if is_main_process() and ctx.record_started:  # a resume's: when it starts training
                 save_manifest(ctx.run_id, build_manifest(ctx, "running"), str(self.manifest_path))
         except BaseException as exc:
             if not self.__exit__(type(exc), exc, exc.__traceback__):
@@ -4959,7 +5248,9 @@ class RunRecorder:
                 return None
 
         try:
-            if is_main_process():
+            if is_main_process() and not ctx.record_started:  # a resume that never trained: the record stays
+                record(self.manifest_path, lambda: record_resume_attempt(ctx, status))
+            elif is_main_process():
                 manifest = record(self.manifest_path, lambda: finalize_manifest(ctx, status)) or {}
                 if ctx.error is not None:
                     record(ctx.run_dir / "error.json",
@@ -5005,6 +5296,8 @@ def _prepare(ctx: RunContext, limit: Optional[int] = None):
     datasets_, ctx.data_stats = load_splits(config, tokenizer, shapes, limit)
     attn = attention_implementation(config)
     model = load_base_model(config, attn)
+    if ctx.initialized_from:
+        init_weights_from(model, Path(ctx.initialized_from["path"]))
     startup_done()
     return tokenizer, datasets_, model
 
@@ -5054,6 +5347,8 @@ def fit(ctx: RunContext, tokenizer, datasets_: dict, model, resume_path: Optiona
     log.info("training %s: %d train%s / %d valid samples, %d optimizer steps planned", ctx.run_id, train["samples"],
              f" (packed into {train['packed_rows']} rows)" if "packed_rows" in train else "",
              ctx.data_stats["valid"]["samples"], total_optimizer_steps(config, train_rows(train)))
+    if resume_path:
+        start_resumed_timeline(ctx)
     try:
         trainer.train(resume_from_checkpoint=resume_path)
     except _oom_types() as exc:
@@ -5075,6 +5370,21 @@ def fit(ctx: RunContext, tokenizer, datasets_: dict, model, resume_path: Optiona
             trainer._load_best_model()
         ctx.evaluated = Path(ctx.best_checkpoint).name
     return trainer
+
+
+def start_resumed_timeline(ctx: RunContext) -> None:
+    """The moment a resume becomes the run: just before its first training step, data and weights loaded (a
+    resume that ends before, in loading or on Ctrl-C, leaves the run's record as it was: record_resume_attempt).
+    The checkpoints after the resume step, a future this timeline abandons, move to superseded/
+    (supersede_checkpoints) and are listed in this resume's `resumes` entry; the curves drop what was logged after
+    the step; the manifest says `running` and describes this timeline."""
+    step = ctx.resume_from["step"]
+    if is_main_process():
+        ctx.resumes[-1]["superseded"] = supersede_checkpoints(ctx.run_dir, step)
+    ctx.tracker.restart_at(step)
+    ctx.record_started = True
+    if is_main_process():
+        save_manifest(ctx.run_id, build_manifest(ctx, "running"), str(ctx.run_dir / MANIFEST_NAME))
 
 
 def rank_weight_agreement(trainer) -> dict:
@@ -5737,6 +6047,7 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
         "run_id": ctx.run_id,
         "status": status,
         "base_model": config.model.base_checkpoint,
+        "base_identity": base_identity(config),
         "dataset": {
             "name": config.data.dataset_name, "version": config.data.dataset_version,
             "train_samples": stats.get("train", {}).get("samples"),
@@ -5825,6 +6136,7 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
         "warnings": ctx.validation.warnings,
         "resume_from": ctx.resume_from,
         "resumes": ctx.resumes,
+        "initialized_from": ctx.initialized_from,
         "history": {"train": ctx.history.train, "evals": ctx.history.evals},
         "reproducibility": {**ctx.reproducibility, "started_at": ctx.created_at,
                             "ended_at": utc_now() if status != "running" else None,
@@ -5858,6 +6170,18 @@ def print_run_output(output: Optional[dict]) -> None:
     for h in log.handlers:
         h.flush()
     print(json_text(output), file=sys.stdout, flush=True)
+
+
+def record_resume_attempt(ctx: RunContext, status: str) -> None:
+    """A resume that ended before its first training step (refused weights, a data or load failure, Ctrl-C) changed
+    nothing of the run: its manifest stays the last training process's (status, results, history, checkpoints),
+    with only this attempt appended to `resumes`, with how it ended and its error. error.json is not written (an
+    earlier one stays the run's); the error itself goes to stderr as always."""
+    attempt = {**ctx.resumes[-1], "path": portable_path(ctx.resumes[-1]["path"], ctx.run_dir, True),
+               "outcome": f"{status} before its first training step: nothing trained, the run's record was kept",
+               "error": ctx.error}
+    record = {**ctx.previous_record, "resumes": [*(ctx.previous_record.get("resumes") or []), attempt]}
+    save_manifest(ctx.run_id, record, str(ctx.run_dir / MANIFEST_NAME))
 
 
 def finalize_manifest(ctx: RunContext, status: str) -> dict:
