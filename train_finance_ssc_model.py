@@ -3509,6 +3509,8 @@ def _trainer_class():
             super()._load_optimizer_and_scheduler(checkpoint)
             if checkpoint is not None and getattr(self, "resume_plan", None) is not None:
                 apply_resume_plan(self, checkpoint)
+            if checkpoint is not None and getattr(self, "on_resumed", None) is not None:
+                self.on_resumed()  # weights and optimizer state loaded: the resume becomes the run
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -5347,14 +5349,16 @@ def fit(ctx: RunContext, tokenizer, datasets_: dict, model, resume_path: Optiona
     log.info("training %s: %d train%s / %d valid samples, %d optimizer steps planned", ctx.run_id, train["samples"],
              f" (packed into {train['packed_rows']} rows)" if "packed_rows" in train else "",
              ctx.data_stats["valid"]["samples"], total_optimizer_steps(config, train_rows(train)))
-    if resume_path:
-        start_resumed_timeline(ctx)
+    if resume_path:  # once the checkpoint's state has loaded, before the first new step
+        trainer.on_resumed = lambda: start_resumed_timeline(ctx)
     try:
         trainer.train(resume_from_checkpoint=resume_path)
     except _oom_types() as exc:
         raise out_of_memory_error(config, str(exc)) from exc
     finally:
         sync_ctx()
+    if resume_path and not ctx.record_started:  # a Trainer that loaded the state without the hook
+        start_resumed_timeline(ctx)
     if world_size(config) > 1:
         ctx.distributed = {**(ctx.distributed or {}), **rank_weight_agreement(trainer)}
     if ctx.history.stop is not None:
@@ -5373,8 +5377,9 @@ def fit(ctx: RunContext, tokenizer, datasets_: dict, model, resume_path: Optiona
 
 
 def start_resumed_timeline(ctx: RunContext) -> None:
-    """The moment a resume becomes the run: just before its first training step, data and weights loaded (a
-    resume that ends before, in loading or on Ctrl-C, leaves the run's record as it was: record_resume_attempt).
+    """The moment a resume becomes the run: just before its first training step, once data, weights and the
+    checkpoint's optimizer state have loaded (a resume that ends before, in loading or on Ctrl-C, leaves the run's
+    record as it was: record_resume_attempt).
     The checkpoints after the resume step, a future this timeline abandons, move to superseded/
     (supersede_checkpoints) and are listed in this resume's `resumes` entry; the curves drop what was logged after
     the step; the manifest says `running` and describes this timeline."""
