@@ -4479,8 +4479,9 @@ def apply_resume_plan(trainer, checkpoint: str) -> None:
     """Trainer restores optimizer.pt and scheduler.pt as saved, so on its own a resume with a new learning rate,
     warmup, scheduler or epoch count would keep the old schedule (and a new weight decay would be ignored).
     Optimizer moments are kept; then:
-    - a changed schedule key restarts the schedule at the resume step: a fresh warmup of warmup_steps to the new
-      peak learning rate, then the configured decay over the steps that remain;
+    - a changed schedule key restarts the schedule at the resume step: a fresh warmup to the new peak learning rate
+      (warmup_steps, at most RESTART_WARMUP_FRACTION of the steps left: schedule_spec), then the configured decay
+      ending at the run's last step;
     - a checkpoint that already runs a restarted schedule (an earlier resume changed it) gets that same schedule
       back, with its saved position;
     - a changed weight_decay is set on the decayed parameter group (Trainer's group 0)."""
