@@ -4567,6 +4567,10 @@ SCHEDULE_KEYS = ("training.hyperparameters.learning_rate", "training.hyperparame
 OPTIMIZER_GROUP_KEYS = ("training.hyperparameters.weight_decay",)
 BASE_IDENTITY_PARTS = {"config_sha256": "config.json", "chat_template_sha256": "chat template",
                        "weights_fingerprint": "weights"}
+# Optimizers whose optimizer.pt the other loads (fused and for-each AdamW keep the same state). Any other change of
+# training.optimization.optimizer cannot resume: Trainer would load AdamW's moments and param-group settings into
+# SGD or Adafactor and fail at the first step (SGD: KeyError 'momentum'), after the run's record was rewritten.
+OPTIMIZER_STATE_FAMILY = {"adamw": "adamw", "adamw_fused": "adamw"}
 
 
 def global_batch(cfg: dict, world: int) -> int:
@@ -4662,8 +4666,8 @@ def base_identity_problem(meta: dict, config: TrainingConfig) -> Optional[dict]:
 
 def resume_config_problems(meta: dict, config: TrainingConfig, new_run: bool) -> tuple[list, list, list]:
     """(differences, problems --force accepts, problems it cannot) between the checkpoint and this command: the
-    config keys (RESUME_FATAL_KEYS, RESUME_SHAPE_KEYS), the base model's identity, and for a resume of the same
-    run the training data's sha256 and the global batch."""
+    config keys (RESUME_FATAL_KEYS, RESUME_SHAPE_KEYS, an optimizer that cannot load the saved state), the base
+    model's identity, and for a resume of the same run the training data's sha256 and the global batch."""
     # the checkpoint stored its config redacted: compare like with like (a secret is not a config difference)
     old, new = _flatten(meta.get("config") or {}), _flatten(redact(config.to_dict()))
     diffs = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
@@ -4672,6 +4676,13 @@ def resume_config_problems(meta: dict, config: TrainingConfig, new_run: bool) ->
     for k, o, n in diffs:
         if k.startswith("model.lora.") and not lora_on:
             continue
+        if k == "training.optimization.optimizer" and not new_run and \
+                OPTIMIZER_STATE_FAMILY.get(o, o) != OPTIMIZER_STATE_FAMILY.get(n, n):
+            shape.append(problem(
+                "InvalidConfig", field=k, value=_jsonable(n), expected=_jsonable(o),
+                suggestion=f"the checkpoint's optimizer.pt holds {o}'s state, which {n} cannot load, even with "
+                           f"--force. Restore {k}, or start a new run from these weights with a fresh {n} "
+                           "optimizer: --resume-from <this checkpoint> --run-id NEW_ID --force"))
         if k in RESUME_SHAPE_KEYS:
             shape.append(problem(
                 "InvalidConfig", field=k, value=_jsonable(n), expected=_jsonable(o),

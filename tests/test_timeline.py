@@ -198,6 +198,20 @@ def test_resume_of_a_run_that_does_not_exist_says_so(healthy):
     assert "there is no run 'doesnotexist'" in d["suggestion"] and "--force" not in d["suggestion"]
 
 
+def test_an_optimizer_that_cannot_load_the_saved_state_is_refused(healthy):
+    """AdamW's optimizer.pt does not load into SGD: refused at preflight even with --force, naming the way forward
+    (a new run from the weights, whose optimizer starts fresh); run a is untouched."""
+    out, _ = healthy
+    record = (out / "runs" / "a" / tf.MANIFEST_NAME).read_bytes()
+    for force in ((), ("--force",)):
+        proc = run_cli("--config", out / "c.yaml", "--resume-from", out / "runs" / "a" / "checkpoint-12",
+                       "--set", "training.optimization.optimizer=sgd", *force)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        d = last_json(proc.stderr)["details"]
+        assert d["field"] == "training.optimization.optimizer" and "--run-id NEW_ID --force" in d["suggestion"]
+    assert (out / "runs" / "a" / tf.MANIFEST_NAME).read_bytes() == record
+
+
 def test_a_changed_base_is_refused_and_a_failed_resume_keeps_the_record(tiny_dir, tmp_path):
     """The base's config.json, chat template and weights are the run's identity: each change is exit 2 naming it.
     With --force on a base whose weights no longer load, the resume fails before its first step: the completed
