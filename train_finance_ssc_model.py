@@ -821,7 +821,7 @@ def resume_command(run_id: str, config_path: Optional[str], overrides: list, *, 
     run was started from (where a relative output_dir, logging_dir, data path or --output-dir resolve), then this
     interpreter and script by absolute path, the absolute config, the run's --set overrides (one of `sets`, e.g.
     a new learning rate, replaces the run's own value of that key), --resume-from and --run-id. Every resume hint
-    is built here: Preempted, TrainingDiverged, Interrupted, RunExists, DiskFull, CheckpointNotFound, --status."""
+    is built here: Preempted, TrainingDiverged, Interrupted, RunExists, DiskFull, --status's note."""
     keys = {s.split("=", 1)[0] for s in sets}
     kept = [o for o in overrides or [] if o.split("=", 1)[0] not in keys]
     words = [sys.executable or "python", str(Path(__file__).resolve()), "--config", config_path or "CONFIG"]
