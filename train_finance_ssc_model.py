@@ -260,6 +260,11 @@ def _sha256_cached(path: Path) -> str:
     return _HASHED[key]
 
 
+def chat_template_sha256(template: Optional[str]) -> Optional[str]:
+    """sha256 of a chat template's text (None for None): one line of a template changes every rendered record."""
+    return None if template is None else hashlib.sha256(template.encode("utf-8")).hexdigest()
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -784,14 +789,15 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 def disk_full_error(exc: BaseException, path: Any = None, free_at_failure: Optional[int] = None,
-                    run_id: Optional[str] = None) -> TrainerError:
+                    run_id: Optional[str] = None, config: Optional[TrainingConfig] = None) -> TrainerError:
     """DiskFull (exit 1) for the first write that failed: errno, the file (the OSError's own filename, else `path`),
     the free space at the failure and now, and how to continue."""
     err = next((e for e in (exc, exc.__cause__, exc.__context__) if isinstance(e, OSError) and e.errno), None)
     where = (err.filename if err is not None and err.filename else None) or (str(path) if path else None)
     free_now = _free_bytes(where) if where else None
     number = err.errno if err is not None and err.errno in DISK_FULL_ERRNOS else 28
-    resume = f"--resume-from latest --run-id {run_id}" if run_id else "--resume-from latest --run-id RUN"
+    resume = (resume_command(run_id, config.config_path, config.overrides) if run_id and config
+              else f"--resume-from latest --run-id {run_id or 'RUN'}")
     return TrainerError("DiskFull", {
         "errno": number, "errno_name": DISK_FULL_ERRNOS.get(number, "ENOSPC"), "path": where,
         "message": f"{type(exc).__name__}: {str(exc)[:500]}",
@@ -810,10 +816,25 @@ def damaged_checkpoint_error(field_: str, value: Any, ckpt_dir: Path, reason: st
                                                "suggestion": suggestion})
 
 
-def resume_command(ctx: RunContext) -> str:
-    overrides = "".join(f" --set {shlex.quote(o)}" for o in ctx.config.overrides)
-    return (f"python {Path(sys.argv[0]).name} --config {shlex.quote(ctx.config.config_path or 'CONFIG')}{overrides} "
-            f"--resume-from latest --run-id {ctx.run_id}")
+def resume_command(run_id: str, config_path: Optional[str], overrides: list, *, cwd: Optional[str] = None,
+                   resume_from: Any = "latest", sets: tuple = ()) -> str:
+    """The command that continues run `run_id`, whatever directory it is pasted into: `cd` to the directory the
+    run was started from (where a relative output_dir, logging_dir, data path or --output-dir resolve), then this
+    interpreter and script by absolute path, the absolute config, the run's --set overrides (one of `sets`, e.g.
+    a new learning rate, replaces the run's own value of that key), --resume-from and --run-id. Every resume hint
+    is built here: Preempted, TrainingDiverged, Interrupted, RunExists, DiskFull, --status's note."""
+    keys = {s.split("=", 1)[0] for s in sets}
+    kept = [o for o in overrides or [] if o.split("=", 1)[0] not in keys]
+    words = [sys.executable or "python", str(Path(__file__).resolve()), "--config", config_path or "CONFIG"]
+    for o in [*kept, *sets]:
+        words += ["--set", o]
+    words += ["--resume-from", str(resume_from), "--run-id", run_id]
+    return f"cd {shlex.quote(cwd or os.getcwd())} && " + " ".join(shlex.quote(w) for w in words)
+
+
+def run_resume_command(ctx: RunContext, resume_from: Any = "latest", sets: tuple = ()) -> str:
+    """resume_command for the run this process writes."""
+    return resume_command(ctx.run_id, ctx.config.config_path, ctx.config.overrides, resume_from=resume_from, sets=sets)
 
 
 def preempted_error(ctx: RunContext) -> TrainerError:
@@ -824,7 +845,7 @@ def preempted_error(ctx: RunContext) -> TrainerError:
                   and c.get("health") == "ok"), None)
     return TrainerError("Preempted", {
         "signal": p["signal"], "step": p["step"], "epoch": p["epoch"],
-        "checkpoint": saved["path"] if saved else None, "resume_command": resume_command(ctx),
+        "checkpoint": saved["path"] if saved else None, "resume_command": run_resume_command(ctx),
         "suggestion": "continue exactly where it stopped with the resume_command"})
 
 
@@ -837,13 +858,14 @@ def diverged_error(ctx: RunContext, stop_val_loss: Optional[float] = None) -> Tr
     train_loss = stop.get("train_loss")
     if train_loss is None and ctx.history.train:
         train_loss = _json_float(ctx.history.train[-1][2])
-    how = (f" (--resume-from {last_valid} --set training.hyperparameters.learning_rate={new_lr:.1e})"
-           if last_valid else f" as a new run from the base model (--set training.hyperparameters.learning_rate="
-                              f"{new_lr:.1e} --run-id NEW_ID): {why}")
+    command = (run_resume_command(ctx, last_valid, (f"training.hyperparameters.learning_rate={new_lr:.1e}",))
+               if last_valid else None)
+    how = (f": {command}" if last_valid else f" as a new run from the base model (--set training.hyperparameters."
+                                             f"learning_rate={new_lr:.1e} --run-id NEW_ID): {why}")
     return TrainerError("TrainingDiverged", {
         "epoch": _best_epoch(stop["epoch"]) if stop["epoch"] else 1, "epoch_float": stop["epoch"],
         "step": stop["step"], "train_loss": train_loss, "reason": stop["reason"], "kind": stop["kind"],
-        "last_valid_checkpoint": last_valid, "last_valid_checkpoint_reason": why,
+        "last_valid_checkpoint": last_valid, "last_valid_checkpoint_reason": why, "resume_command": command,
         "suggestion": f"Reduce learning rate to {new_lr:.1e} and try again{how}"})
 
 
@@ -2575,6 +2597,24 @@ class Tracker:
     def wandb_url(self) -> Optional[str]:
         return getattr(self.wandb_run, "url", None) if self.wandb_run is not None else None
 
+    def restart_at(self, step: int) -> None:
+        """A resume from `step` continues the curves from there: the CSV rows logged after it (by the process that
+        was interrupted, or on a timeline the resume abandons) are dropped, and TensorBoard purges its events after
+        it (SummaryWriter's purge_step). W&B and MLflow keep what they were sent."""
+        if not self.is_main:
+            return
+        for path in (self.train_curve, self.val_curve):
+            rows = []
+            if path.exists():
+                with path.open(newline="") as fh:
+                    rows = [r for r in list(csv.reader(fh))[1:] if int(r[0]) <= step]
+            with open_atomic(path, newline="") as fh:
+                csv.writer(fh).writerows([["step", "epoch", "value"], *rows])
+        if self.tb_writer is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb_writer.close()
+            self.tb_writer = SummaryWriter(log_dir=str(self.tensorboard_dir), purge_step=step + 1)
+
     def close(self, status: str = "completed", manifest_path: Optional[Path] = None) -> None:
         """Flush and close every tracker; the manifest becomes an MLflow artifact."""
         if self.tb_writer is not None:
@@ -2593,8 +2633,9 @@ class Tracker:
 
 def init_tracking(config: TrainingConfig, run_id: Optional[str] = None, resume: bool = False,
                   is_main: bool = True, resume_step: Optional[int] = None) -> Tracker:
-    """Open the run's trackers. On resume the CSV curves continue from `resume_step` (rows logged after it by
-    the interrupted process are dropped, they are about to be recomputed) and W&B continues the same run id."""
+    """Open the run's trackers. On resume the CSV curves are kept, and continue from `resume_step` when it is given
+    (Tracker.restart_at; a training resume calls that when it starts training, so one that fails before keeps
+    the run's curves whole), and W&B continues the same run id."""
     run_id = run_id or make_run_id(config)
     paths = run_paths(config, run_id)
     tracker = Tracker(run_id=run_id, log_dir=paths["log_dir"], tensorboard_dir=paths["tensorboard_dir"],
@@ -2603,12 +2644,9 @@ def init_tracking(config: TrainingConfig, run_id: Optional[str] = None, resume: 
         return tracker
     tracker.log_dir.mkdir(parents=True, exist_ok=True)
     for path in (tracker.train_curve, tracker.val_curve):
-        rows = []
-        if resume and path.exists():
-            with path.open(newline="") as fh:
-                rows = [r for r in list(csv.reader(fh))[1:] if resume_step is None or int(r[0]) <= resume_step]
-        with open_atomic(path, newline="") as fh:
-            csv.writer(fh).writerows([["step", "epoch", "value"], *rows])
+        if not (resume and path.exists()):
+            with open_atomic(path, newline="") as fh:
+                csv.writer(fh).writerow(["step", "epoch", "value"])
     if tracker.tensorboard_dir is not None:
         from torch.utils.tensorboard import SummaryWriter
         tracker.tensorboard_dir.mkdir(parents=True, exist_ok=True)
@@ -2628,6 +2666,8 @@ def init_tracking(config: TrainingConfig, run_id: Optional[str] = None, resume: 
             sys.argv = argv
     if config.logging.mlflow.enabled:
         _init_mlflow(tracker, config, run_id, resume)
+    if resume and resume_step is not None:
+        tracker.restart_at(resume_step)
     return tracker
 
 
@@ -3035,7 +3075,7 @@ class NonFiniteAndExplodingGradGuard(Callback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
         norm = self.probe.grad_norm
         loss = float(self.probe.loss_sum) if self.probe.loss_sum is not None else None
-        reason = None
+        reason, kind = None, None
         # the step under way, and its epoch (state.epoch still holds the previous step's until it ends)
         at = {"step": state.global_step + 1,
               "epoch": epoch_at_step(state.global_step + 1, state, args, kw.get("train_dataloader"))}
@@ -3047,6 +3087,7 @@ class NonFiniteAndExplodingGradGuard(Callback):
             self.fp16_overflows += 1
             if self.fp16_overflows >= FP16_MAX_OVERFLOWS:
                 reason = f"{self.fp16_overflows} consecutive fp16 gradient overflows (loss scaler cannot recover)"
+                kind = "fp16_overflow"  # the scaler's range, not an exploding gradient: the fix differs
             elif self.fp16_overflows == 1:
                 self.history.record_anomaly(
                     "fp16_overflow", state, stop=False, **at,
@@ -3061,7 +3102,8 @@ class NonFiniteAndExplodingGradGuard(Callback):
             for p in model.parameters():  # optimizers skip parameters without a gradient
                 p.grad = None
             control.should_training_stop = True
-            self.history.record_anomaly("nonfinite" if "NaN" in reason else "grad_explosion", state, stop=True,
+            kind = kind or ("nonfinite" if "NaN" in reason else "grad_explosion")
+            self.history.record_anomaly(kind, state, stop=True,
                                         **at, reason=reason, train_loss=_json_float(loss),
                                         grad_norm=_json_float(norm), update_skipped=True)
         if norm is not None and math.isfinite(norm):
@@ -3468,6 +3510,8 @@ def _trainer_class():
             super()._load_optimizer_and_scheduler(checkpoint)
             if checkpoint is not None and getattr(self, "resume_plan", None) is not None:
                 apply_resume_plan(self, checkpoint)
+            if checkpoint is not None and getattr(self, "on_resumed", None) is not None:
+                self.on_resumed()  # weights and optimizer state loaded: the resume becomes the run
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -3958,7 +4002,7 @@ def save_checkpoint(trainer) -> Path:
         # pos ..."): a write that failed with (almost) nothing left on the filesystem is a full disk too
         nearly_full = free is not None and free < SAVE_FULL_BELOW_BYTES and isinstance(exc, (OSError, RuntimeError))
         if not isinstance(exc, TrainerError) and (is_disk_full(exc) or nearly_full):
-            raise disk_full_error(exc, tmp, free, getattr(trainer, "run_id", None)) from exc
+            raise disk_full_error(exc, tmp, free, getattr(trainer, "run_id", None), trainer.run_config) from exc
         raise
 
 
@@ -4008,6 +4052,7 @@ def _save_checkpoint_atomic(trainer) -> Path:
                 "metrics": eval_metrics if eval_step == st.global_step else None,
                 "dataset": {"name": config.data.dataset_name, "version": config.data.dataset_version},
                 "base_model": config.model.base_checkpoint, "base_config_sha256": base_config_sha256(config),
+                "base_identity": base_identity(config),
                 "data_sha256": getattr(trainer, "data_sha256", None), "world_size": world_size(config),
                 "adapter": is_peft_model(model), "config": config.to_dict(),
                 "schedule": getattr(trainer, "schedule", None) or schedule_spec(config, st.max_steps),
@@ -4042,9 +4087,91 @@ def _save_checkpoint_atomic(trainer) -> Path:
 
 def base_config_sha256(config: TrainingConfig) -> Optional[str]:
     """sha256 of the base checkpoint's config.json: an adapter checkpoint names the exact base it needs."""
+    d = base_model_dir(config)
+    return _sha256_cached(d / "config.json") if d is not None and (d / "config.json").is_file() else None
+
+
+def base_model_dir(config: TrainingConfig) -> Optional[Path]:
+    """The base checkpoint's local directory: the resolved path, or the Hub cache snapshot that holds its
+    config.json (None when it is not cached)."""
     ref = config.resolved_paths.get("model.base_checkpoint")
-    path = Path(ref["path"]) / "config.json" if ref else _hub_cached_file(config.model.base_checkpoint, "config.json")
-    return _sha256(Path(path)) if path and Path(path).is_file() else None
+    if ref:
+        return Path(ref["path"])
+    cached = _hub_cached_file(config.model.base_checkpoint, "config.json")
+    return Path(cached).parent if cached else None
+
+
+def base_chat_template(model_dir: Path) -> Optional[str]:
+    """The chat template the base's tokenizer loads: chat_template.jinja, else tokenizer_config.json's (a list of
+    named templates as canonical JSON)."""
+    jinja = Path(model_dir) / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = read_json_lenient(Path(model_dir) / "tokenizer_config.json").get("chat_template")
+    return template if template is None or isinstance(template, str) else json.dumps(template, sort_keys=True)
+
+
+WEIGHT_SAMPLE_BYTES = 4096  # read from the start and from the end of every tensor's data by weights_fingerprint
+WEIGHTS_FINGERPRINT_METHOD = ("sha256 of each weight file's name and size, its safetensors header, and the first "
+                              f"and last {WEIGHT_SAMPLE_BYTES} bytes of every tensor's data")
+
+
+def weights_fingerprint(model_dir: Path) -> Optional[str]:
+    """A sha256 that changes with the base's weights, read in milliseconds even for SmolLM3-3B's 6 GB: per weight
+    file its name and size; for safetensors also the header (every tensor's name, dtype, shape and offsets) and the
+    first and last WEIGHT_SAMPLE_BYTES of every tensor's data (a few MB for a 3B model); for other formats the
+    first and last MiB. Why not the alternatives: a full sha256 reads every byte (~10 s per 6 GB on every start and
+    resume); the sharded index and the headers alone name tensors, shapes and offsets but miss a tensor whose
+    values changed in place (a base with one tensor scaled, another fine-tune saved the same way). Sampling both
+    ends of every tensor sees any change that touches a whole tensor (scaling, re-initialising, another fine-tune,
+    a cast); it misses only an edit confined to the middle of one tensor. None without weight files."""
+    files = sorted(p for p in Path(model_dir).iterdir() if p.is_file() and p.name.endswith(WEIGHT_FILE_SUFFIXES))
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little") if f.suffix == ".safetensors" else -1
+            if 0 <= n <= size - 8:
+                header = fh.read(n)
+                h.update(header)
+                try:
+                    entries = json.loads(header)
+                except ValueError:
+                    entries = {}
+                spans = sorted(tuple(v["data_offsets"]) for k, v in entries.items()
+                               if k != "__metadata__" and isinstance(v, dict) and len(v.get("data_offsets") or ()) == 2)
+                for begin, end in spans:
+                    for at in dict.fromkeys((begin, max(begin, end - WEIGHT_SAMPLE_BYTES))):
+                        fh.seek(8 + n + at)
+                        h.update(fh.read(min(WEIGHT_SAMPLE_BYTES, end - at)))
+            else:
+                fh.seek(0)
+                h.update(fh.read(1 << 20))
+                fh.seek(max(0, size - (1 << 20)))
+                h.update(fh.read(1 << 20))
+    return h.hexdigest() if files else None
+
+
+_BASE_IDENTITIES: dict[tuple, dict] = {}  # (dir, its files' names, sizes and mtimes) -> base_identity
+
+
+def base_identity(config: TrainingConfig) -> dict:
+    """What the base model is beyond its name: sha256 of its config.json and of its chat template, and its weights
+    fingerprint (weights_fingerprint). Recorded in the manifest and in every checkpoint_meta.json; a resume compares
+    them (base_identity_problem). Remembered per version of the directory's files: every save records it."""
+    d = base_model_dir(config)
+    if d is None or not d.is_dir():
+        return {"config_sha256": None, "chat_template_sha256": None, "weights_fingerprint": None,
+                "weights_fingerprint_method": WEIGHTS_FINGERPRINT_METHOD}
+    key = (str(d.resolve()), tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in d.iterdir()
+                                          if p.is_file() for st in [p.stat()])))
+    if key not in _BASE_IDENTITIES:
+        _BASE_IDENTITIES[key] = {
+            "config_sha256": base_config_sha256(config),
+            "chat_template_sha256": chat_template_sha256(base_chat_template(d)),
+            "weights_fingerprint": weights_fingerprint(d), "weights_fingerprint_method": WEIGHTS_FINGERPRINT_METHOD}
+    return dict(_BASE_IDENTITIES[key])
 
 
 def read_checkpoints(run_dir: Path, verify: bool = False) -> list[dict]:
@@ -4146,6 +4273,41 @@ def apply_retention(run_dir: Path, limit: int, best: Optional[str]) -> list[str]
     return deleted
 
 
+SUPERSEDED_DIR = "superseded"  # <run_dir>/superseded/<UTC time>-after-step-<S>/: one folder per resume that moved any
+
+
+def supersede_checkpoints(run_dir: Path, after_step: int) -> Optional[dict]:
+    """One timeline per run: a resume from step S abandons every later checkpoint of the run (the future it belonged
+    to will not happen), so before the first new step each complete checkpoint with step > S, and `best/` when it
+    was built from one, moves to superseded/<UTC time>-after-step-<S>/. Nothing is deleted; read_checkpoints looks
+    at the run dir's top level only, so they are never listed, latest, best, a backup, last_valid_checkpoint or a
+    resume point again (an explicit --resume-from of one still works). Returns what moved, for the resume's
+    `resumes` entry, or None when nothing was later."""
+    run_dir = Path(run_dir)
+    later = [c for c in read_checkpoints(run_dir) if c["step"] > after_step]
+    best = run_dir / "best"
+    best_later = best.is_dir() and (read_json_lenient(best / CHECKPOINT_META).get("step") or 0) > after_step
+    if not later and not best_later:
+        return None
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = run_dir / SUPERSEDED_DIR / f"{stamp}-after-step-{after_step}"
+    n = 1
+    while folder.exists():  # two resumes within a second
+        n += 1
+        folder = folder.with_name(f"{stamp}-after-step-{after_step}.{n}")
+    folder.mkdir(parents=True)
+    for c in later:
+        os.rename(c["path"], folder / Path(c["path"]).name)
+    if best_later:
+        os.rename(best, folder / "best")
+    _fsync_dir(run_dir)
+    names = [c["name"] for c in later] + (["best"] if best_later else [])
+    log.warning("resuming from step %d: %s of the abandoned timeline moved to %s (kept, never used again)",
+                after_step, ", ".join(names), folder.relative_to(run_dir))
+    return {"folder": folder.relative_to(run_dir).as_posix(), "after_step": after_step,
+            "checkpoints": [{"name": c["name"], "step": c["step"]} for c in later], "best_archive": best_later}
+
+
 def clean_partial_saves(run_dir: Path) -> list[str]:
     """Remove leftovers of interrupted saves/deletes (`.tmp-*` dirs) from an earlier process."""
     removed = []
@@ -4213,12 +4375,14 @@ def unlock_run_dir(run_dir: Path) -> None:
         os.close(fd)
 
 
-def refuse_existing_run(manifest_path: Path, run_id: str) -> None:
+def refuse_existing_run(manifest_path: Path, run_id: str, config: Optional[TrainingConfig] = None) -> None:
     """A run dir that already holds a manifest is never overwritten."""
     if manifest_path.exists():
+        command = resume_command(run_id, config.config_path, config.overrides) if config else None
         raise TrainerError("RunExists", {
-            "run_id": run_id, "path": str(manifest_path),
-            "suggestion": f"choose another --run-id, continue it with --resume-from latest --run-id {run_id}, or "
+            "run_id": run_id, "path": str(manifest_path), "resume_command": command,
+            "suggestion": f"choose another --run-id, continue it with "
+                          f"{command or f'--resume-from latest --run-id {run_id}'}, or "
                           f"start this run id over with --force (the old run is moved aside to "
                           f"{run_id}.abandoned-<time>, nothing is deleted)"})
 
@@ -4268,7 +4432,9 @@ def last_valid_checkpoint(ctx: RunContext, stop_val_loss: Optional[float]) -> tu
     best = min(vals) if vals else None
     factor = 1 + g.divergence_increase if stop["kind"] == "divergence" else g.spike_factor
     rejected = []
-    for c in reversed([c for c in read_checkpoints(ctx.run_dir, verify=True) if c.get("health") == "ok"]):
+    # at or before the stop: a later one could only be a leftover of another timeline (resume moves those aside)
+    for c in reversed([c for c in read_checkpoints(ctx.run_dir, verify=True)
+                       if c.get("health") == "ok" and c["step"] <= stop["step"]]):
         loss = stop_val_loss if c["step"] == ctx.global_step else (c.get("metrics") or {}).get("val_loss")
         if best is None and loss is not None and math.isfinite(loss):
             return c["path"], f"{c['name']}: validation loss {loss:.4g} (no earlier evaluation to compare with)"
@@ -4284,13 +4450,21 @@ def last_valid_checkpoint(ctx: RunContext, stop_val_loss: Optional[float]) -> tu
 # 13. Resume: which checkpoint, what changed, the schedule it continues
 # --------------------------------------------------------------------------------------------------
 
+RESTART_WARMUP_FRACTION = 0.1  # a schedule restarted at a resume warms up over at most this share of the steps left
+
+
 def schedule_spec(config: TrainingConfig, num_training_steps: int, start_step: int = 0) -> dict:
     """The learning-rate schedule a checkpoint continues: Trainer's own from step 0, or one restarted at a resume
-    that changed the schedule. Recorded in checkpoint_meta.json so a later resume rebuilds the same one."""
+    that changed the schedule (start_step > 0, num_training_steps = the steps left, so the decay ends at the run's
+    true last step). A restart's warmup is warmup_steps capped at RESTART_WARMUP_FRACTION of the steps left: a
+    warmup sized for a whole run (the spec's 500) would otherwise outlast a late resume, which then never decays
+    and ends near its peak. Recorded in checkpoint_meta.json so a later resume rebuilds the same one."""
     hp = config.training.hyperparameters
+    warmup = min(hp.warmup_steps, num_training_steps)
+    if start_step:
+        warmup = min(hp.warmup_steps, int(RESTART_WARMUP_FRACTION * num_training_steps))
     return {"type": config.training.optimization.lr_scheduler, "peak_lr": hp.learning_rate,
-            "warmup_steps": min(hp.warmup_steps, num_training_steps), "num_training_steps": num_training_steps,
-            "start_step": start_step}
+            "warmup_steps": warmup, "num_training_steps": num_training_steps, "start_step": start_step}
 
 
 def _build_scheduler(trainer, spec: dict):
@@ -4306,8 +4480,9 @@ def apply_resume_plan(trainer, checkpoint: str) -> None:
     """Trainer restores optimizer.pt and scheduler.pt as saved, so on its own a resume with a new learning rate,
     warmup, scheduler or epoch count would keep the old schedule (and a new weight decay would be ignored).
     Optimizer moments are kept; then:
-    - a changed schedule key restarts the schedule at the resume step: a fresh warmup of warmup_steps to the new
-      peak learning rate, then the configured decay over the steps that remain;
+    - a changed schedule key restarts the schedule at the resume step: a fresh warmup to the new peak learning rate
+      (warmup_steps, at most RESTART_WARMUP_FRACTION of the steps left: schedule_spec), then the configured decay
+      ending at the run's last step;
     - a checkpoint that already runs a restarted schedule (an earlier resume changed it) gets that same schedule
       back, with its saved position;
     - a changed weight_decay is set on the decayed parameter group (Trainer's group 0)."""
@@ -4317,9 +4492,7 @@ def apply_resume_plan(trainer, checkpoint: str) -> None:
     if any(k in changes for k in SCHEDULE_KEYS):
         spec = schedule_spec(config, max(st.max_steps - st.global_step, 1), st.global_step)
         trainer.lr_scheduler = _build_scheduler(trainer, spec)
-        log.info("resume: learning-rate schedule restarted at step %d: %s warmup over %d steps to lr %g, then %s "
-                 "decay over the remaining %d steps (%s)", st.global_step, spec["type"], spec["warmup_steps"],
-                 spec["peak_lr"], spec["type"], spec["num_training_steps"],
+        log.info("resume: %s (%s)", format_schedule_restart(spec, config.training.hyperparameters.warmup_steps),
                  ", ".join(f"{k.rsplit('.', 1)[1]} {o!r} -> {n!r}" for k, (o, n) in changes.items()))
     elif plan.get("schedule") and plan["schedule"].get("start_step"):
         spec = plan["schedule"]
@@ -4335,6 +4508,17 @@ def apply_resume_plan(trainer, checkpoint: str) -> None:
     if OPTIMIZER_GROUP_KEYS[0] in changes:
         trainer.optimizer.param_groups[0]["weight_decay"] = config.training.hyperparameters.weight_decay
         log.info("resume: weight_decay %r -> %r on the decayed parameters", *changes[OPTIMIZER_GROUP_KEYS[0]])
+
+
+def format_schedule_restart(spec: dict, configured_warmup: int) -> str:
+    """The numbers a restarted schedule uses, as the resume's log line states them."""
+    start, left, warmup = spec["start_step"], spec["num_training_steps"], spec["warmup_steps"]
+    why = (f"warmup_steps {configured_warmup} capped at {RESTART_WARMUP_FRACTION:.0%} of the {left} steps left"
+           if warmup < configured_warmup else "warmup_steps")
+    then = ("then constant" if spec["type"] in ("constant", "constant_with_warmup") else
+            f"then {spec['type']} decay over {left - warmup} steps, reaching its end at step {start + left}")
+    return (f"learning-rate schedule restarted at step {start} of {start + left}: warmup over {warmup} steps "
+            f"({why}) to lr {spec['peak_lr']:g}, {then}")
 
 
 def previous_manifest(manifest_path: Path, force: bool, main_proc: bool = True) -> dict:
@@ -4367,15 +4551,27 @@ def _history_from_manifest(previous: dict, up_to_step: int) -> RunHistory:
                       checkpoints_saved=((previous.get("cost") or {}).get("inputs") or {}).get("checkpoints_saved", 0))
 
 
-# Changes that make a resumed run a different experiment (error unless --force); the training data's
-# checksum and the global batch (world size x batch size x accumulation) are checked besides these keys.
-RESUME_FATAL_KEYS = ("model.base_checkpoint", "data.max_seq_length")
+# Changes that make a resumed run a different experiment (exit 2 unless --force); the training data's checksum,
+# the base model's identity (base_identity) and the global batch are checked besides these keys. The model.lora
+# keys count only when LoRA is on before or after (with it off they configure nothing).
+RESUME_FATAL_KEYS = ("model.base_checkpoint", "data.max_seq_length", "model.lora.enabled", "model.lora.r",
+                     "model.lora.alpha", "model.lora.target_modules", "model.lora.bias", "model.lora.quantization")
+# Of those, the keys that change which parameters exist or train: the checkpoint's weights (an adapter of another
+# shape, or none) and its optimizer state cannot load into the new set of parameters (peft: `size mismatch for
+# ...lora_A`), so --force cannot make such a resume work: it is refused at preflight, before data or weights load.
+RESUME_SHAPE_KEYS = ("model.lora.enabled", "model.lora.r", "model.lora.target_modules", "model.lora.bias")
 
 # Changes a resume applies to the restored optimizer and scheduler (Trainer would restore the old ones):
 # any of these restarts the learning-rate schedule at the resume step; weight_decay updates the param group.
 SCHEDULE_KEYS = ("training.hyperparameters.learning_rate", "training.hyperparameters.warmup_steps",
                  "training.hyperparameters.num_epochs", "training.optimization.lr_scheduler")
 OPTIMIZER_GROUP_KEYS = ("training.hyperparameters.weight_decay",)
+BASE_IDENTITY_PARTS = {"config_sha256": "config.json", "chat_template_sha256": "chat template",
+                       "weights_fingerprint": "weights"}
+# Optimizers whose optimizer.pt the other loads (fused and for-each AdamW keep the same state). Any other change of
+# training.optimization.optimizer cannot resume: Trainer would load AdamW's moments and param-group settings into
+# SGD or Adafactor and fail at the first step (SGD: KeyError 'momentum'), after the run's record was rewritten.
+OPTIMIZER_STATE_FAMILY = {"adamw": "adamw", "adamw_fused": "adamw"}
 
 
 def global_batch(cfg: dict, world: int) -> int:
@@ -4383,56 +4579,127 @@ def global_batch(cfg: dict, world: int) -> int:
     return world * hp["batch_size"] * hp["gradient_accumulation_steps"]
 
 
-def resolve_resume(config: TrainingConfig, resume_from: str, run_id: Optional[str], force: bool = False) -> dict:
-    """Find the checkpoint to resume from and compare its stored config with the current one."""
-    if resume_from == "latest":
-        if not run_id:
-            raise TrainerError("InvalidConfig", {
-                "field": "--resume-from", "value": "latest", "expected": "--run-id RUN with `latest`",
-                "suggestion": "add --run-id <run id>, or pass the checkpoint directory itself"})
-        run_dir = run_paths(config, run_id)["run_dir"]
-        damaged, meta = {}, None
-        for c in reversed([c for c in read_checkpoints(run_dir) if c.get("health") == "ok"]):  # newest intact
-            reason = check_checkpoint_integrity(Path(c["path"]), c)
-            if not reason:
-                meta = c
-                break
-            damaged[c["name"]] = reason
-            log.warning("checkpoint %s is damaged (%s): not resuming from it", c["path"], reason)
-        if meta is None:
-            raise TrainerError("CheckpointNotFound", {
-                "field": "--resume-from", "value": "latest", "path": str(run_dir), "damaged": damaged,
-                "suggestion": "this run has no complete, healthy checkpoint (an interrupted save is never used); "
-                              f"start this run id over with the same command without --resume-from, plus --force "
-                              f"(the old run is moved aside to {run_id}.abandoned-<time>, nothing is deleted), start "
-                              "a new run with another --run-id, or pass a checkpoint directory explicitly"})
-        if damaged:
-            log.warning("resuming from %s, the newest intact checkpoint", meta["name"])
-    else:
-        path = Path(resume_from).expanduser().resolve()
-        meta_path = path / CHECKPOINT_META
-        if not meta_path.is_file():
-            raise TrainerError("CheckpointNotFound", {
-                "field": "--resume-from", "value": resume_from, "path": str(path),
-                "suggestion": ("the directory has no checkpoint_meta.json, so it is not a complete checkpoint of "
-                               "this tool; use --resume-from latest --run-id RUN") if path.is_dir()
-                else "no such directory; list the run's checkpoints with `ls <output_dir>/<run_id>`"})
-        meta = {**json.loads(meta_path.read_text()), "path": str(path)}
-        if meta.get("health") != "ok":
-            raise TrainerError("CheckpointNotFound", {
-                "field": "--resume-from", "value": resume_from, "health": meta.get("health"),
-                "suggestion": "this checkpoint failed verification after saving; resume from an earlier one"})
-        reason = check_checkpoint_integrity(path, meta)
-        if reason:
-            raise damaged_checkpoint_error("--resume-from", resume_from, path, reason,
-                                           "this checkpoint was damaged after it was saved; resume from an earlier "
-                                           "one (--resume-from latest --run-id RUN picks the newest intact one)")
+def no_such_run_error(config: TrainingConfig, run_id: str, run_dir: Path) -> TrainerError:
+    """`--resume-from latest --run-id X` for a run that is not under the output dir: where it looked, the runs that
+    are there, and where this machine's run index last saw X."""
+    out = run_dir.parent
+    runs = sorted(p.name for p in out.iterdir() if (p / MANIFEST_NAME).is_file()) if out.is_dir() else []
+    indexed = _run_index().get(run_id)
+    where = (f"this machine's run index has it in {Path(indexed).parent}: add --output-dir {Path(indexed).parent}"
+             if isinstance(indexed, str) and Path(indexed).is_dir() else
+             f"runs there: {', '.join(runs[:10])}{' ...' if len(runs) > 10 else ''}" if runs else
+             "that directory holds no runs")
+    return TrainerError("CheckpointNotFound", {
+        "field": "--run-id", "value": run_id, "path": str(run_dir), "looked_in": [str(run_dir)],
+        "output_dir": str(out), "runs_there": runs[:50],
+        "suggestion": f"there is no run {run_id!r} in {out} (logging.output_dir, or --output-dir): {where}. Check "
+                      "the run id; to start a new run with it, drop --resume-from"})
+
+
+def _latest_checkpoint(config: TrainingConfig, run_id: Optional[str]) -> dict:
+    """`--resume-from latest`: the run's newest complete, healthy checkpoint whose files are intact (its meta,
+    with its path); a damaged one is passed over with a warning."""
+    if not run_id:
+        raise TrainerError("InvalidConfig", {
+            "field": "--resume-from", "value": "latest", "expected": "--run-id RUN with `latest`",
+            "suggestion": "add --run-id <run id>, or pass the checkpoint directory itself"})
+    run_dir = run_paths(config, run_id)["run_dir"]
+    if not run_dir.is_dir():
+        raise no_such_run_error(config, run_id, run_dir)
+    damaged = {}
+    for c in reversed([c for c in read_checkpoints(run_dir) if c.get("health") == "ok"]):  # newest intact
+        reason = check_checkpoint_integrity(Path(c["path"]), c)
+        if not reason:
+            if damaged:
+                log.warning("resuming from %s, the newest intact checkpoint", c["name"])
+            return c
+        damaged[c["name"]] = reason
+        log.warning("checkpoint %s is damaged (%s): not resuming from it", c["path"], reason)
+    raise TrainerError("CheckpointNotFound", {
+        "field": "--resume-from", "value": "latest", "path": str(run_dir), "damaged": damaged,
+        "suggestion": "this run has no complete, healthy checkpoint (an interrupted save is never used); "
+                      f"start this run id over with the same command without --resume-from, plus --force "
+                      f"(the old run is moved aside to {run_id}.abandoned-<time>, nothing is deleted), start "
+                      "a new run with another --run-id, or pass a checkpoint directory explicitly"})
+
+
+def _named_checkpoint(resume_from: str) -> dict:
+    """`--resume-from PATH`: the checkpoint there (its meta, with its path), complete, healthy and intact."""
+    path = Path(resume_from).expanduser().resolve()
+    meta_path = path / CHECKPOINT_META
+    if not meta_path.is_file():
+        raise TrainerError("CheckpointNotFound", {
+            "field": "--resume-from", "value": resume_from, "path": str(path),
+            "suggestion": ("the directory has no checkpoint_meta.json, so it is not a complete checkpoint of "
+                           "this tool; use --resume-from latest --run-id RUN") if path.is_dir()
+            else "no such directory; list the run's checkpoints with `ls <output_dir>/<run_id>`"})
+    meta = {**json.loads(meta_path.read_text()), "path": str(path)}
+    if meta.get("health") != "ok":
+        raise TrainerError("CheckpointNotFound", {
+            "field": "--resume-from", "value": resume_from, "health": meta.get("health"),
+            "suggestion": "this checkpoint failed verification after saving; resume from an earlier one"})
+    reason = check_checkpoint_integrity(path, meta)
+    if reason:
+        raise damaged_checkpoint_error("--resume-from", resume_from, path, reason,
+                                       "this checkpoint was damaged after it was saved; resume from an earlier "
+                                       "one (--resume-from latest --run-id RUN picks the newest intact one)")
+    return meta
+
+
+def base_identity_problem(meta: dict, config: TrainingConfig) -> Optional[dict]:
+    """The base model is part of a run's identity: its config.json, chat template or weights differing from those
+    the checkpoint recorded (base_identity) make the resume train another model, like changed training data.
+    A checkpoint saved before the identity was recorded is compared on its base_config_sha256 alone."""
+    recorded = meta.get("base_identity") or (
+        {"config_sha256": meta["base_config_sha256"]} if meta.get("base_config_sha256") else {})
+    now = base_identity(config)
+    changed = {label: {"recorded": recorded[k], "now": now.get(k)} for k, label in BASE_IDENTITY_PARTS.items()
+               if k in recorded and recorded[k] != now.get(k)}
+    if not changed:
+        return None
+    return problem("InvalidConfig", field="model.base_checkpoint", value=config.model.base_checkpoint,
+                   path=str(base_model_dir(config)), changed=changed,
+                   expected="the base model the checkpoint was trained on",
+                   suggestion=f"the base model's {' and '.join(changed)} changed since the checkpoint was saved "
+                              "(the resumed run would train another model): restore the base, start a new run "
+                              "(another --run-id, without --resume-from), or pass --force to resume on this base")
+
+
+def resume_config_problems(meta: dict, config: TrainingConfig, new_run: bool) -> tuple[list, list, list]:
+    """(differences, problems --force accepts, problems it cannot) between the checkpoint and this command: the
+    config keys (RESUME_FATAL_KEYS, RESUME_SHAPE_KEYS, an optimizer that cannot load the saved state), the base
+    model's identity, and for a resume of the same run the training data's sha256 and the global batch."""
     # the checkpoint stored its config redacted: compare like with like (a secret is not a config difference)
     old, new = _flatten(meta.get("config") or {}), _flatten(redact(config.to_dict()))
     diffs = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    fatal = [problem("InvalidConfig", field=k, value=_jsonable(n), expected=_jsonable(o),
-                     suggestion=f"the checkpoint was trained with {k}={o!r}; restore it, start a new run, or pass "
-                                "--force to resume anyway") for k, o, n in diffs if k in RESUME_FATAL_KEYS]
+    lora_on = bool(old.get("model.lora.enabled")) or config.model.lora.enabled
+    fatal, shape = [], []
+    for k, o, n in diffs:
+        if k.startswith("model.lora.") and not lora_on:
+            continue
+        if k == "training.optimization.optimizer" and not new_run and \
+                OPTIMIZER_STATE_FAMILY.get(o, o) != OPTIMIZER_STATE_FAMILY.get(n, n):
+            shape.append(problem(
+                "InvalidConfig", field=k, value=_jsonable(n), expected=_jsonable(o),
+                suggestion=f"the checkpoint's optimizer.pt holds {o}'s state, which {n} cannot load, even with "
+                           f"--force. Restore {k}, or start a new run from these weights with a fresh {n} "
+                           "optimizer: --resume-from <this checkpoint> --run-id NEW_ID --force"))
+        if k in RESUME_SHAPE_KEYS:
+            shape.append(problem(
+                "InvalidConfig", field=k, value=_jsonable(n), expected=_jsonable(o),
+                suggestion=f"the checkpoint was trained with {k}={o!r}: its weights and optimizer state do not fit "
+                           f"a model with {k}={n!r}, so this resume cannot work, even with --force. Restore {k}, or "
+                           "train the new setting as a new run (the same command with another --run-id and "
+                           "without --resume-from)"))
+        elif k in RESUME_FATAL_KEYS:
+            fatal.append(config_problem(k, n, _jsonable(o), f"the checkpoint was trained with {k}={o!r}; restore "
+                                        "it, start a new run (another --run-id, without --resume-from), or pass "
+                                        "--force to resume anyway"))
+    changed_base = base_identity_problem(meta, config)
+    if changed_base:
+        fatal.append(changed_base)
+    if new_run:  # a new run has its own data and batch
+        return diffs, fatal, shape
     old_sha = (meta.get("data_sha256") or {}).get("train")
     new_sha = _sha256(data_path(config, "train_path"))
     if old_sha and old_sha != new_sha:
@@ -4448,12 +4715,60 @@ def resolve_resume(config: TrainingConfig, resume_from: str, run_id: Optional[st
                                  suggestion="world size x batch_size x gradient_accumulation_steps must stay "
                                             f"{before} (it was {meta['world_size']} x ...); restore them, start a "
                                             "new run, or pass --force"))
-    if fatal and not force:
-        raise TrainerError.collected(fatal)
-    return {"run_id": meta["run_id"], "path": meta["path"], "step": meta["step"], "epoch": meta["epoch"],
+    return diffs, fatal, shape
+
+
+def resolve_resume(config: TrainingConfig, resume_from: str, run_id: Optional[str], force: bool = False) -> dict:
+    """Find the checkpoint to resume from and compare it with this command (resume_config_problems), at preflight:
+    before any data or weights load. A checkpoint belongs to its run: `--resume-from PATH --run-id B` where PATH is
+    run A's is refused, or with --force answered as a new run B that starts from those weights (`new_run`)."""
+    meta = _latest_checkpoint(config, run_id) if resume_from == "latest" else _named_checkpoint(resume_from)
+    owner = meta.get("run_id") or run_id
+    new_run = resume_from != "latest" and run_id is not None and run_id != owner
+    if new_run and not force:
+        raise TrainerError("InvalidConfig", {
+            "field": "--run-id", "value": run_id, "expected": f"{owner} (the run {Path(meta['path']).name} "
+                                                              "belongs to)",
+            "checkpoint": meta["path"], "checkpoint_run_id": owner,
+            "suggestion": f"this checkpoint is run {owner}'s. To continue run {owner}, drop --run-id (or pass "
+                          f"--run-id {owner}); to start a new run {run_id} from its weights (step 0, a fresh "
+                          f"optimizer and learning-rate schedule; run {owner} is not touched), add --force"})
+    diffs, fatal, shape = resume_config_problems(meta, config, new_run)
+    if shape or (fatal and not force):
+        raise TrainerError.collected(shape + fatal)
+    return {"run_id": run_id if resume_from == "latest" or new_run else owner, "path": meta["path"],
+            "step": meta["step"], "epoch": meta["epoch"], "new_run": new_run, "checkpoint_run_id": owner,
             "config_diff": [f"config differs from the checkpoint's: {k}: {o!r} -> {n!r}" for k, o, n in diffs],
             "hyperparameter_changes": {k: [o, n] for k, o, n in diffs if k in SCHEDULE_KEYS + OPTIMIZER_GROUP_KEYS},
             "schedule": meta.get("schedule")}
+
+
+def init_weights_from(model, ckpt_dir: Path) -> None:
+    """A new run started from another run's checkpoint (`--resume-from PATH --run-id NEW --force`): that checkpoint's
+    weights (its adapter under LoRA) replace the base's just after loading, before the dry run and training; the
+    optimizer and the learning-rate schedule start fresh at step 0 (the moments and schedule position belong to
+    the other run's timeline: to continue them, resume that run). Weights that do not fit are exit 2."""
+    from safetensors.torch import load_file
+    state: dict = {}
+    for f in sorted(Path(ckpt_dir).glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    if is_peft_model(model):
+        from peft import set_peft_model_state_dict
+        result = set_peft_model_state_dict(model, state)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+    else:
+        result = model.load_state_dict(state, strict=False)
+        own = model.state_dict()
+        loaded = {own[k].data_ptr() for k in state if k in own}
+        missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]  # tied weights are loaded
+    if missing or result.unexpected_keys or not state:
+        raise TrainerError("InvalidConfig", {
+            "field": "--resume-from", "value": str(ckpt_dir), "missing": missing[:20],
+            "unexpected": list(result.unexpected_keys)[:20],
+            "expected": "a checkpoint of this model (base and model.lora settings)",
+            "suggestion": "this checkpoint's weights do not fit the model this config builds: use the base model and "
+                          "model.lora settings it was trained with"})
+    log.info("weights initialised from %s (%d tensors)", ckpt_dir, len(state))
 
 
 def format_resume_line(resume: dict) -> str:
@@ -4743,6 +5058,11 @@ class RunContext:
     dry_run: Optional[dict] = None  # the dry run before training: passed (with its report) or skipped, and why
     evaluated: Optional[str] = None  # what the test evaluation measured: the best checkpoint's name, or final weights
     log_handler: Optional[logging.Handler] = None  # train.log's, removed when the run's record is written
+    # False while a resume has not started training: the run's record is still the previous process's, and a
+    # resume that ends before its first step leaves it so (RunRecorder, record_resume_attempt)
+    record_started: bool = True
+    previous_record: dict = field(default_factory=dict)  # the manifest a resume continues, as it was read
+    initialized_from: Optional[dict] = None  # a new run started from another run's checkpoint (resolve_resume)
 
 
 @dataclass
@@ -4807,6 +5127,7 @@ class RunClaim:
     run_dir: Path
     resume: Optional[dict] = None  # resolve_resume's answer
     previous: dict = field(default_factory=dict)  # the manifest a resume continues
+    init_from: Optional[dict] = None  # another run's checkpoint this new run starts from (--force)
 
 
 def claim_run(config: TrainingConfig, validation: ValidationResult, resume_from: Optional[str],
@@ -4818,8 +5139,13 @@ def claim_run(config: TrainingConfig, validation: ValidationResult, resume_from:
     if resume_from == "latest" and run_id and main_proc and run_paths(config, run_id)["run_dir"].is_dir():
         lock_run_dir(run_paths(config, run_id)["run_dir"])  # before `latest` is chosen: its writer may be saving it
     resume = resolve_resume(config, resume_from, run_id, force) if resume_from else None
+    init_from = None
     if resume:
         run_id = resume["run_id"]
+        validation.warnings.extend(resume["config_diff"])
+    if resume and resume["new_run"]:  # another run's checkpoint with --force: a new run from its weights
+        init_from = {k: resume[k] for k in ("path", "step", "epoch")} | {"run_id": resume["checkpoint_run_id"]}
+        resume = None
     run_id = run_id or make_run_id(config)
     check_run_id(run_id)  # also the one a checkpoint's meta names
     run_dir = run_paths(config, run_id)["run_dir"]
@@ -4827,13 +5153,11 @@ def claim_run(config: TrainingConfig, validation: ValidationResult, resume_from:
     if main_proc:
         lock_run_dir(run_dir)  # one writer per run dir (dry run included), before RunExists and any write
     if not dry_run and not resume and main_proc:
-        if force and manifest_path.exists():  # --force without --resume-from: start this run id over
+        if force and manifest_path.exists() and not init_from:  # --force alone: start this run id over
             abandon_run(config, run_id)
-        refuse_existing_run(manifest_path, run_id)
-    if resume and resume.get("config_diff"):
-        validation.warnings.extend(resume["config_diff"])
+        refuse_existing_run(manifest_path, run_id, config)  # that --force was for the other run's checkpoint
     previous = previous_manifest(manifest_path, force, main_proc) if resume and not dry_run else {}
-    return RunClaim(run_id, run_dir, resume, previous)
+    return RunClaim(run_id, run_dir, resume, previous, init_from)
 
 
 def open_run(config: TrainingConfig, validation: ValidationResult, claim: RunClaim, argv: list) -> RunContext:
@@ -4845,19 +5169,26 @@ def open_run(config: TrainingConfig, validation: ValidationResult, claim: RunCla
         claim.run_dir.mkdir(parents=True, exist_ok=True)
         clean_partial_saves(claim.run_dir)
         register_run(claim.run_id, claim.run_dir)
-    tracker = init_tracking(config, claim.run_id, resume=bool(resume), is_main=main_proc,
-                            resume_step=resume["step"] if resume else None)
+    # a resume keeps the curves whole until it starts training (start_resumed_timeline)
+    tracker = init_tracking(config, claim.run_id, resume=bool(resume), is_main=main_proc)
     ctx = RunContext(config=config, run_id=claim.run_id, run_dir=claim.run_dir, validation=validation,
                      tracker=tracker, history=RunHistory(),
                      reproducibility=reproducibility_block(config, validation, argv) if main_proc else {},
                      created_at=previous.get("created_at") or utc_now(), start_time=time.time(),
-                     wandb_url=tracker.wandb_url, resumes=list(previous.get("resumes") or []))
+                     wandb_url=tracker.wandb_url, resumes=list(previous.get("resumes") or []),
+                     initialized_from=claim.init_from)
     ctx.log_handler = _add_file_log(tracker.log_dir / "train.log") if main_proc else None
+    if claim.init_from:
+        log.warning("run %s starts from run %s's %s (step %d): its weights, with a fresh optimizer and learning-rate "
+                    "schedule from step 0; run %s is not touched", claim.run_id, claim.init_from["run_id"],
+                    Path(claim.init_from["path"]).name, claim.init_from["step"], claim.init_from["run_id"])
     if resume:
         ctx.resume_from = {"path": resume["path"], "step": resume["step"], "epoch": resume["epoch"]}
         ctx.resumes.append({**ctx.resume_from, "at": utc_now(), "config_differences": resume["config_diff"],
                             "hyperparameter_changes": {k: {"old": o, "new": n} for k, (o, n)
-                                                       in resume["hyperparameter_changes"].items()}})
+                                                       in resume["hyperparameter_changes"].items()},
+                            "previous_status": previous.get("status")})
+        ctx.previous_record, ctx.record_started = previous, not previous
         ctx.resume_plan = {"changes": resume["hyperparameter_changes"], "schedule": resume["schedule"]}
         ctx.history = _history_from_manifest(previous, resume["step"])
         ctx.prior_seconds = float((previous.get("reproducibility") or {}).get("duration_seconds") or 0.0)
@@ -4890,7 +5221,7 @@ class RunRecorder:
             if self.resume:
                 log.info(format_resume_line(self.resume))
             echo_config(ctx.config)
-            if is_main_process():
+            if is_main_process() and ctx.record_started:  # a resume's: when it starts training
                 save_manifest(ctx.run_id, build_manifest(ctx, "running"), str(self.manifest_path))
         except BaseException as exc:
             if not self.__exit__(type(exc), exc, exc.__traceback__):
@@ -4912,6 +5243,8 @@ class RunRecorder:
             return False
         if manifest:  # main prints it on stdout before the error JSON on stderr
             pending.run_output = run_output(manifest, self.manifest_path)
+        if error is not None and not isinstance(pending, TrainerError):  # Ctrl-C: main reports what was recorded
+            pending.recorded_error = error.payload
         if instead is not None:
             raise instead from exc
         return False
@@ -4930,7 +5263,9 @@ class RunRecorder:
                 return None
 
         try:
-            if is_main_process():
+            if is_main_process() and not ctx.record_started:  # a resume that never trained: the record stays
+                record(self.manifest_path, lambda: record_resume_attempt(ctx, status))
+            elif is_main_process():
                 manifest = record(self.manifest_path, lambda: finalize_manifest(ctx, status)) or {}
                 if ctx.error is not None:
                     record(ctx.run_dir / "error.json",
@@ -4955,10 +5290,11 @@ def run_ending(exc: Optional[BaseException], ctx: RunContext) -> tuple[str, Opti
     if isinstance(exc, TrainerError):
         return END_STATUS.get(exc.kind, "failed"), exc, None
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted", TrainerError("Interrupted", {
-            "suggestion": f"continue with --resume-from latest --run-id {ctx.run_id}"}), None
+        command = run_resume_command(ctx)
+        return "interrupted", TrainerError("Interrupted", {"resume_command": command,
+                                                           "suggestion": f"continue with {command}"}), None
     if isinstance(exc, Exception) and is_disk_full(exc):
-        full = disk_full_error(exc, ctx.run_dir, run_id=ctx.run_id)
+        full = disk_full_error(exc, ctx.run_dir, run_id=ctx.run_id, config=ctx.config)
         return "failed", full, full
     return "failed", unexpected_error(exc) if isinstance(exc, Exception) else None, None
 
@@ -4975,6 +5311,8 @@ def _prepare(ctx: RunContext, limit: Optional[int] = None):
     datasets_, ctx.data_stats = load_splits(config, tokenizer, shapes, limit)
     attn = attention_implementation(config)
     model = load_base_model(config, attn)
+    if ctx.initialized_from:
+        init_weights_from(model, Path(ctx.initialized_from["path"]))
     startup_done()
     return tokenizer, datasets_, model
 
@@ -5024,12 +5362,16 @@ def fit(ctx: RunContext, tokenizer, datasets_: dict, model, resume_path: Optiona
     log.info("training %s: %d train%s / %d valid samples, %d optimizer steps planned", ctx.run_id, train["samples"],
              f" (packed into {train['packed_rows']} rows)" if "packed_rows" in train else "",
              ctx.data_stats["valid"]["samples"], total_optimizer_steps(config, train_rows(train)))
+    if resume_path:  # once the checkpoint's state has loaded, before the first new step
+        trainer.on_resumed = lambda: start_resumed_timeline(ctx)
     try:
         trainer.train(resume_from_checkpoint=resume_path)
     except _oom_types() as exc:
         raise out_of_memory_error(config, str(exc)) from exc
     finally:
         sync_ctx()
+    if resume_path and not ctx.record_started:  # a Trainer that loaded the state without the hook
+        start_resumed_timeline(ctx)
     if world_size(config) > 1:
         ctx.distributed = {**(ctx.distributed or {}), **rank_weight_agreement(trainer)}
     if ctx.history.stop is not None:
@@ -5045,6 +5387,22 @@ def fit(ctx: RunContext, tokenizer, datasets_: dict, model, resume_path: Optiona
             trainer._load_best_model()
         ctx.evaluated = Path(ctx.best_checkpoint).name
     return trainer
+
+
+def start_resumed_timeline(ctx: RunContext) -> None:
+    """The moment a resume becomes the run: just before its first training step, once data, weights and the
+    checkpoint's optimizer state have loaded (a resume that ends before, in loading or on Ctrl-C, leaves the run's
+    record as it was: record_resume_attempt).
+    The checkpoints after the resume step, a future this timeline abandons, move to superseded/
+    (supersede_checkpoints) and are listed in this resume's `resumes` entry; the curves drop what was logged after
+    the step; the manifest says `running` and describes this timeline."""
+    step = ctx.resume_from["step"]
+    if is_main_process():
+        ctx.resumes[-1]["superseded"] = supersede_checkpoints(ctx.run_dir, step)
+    ctx.tracker.restart_at(step)
+    ctx.record_started = True
+    if is_main_process():
+        save_manifest(ctx.run_id, build_manifest(ctx, "running"), str(ctx.run_dir / MANIFEST_NAME))
 
 
 def rank_weight_agreement(trainer) -> dict:
@@ -5683,6 +6041,7 @@ def reproducibility_block(config: TrainingConfig, validation: ValidationResult, 
         "hardware": _hardware(),
         "versions": _versions(),
         "command_line": [sys.executable] + argv,
+        "working_directory": os.getcwd(),  # where the command's relative paths resolve (resume_command cds here)
         "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE"),
     }
 
@@ -5706,6 +6065,7 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
         "run_id": ctx.run_id,
         "status": status,
         "base_model": config.model.base_checkpoint,
+        "base_identity": base_identity(config),
         "dataset": {
             "name": config.data.dataset_name, "version": config.data.dataset_version,
             "train_samples": stats.get("train", {}).get("samples"),
@@ -5794,6 +6154,7 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
         "warnings": ctx.validation.warnings,
         "resume_from": ctx.resume_from,
         "resumes": ctx.resumes,
+        "initialized_from": ctx.initialized_from,
         "history": {"train": ctx.history.train, "evals": ctx.history.evals},
         "reproducibility": {**ctx.reproducibility, "started_at": ctx.created_at,
                             "ended_at": utc_now() if status != "running" else None,
@@ -5827,6 +6188,18 @@ def print_run_output(output: Optional[dict]) -> None:
     for h in log.handlers:
         h.flush()
     print(json_text(output), file=sys.stdout, flush=True)
+
+
+def record_resume_attempt(ctx: RunContext, status: str) -> None:
+    """A resume that ended before its first training step (refused weights, a data or load failure, Ctrl-C) changed
+    nothing of the run: its manifest stays the last training process's (status, results, history, checkpoints),
+    with only this attempt appended to `resumes`, with how it ended and its error. error.json is not written (an
+    earlier one stays the run's); the error itself goes to stderr as always."""
+    attempt = {**ctx.resumes[-1], "path": portable_path(ctx.resumes[-1]["path"], ctx.run_dir, True),
+               "outcome": f"{status} before its first training step: nothing trained, the run's record was kept",
+               "error": ctx.error}
+    record = {**ctx.previous_record, "resumes": [*(ctx.previous_record.get("resumes") or []), attempt]}
+    save_manifest(ctx.run_id, record, str(ctx.run_dir / MANIFEST_NAME))
 
 
 def finalize_manifest(ctx: RunContext, status: str) -> dict:
@@ -5961,8 +6334,11 @@ def monitor_training(run_id: str, output_dir: Optional[str] = None) -> dict:
     elif out["status"] == "running" and out["hostname"] == platform.node() and out["pid"] \
             and not _process_alive(int(out["pid"])):
         out["status"] = "failed"
+        rep = manifest.get("reproducibility") or {}
+        out["resume_command"] = resume_command(out["run_id"], rep.get("config_path"), rep.get("config_overrides"),
+                                               cwd=rep.get("working_directory"))
         out["note"] = (f"process {out['pid']} is gone and never wrote a final status (killed?); "
-                       f"resume with --resume-from latest --run-id {out['run_id']}")
+                       f"resume with {out['resume_command']}")
     return out
 
 
@@ -6210,7 +6586,7 @@ def launch_distributed(config: TrainingConfig, args: argparse.Namespace, argv: l
         lock_run_dir(run_paths(config, run_id)["run_dir"])
         unlock_run_dir(run_paths(config, run_id)["run_dir"])  # rank 0 takes it for the run
     if not args.resume_from and not args.force:  # --force: rank 0 moves the old run aside (abandon_run)
-        refuse_existing_run(run_paths(config, run_id)["run_dir"] / MANIFEST_NAME, run_id)
+        refuse_existing_run(run_paths(config, run_id)["run_dir"] / MANIFEST_NAME, run_id, config)
     n = config.compute.num_gpus
     child_argv = list(argv) + ([] if args.run_id else ["--run-id", run_id])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
@@ -6320,7 +6696,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt as exc:
         print_run_output(getattr(exc, "run_output", None))
-        emit_error(TrainerError("Interrupted", {"suggestion": "resume with --resume-from latest --run-id RUN"}).payload)
+        emit_error(getattr(exc, "recorded_error", None)
+                   or TrainerError("Interrupted", {"suggestion": "resume with --resume-from latest --run-id RUN"}).payload)
         return EXIT_INTERRUPTED
     except Exception as exc:  # unexpected: still one JSON object, traceback only with --debug
         if args.debug:

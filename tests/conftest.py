@@ -121,9 +121,11 @@ def _fork_server(env: dict):
     return _server
 
 
-def run_cli(*args, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(*args, env: dict | None = None, timeout: int = 600, cwd: str | Path | None = None
+            ) -> subprocess.CompletedProcess:
     """`python train_finance_ssc_model.py ARGS` as its own process: forked from a server that has the heavy
-    libraries imported already, or a fresh interpreter where a fork could differ (see tests/forkserver.py)."""
+    libraries imported already, or a fresh interpreter where a fork could differ (see tests/forkserver.py).
+    `cwd`: the process's working directory (default: the test's)."""
     if _current_test is not None and _current_test.get_closest_marker("slow") is None:
         # the fast tier (-m "not slow") is the suite without CLI launches: a launch from an unmarked test would
         # slip into it unnoticed, so it fails here, in the full suite too
@@ -133,8 +135,9 @@ def run_cli(*args, env: dict | None = None, timeout: int = 600) -> subprocess.Co
     argv = [str(SCRIPT), *map(str, args)]
     server = _fork_server(base)
     if server is not None and not server.needs_fresh_interpreter(argv, full_env):
-        return server.run(argv, full_env, timeout)
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=full_env, timeout=timeout)
+        return server.run(argv, full_env, timeout, cwd=str(cwd) if cwd else None)
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=full_env, timeout=timeout,
+                          cwd=cwd)
 
 
 def last_json(stderr: str) -> dict:

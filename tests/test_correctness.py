@@ -43,10 +43,10 @@ def test_resume_with_the_suggested_learning_rate_uses_it(diverged):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "schedule restarted at step 5" in proc.stdout
     lrs = {s: v for s, v in logged(proc.stdout, "learning_rate").items() if s > 5}
-    # a fresh 2-step warmup to the new peak, then cosine decay over the remaining 19 steps; the old schedule
-    # would still be near 1e-2 here
+    # a fresh warmup to the new peak (warmup_steps 2 capped at 10% of the 19 steps left: 1 step), then cosine decay
+    # over the remaining 18; the old schedule would still be near 1e-2 here
     assert lrs and max(lrs.values()) <= 1.0e-3 * (1 + 1e-9) and max(lrs.values()) > 0.9e-3, lrs
-    assert lrs[6] == 0.0 and lrs[7] == pytest.approx(0.5e-3, rel=1e-6)  # the warmup starts again from 0
+    assert lrs[6] == 0.0 and lrs[7] == pytest.approx(1.0e-3, rel=1e-6)  # the warmup starts again from 0
     assert lrs[24] < 0.05e-3  # the restarted schedule decays to the run's end
     m = json.loads((out / "runs" / "d" / "run_manifest.json").read_text())
     assert m["status"] == "completed"

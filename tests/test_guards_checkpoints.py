@@ -232,6 +232,7 @@ def test_fp16_overflow_is_the_loss_scalers_business_until_it_persists(tmp_path, 
     probe.loss_sum, probe.grad_norm = torch.tensor(2.0), float("inf")
     guard.on_pre_optimizer_step(None, FakeState(99), control, model=model)
     assert control.should_training_stop and "consecutive fp16" in history.stop["reason"]
+    assert history.stop["kind"] == "fp16_overflow"  # the loss scaler's range, not an exploding gradient
 
 
 def test_resume_replays_patience_and_divergence_counters(tmp_path, tiny_dir):

@@ -92,6 +92,24 @@ def test_lora_resume_after_kill9_is_exact(lora_run):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_changing_the_adapter_on_resume_is_refused_before_loading(lora_run):
+    """A changed adapter shape cannot load into the resumed model (peft: size mismatch), so it is refused at preflight,
+    before data or weights load, even with --force; the completed run's record and checkpoints stay as they were."""
+    out, path, _ = lora_run
+    run_dir = out / "runs" / "lora"
+    record, listed = (run_dir / tf.MANIFEST_NAME).read_bytes(), tf.list_checkpoints(str(run_dir))
+    for setting, field in (("model.lora.r=8", "model.lora.r"), ("model.lora.enabled=false", "model.lora.enabled"),
+                           ("model.lora.target_modules=[q_proj]", "model.lora.target_modules")):
+        for force in ((), ("--force",)):
+            proc = run_cli("--config", path, "--run-id", "lora", "--resume-from", "latest", "--set", setting, *force)
+            assert proc.returncode == 2, proc.stderr[-2000:]
+            err = last_json(proc.stderr)
+            assert err["error"] == "InvalidConfig" and err["details"]["field"] == field
+            assert "even with --force" in err["details"]["suggestion"] and "--run-id" in err["details"]["suggestion"]
+            assert "LoRA r=" not in proc.stdout and "training lora" not in proc.stdout  # no model was built
+    assert (run_dir / tf.MANIFEST_NAME).read_bytes() == record and tf.list_checkpoints(str(run_dir)) == listed
+
+
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
 def test_qlora_without_cuda_is_refused(tiny_dir, tmp_path, quantization):
     cfg = set_key(lora_config(tiny_dir, tmp_path), "model.lora.quantization", quantization)
