@@ -93,7 +93,8 @@ PAIR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("prediction,reference,numeric,f1,exact", PAIR_CASES, ids=[f"{c[0]!r}~{c[1]!r}" for c in PAIR_CASES])
+@pytest.mark.parametrize("prediction,reference,numeric,f1,exact", PAIR_CASES,
+                         ids=[f"{c[0]!r}~{c[1]!r}" for c in PAIR_CASES])
 def test_score_one_pair(prediction, reference, numeric, f1, exact):
     summary, (row,) = tf.score_answers([(prediction, reference)])
     assert row["numeric_match"] is numeric
@@ -281,8 +282,8 @@ def test_help_documents_the_rules(capsys):
     with pytest.raises(SystemExit):
         tf.parse_args(["--help"])
     text = capsys.readouterr().out
-    for phrase in ("numeric_match", "1601-C gives 1601", "2550Q gives 2550", "(1,234.50)", "centavos", "12% counts as 12",
-                   "--predictions-out"):
+    for phrase in ("numeric_match", "1601-C gives 1601", "2550Q gives 2550", "(1,234.50)", "centavos",
+                   "12% counts as 12", "--predictions-out"):
         assert phrase in text, phrase
 
 
@@ -319,3 +320,137 @@ def test_best_checkpoint_by_val_numeric_match(tiny_dir, tmp_path):
     assert perf["val_answer_evals"] == len(evals)
     assert perf["val_answer_eval_seconds_per_eval"] > 0
     assert perf["eval_seconds"] >= perf["val_answer_eval_seconds_per_eval"] * (len(evals) - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. A run: test_results.answer_eval and test_predictions.jsonl, recomputed independently
+# --------------------------------------------------------------------------------------------------
+
+def independent_numbers(text: str) -> list[int]:
+    """The answer-evaluation rules (README "Answer evaluation") written again without the script's regexes: a scan
+    over the characters, values as whole centavos (half up on the magnitude)."""
+    kept, i = [], 0
+    while i < len(text):  # currency marks out
+        word_start = i == 0 or not text[i - 1].isalpha()
+        if text.startswith(("PHP", "Php"), i) and word_start and not text[i + 3:i + 4].isalpha():
+            i += 3
+        elif text[i] == "₱":
+            i += 1
+        elif text[i] == "P" and text[i + 1:i + 2].isdigit() and (i == 0 or not (text[i - 1].isalnum()
+                                                                               or text[i - 1] == "_")):
+            i += 1
+            continue
+        else:
+            kept.append(text[i])
+            i += 1
+            continue
+        while i < len(text) and text[i].isspace():
+            i += 1
+    s = "".join(kept)
+    values, i = [], 0
+    while i < len(s):
+        if not s[i].isdigit():
+            i += 1
+            continue
+        start = j = i
+        while j < len(s) and s[j].isdigit():
+            j += 1
+        whole = s[i:j]
+        if len(whole) <= 3 and s[j:j + 1] == "," and s[j + 1:j + 4].isdigit() and len(s[j + 1:j + 4]) == 3:
+            while s[j:j + 1] == "," and len(s[j + 1:j + 4]) == 3 and s[j + 1:j + 4].isdigit():
+                whole += s[j + 1:j + 4]
+                j += 4
+        frac = ""
+        if s[j:j + 1] == "." and s[j + 1:j + 2].isdigit():
+            j += 1
+            while j < len(s) and s[j].isdigit():
+                frac += s[j]
+                j += 1
+        frac += "000"
+        centavos = int(whole) * 100 + int(frac[:2]) + (1 if frac[2] >= "5" else 0)
+        negative = (start > 0 and s[start - 1] == "(" and s[j:j + 1] == ")") or \
+            (start > 0 and s[start - 1] == "-" and not (start > 1 and s[start - 2].isalnum()))
+        values.append(-centavos if negative else centavos)
+        i = j
+    return values
+
+
+def test_independent_rules_agree_on_the_rule_table():
+    """The test's own implementation gives the script's values on every case of the table (so it can judge a
+    run's file)."""
+    for text in [c[0] for c in NUMBER_CASES] + [c[i] for c in PAIR_CASES for i in (0, 1)]:
+        assert independent_numbers(text) == [int(v * 100) for v in tf.answer_numbers(text)], text
+
+
+
+RUN_ANSWER = " VAT payable: PHP 12,700.00."  # short enough for the tiny model to learn in 36 steps
+RUN_REFERENCES = (" VAT payable: ₱12700.", " VAT payable: PHP 9,999.99.", RUN_ANSWER, " No amount is due.")
+
+
+@pytest.fixture(scope="module")
+def amount_run(tiny_dir, tmp_path_factory):
+    """A real run whose every train answer is one amount sentence, so the tiny model learns to write it; the test
+    references cycle through the same amount written another way, another amount, the same sentence, and no
+    amount: answer evaluation has matches, misses and records left out, and scores the first 12 of 16."""
+    out = tmp_path_factory.mktemp("amount_run")
+    src = {s: [json.loads(x) for x in (tiny_dir / "prompt_completion" / f"{s}.jsonl").read_text().splitlines()]
+           for s in ("train", "valid", "test")}
+    cfg = base_config(tiny_dir, out, "prompt_completion")
+    for split, records in src.items():
+        rows = [{"prompt": r["prompt"],
+                 "completion": RUN_REFERENCES[i % 4] if split == "test" else RUN_ANSWER}
+                for i, r in enumerate(records)]
+        path = out / "data" / f"{split}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        cfg["data"][f"{split}_path"] = str(path)
+    cfg = set_key(cfg, "training.hyperparameters.num_epochs", 3)
+    cfg = set_key(cfg, "evaluation.answer_eval", {"max_records": 12})
+    proc = run_cli("--config", write_config(out / "c.yaml", cfg), "--run-id", "amounts")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "runs" / "amounts", out / "data" / "test.jsonl", proc
+
+
+@pytest.mark.slow
+def test_run_answer_eval_recomputed_from_the_predictions_file(amount_run):
+    """test_results.answer_eval and test_predictions.jsonl: one row per scored test record (the first max_records),
+    and the numbers, per-record scores and rates recomputed here from the texts alone give the same values."""
+    run_dir, test_path, proc = amount_run
+    m = json.loads((run_dir / "run_manifest.json").read_text())
+    ae = m["test_results"]["answer_eval"]
+    assert set(ae) == {"records", "exact_match", "numeric_records", "numeric_match", "numeric_f1", "predictions"}
+    assert ae["predictions"] == "test_predictions.jsonl"  # relative to the run dir
+    rows = [json.loads(x) for x in (run_dir / ae["predictions"]).read_text(encoding="utf-8").splitlines()]
+    test = [json.loads(x) for x in test_path.read_text(encoding="utf-8").splitlines()]
+    assert ae["records"] == len(rows) == 12 < len(test)
+    keys = {"index", "prompt", "reference", "prediction", "reference_numbers", "prediction_numbers", "exact_match",
+            "numeric_match", "numeric_f1"}
+    assert all(set(r) == keys for r in rows)
+    assert [(r["index"], r["prompt"], r["reference"]) for r in rows] == \
+        [(i, t["prompt"], t["completion"]) for i, t in enumerate(test[:12])]
+    matches, f1s, exact = [], [], 0
+    for r in rows:
+        ref, pred = independent_numbers(r["reference"]), independent_numbers(r["prediction"])
+        assert r["reference_numbers"] == [v / 100 for v in ref]
+        assert r["prediction_numbers"] == [v / 100 for v in pred]
+        same_text = " ".join(r["prediction"].split()) == " ".join(r["reference"].split())
+        exact += same_text
+        assert r["exact_match"] is same_text
+        if not ref:
+            assert r["numeric_match"] is None and r["numeric_f1"] is None
+            continue
+        common = sum(min(ref.count(v), pred.count(v)) for v in set(ref))
+        matches.append(sorted(ref) == sorted(pred))
+        f1s.append(2 * common / (len(ref) + len(pred)))
+        assert r["numeric_match"] is matches[-1] and r["numeric_f1"] == pytest.approx(f1s[-1])
+    assert ae["numeric_records"] == len(matches) == 9  # every fourth reference has no amount
+    assert ae["numeric_match"] == pytest.approx(sum(matches) / len(matches))
+    assert ae["numeric_f1"] == pytest.approx(sum(f1s) / len(f1s))
+    assert ae["exact_match"] == pytest.approx(exact / len(rows))
+    # the model learned to write amounts: the comparison is not vacuous
+    assert any(r["prediction_numbers"] for r in rows), [r["prediction"] for r in rows]
+    perf = m["performance"]
+    assert perf["answer_eval_seconds"] > 0 and perf["test_eval_seconds"] > 0 and perf["samples_seconds"] > 0
+    assert perf["answer_eval_over_test_eval_and_samples"] == pytest.approx(
+        perf["answer_eval_seconds"] / (perf["test_eval_seconds"] + perf["samples_seconds"]), abs=2e-3)
+    assert f"numeric_match {format(ae['numeric_match'], '.4f')}" in proc.stdout
