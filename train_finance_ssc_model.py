@@ -6335,6 +6335,30 @@ def _stored_config(stored: dict) -> Optional[TrainingConfig]:
     return TrainingConfig(**built)
 
 
+def evaluate_loss_metrics(model, tokenizer, records: list[dict], shape: str, max_seq_length: int,
+                      batch_size: int) -> tuple[dict, int]:
+    """(test_loss, test_perplexity, test_token_accuracy, test_exact_match; records with answer tokens) of `records`,
+    through the run's Trainer class, collator and compute_metrics (evaluate_checkpoint; bench/bench_answer_eval.py)."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import TrainingArguments
+    rows = tokenize_records(records, tokenizer, shape, max_seq_length, False)
+    rows = [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows if r["answer_tokens"] > 0]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none",
+                                 use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+        trainer = _trainer_class()(model=model, args=args, eval_dataset=Dataset.from_list(rows),
+                                   processing_class=tokenizer, data_collator=PadToLongestCollator(tokenizer.pad_token_id),
+                                   compute_metrics=compute_metrics)
+        from transformers.trainer_callback import PrinterCallback
+        trainer.remove_callback(PrinterCallback)
+        metrics = trainer.evaluate(metric_key_prefix="test")
+    return ({k: _json_float(v) for k, v in metrics.items() if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)},
+            len(rows))
+
+
 def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_length: Optional[int] = None,
                         batch_size: int = 8, predictions_out: Optional[str] = None) -> dict:
     """Test metrics of any checkpoint on any JSONL file, computed exactly as the post-training evaluation
@@ -6342,11 +6366,7 @@ def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_lengt
     and `answer_eval` (the first evaluation.answer_eval.max_records records answered and scored by score_answers,
     with the checkpoint's own max_new_tokens and chat template arguments when it recorded a config; the defaults
     otherwise). `predictions_out`: where to write the per-record file (test_predictions.jsonl's form)."""
-    import tempfile
-
-    import torch
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainingArguments
+    from transformers import AutoTokenizer
     ckpt = Path(checkpoint_path).expanduser()
     model = load_checkpoint(str(ckpt))
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
@@ -6358,18 +6378,8 @@ def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_lengt
     info, problems = scan_jsonl(Path(test_data_path).expanduser().resolve(), "test", "auto", "as given")
     if problems:
         raise TrainerError.collected(problems)
-    rows = tokenize_records(_read_jsonl(Path(info["path"])), tokenizer, info["shape"], max_len, False)
-    rows = [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows if r["answer_tokens"] > 0]
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none",
-                                 use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
-        trainer = _trainer_class()(model=model, args=args, eval_dataset=Dataset.from_list(rows),
-                                   processing_class=tokenizer, data_collator=PadToLongestCollator(tokenizer.pad_token_id),
-                                   compute_metrics=compute_metrics)
-        from transformers.trainer_callback import PrinterCallback
-        trainer.remove_callback(PrinterCallback)
-        metrics = trainer.evaluate(metric_key_prefix="test")
-    out = {k: _json_float(v) for k, v in metrics.items() if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)}
+    out, samples = evaluate_loss_metrics(model, tokenizer, _read_jsonl(Path(info["path"])), info["shape"], max_len,
+                                     batch_size)
     config = _stored_config(stored)
     ev = config.evaluation if config is not None else EvaluationConfig()
     answers = None
@@ -6380,7 +6390,7 @@ def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_lengt
             write_predictions(Path(predictions_out).expanduser(), scored)
         answers = {**summary, "predictions": str(Path(predictions_out).expanduser().resolve()) if predictions_out
                    else None}
-    return {**out, "samples": len(rows), "checkpoint": str(ckpt.resolve()), "data_path": info["path"],
+    return {**out, "samples": samples, "checkpoint": str(ckpt.resolve()), "data_path": info["path"],
             "max_seq_length": max_len, "answer_eval": answers}
 
 
