@@ -5604,6 +5604,9 @@ def _card_usage(manifest: dict) -> list[str]:
               f"out = model.generate(**inputs, max_new_tokens="
               f"{(manifest.get('config') or {}).get('evaluation', {}).get('max_new_tokens', 128)}, do_sample=False)",
               "print(tokenizer.decode(out[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))", "```"]
+    if manifest.get("lora"):
+        lines += ["", "This folder holds a LoRA adapter (peft, installed, loads it onto the base model named above); "
+                  "with `model.lora.merge_at_end` the run also saved the merged model in `merged/` beside it."]
     if shape == "messages":
         lines.append("")
         lines.append("The chat template arguments used in training and evaluation: "

@@ -138,6 +138,53 @@ def test_generation_batches_respect_rows_and_tokens():
     assert tf._generation_batches(lengths, order, 10, 8, 100) == [[0, 1], [2, 3], [4], [5]]
 
 
+def test_base_model_license_from_card_or_config(tmp_path):
+    from types import SimpleNamespace
+
+    def config_for(d: Path):
+        return SimpleNamespace(resolved_paths={}, model=SimpleNamespace(base_checkpoint=str(d)))
+
+    card = tmp_path / "card"
+    card.mkdir()
+    (card / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# SmolLM3\n")
+    (card / "config.json").write_text(json.dumps({"license": "mit"}))
+    assert tf.base_model_license(config_for(card)) == "apache-2.0"  # the card first
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "README.md").write_text("# no front matter\n")
+    (conf / "config.json").write_text(json.dumps({"license": "mit"}))
+    assert tf.base_model_license(config_for(conf)) == "mit"
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "README.md").write_text("---\n: [unclosed\n---\n")  # unreadable front matter: not a license
+    assert tf.base_model_license(config_for(bare)) is None
+
+
+def test_model_card_of_a_chat_lora_run_parses():
+    """A manifest as a LoRA run on chat data with template arguments and a known license writes it: the card
+    parses, carries them, and metrics the run did not produce are left out rather than written as null."""
+    from huggingface_hub import ModelCard
+    manifest = {
+        "run_id": "r1", "base_model": "HuggingFaceTB/SmolLM3-3B", "tags": ["bir", "finance"],
+        "dataset": {"name": "finance_ssc_bir_v1", "version": "2025-11-17", "test_samples": 10,
+                    "format": {"train": "messages", "test": "messages"}},
+        "test_results": {"test_loss": 1.25, "test_perplexity": 3.4903429574618414,
+                         "answer_eval": {"records": 10, "exact_match": 0.1, "numeric_records": 0,
+                                         "numeric_match": None, "numeric_f1": None,
+                                         "predictions": "test_predictions.jsonl"}},
+        "config": {"data": {"chat_template_kwargs": {"enable_thinking": False}}, "evaluation": {"max_new_tokens": 96}},
+        "reproducibility": {"base_model_license": "apache-2.0", "versions": {"torch": "2.13"}},
+        "lora": {"r": 16}, "hyperparameters": {"learning_rate": 2e-5}}
+    text = tf.model_card(manifest, "ab" * 32)
+    assert text == tf.model_card(manifest, "ab" * 32)
+    card = ModelCard(text)
+    assert card.data.license == "apache-2.0" and card.data.tags == ["bir", "finance"]
+    assert {r.metric_name: r.metric_value for r in card.data.eval_results} == {
+        "test_perplexity": 3.4903429574618414, "test_loss": 1.25, "exact_match": 0.1}
+    assert "enable_thinking=False" in text and '{"enable_thinking": false}' in text
+    assert "max_new_tokens=96" in text and "LoRA adapter" in text and "ab" * 32 in text
+
+
 # --------------------------------------------------------------------------------------------------
 # 2. Config: the answer metrics exist only under on_validation
 # --------------------------------------------------------------------------------------------------
