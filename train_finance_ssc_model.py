@@ -5616,7 +5616,7 @@ def _card_usage(manifest: dict) -> list[str]:
 
 def model_card(manifest: dict, manifest_sha256: str) -> str:
     """best/README.md: a Hugging Face model card (huggingface_hub.ModelCard parses it) written from the manifest
-    alone, so archiving the same manifest again gives the same card. Front matter: base_model, library_name,
+    alone (as archive_best wrote it), so archiving the same manifest again gives the same card. Front matter: base_model, library_name,
     license (the base's, else `other`), tags (the run's plus finance), datasets, and a model-index whose metrics
     are the manifest's test values exactly; body: purpose, limitations, data, procedure, results, usage,
     framework versions, provenance."""
@@ -5679,7 +5679,8 @@ def model_card(manifest: dict, manifest_sha256: str) -> str:
 def archive_best(run_dir: Path, best_checkpoint: str, manifest: dict) -> Path:
     """`<run_dir>/best`: what inference needs from the best checkpoint, ready to serve as it is (the inference team
     loads the dir with plain from_pretrained): prepare_for_serving's settings, files 0644 and dirs 0755 (a service
-    user must read them; safetensors writes its weights 0600), the manifest, and SHA256SUMS of every other file.
+    user must read them; safetensors writes its weights 0600), the manifest, its model card README.md (model_card),
+    and SHA256SUMS of every other file.
     Unchanged files are hard links where the filesystem allows (no second copy of the weights; a link shares the
     checkpoint file's inode, so that file becomes 0644 too, its bytes untouched); rewritten ones are new files, so
     the checkpoint's own files keep the sha256 its checkpoint_meta.json records (check_checkpoint_integrity), and
@@ -5699,7 +5700,9 @@ def archive_best(run_dir: Path, best_checkpoint: str, manifest: dict) -> Path:
             meta["rewritten_for_serving"] = rewritten
             write_json_atomic(tmp / CHECKPOINT_META, meta)  # a new file (rename), never a write through the link
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
-        write_atomic(tmp / "README.md", model_card(manifest, _sha256(tmp / MANIFEST_NAME)))
+        # the card from the manifest as written (redacted, strict JSON), so re-reading it gives the same card
+        write_atomic(tmp / "README.md", model_card(json.loads((tmp / MANIFEST_NAME).read_text()),
+                                                   _sha256(tmp / MANIFEST_NAME)))
         write_atomic(tmp / "SOURCE", f"{src.name}\n")
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         write_atomic(tmp / "SHA256SUMS",
