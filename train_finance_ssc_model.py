@@ -2844,7 +2844,7 @@ class RunHistory:
     save_seconds: float = 0.0
     stop: Optional[dict] = None  # the anomaly that stopped the run
     preempted: Optional[dict] = None  # {"signal", "step", "epoch"} when SIGTERM/SIGUSR1 stopped it
-    val_answer_eval_seconds: list = field(default_factory=list)  # answer_eval.on_validation: each evaluation's
+    val_answer_eval_seconds: list = field(default_factory=list)  # answer_eval.on_validation: per evaluation
 
     def record(self, step: int, metrics: dict) -> None:
         if "train_loss" in metrics:
