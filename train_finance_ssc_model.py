@@ -32,6 +32,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime as dt
+import decimal
 import difflib
 import gc
 import hashlib
@@ -98,7 +99,10 @@ YAML_MAX_CHARS = 1_000_000  # ... and characters of scalar text once aliases are
 MAX_ECHO_CHARS = 300  # a value echoed in an error payload is cut to this many characters, with a marker
 
 # Metrics this script reports at every evaluation; `val_x` in the config is Trainer's `eval_x`.
-EVAL_METRICS = {"val_loss": False, "val_perplexity": False, "val_token_accuracy": True}  # name -> greater is better
+EVAL_METRICS = {"val_loss": False, "val_perplexity": False, "val_token_accuracy": True,  # name -> greater is better
+                "val_numeric_match": True, "val_answer_exact_match": True}
+# ...the two scored on generated answers exist only under evaluation.answer_eval.on_validation (_field_rules)
+ANSWER_EVAL_METRICS = ("val_numeric_match", "val_answer_exact_match")
 RECORD_SHAPES = {  # shape -> keys that identify it
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
@@ -566,7 +570,8 @@ class OptimizationConfig:
         "doc": "evals without improvement; null=off", "minimum": 1,
         "expected": "integer >= 1, or null to turn early stopping off"})
     early_stopping_metric: str = field(default="val_loss", metadata={
-        "doc": "val_loss|val_perplexity|val_token_accuracy", **METRIC_LIMITS})
+        "doc": "val_loss|val_perplexity|val_token_accuracy (|val_numeric_match|val_answer_exact_match under "
+               "evaluation.answer_eval.on_validation)", **METRIC_LIMITS})
 
 
 @dataclass(kw_only=True)
@@ -580,7 +585,8 @@ class CheckpointingConfig:
                   "checkpoints stay on disk"})
     load_best_at_end: bool = field(default=True, metadata={"doc": "final evaluation uses the best checkpoint"})
     metric_for_best_model: str = field(default="val_perplexity", metadata={
-        "doc": "one of the val_* metrics", **METRIC_LIMITS})
+        "doc": "one of the val_* metrics (val_numeric_match, val_answer_exact_match: under "
+               "evaluation.answer_eval.on_validation)", **METRIC_LIMITS})
 
 
 @dataclass(kw_only=True)
@@ -669,6 +675,17 @@ class TrainingSection:
 
 
 @dataclass(kw_only=True)
+class AnswerEvalConfig:
+    """Answers generated and scored by the rules of `score_answers` (amounts, form numbers, exact match)."""
+    max_records: int = field(default=500, metadata={
+        "doc": "the first N test records are answered and scored after training (all, if fewer); 0 = off",
+        "minimum": 0, "suggestion": "set max_records: 500 (0 turns answer evaluation off)"})
+    on_validation: bool = field(default=False, metadata={
+        "doc": "also score the first max_records validation records at every evaluation (val_numeric_match, "
+               "val_answer_exact_match; costs generation time per evaluation)"})
+
+
+@dataclass(kw_only=True)
 class EvaluationConfig:
     """Post-training analysis on the test split (spec Phase 4)."""
     num_samples: int = field(default=5, metadata={"doc": "test prompts to generate completions for (0 = none)",
@@ -678,6 +695,7 @@ class EvaluationConfig:
         "doc": "manifest or run dir to compare against", "check": lambda ref: _baseline_manifest_path(ref) is not None,
         "expected": "a run_manifest.json or a run dir holding one",
         "suggestion": "point it at a finished run's directory, or remove it"})
+    answer_eval: AnswerEvalConfig = field(default_factory=AnswerEvalConfig)
 
 
 @dataclass(kw_only=True)
@@ -1319,6 +1337,14 @@ def _field_rules(config: TrainingConfig, res: ValidationResult) -> None:
     if c.distributed_backend == "nccl" and c.device == "cpu":
         err(config_problem("compute.distributed_backend", "nccl", "gloo when compute.device is cpu",
                            "nccl needs CUDA GPUs: set distributed_backend: gloo for CPU runs"))
+    ae = config.evaluation.answer_eval
+    for dotted in ("training.checkpointing.metric_for_best_model", "training.optimization.early_stopping_metric"):
+        metric = _dotted_get(config, dotted)
+        if metric in ANSWER_EVAL_METRICS and dotted not in outside and not (ae.on_validation and ae.max_records):
+            err(config_problem(dotted, metric, "evaluation.answer_eval.on_validation: true with max_records >= 1 "
+                               f"(without it no evaluation reports {metric})",
+                               "set evaluation.answer_eval.on_validation: true (each evaluation then generates "
+                               "answers for up to max_records validation records), or choose val_perplexity"))
     lg = config.logging
     if config.training.checkpointing.save_strategy == "epoch" and lg.save_steps != LoggingConfig.save_steps:
         warn(f"logging.save_steps={lg.save_steps} applies to save_strategy: steps only; with save_strategy: epoch "
@@ -1944,6 +1970,14 @@ def render_instruction_prompt(record: dict) -> str:
     if (record.get("input") or "").strip():
         prompt += f"### Input:\n{record['input'].strip()}\n\n"
     return prompt + "### Response:\n"
+
+
+def template_kwargs(config, record: Optional[dict] = None) -> dict:
+    """The keyword arguments every apply_chat_template call passes: data.chat_template_kwargs, overridden by a
+    record's own `chat_template_kwargs`. (Minimal version for answer evaluation; issue 24 owns the full one.)"""
+    kwargs = dict(getattr(getattr(config, "data", None), "chat_template_kwargs", None) or {})
+    own = (record or {}).get("chat_template_kwargs")
+    return {**kwargs, **own} if isinstance(own, dict) else kwargs
 
 
 def _chat_segments(messages: list, tokenizer) -> list[tuple[str, bool]]:
@@ -2715,7 +2749,7 @@ def format_value(key: str, value: Any) -> str:
         return f"{value:.2f}"
     if key.endswith("per_second"):
         return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.1f}k" if value >= 1e3 else f"{value:.0f}"
-    if key.endswith(("accuracy", "exact_match")):
+    if key.endswith(("accuracy", "exact_match", "numeric_match", "numeric_f1")):
         return f"{value:.4f}"
     if key.endswith("seconds"):
         return format_duration(value)
@@ -2753,8 +2787,8 @@ def log_metrics(tracker: Tracker, step: int, metrics: dict, max_steps: Optional[
         if key in metrics:
             with path.open("a", newline="") as fh:
                 csv.writer(fh).writerow([step, epoch, _csv_float(metrics[key])])
-    # train_loss -> train/loss, val_loss -> val/loss: dashboards group the curves by split
-    scalars = {(k.replace("_", "/", 1) if k.startswith(("train_", "val_")) else k): float(v)
+    # train_loss -> train/loss, val_loss -> val/loss, test_perplexity -> test/perplexity: dashboards group by split
+    scalars = {(k.replace("_", "/", 1) if k.startswith(("train_", "val_", "test_")) else k): float(v)
                for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if tracker.tb_writer is not None:
         for key, value in scalars.items():
@@ -2767,6 +2801,31 @@ def log_metrics(tracker: Tracker, step: int, metrics: dict, max_steps: Optional[
         now = int(time.time() * 1000)
         tracker.mlflow_client.log_batch(tracker.mlflow_run_id, metrics=[
             Metric(k, v, now, step) for k, v in scalars.items() if math.isfinite(v)])
+
+
+PROGRESS_LOG_SECONDS = 10.0  # a long loop without a line for this long looks hung
+
+
+@contextlib.contextmanager
+def progress(total: int, desc: str):
+    """Progress of a long loop (`with progress(n, "answering") as bar: ... bar.update(k)`): a log line at most
+    every PROGRESS_LOG_SECONDS, and one at the end when any was printed. (Minimal version; issue 28 owns the
+    progress display.)"""
+    class Bar:
+        def __init__(self):
+            self.done, self.start, self.last, self.lines = 0, time.monotonic(), time.monotonic(), 0
+
+        def update(self, n: int = 1) -> None:
+            self.done += n
+            now = time.monotonic()
+            if now - self.last >= PROGRESS_LOG_SECONDS and self.done < total:
+                self.last, self.lines = now, self.lines + 1
+                log.info("%s: %d/%d (%s)", desc, self.done, total, format_duration(now - self.start))
+
+    bar = Bar()
+    yield bar
+    if bar.lines:
+        log.info("%s: %d/%d in %s", desc, bar.done, total, format_duration(time.monotonic() - bar.start))
 
 
 def _csv_float(value: Any) -> str:
@@ -2826,6 +2885,7 @@ class RunHistory:
     save_seconds: float = 0.0
     stop: Optional[dict] = None  # the anomaly that stopped the run
     preempted: Optional[dict] = None  # {"signal", "step", "epoch"} when SIGTERM/SIGUSR1 stopped it
+    val_answer_eval_seconds: list = field(default_factory=list)  # answer_eval.on_validation: per evaluation
 
     def record(self, step: int, metrics: dict) -> None:
         if "train_loss" in metrics:
@@ -3451,8 +3511,27 @@ def _trainer_class():
                 m[f"{prefix}_loss"] = m.pop(f"{prefix}_token_loss")
                 m[f"{prefix}_perplexity"] = math.exp(min(m[f"{prefix}_loss"], 700.0))
             if prefix == "eval":
+                m.update(self._answer_metrics())
                 self.last_eval = (self.state.global_step, {k.replace("eval_", "val_"): v for k, v in m.items()})
             return out
+
+        def _answer_metrics(self) -> dict:
+            """evaluation.answer_eval.on_validation: the validation answers generated and scored like the test's
+            (answer_evaluation), as eval_numeric_match and eval_answer_exact_match (NaN when no reference has a
+            number: never best). Every rank generates (a sharded model needs them all; the others get the same
+            greedy answers), so every rank's Trainer sees the metric it picks the best checkpoint by."""
+            job = getattr(self, "val_answers", None)
+            if not job or self.dry_run:
+                return {}
+            records, shape = job
+            t0 = time.perf_counter()
+            summary, _ = answer_evaluation(self.model, self.processing_class, records, shape,
+                                           self.run_config.evaluation.max_new_tokens, self.run_config,
+                                           desc="answer evaluation (validation)")
+            if getattr(self, "history", None) is not None:
+                self.history.val_answer_eval_seconds.append(time.perf_counter() - t0)
+            return {f"eval_{name}": float("nan") if summary[key] is None else summary[key]
+                    for name, key in (("numeric_match", "numeric_match"), ("answer_exact_match", "exact_match"))}
 
         def evaluate(self, *args, **kwargs):
             t0 = time.perf_counter()
@@ -3683,6 +3762,10 @@ def _build_trainer(ctx: RunContext, tokenizer, datasets_, model, args, dry_run: 
         compute_metrics=compute_metrics, callbacks=callbacks)
     trainer.run_config, trainer.run_id, trainer.probe, trainer.dry_run = ctx.config, ctx.run_id, probe, dry_run
     trainer.history = ctx.history  # evaluation and save times (performance_block)
+    ae = ctx.config.evaluation.answer_eval
+    if ae.on_validation and ae.max_records and not dry_run:  # scored at every evaluation (_answer_metrics)
+        trainer.val_answers = (_read_jsonl(data_path(ctx.config, "valid_path"), ae.max_records),
+                               ctx.validation.data["valid"]["shape"])
     trainer.data_sha256 = {k: v["sha256"] for k, v in (ctx.reproducibility.get("data_files") or {}).items()}
     from transformers.trainer_callback import PrinterCallback
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one formatted line instead
@@ -5443,12 +5526,15 @@ def stop_validation_loss(trainer, valid) -> Optional[float]:
 # 16. Post-training analysis (spec Phase 4): samples, baseline comparison, plot, archive, cost, performance
 # --------------------------------------------------------------------------------------------------
 
-def prompt_and_reference(record: dict, shape: str, tokenizer) -> tuple[str, str]:
-    """The text a user would send, and the answer the data says is right."""
+def prompt_and_reference(record: dict, shape: str, tokenizer, chat_kwargs: Optional[dict] = None) -> tuple[str, str]:
+    """The text a user would send, and the answer the data says is right. `messages`: the conversation before the
+    last assistant turn through the chat template with the generation prompt on and `chat_kwargs`
+    (template_kwargs), as a server renders it; the other shapes are trained on their raw prompt, and sent so."""
     if shape == "messages":
         msgs = record["messages"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        return (tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True),
+        return (tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True,
+                                              **(chat_kwargs or {})),
                 msgs[last]["content"])
     if shape == "prompt_completion":
         return record["prompt"], record["completion"]
@@ -5459,50 +5545,183 @@ def prompt_and_reference(record: dict, shape: str, tokenizer) -> tuple[str, str]
     return tokenizer.decode(ids[:cut]), tokenizer.decode(ids[cut:])
 
 
-SAMPLE_BATCH = 8  # prompts decoded together in generate_samples
+SAMPLE_BATCH = 8  # prompts decoded together in generate_samples (the post-training samples)
+ANSWER_BATCH = 128  # ... in answer evaluation: at most this many rows per generate call,
+ANSWER_BATCH_TOKENS = 65_536  # and rows x (prompt width + max_new_tokens) within this (the KV cache grows with it)
 
 
-def generate_samples(model, tokenizer, records: list[dict], shape: str, max_new_tokens: int) -> list[dict]:
-    """Greedy (deterministic) completions for test prompts, SAMPLE_BATCH prompts of similar length per generate
-    call, left-padded with an attention mask (positions follow the mask, so each prompt decodes as it would alone;
-    tests/test_dry_run_before_training.py proves that on every step's logits). A row ends at its first stop token."""
+def _generation_batches(lengths: list[int], order: list[int], max_new_tokens: int, max_rows: int,
+                        max_tokens: int) -> list[list[int]]:
+    """`order` (ascending prompt length) cut into consecutive batches of at most max_rows rows whose padded size,
+    rows x (longest prompt + max_new_tokens), stays within max_tokens (one row at least)."""
+    batches, chunk = [], []
+    for i in order:
+        if chunk and (len(chunk) >= max_rows or (len(chunk) + 1) * (lengths[i] + max_new_tokens) > max_tokens):
+            batches.append(chunk)
+            chunk = []
+        chunk.append(i)
+    return batches + ([chunk] if chunk else [])
+
+
+def generate_samples(model, tokenizer, records: list[dict], shape: str, max_new_tokens: int,
+                     config: Optional[TrainingConfig] = None, batch_rows: int = SAMPLE_BATCH,
+                     batch_tokens: int = ANSWER_BATCH_TOKENS, desc: str = "generating") -> list[dict]:
+    """Greedy (deterministic) completions for test prompts, up to `batch_rows` prompts of similar length per generate
+    call (_generation_batches), left-padded with an attention mask (positions follow the mask, so each prompt
+    decodes as it would alone; tests/test_dry_run_before_training.py proves that on every step's logits), with the
+    KV cache on. A row ends at its first stop token (end of turn or eos): generate pads a finished row while the
+    others go on and stops the call when every row has finished. `messages` prompts are rendered with
+    template_kwargs(config, record) (the record's own chat_template_kwargs alone without a config)."""
     import torch
     stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
             if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop or [0])[0]
     device = next(model.parameters()).device
-    pairs = [prompt_and_reference(rec, shape, tokenizer) for rec in records]
+    pairs = [prompt_and_reference(rec, shape, tokenizer, template_kwargs(config, rec) if config is not None
+                                  else dict(rec.get("chat_template_kwargs") or {})) for rec in records]
     encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt, _ in pairs]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    lengths = [len(e) for e in encoded]
+    order = sorted(range(len(encoded)), key=lambda i: lengths[i])
     texts: dict[int, str] = {}
     model.eval()
-    for start in range(0, len(order), SAMPLE_BATCH):
-        chunk = order[start:start + SAMPLE_BATCH]
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk], device=device)
-        with torch.no_grad():
-            gen = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=stop or None, use_cache=True,  # the config says False while training
-                                 pad_token_id=pad)
-        for row, i in enumerate(chunk):
-            new = gen[row, width:].tolist()
-            end = next((k + 1 for k, t in enumerate(new) if t in stop), len(new))  # padding after the stop token
-            texts[i] = tokenizer.decode(new[:end], skip_special_tokens=True)
+    with progress(len(order), desc) as bar:
+        for chunk in _generation_batches(lengths, order, max_new_tokens, batch_rows, batch_tokens):
+            width = max(lengths[i] for i in chunk)
+            ids = torch.tensor([[pad] * (width - lengths[i]) + encoded[i] for i in chunk], device=device)
+            mask = torch.tensor([[0] * (width - lengths[i]) + [1] * lengths[i] for i in chunk], device=device)
+            with torch.no_grad():
+                gen = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=stop or None, use_cache=True,  # the config says False in training
+                                     pad_token_id=pad)
+            for row, i in enumerate(chunk):
+                new = gen[row, width:].tolist()
+                end = next((k + 1 for k, t in enumerate(new) if t in stop), len(new))  # padding after the stop
+                texts[i] = tokenizer.decode(new[:end], skip_special_tokens=True)
+            bar.update(len(chunk))
     return [{"prompt": prompt, "reference": reference, "generated": texts[i],
              "exact_match": texts[i].strip() == reference.strip()} for i, (prompt, reference) in enumerate(pairs)]
 
 
-COMPARED_METRICS = {  # manifest location -> lower is better
+# Answer evaluation: the rules (README "Answer evaluation", --help) in one place, for every path that scores
+# answers: the test evaluation after training, --evaluate, and validation under answer_eval.on_validation.
+CURRENCY_MARK_RE = re.compile(r"(?<![A-Za-z])(?:PHP|Php)(?![A-Za-z])\s*|₱\s*|(?<!\w)P(?=\d)")
+AMOUNT_RE = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")  # the thousands form first
+CENTAVO = decimal.Decimal("0.01")
+
+
+def answer_numbers(text: str) -> list:
+    """The values in a text, in order, as Decimals rounded to centavos (half up): currency marks removed (PHP, Php
+    or ₱ and the spaces after it; a P directly before a digit, unless a letter or digit precedes the P), each
+    AMOUNT_RE match with its commas dropped, negative in parentheses `(1,234.50)` or after a `-` that does not
+    follow a letter or digit. `12%` gives 12; form numbers count: `1601-C` gives 1601, `2550Q` 2550."""
+    clean = CURRENCY_MARK_RE.sub("", text)
+    values = []
+    for m in AMOUNT_RE.finditer(clean):
+        start, end = m.span()
+        digits = m.group().replace(",", "")
+        ctx = decimal.Context(prec=len(digits) + 4, rounding=decimal.ROUND_HALF_UP)  # exact at any length
+        value = decimal.Decimal(digits).quantize(CENTAVO, context=ctx)
+        in_parens = start > 0 and clean[start - 1] == "(" and clean[end:end + 1] == ")"
+        minus = start > 0 and clean[start - 1] == "-" and not (start > 1 and clean[start - 2].isalnum())
+        values.append(-value if in_parens or minus else value)
+    return values
+
+
+def _number_json(value) -> Any:
+    """A centavo value as JSON: a number (its float is exact to the centavo below 1e13), a string beyond floats."""
+    f = float(value)
+    return f if math.isfinite(f) else str(value)
+
+
+def score_answers(pairs: list[tuple[str, str]]) -> tuple[dict, list[dict]]:
+    """(prediction, reference) pairs -> the summary ({records, exact_match, numeric_records, numeric_match,
+    numeric_f1}, rates in [0, 1]) and one row per pair. exact_match: equal after trimming and collapsing
+    whitespace. Only a reference with at least one number is scored on numbers (others count in records -
+    numeric_records): numeric_match when the sorted values of the prediction equal the reference's (every amount
+    right, none missing, none extra); numeric_f1 the F1 of the two bags of values. A rate over no record is null."""
+    from collections import Counter
+    rows = []
+    for prediction, reference in pairs:
+        pred, ref = answer_numbers(prediction), answer_numbers(reference)
+        row = {"reference_numbers": [_number_json(v) for v in ref],
+               "prediction_numbers": [_number_json(v) for v in pred],
+               "exact_match": " ".join(prediction.split()) == " ".join(reference.split()),
+               "numeric_match": None, "numeric_f1": None}
+        if ref:
+            overlap = sum((Counter(pred) & Counter(ref)).values())
+            row["numeric_match"] = sorted(pred) == sorted(ref)
+            row["numeric_f1"] = 2 * overlap / (len(pred) + len(ref))  # = 2PR / (P + R); 0 without overlap
+        rows.append(row)
+    numeric = [r for r in rows if r["numeric_match"] is not None]
+
+    def mean(values: list) -> Optional[float]:
+        return sum(values) / len(values) if values else None
+
+    return ({"records": len(rows), "exact_match": mean([r["exact_match"] for r in rows]),
+             "numeric_records": len(numeric), "numeric_match": mean([r["numeric_match"] for r in numeric]),
+             "numeric_f1": mean([r["numeric_f1"] for r in numeric])}, rows)
+
+
+def answer_evaluation(model, tokenizer, records: list[dict], shape: str, max_new_tokens: int,
+                      config: Optional[TrainingConfig] = None, desc: str = "answer evaluation") -> tuple[dict, list]:
+    """Greedy answers to `records` (generate_samples, ANSWER_BATCH rows per call) scored by score_answers:
+    (summary, one row per record: index, prompt, reference, prediction, the numbers, the scores)."""
+    samples = generate_samples(model, tokenizer, records, shape, max_new_tokens, config, batch_rows=ANSWER_BATCH,
+                               desc=desc)
+    summary, scores = score_answers([(s["generated"], s["reference"]) for s in samples])
+    rows = [{"index": i, "prompt": s["prompt"], "reference": s["reference"], "prediction": s["generated"], **score}
+            for i, (s, score) in enumerate(zip(samples, scores))]
+    return summary, rows
+
+
+def write_predictions(path: Path, rows: list[dict]) -> None:
+    """test_predictions.jsonl: one JSON object per scored record (written atomically)."""
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows))
+
+
+COMPARED_METRICS = {  # manifest location -> lower is better; the metric is named by the last key
     ("training_results", "final_val_loss"): True, ("training_results", "final_val_perplexity"): True,
     ("training_results", "final_val_token_accuracy"): False, ("test_results", "test_loss"): True,
     ("test_results", "test_perplexity"): True, ("test_results", "test_token_accuracy"): False,
-    ("test_results", "test_exact_match"): False,
+    ("test_results", "test_exact_match"): False, ("test_results", "answer_eval", "numeric_match"): False,
 }
+MAX_LISTED_REGRESSIONS = 50  # answer regressions kept in the manifest (the count covers them all)
+REGRESSIONS_PRINTED = 5  # ... and printed under the comparison table
 
 
-def compare_to_baseline(manifest: dict, baseline_ref: str) -> dict:
-    """Each validation and test metric of this run against the baseline run's: both values, delta, improved."""
+def _manifest_value(manifest: dict, keys: tuple) -> Any:
+    for key in keys:
+        manifest = manifest.get(key) if isinstance(manifest, dict) else None
+    return manifest
+
+
+def _answer_right(row: dict) -> bool:
+    """A scored answer is right: numeric_match where its reference has a number, else exact_match."""
+    return bool(row["numeric_match"] if row.get("numeric_match") is not None else row.get("exact_match"))
+
+
+def answer_regressions(manifest: dict, manifest_dir: Path, base: dict, base_dir: Path) -> Optional[dict]:
+    """The test records this run answers wrong that the baseline answered right (_answer_right), from the two
+    runs' test_predictions.jsonl, paired by index and reference (the same test file gives the same pairs; a
+    changed one pairs only what still matches). None when either run has no predictions file."""
+    paths = [resolve_manifest_path(_manifest_value(m, ("test_results", "answer_eval", "predictions")), d)
+             for m, d in ((manifest, manifest_dir), (base, base_dir))]
+    if not all(p and Path(p).is_file() for p in paths):
+        return None
+    current, baseline = (list(_jsonl_rows(Path(p))) for p in paths)
+    before = {(r["index"], r["reference"]): r for _, r in baseline}
+    pairs = [(before[(r["index"], r["reference"])], r) for _, r in current if (r["index"], r["reference"]) in before]
+    lost = [{"index": new["index"], "prompt": new["prompt"], "reference": new["reference"],
+             "baseline_prediction": old["prediction"], "prediction": new["prediction"],
+             "reference_numbers": new["reference_numbers"], "baseline_prediction_numbers": old["prediction_numbers"],
+             "prediction_numbers": new["prediction_numbers"]}
+            for old, new in pairs if _answer_right(old) and not _answer_right(new)]
+    return {"compared": len(pairs), "count": len(lost), "records": lost[:MAX_LISTED_REGRESSIONS]}
+
+
+def compare_to_baseline(manifest: dict, baseline_ref: str, manifest_dir: Optional[Path] = None) -> dict:
+    """Each validation and test metric of this run against the baseline run's: both values, delta, improved; and
+    the test answers that regressed (answer_regressions; `manifest_dir` resolves this run's predictions path)."""
     path = _baseline_manifest_path(baseline_ref)
     if path is None:
         raise TrainerError("InvalidConfig", {"field": "--baseline", "value": baseline_ref,
@@ -5510,14 +5729,16 @@ def compare_to_baseline(manifest: dict, baseline_ref: str) -> dict:
                                              "suggestion": "point it at a finished run's directory"})
     base = json.loads(path.read_text())
     rows = []
-    for (section, key), lower_better in COMPARED_METRICS.items():
-        old, new = (base.get(section) or {}).get(key), (manifest.get(section) or {}).get(key)
+    for keys, lower_better in COMPARED_METRICS.items():
+        old, new = _manifest_value(base, keys), _manifest_value(manifest, keys)
         if not isinstance(old, (int, float)) or not isinstance(new, (int, float)):
             continue
-        rows.append({"metric": key, "baseline": old, "current": new, "delta": new - old,
+        rows.append({"metric": keys[-1], "baseline": old, "current": new, "delta": new - old,
                      "improved": new < old if lower_better else new > old})
     diffs = baseline_differences(_run_facts(manifest), _run_facts(base))
-    return {"baseline_run_id": base.get("run_id"), "baseline_manifest": str(path), "metrics": rows, **diffs}
+    regressions = answer_regressions(manifest, manifest_dir, base, path.parent) if manifest_dir else None
+    return {"baseline_run_id": base.get("run_id"), "baseline_manifest": str(path), "metrics": rows, **diffs,
+            "answer_regressions": regressions}
 
 
 BASELINE_IGNORED_KEYS = ("evaluation.baseline",)  # differs between a run and its baseline by construction
@@ -5628,6 +5849,13 @@ def format_comparison(cmp: dict) -> str:
     changed += [d["key"] for d in cmp.get("data_differences") or []]
     if changed:
         lines.append(f"differences from the baseline: {', '.join(changed)}")
+    reg = cmp.get("answer_regressions")
+    if reg:
+        lines.append(f"test answers right in the baseline and wrong now: {reg['count']} of {reg['compared']}"
+                     + (" (manifest baseline_comparison.answer_regressions)" if reg["count"] else ""))
+        for r in reg["records"][:REGRESSIONS_PRINTED]:
+            lines.append(f"  #{r['index']}: reference {r['reference_numbers']}, baseline "
+                         f"{r['baseline_prediction_numbers']}, now {r['prediction_numbers']}")
     return "\n".join(lines)
 
 
@@ -5698,10 +5926,120 @@ def prepare_for_serving(d: Path) -> list[str]:
     return rewritten
 
 
+CARD_METRICS = (  # model-index metric type, its name there (the manifest's key), where the manifest holds it
+    ("perplexity", "test_perplexity", ("test_results", "test_perplexity")),
+    ("loss", "test_loss", ("test_results", "test_loss")),
+    ("numeric_match", "numeric_match", ("test_results", "answer_eval", "numeric_match")),
+    ("f1", "numeric_f1", ("test_results", "answer_eval", "numeric_f1")),
+    ("exact_match", "exact_match", ("test_results", "answer_eval", "exact_match")),
+)
+
+
+def _card_number(value: Any, rate: bool = False) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.1%}" if rate else f"{value:.4g}"
+    return "n/a" if value is None else str(value)
+
+
+def _card_usage(manifest: dict) -> list[str]:
+    """How to load the archive and prompt it as the run trained and evaluated it."""
+    data = (manifest.get("config") or {}).get("data") or {}
+    shape = ((manifest.get("dataset") or {}).get("format") or {}).get("test") or "messages"
+    kwargs = data.get("chat_template_kwargs") or {}
+    lines = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+             'tokenizer = AutoTokenizer.from_pretrained("best")  # this folder; it pads on the left for batches',
+             'model = AutoModelForCausalLM.from_pretrained("best")']
+    if shape == "messages":
+        lines += ['messages = [{"role": "user", "content": "How much VAT is payable on PHP 112,000.00, VAT '
+                  'included?"}]',
+                  "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True"
+                  + "".join(f", {k}={v!r}" for k, v in kwargs.items()) + ")"]
+    elif shape == "instruction":
+        lines += ['prompt = "### Instruction:\\nHow much VAT is payable on PHP 112,000.00, VAT included?\\n\\n'
+                  '### Response:\\n"']
+    else:
+        lines += ['prompt = "How much VAT is payable on PHP 112,000.00, VAT included?"  # raw text, as trained']
+    lines += ["inputs = tokenizer(prompt, return_tensors=\"pt\", add_special_tokens=False)",
+              f"out = model.generate(**inputs, max_new_tokens="
+              f"{(manifest.get('config') or {}).get('evaluation', {}).get('max_new_tokens', 128)}, do_sample=False)",
+              "print(tokenizer.decode(out[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))", "```"]
+    if manifest.get("lora"):
+        lines += ["", "This folder holds a LoRA adapter (peft, installed, loads it onto the base model named above); "
+                  "with `model.lora.merge_at_end` the run also saved the merged model in `merged/` beside it."]
+    if shape == "messages":
+        lines.append("")
+        lines.append("The chat template arguments used in training and evaluation: "
+                     + (f"`{json.dumps(kwargs, sort_keys=True)}`." if kwargs else "none (the template's defaults)."))
+    return lines
+
+
+def model_card(manifest: dict, manifest_sha256: str) -> str:
+    """best/README.md: a Hugging Face model card (huggingface_hub.ModelCard parses it) written from the manifest
+    alone (as archive_best wrote it), so archiving the same manifest again gives the same card. Front matter: base_model, library_name,
+    license (the base's, else `other`), tags (the run's plus finance), datasets, and a model-index whose metrics
+    are the manifest's test values exactly; body: purpose, limitations, data, procedure, results, usage,
+    framework versions, provenance."""
+    import yaml
+    ds, tr = manifest.get("dataset") or {}, manifest.get("test_results") or {}
+    repro, hp, answers = manifest.get("reproducibility") or {}, manifest.get("hyperparameters") or {}, \
+        tr.get("answer_eval") or {}
+    tags = list(dict.fromkeys([*(manifest.get("tags") or []), "finance"]))
+    metrics = [{"type": kind, "name": name, "value": _manifest_value(manifest, keys)}
+               for kind, name, keys in CARD_METRICS if isinstance(_manifest_value(manifest, keys), (int, float))]
+    front = {"base_model": manifest.get("base_model"), "library_name": "transformers",
+             "license": repro.get("base_model_license") or "other", "pipeline_tag": "text-generation", "tags": tags,
+             "datasets": [ds.get("name")], "dataset_version": ds.get("version"),
+             "model-index": [{"name": manifest.get("run_id"), "results": [{
+                 "task": {"type": "text-generation", "name": "Text Generation"},
+                 "dataset": {"name": ds.get("name"), "type": ds.get("name"), "split": "test",
+                             "revision": ds.get("version")},
+                 "metrics": metrics}]}]}
+    results = (manifest.get("training_results") or {})
+    cost, hw = manifest.get("cost") or {}, repro.get("hardware") or {}
+    gpus = f"{hw['gpu_count']} x {hw.get('gpu_model')}" if hw.get("gpu_count") else "CPU only"
+    files = repro.get("data_files") or {}
+    body = [
+        f"# {manifest.get('run_id')}", "",
+        f"`{manifest.get('base_model')}` fine-tuned to answer Philippine BIR tax and Odoo accounting questions "
+        "(forms and deadlines, VAT, withholding, penalties, journal entries, reconciliation) for a shared "
+        f"services center, on `{ds.get('name')}` version `{ds.get('version')}`.", "",
+        "## Limitations", "",
+        "- Not tax advice. Answers can be wrong or out of date; a qualified person checks anything filed or paid.",
+        "- Amounts must be checked: of the test answers with amounts, "
+        f"{_card_number(answers.get('numeric_match'), rate=True)} had every amount right (numeric_match; "
+        f"numeric_f1 {_card_number(answers.get('numeric_f1'))}).",
+        f"- Evaluation coverage: test loss on {ds.get('test_samples')} test records; generated answers scored on the "
+        f"first {answers.get('records', 0)} ({answers.get('numeric_records', 0)} with amounts) of the same split, "
+        "greedy decoding. Questions unlike the training data are not covered.", "",
+        "## Training data", "", "| split | file | sha256 | records |", "|---|---|---|---|",
+        *[f"| {split} | `{Path(str(i.get('path'))).name}` | `{i.get('sha256')}` | {i.get('samples')} |"
+          for split, i in files.items()], "",
+        f"Dataset `{ds.get('name')}`, version `{ds.get('version')}`, format "
+        f"{', '.join(sorted(set((ds.get('format') or {}).values())))}.", "",
+        "## Training procedure", "", "| hyperparameter | value |", "|---|---|",
+        *[f"| {k} | {v} |" for k, v in hp.items()], "",
+        f"Hardware: {gpus} ({hw.get('cpu_model')}). "
+        f"Training time: {_card_number(results.get('training_time_hours'))} h, {results.get('total_steps')} steps, "
+        f"best checkpoint at step {results.get('best_step')}. Cost: {_card_number(cost.get('gpu_hours'))} GPU hours, "
+        f"USD {_card_number(cost.get('cost_per_run_usd'))}.", "",
+        "## Results (test split)", "", "| metric | value |", "|---|---|",
+        *[f"| {m['name']} | {_card_number(m['value'])} |" for m in metrics], "",
+        "numeric_match: every amount in the answer right, none missing, none extra (amounts rounded to centavos, "
+        "form numbers counted); exact_match: the whole answer equal after collapsing whitespace.", "",
+        "## How to use", "", *_card_usage(manifest), "",
+        "## Framework versions", "", *[f"- {k}: {v}" for k, v in (repro.get("versions") or {}).items() if v], "",
+        "## Provenance", "",
+        f"- run id: `{manifest.get('run_id')}`",
+        f"- manifest: `run_manifest.json` in this folder, sha256 `{manifest_sha256}`",
+        f"- git commit: `{(repro.get('git') or {}).get('commit')}`, completed {manifest.get('completed_at')}", ""]
+    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body)
+
+
 def archive_best(run_dir: Path, best_checkpoint: str, manifest: dict) -> Path:
     """`<run_dir>/best`: what inference needs from the best checkpoint, ready to serve as it is (the inference team
     loads the dir with plain from_pretrained): prepare_for_serving's settings, files 0644 and dirs 0755 (a service
-    user must read them; safetensors writes its weights 0600), the manifest, and SHA256SUMS of every other file.
+    user must read them; safetensors writes its weights 0600), the manifest, its model card README.md (model_card),
+    and SHA256SUMS of every other file.
     Unchanged files are hard links where the filesystem allows (no second copy of the weights; a link shares the
     checkpoint file's inode, so that file becomes 0644 too, its bytes untouched); rewritten ones are new files, so
     the checkpoint's own files keep the sha256 its checkpoint_meta.json records (check_checkpoint_integrity), and
@@ -5721,6 +6059,9 @@ def archive_best(run_dir: Path, best_checkpoint: str, manifest: dict) -> Path:
             meta["rewritten_for_serving"] = rewritten
             write_json_atomic(tmp / CHECKPOINT_META, meta)  # a new file (rename), never a write through the link
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        # the card from the manifest as written (redacted, strict JSON), so re-reading it gives the same card
+        write_atomic(tmp / "README.md", model_card(json.loads((tmp / MANIFEST_NAME).read_text()),
+                                                   _sha256(tmp / MANIFEST_NAME)))
         write_atomic(tmp / "SOURCE", f"{src.name}\n")
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         write_atomic(tmp / "SHA256SUMS",
@@ -5770,10 +6111,37 @@ def compute_cost(wall_seconds: float, gpu_count: int, checkpoints_saved: int, to
 
 
 def sample_completions(ctx: RunContext, model, tokenizer) -> list[dict]:
-    """Greedy completions of the first evaluation.num_samples test prompts."""
+    """Greedy completions of the first evaluation.num_samples test prompts (their seconds: performance)."""
     ev = ctx.config.evaluation
+    t0 = time.perf_counter()
     records = _read_jsonl(data_path(ctx.config, "test_path"), ev.num_samples)
-    return generate_samples(model, tokenizer, records, ctx.validation.data["test"]["shape"], ev.max_new_tokens)
+    samples = generate_samples(model, tokenizer, records, ctx.validation.data["test"]["shape"], ev.max_new_tokens,
+                               ctx.config, desc="samples")
+    if ctx.performance is not None:
+        ctx.performance["samples_seconds"] = round(time.perf_counter() - t0, 3)
+    return samples
+
+
+PREDICTIONS_NAME = "test_predictions.jsonl"  # in the run dir: answer evaluation's record of every scored answer
+
+
+def answer_eval_on_test(ctx: RunContext, model, tokenizer) -> None:
+    """evaluation.answer_eval after training, on the weights the test loss was measured on: the first max_records
+    test records answered and scored (answer_evaluation), test_predictions.jsonl in the run dir, the summary as
+    test_results.answer_eval and its seconds as performance.answer_eval_seconds."""
+    ev = ctx.config.evaluation
+    t0 = time.perf_counter()
+    records = _read_jsonl(data_path(ctx.config, "test_path"), ev.answer_eval.max_records)
+    summary, rows = answer_evaluation(model, tokenizer, records, ctx.validation.data["test"]["shape"],
+                                      ev.max_new_tokens, ctx.config, desc="answer evaluation (test)")
+    if is_main_process():
+        write_predictions(ctx.run_dir / PREDICTIONS_NAME, rows)
+    ctx.test_results["answer_eval"] = {**summary, "predictions": PREDICTIONS_NAME}
+    ctx.performance["answer_eval_seconds"] = round(time.perf_counter() - t0, 3)
+    log.info("answer evaluation: %d test records, numeric_match %s on the %d with amounts, numeric_f1 %s, "
+             "exact_match %s (%s)", summary["records"], format_value("numeric_match", summary["numeric_match"]),
+             summary["numeric_records"], format_value("numeric_f1", summary["numeric_f1"]),
+             format_value("exact_match", summary["exact_match"]), PREDICTIONS_NAME)
 
 
 def analyse_run(ctx: RunContext, model, tokenizer, samples: Optional[list] = None) -> None:
@@ -5863,7 +6231,12 @@ def performance_block(ctx: RunContext, trainable: Optional[int] = None) -> dict:
             "samples_per_second": h.summary.get("train_samples_per_second"),
             "epoch_wall_seconds": h.epoch_seconds, "peak_memory": peak_memory(),
             "gpu_utilization_percent_mean": round(sum(h.gpu_utilization) / len(h.gpu_utilization), 1)
-            if h.gpu_utilization else None}
+            if h.gpu_utilization else None,
+            # answer_eval.on_validation: what scoring answers added to each evaluation (inside eval_seconds)
+            "val_answer_evals": len(h.val_answer_eval_seconds),
+            "val_answer_eval_seconds_per_eval": round(sum(h.val_answer_eval_seconds)
+                                                      / len(h.val_answer_eval_seconds), 3)
+            if h.val_answer_eval_seconds else None}
 
 
 def post_training_analysis(ctx: RunContext, trainer, tokenizer, datasets_: dict) -> None:
@@ -5872,38 +6245,67 @@ def post_training_analysis(ctx: RunContext, trainer, tokenizer, datasets_: dict)
     adapter, the baseline comparison, and the console's before/after line. The final manifest and the `best/`
     archive follow (finalize_manifest)."""
     config = ctx.config
+    t0 = time.perf_counter()
     test = trainer.evaluate(datasets_["test"], metric_key_prefix="test")
+    test_seconds = time.perf_counter() - t0
     ctx.test_results = {"evaluated": ctx.evaluated, **{k: _json_float(v) for k, v in test.items()
                                                       if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)}}
     ctx.performance = performance_block(ctx, parameter_counts(trainer.model)["trainable"])
+    ctx.performance["test_eval_seconds"] = round(test_seconds, 3)
     if config.model.lora.enabled:
         ctx.lora = {**dataclasses.asdict(config.model.lora), **parameter_counts(trainer.model),
                     "target_modules": sorted(trainer.model.peft_config["default"].target_modules),
                     "adapter_checkpoint": ctx.best_checkpoint, "merged_checkpoint": None}
     samples = None
-    if getattr(trainer, "is_fsdp_enabled", False) and world_size(config) > 1 and config.evaluation.num_samples:
-        # a sharded model runs a forward only with every rank taking part (generate keeps the ranks in step:
-        # synced_gpus); rank 0 alone would wait forever on the first all-gather
+    # a sharded model runs a forward only with every rank taking part (generate keeps the ranks in step:
+    # synced_gpus); rank 0 alone would wait forever on the first all-gather
+    every_rank = getattr(trainer, "is_fsdp_enabled", False) and world_size(config) > 1
+    if config.evaluation.answer_eval.max_records and (every_rank or is_main_process()):
+        answer_eval_on_test(ctx, trainer.model, tokenizer)
+    if every_rank and config.evaluation.num_samples:
         samples = sample_completions(ctx, trainer.model, tokenizer)
     if is_main_process():
         analyse_run(ctx, trainer.model, tokenizer, samples)
+        _log_test_metrics(ctx)
         if config.model.lora.enabled and config.model.lora.merge_at_end:
             source = ctx.best_checkpoint or (read_checkpoints(ctx.run_dir) or [{}])[-1].get("path")
             if source:
                 ctx.lora["merged_checkpoint"] = str(merge_adapter(config, Path(source), ctx.run_dir / "merged"))
         if config.evaluation.baseline:
-            ctx.baseline_comparison = compare_to_baseline(build_manifest(ctx, "completed"), config.evaluation.baseline)
+            ctx.baseline_comparison = compare_to_baseline(build_manifest(ctx, "completed"), config.evaluation.baseline,
+                                                          ctx.run_dir)
             log.info(format_comparison(ctx.baseline_comparison))
     _report_before_after(ctx)
+
+
+def _log_test_metrics(ctx: RunContext) -> None:
+    """The answer evaluation's metrics beside the test perplexity through log_metrics (console, train.log,
+    TensorBoard, W&B, MLflow as test/numeric_match, ...; the test evaluation logged its own line before), and
+    what answer evaluation cost against the test loss and the samples
+    (performance.answer_eval_over_test_eval_and_samples)."""
+    test, perf = ctx.test_results or {}, ctx.performance or {}
+    answers = test.get("answer_eval") or {}
+    metrics = {"test_perplexity": test["test_perplexity"]} if isinstance(test.get("test_perplexity"), float) else {}
+    metrics.update({f"test_{k}": answers[k] for k in ("numeric_match", "numeric_f1") if answers.get(k) is not None})
+    if answers.get("exact_match") is not None:
+        metrics["test_answer_exact_match"] = answers["exact_match"]
+    if metrics:
+        log_metrics(ctx.tracker, ctx.global_step, metrics)
+    base = (perf.get("test_eval_seconds") or 0) + (perf.get("samples_seconds") or 0)
+    if perf.get("answer_eval_seconds") is not None and base > 0:
+        perf["answer_eval_over_test_eval_and_samples"] = round(perf["answer_eval_seconds"] / base, 3)
 
 
 def _report_before_after(ctx: RunContext) -> None:
     if not ctx.history.evals:
         return
     first, last = ctx.history.evals[0], ctx.history.evals[-1]
-    log.info("validation perplexity: %.3f at step %d -> %.3f at step %d; test perplexity %.3f (%s)",
+    answers = (ctx.test_results or {}).get("answer_eval") or {}
+    log.info("validation perplexity: %.3f at step %d -> %.3f at step %d; test perplexity %.3f%s (%s)",
              first[2].get("val_perplexity", float("nan")), first[0], last[2].get("val_perplexity", float("nan")),
              last[0], (ctx.test_results or {}).get("test_perplexity", float("nan")),
+             f", numeric_match {format_value('numeric_match', answers.get('numeric_match'))} on "
+             f"{answers.get('numeric_records')} test answers with amounts" if answers else "",
              ctx.test_results.get("evaluated") if ctx.test_results else "-")
 
 
@@ -6025,6 +6427,36 @@ def _versions() -> dict:
     return out
 
 
+def _card_front_matter(text: str) -> dict:
+    """The YAML block between the leading `---` lines of a model card ({} when there is none)."""
+    import yaml
+    m = re.match(r"---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
+    try:
+        data = yaml.safe_load(m.group(1)) if m else None
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def base_model_license(config: TrainingConfig) -> Optional[str]:
+    """The base model's license as its model card (README.md front matter) or config.json states it, read from
+    the local dir or the Hub cache (never downloaded); None when neither says. best/README.md's `license`."""
+    ref = checkpoint_ref(config)
+    for name in ("README.md", "config.json"):
+        path = Path(ref) / name if Path(ref).is_dir() else _hub_cached_file(ref, name)
+        if not path or not Path(path).is_file():
+            continue
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        found = _card_front_matter(text).get("license") if name == "README.md" else \
+            read_json_lenient(Path(path)).get("license")
+        if isinstance(found, str) and found.strip():
+            return found.strip()
+    return None
+
+
 def reproducibility_block(config: TrainingConfig, validation: ValidationResult, argv: list[str]) -> dict:
     return {
         "seed": config.training.seed,
@@ -6043,6 +6475,7 @@ def reproducibility_block(config: TrainingConfig, validation: ValidationResult, 
         "command_line": [sys.executable] + argv,
         "working_directory": os.getcwd(),  # where the command's relative paths resolve (resume_command cds here)
         "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE"),
+        "base_model_license": base_model_license(config),
     }
 
 
@@ -6272,15 +6705,48 @@ def load_checkpoint(path: str):
             "suggestion": "a weights file in this directory is damaged; use another checkpoint"}) from exc
 
 
-def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_length: Optional[int] = None,
-                        batch_size: int = 8) -> dict:
-    """Test metrics of any checkpoint on any JSONL file, computed exactly as the post-training evaluation
-    computes them: test_loss (mean NLL per answer token), test_perplexity, test_token_accuracy, test_exact_match."""
+def _stored_config(stored: dict) -> Optional[TrainingConfig]:
+    """The TrainingConfig a checkpoint's checkpoint_meta.json recorded (None when it has none, or one this version of
+    the script cannot read): what --evaluate renders prompts and sizes generation with."""
+    problems: list = []
+    built = {name: _build_section(cls, stored.get(name) or {}, name, problems) for name, cls in SECTIONS.items()}
+    if problems or any(v is None for v in built.values()) or not stored:
+        return None
+    return TrainingConfig(**built)
+
+
+def evaluate_loss_metrics(model, tokenizer, records: list[dict], shape: str, max_seq_length: int,
+                      batch_size: int) -> tuple[dict, int]:
+    """(test_loss, test_perplexity, test_token_accuracy, test_exact_match; records with answer tokens) of `records`,
+    through the run's Trainer class, collator and compute_metrics (evaluate_checkpoint; bench/bench_answer_eval.py)."""
     import tempfile
 
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainingArguments
+    from transformers import TrainingArguments
+    rows = tokenize_records(records, tokenizer, shape, max_seq_length, False)
+    rows = [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows if r["answer_tokens"] > 0]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none",
+                                 use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+        trainer = _trainer_class()(model=model, args=args, eval_dataset=Dataset.from_list(rows),
+                                   processing_class=tokenizer, data_collator=PadToLongestCollator(tokenizer.pad_token_id),
+                                   compute_metrics=compute_metrics)
+        from transformers.trainer_callback import PrinterCallback
+        trainer.remove_callback(PrinterCallback)
+        metrics = trainer.evaluate(metric_key_prefix="test")
+    return ({k: _json_float(v) for k, v in metrics.items() if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)},
+            len(rows))
+
+
+def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_length: Optional[int] = None,
+                        batch_size: int = 8, predictions_out: Optional[str] = None) -> dict:
+    """Test metrics of any checkpoint on any JSONL file, computed exactly as the post-training evaluation
+    computes them: test_loss (mean NLL per answer token), test_perplexity, test_token_accuracy, test_exact_match,
+    and `answer_eval` (the first evaluation.answer_eval.max_records records answered and scored by score_answers,
+    with the checkpoint's own max_new_tokens and chat template arguments when it recorded a config; the defaults
+    otherwise). `predictions_out`: where to write the per-record file (test_predictions.jsonl's form)."""
+    from transformers import AutoTokenizer
     ckpt = Path(checkpoint_path).expanduser()
     model = load_checkpoint(str(ckpt))
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
@@ -6292,20 +6758,20 @@ def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_lengt
     info, problems = scan_jsonl(Path(test_data_path).expanduser().resolve(), "test", "auto", "as given")
     if problems:
         raise TrainerError.collected(problems)
-    rows = tokenize_records(_read_jsonl(Path(info["path"])), tokenizer, info["shape"], max_len, False)
-    rows = [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows if r["answer_tokens"] > 0]
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none",
-                                 use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
-        trainer = _trainer_class()(model=model, args=args, eval_dataset=Dataset.from_list(rows),
-                                   processing_class=tokenizer, data_collator=PadToLongestCollator(tokenizer.pad_token_id),
-                                   compute_metrics=compute_metrics)
-        from transformers.trainer_callback import PrinterCallback
-        trainer.remove_callback(PrinterCallback)
-        metrics = trainer.evaluate(metric_key_prefix="test")
-    out = {k: _json_float(v) for k, v in metrics.items() if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)}
-    return {**out, "samples": len(rows), "checkpoint": str(ckpt.resolve()), "data_path": info["path"],
-            "max_seq_length": max_len}
+    out, samples = evaluate_loss_metrics(model, tokenizer, _read_jsonl(Path(info["path"])), info["shape"], max_len,
+                                     batch_size)
+    config = _stored_config(stored)
+    ev = config.evaluation if config is not None else EvaluationConfig()
+    answers = None
+    if ev.answer_eval.max_records:
+        records = _read_jsonl(Path(info["path"]), ev.answer_eval.max_records)
+        summary, scored = answer_evaluation(model, tokenizer, records, info["shape"], ev.max_new_tokens, config)
+        if predictions_out:
+            write_predictions(Path(predictions_out).expanduser(), scored)
+        answers = {**summary, "predictions": str(Path(predictions_out).expanduser().resolve()) if predictions_out
+                   else None}
+    return {**out, "samples": samples, "checkpoint": str(ckpt.resolve()), "data_path": info["path"],
+            "max_seq_length": max_len, "answer_eval": answers}
 
 
 def monitor_training(run_id: str, output_dir: Optional[str] = None) -> dict:
@@ -6369,8 +6835,9 @@ def _tool_result(args: argparse.Namespace) -> tuple[Any, list]:
              (c["metrics"] or {}).get("val_perplexity"), "*" if c["is_best"] else "", "*" if c["is_latest"] else ""]
             for c in result]
     else:
-        result = evaluate_checkpoint(args.evaluate, args.test_data)
-        rows = [[k, v] for k, v in result.items()]
+        result = evaluate_checkpoint(args.evaluate, args.test_data, predictions_out=args.predictions_out)
+        rows = [[k, v] for k, v in result.items() if k != "answer_eval"]
+        rows += [[f"answer_eval.{k}", v] for k, v in (result["answer_eval"] or {}).items()]
     return result, rows
 
 
@@ -6518,7 +6985,19 @@ EPILOG = """exit codes: 0 success; 2 invalid config, data, checkpoint or paths, 
 another process (nothing trained); 3 training stopped by an anomaly guard; 4 out of memory;
 143 preempted (SIGTERM/SIGUSR1: checkpoint saved, resume with --resume-from latest); 130 Ctrl-C;
 1 anything else.
-Failures end with one JSON object on stderr: {"error": Kind, "details": {...}, "errors": [...]}."""
+Failures end with one JSON object on stderr: {"error": Kind, "details": {...}, "errors": [...]}.
+
+answer evaluation (evaluation.answer_eval; after training, --evaluate, and each evaluation under
+on_validation): the first max_records records are answered greedily and scored on these rules.
+  amounts: currency marks are removed (PHP, Php or \u20b1 and the spaces after it; a P directly before a
+    digit unless a letter or digit precedes the P); a number is \\d{1,3}(,\\d{3})+(\\.\\d+)? or \\d+(\\.\\d+)?
+    (the first form first), commas dropped; negative in parentheses (1,234.50) or after a - that does
+    not follow a letter or digit; each value rounded half up to 2 decimals (centavos). 12% counts as 12;
+    form numbers count (1601-C gives 1601, 2550Q gives 2550): naming the wrong form is a wrong answer.
+  numeric_match: the reference has a number and the sorted values of the answer equal the reference's
+    (every amount right, none missing, none extra); numeric_f1: F1 of the two bags of values; records
+    whose reference has no number are left out of both (records - numeric_records).
+  exact_match: equal after trimming and collapsing whitespace."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -6558,8 +7037,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                  "the index of runs started here, $XDG_CACHE_HOME/finance_smollm3/runs.json)")
     tools.add_argument("--status", metavar="RUN", help="status of a running or finished run, with ETA")
     tools.add_argument("--list-checkpoints", metavar="RUN", help="complete checkpoints with metrics and health")
-    tools.add_argument("--evaluate", metavar="CHECKPOINT", help="test metrics of a checkpoint (with --test-data)")
+    tools.add_argument("--evaluate", metavar="CHECKPOINT",
+                       help="test metrics of a checkpoint (with --test-data), answer evaluation included")
     tools.add_argument("--test-data", metavar="PATH", help="JSONL file for --evaluate")
+    tools.add_argument("--predictions-out", metavar="PATH",
+                       help="--evaluate: write each scored answer here (JSONL, the form of test_predictions.jsonl)")
     tools.add_argument("--json", action="store_true", help="print tool or --plan output as JSON instead of a table")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     args = p.parse_args(argv)
@@ -6567,6 +7049,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--config is required (or one of --status, --list-checkpoints, --evaluate)")
     if args.evaluate and not args.test_data:
         p.error("--evaluate needs --test-data PATH")
+    if args.predictions_out and not args.evaluate:
+        p.error("--predictions-out goes with --evaluate")
     return args
 
 

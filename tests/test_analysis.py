@@ -627,3 +627,106 @@ def test_evaluate_cli_json(yes_checkpoint):
             assert got[key] == pytest.approx(value, rel=1e-6), key
         else:
             assert got[key] == value, key
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. Answer evaluation of the test split (issue 26): manifest, predictions file, trackers, baseline, model card
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_numeric_match_beside_test_perplexity(runs):
+    """Console (one line with both), the final summary line, TensorBoard and MLflow (test/numeric_match)."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    m = manifest_of(runs.b_dir)
+    ae, tr = m["test_results"]["answer_eval"], m["test_results"]
+    line = next(x for x in runs.proc_b.stdout.splitlines() if "test_numeric_match" in x)
+    assert line.index("test_perplexity") < line.index("test_numeric_match")
+    assert f"test_numeric_match {ae['numeric_match']:.4f}" in line
+    summary = next(x for x in runs.proc_b.stdout.splitlines() if "validation perplexity:" in x)
+    assert f"test perplexity {tr['test_perplexity']:.3f}, numeric_match {ae['numeric_match']:.4f}" in summary
+    tb_dir = Path(runs.b_dir / m["metrics"]["tensorboard_logs"]).resolve()
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    assert "test/numeric_match" in acc.Tags()["scalars"] and "test/perplexity" in acc.Tags()["scalars"]
+    assert acc.Scalars("test/numeric_match")[-1].value == pytest.approx(ae["numeric_match"])
+    ml = m["metrics"]["mlflow"]
+    history = MlflowClient(tracking_uri=ml["tracking_uri"]).get_metric_history(ml["run_id"], "test/numeric_match")
+    assert [h.value for h in history] == [pytest.approx(ae["numeric_match"])]
+
+
+@pytest.mark.slow
+def test_baseline_comparison_includes_numeric_match_and_regressions(runs, tmp_path):
+    import shutil
+    ma, mb = manifest_of(runs.a_dir), manifest_of(runs.b_dir)
+    rows = {r["metric"]: r for r in mb["baseline_comparison"]["metrics"]}
+    assert rows["numeric_match"]["baseline"] == ma["test_results"]["answer_eval"]["numeric_match"]
+    assert rows["numeric_match"]["current"] == mb["test_results"]["answer_eval"]["numeric_match"]
+    reg = mb["baseline_comparison"]["answer_regressions"]
+    a_rows = {r["index"]: r for r in read_jsonl(runs.a_dir / "test_predictions.jsonl")}
+    b_rows = read_jsonl(runs.b_dir / "test_predictions.jsonl")
+    assert reg["compared"] == len(b_rows)
+
+    def right(r):
+        return r["numeric_match"] if r["numeric_match"] is not None else r["exact_match"]
+
+    assert [r["index"] for r in reg["records"]] == [r["index"] for r in b_rows
+                                                    if right(a_rows[r["index"]]) and not right(r)]
+    # a baseline that answered every record right (its predictions are the references): every record B gets wrong
+    # is a regression, listed with both answers
+    perfect = tmp_path / "perfect"
+    shutil.copytree(runs.a_dir, perfect)
+    fixed = [{**r, "prediction": r["reference"], "prediction_numbers": r["reference_numbers"], "exact_match": True,
+              "numeric_match": True if r["reference_numbers"] else None}
+             for r in read_jsonl(perfect / "test_predictions.jsonl")]
+    (perfect / "test_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fixed))
+    cmp = tf.compare_to_baseline(mb, str(perfect), runs.b_dir)
+    wrong = [r for r in b_rows if not right(r)]
+    assert wrong, "the tiny model should get some test answer wrong"
+    got = cmp["answer_regressions"]
+    assert got["compared"] == len(b_rows) and got["count"] == len(wrong)
+    first = got["records"][0]
+    assert first["index"] == wrong[0]["index"] and first["baseline_prediction"] == wrong[0]["reference"]
+    assert (first["prediction"], first["prediction_numbers"]) == (wrong[0]["prediction"],
+                                                                  wrong[0]["prediction_numbers"])
+    text = tf.format_comparison(cmp)
+    assert f"test answers right in the baseline and wrong now: {len(wrong)} of {len(b_rows)}" in text
+    assert f"  #{wrong[0]['index']}: reference" in text
+    # without this run's predictions (an old manifest) there is nothing to pair
+    assert tf.compare_to_baseline(mb, str(perfect))["answer_regressions"] is None
+
+
+@pytest.mark.slow
+def test_model_card_parses_and_matches_the_manifest(runs):
+    from huggingface_hub import ModelCard
+    m = manifest_of(runs.b_dir)
+    card_path = runs.b_dir / "best" / "README.md"
+    card = ModelCard.load(card_path)
+    data = card.data
+    assert data.base_model == m["base_model"] and data.library_name == "transformers"
+    assert data.license == "other"  # the tiny base model states no license
+    assert data.tags == list(dict.fromkeys([*m["tags"], "finance"]))
+    assert data.datasets == [m["dataset"]["name"]]
+    assert card.data.to_dict()["dataset_version"] == m["dataset"]["version"]
+    results = {r.metric_name: r for r in data.eval_results}
+    tr, ae = m["test_results"], m["test_results"]["answer_eval"]
+    want = {"test_perplexity": tr["test_perplexity"], "test_loss": tr["test_loss"],
+            "numeric_match": ae["numeric_match"], "numeric_f1": ae["numeric_f1"], "exact_match": ae["exact_match"]}
+    assert {k: r.metric_value for k, r in results.items()} == want  # exactly, not approximately
+    for r in data.eval_results:
+        assert (r.task_type, r.dataset_name, r.dataset_split, r.dataset_revision) == (
+            "text-generation", m["dataset"]["name"], "test", m["dataset"]["version"])
+    text = card_path.read_text(encoding="utf-8")
+    best_manifest = runs.b_dir / "best" / "run_manifest.json"
+    sha = hashlib.sha256(best_manifest.read_bytes()).hexdigest()
+    assert sha in text and m["run_id"] in text
+    for split, info in m["reproducibility"]["data_files"].items():
+        assert info["sha256"] in text and f"| {split} |" in text
+    for phrase in ("Not tax advice", "Amounts must be checked", "Evaluation coverage", "from_pretrained(\"best\")",
+                   "## Framework versions", f"transformers: {m['reproducibility']['versions']['transformers']}"):
+        assert phrase in text, phrase
+    # written from the manifest alone: the same manifest gives the same card
+    assert tf.model_card(json.loads(best_manifest.read_text()), sha) == text
+    sums = dict(line.split(maxsplit=1)[::-1]
+                for line in (runs.b_dir / "best" / "SHA256SUMS").read_text().splitlines())
+    assert sums["README.md"] == hashlib.sha256(text.encode()).hexdigest()
