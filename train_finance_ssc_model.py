@@ -889,6 +889,7 @@ def _yaml_loader():
         def compose_document(self):
             node = super().compose_document()
             _check_yaml_expansion(node)
+            _check_yaml_duplicates(node)
             return node
 
     Loader.add_implicit_resolver(
@@ -941,10 +942,60 @@ def _check_yaml_expansion(root: Any) -> None:
         size(root)
 
 
+class YamlDuplicateKeys(ValueError):
+    """Keys repeated within one YAML mapping: `duplicates` is [(dotted key, [line, line, ...]), ...]."""
+
+    def __init__(self, duplicates: list):
+        self.duplicates = duplicates
+        super().__init__(duplicates)
+
+
+def _check_yaml_duplicates(root: Any) -> None:
+    """Every key written twice in one mapping, at any depth, with the lines of each copy. PyYAML keeps the last
+    copy and drops the first without a word: a second `training:` pasted at the end of a config silently replaces
+    the whole first section (learning rate, batch size, epochs back to the defaults). A `<<: *anchor` merge is not
+    a duplicate: overriding merged keys is what it is for. Run after _check_yaml_expansion (bounded), and each
+    node is walked once, so an alias is checked where it is defined."""
+    import yaml
+    seen: set[int] = set()
+    found: list = []
+
+    def walk(node, path: str) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, child in enumerate(node.value):
+                walk(child, f"{path}[{i}]")
+        if not isinstance(node, yaml.MappingNode):
+            return
+        lines: dict[str, list[int]] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None:
+                lines.setdefault(key, []).append(key_node.start_mark.line + 1)
+                walk(value_node, f"{path}.{key}" if path else key)
+        found.extend((f"{path}.{k}" if path else k, at) for k, at in lines.items() if len(at) > 1)
+
+    if root is not None:
+        walk(root, "")
+    if found:
+        raise YamlDuplicateKeys(sorted(found, key=lambda d: d[1][1]))
+
+
 def _parse_yaml(text: str, source: str) -> Any:
     import yaml
     try:
         return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except YamlDuplicateKeys as exc:
+        raise TrainerError.collected([problem(
+            "InvalidConfig", field=key, value=key.rsplit(".", 1)[-1], line=lines[1], lines=lines, path=source,
+            expected="each key once in its mapping",
+            suggestion=f"`{key.rsplit('.', 1)[-1]}` is written {len(lines)} times (lines "
+                       f"{', '.join(map(str, lines))} of {source}): YAML would keep only the last and silently "
+                       "drop the others; merge them into one") for key, lines in exc.duplicates]) from None
     except YamlExpansionError as exc:
         raise TrainerError("InvalidConfig", {
             "field": None, "value": None, "path": source, "problem": str(exc),
@@ -1060,6 +1111,54 @@ def _type_fix(name: str, value: Any, tp: Any, f: dataclasses.Field) -> str:
     return f"set `{name}` to {_TYPE_NAMES.get(tp, tp.__name__)}" + (f", e.g. {default!r}" if default is not None else "")
 
 
+# Config values that name a file, a directory or a URI: `$NAME` and `${NAME}` in them are environment variables,
+# expanded when the config is loaded (`output_dir: ${SCRATCH}/runs`); `$$` is a literal `$`. A variable that is not
+# set (or set empty) is InvalidConfig naming it: taken literally it would create a directory called `${SCRATCH}`.
+# Paths given on the command line (--output-dir, --baseline) are the shell's to expand and are taken as given.
+PATH_KEYS = ("model.base_checkpoint", "data.train_path", "data.valid_path", "data.test_path", "logging.output_dir",
+             "logging.logging_dir", "logging.tensorboard.log_dir", "logging.mlflow.tracking_uri",
+             "compute.deepspeed", "evaluation.baseline")
+ENV_REFERENCE_RE = re.compile(r"\$(?:\{(?P<braced>[^}]*)\}|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<dollar>\$))")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def expand_path_variables(config: TrainingConfig, literal: typing.Collection[str] = ()) -> list[dict]:
+    """Expand the environment variables in the PATH_KEYS values of `config` in place; the problems (a variable
+    not set, `${...}` holding no variable name) are returned, one per key."""
+    problems = []
+    for dotted in PATH_KEYS:
+        section, _, name = dotted.rpartition(".")
+        owner = _dotted_get(config, section)
+        value = getattr(owner, name)
+        if dotted in literal or not isinstance(value, str) or "$" not in value:
+            continue
+        missing: list[str] = []
+
+        def expand(m: re.Match) -> str:
+            if m["dollar"]:
+                return "$"
+            var = m["name"] or m["braced"]
+            if not ENV_NAME_RE.match(var) or not os.environ.get(var):
+                missing.append(var)
+                return m[0]
+            return os.environ[var]
+
+        expanded = ENV_REFERENCE_RE.sub(expand, value)
+        if not missing:
+            setattr(owner, name, expanded)
+            continue
+        var = missing[0]
+        named = ENV_NAME_RE.match(var)
+        problems.append(config_problem(
+            dotted, value, "a path whose environment variables ($NAME, ${NAME}) are set" if named
+            else "${NAME} with NAME a variable name (letters, digits, _)",
+            (f"the environment variable {var} is not set{' (it is empty)' if var in os.environ else ''}: export "
+             f"{var}=... before running, or write the path out in full" if named
+             else f"`${{{var}}}` names no variable (${{X:-default}} and the like are not supported): write the "
+                  "path out, or use $NAME") + "; write $$ for a literal $"))
+    return problems
+
+
 def _resolve_input_path(value: str, config_dir: Path) -> tuple[Path, str]:
     """Resolve a data path: the config's folder first, then the working directory."""
     p = Path(value).expanduser()
@@ -1128,6 +1227,9 @@ def load_training_config(path: str, overrides: list[str] | None = None,
 
     config = TrainingConfig(**built, config_path=str(config_path.resolve()), config_text=text,
                             overrides=list(overrides or []))
+    problems = expand_path_variables(config, literal=set(literal or {}))
+    if problems:
+        raise TrainerError.collected(problems)
     config_dir = config_path.resolve().parent
     for key in ("train_path", "valid_path", "test_path"):
         resolved, how = _resolve_input_path(getattr(config.data, key), config_dir)
