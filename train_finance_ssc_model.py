@@ -846,6 +846,28 @@ def diverged_error(ctx: RunContext, stop_val_loss: Optional[float] = None) -> Tr
         "suggestion": f"Reduce learning rate to {new_lr:.1e} and try again{how}"})
 
 
+# Out of memory, however the allocator says it: Python's MemoryError, torch's CPU allocator (`DefaultCPUAllocator:
+# can't allocate memory`), the CUDA caching allocator (torch.OutOfMemoryError), an OSError with ENOMEM or pyarrow's
+# `Memory mapping file failed: Cannot allocate memory` (datasets memory-maps its cache).
+OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of memory", "failed to allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure anywhere in the exception's chain (see OOM_MARKERS). A message is trusted only on
+    the types allocators raise (RuntimeError, OSError), so a ValueError that merely mentions memory is not one."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+            return True
+        if isinstance(exc, OSError) and exc.errno == 12:  # ENOMEM
+            return True
+        if isinstance(exc, (RuntimeError, OSError)) and any(m in str(exc).lower() for m in OOM_MARKERS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _oom_types() -> tuple:
     import torch
     return (torch.OutOfMemoryError,)
@@ -3792,11 +3814,16 @@ def _parse_val_losses_hook(text: str, rank: int) -> dict:
     return {"val_losses": losses}
 
 
+SIGNAL_PLACES = ("analysis", "record")  # besides a step: as the analysis after training starts; amid the final record
+
+
 def _parse_signal_hook(text: str, rank: int) -> dict:
     step, name, *rest = text.split(":")
     if len(rest) > 1 or name not in signal.Signals.__members__:
         raise ValueError(text)
-    at = (_hook_int(step, 1), signal.Signals[name])
+    at = (step if step in SIGNAL_PLACES else _hook_int(step, 1), signal.Signals[name])
+    if rest and rest[0] == "launcher":  # rank 0 signals the CLI that launched the ranks, and waits for the relay
+        return {"signal_at_step": at if rank == 0 else None, "signal_launcher": True}
     return {"signal_at_step": at if _on_this_rank(rest[0] if rest else None, rank) else None}
 
 
@@ -3808,6 +3835,29 @@ def _parse_enospc_hook(text: str, rank: int) -> dict:
     return {"enospc_paths": names, "enospc_sticky": bool(colon)}
 
 
+# What each kind of FINANCE_TRAINER_INJECT_OOM raises: the exception type and message the real allocator gives.
+OOM_INJECTIONS = {
+    "memory": lambda: MemoryError(),
+    "cpu": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate "
+                                "memory: you tried to allocate 268435456 bytes. Error code 12 (Cannot allocate "
+                                "memory)"),
+    "mmap": lambda: OSError("Memory mapping file failed: Cannot allocate memory"),  # pyarrow: no errno set
+    "cuda": lambda: __import__("torch").OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+        "1.06 GiB is free."),
+}
+OOM_PLACES = ("data", "plot")  # besides a training step: loading the data splits, drawing the loss plot
+
+
+def _parse_oom_hook(text: str, rank: int) -> dict:
+    where, kind = text.split(":")  # exactly two parts, else ValueError
+    if kind not in OOM_INJECTIONS:
+        raise ValueError(text)
+    if where not in OOM_PLACES:
+        _hook_int(where, 1)
+    return {"oom_at": (where, kind)}
+
+
 FAULT_HOOKS = {  # variable -> (parser, what it takes, an example)
     "FINANCE_TRAINER_INJECT_NAN_AT_STEP": (
         _parse_nan_hook, "STEP, STEP:RANK, dry:STEP or dry:STEP:RANK: an optimizer step >= 1 (of the dry run with "
@@ -3817,10 +3867,15 @@ FAULT_HOOKS = {  # variable -> (parser, what it takes, an example)
     "FINANCE_TRAINER_INJECT_VAL_LOSSES": (
         _parse_val_losses_hook, "numbers separated by commas, one per evaluation", "6.0,3.0,2.0"),
     "FINANCE_TRAINER_INJECT_SIGNAL": (
-        _parse_signal_hook, "STEP:SIGNAL or STEP:SIGNAL:RANK: an optimizer step >= 1 and a signal name (SIGKILL, "
-                            "SIGTERM, ...), on rank RANK only when given", "8:SIGTERM"),
+        _parse_signal_hook, "STEP:SIGNAL, STEP:SIGNAL:RANK or STEP:SIGNAL:launcher: an optimizer step >= 1 (or "
+                            "`analysis`: as the analysis after training starts, `record`: while the final record is "
+                            "written) and a signal name (SIGKILL, SIGTERM, ...), sent on rank RANK only when given; "
+                            "`launcher`: rank 0 sends it to the CLI that launched the ranks", "8:SIGTERM"),
     "FINANCE_TRAINER_INJECT_ENOSPC": (
         _parse_enospc_hook, "SUBSTR[,SUBSTR...] or SUBSTR[,SUBSTR...]:sticky", "checkpoint-6"),
+    "FINANCE_TRAINER_INJECT_OOM": (
+        _parse_oom_hook, f"WHERE:KIND: WHERE an optimizer step >= 1 or one of {list(OOM_PLACES)}, KIND one of "
+                         f"{list(OOM_INJECTIONS)}", "3:cpu"),
 }
 
 
@@ -3832,16 +3887,19 @@ class InjectedFaults:
     nan_in_dry_run: bool = False  # `dry:STEP`: the step of the dry run, not of the training run
     grad_scale: Optional[tuple[int, float]] = None  # (step, factor): the guards see that step's norm times factor
     val_losses: list[float] = field(default_factory=list)  # what successive evaluations report, consumed in turn
-    signal_at_step: Optional[tuple[int, signal.Signals]] = None  # (step, signal) this process sends itself
+    signal_at_step: Optional[tuple[Any, signal.Signals]] = None  # (step or SIGNAL_PLACES name, signal) sent to itself
+    signal_launcher: bool = False  # ... sent to the launching CLI instead (FINANCE_TRAINER_LAUNCHER_PID)
     # FINANCE_TRAINER_INJECT_ENOSPC: injected_enospc parses it at each write (tests set it with monkeypatch)
     enospc_paths: list[str] = field(default_factory=list)
     enospc_sticky: bool = False
+    oom_at: Optional[tuple[str, str]] = None  # (a step number or an OOM_PLACES name, an OOM_INJECTIONS kind)
 
     @property
     def on_trainer(self) -> bool:
         """Whether a hook acts on the Trainer (FaultInjection); the disk-full hook acts on the writers."""
         return self.nan_at_step is not None or self.grad_scale is not None or bool(self.val_losses) \
-            or self.signal_at_step is not None
+            or (self.signal_at_step is not None and isinstance(self.signal_at_step[0], int)) \
+            or (self.oom_at is not None and self.oom_at[0].isdigit())
 
     @classmethod
     def from_env(cls, env: typing.Mapping[str, str], rank: int) -> "InjectedFaults":
@@ -3888,12 +3946,17 @@ class FaultInjection:
         super().__init__(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.dry_run:
+            injected_oom(str(self.state.global_step + 1))
         loss = super().training_step(model, inputs, num_items_in_batch)
         faults, step = injected_faults(), self.state.global_step + 1
         if faults.signal_at_step is not None and step == faults.signal_at_step[0] and not self.dry_run \
                 and not getattr(self, "_signal_sent", False):
             self._signal_sent = True  # once, even with gradient accumulation
-            os.kill(os.getpid(), faults.signal_at_step[1])
+            if faults.signal_launcher:
+                _signal_launcher(faults.signal_at_step[1])
+            else:
+                os.kill(os.getpid(), faults.signal_at_step[1])
         if faults.nan_at_step == step and self.dry_run == faults.nan_in_dry_run:
             loss = _inject_nan(model, loss)
         return loss
@@ -3923,6 +3986,29 @@ def injected_grad_scale(trainer, step: int, factor: float):
                 t.probe.grad_norm *= factor
 
     return InjectedGradScale()
+
+
+def _signal_launcher(sig: signal.Signals) -> None:
+    """The `:launcher` form of FINANCE_TRAINER_INJECT_SIGNAL: signal the CLI that launched the ranks, and wait (up to
+    a minute) until its relay reaches this process, so the step the run stops at is this one, not a later one."""
+    os.kill(int(os.environ["FINANCE_TRAINER_LAUNCHER_PID"]), sig)
+    waited_until = time.monotonic() + 60
+    while not _preempt and time.monotonic() < waited_until:
+        time.sleep(0.01)
+
+
+def injected_signal(place: str) -> None:
+    """FINANCE_TRAINER_INJECT_SIGNAL=PLACE:SIGNAL (a SIGNAL_PLACES name): this process sends itself the signal."""
+    at = injected_faults().signal_at_step
+    if at is not None and at[0] == place:
+        os.kill(os.getpid(), at[1])
+
+
+def injected_oom(where: str) -> None:
+    """FINANCE_TRAINER_INJECT_OOM=WHERE:KIND: raise, at `where`, the allocation failure of that kind."""
+    at = injected_faults().oom_at
+    if at is not None and at[0] == where:
+        raise OOM_INJECTIONS[at[1]]()
 
 
 def _inject_nan(model, loss):
@@ -4247,15 +4333,22 @@ def apply_retention(run_dir: Path, limit: int, best: Optional[str]) -> list[str]
     return deleted
 
 
-def clean_partial_saves(run_dir: Path) -> list[str]:
-    """Remove leftovers of interrupted saves/deletes (`.tmp-*` dirs) from an earlier process."""
+def clean_partial_saves(run_dir: Path, *more_dirs: Optional[Path]) -> list[str]:
+    """Remove what an earlier process of the run left half-written when it was killed: `.tmp-*` directories
+    (checkpoint saves, `best/` builds, retention deletes) and `.tmp-*` files (a JSON record, a CSV curve or the
+    plot caught mid-write), in the run dir and `more_dirs` (its log dir). Called with the run's lock held, so no
+    live writer owns any of them."""
     removed = []
-    for d in Path(run_dir).glob(f"{TMP_PREFIX}*"):
-        if d.is_dir():
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d.name)
+    for folder in (run_dir, *more_dirs):
+        for p in Path(folder).glob(f"{TMP_PREFIX}*") if folder is not None else []:
+            try:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove %s: %s", p, exc)
+                continue
+            removed.append(p.name)
     if removed:
-        log.warning("removed incomplete checkpoint saves left by an interrupted run: %s", ", ".join(removed))
+        log.warning("removed what an interrupted process left half-written: %s", ", ".join(removed))
     return removed
 
 
@@ -4775,29 +4868,46 @@ def _masked_sample(tokenizer, example: dict) -> dict:
 # 15. Train (spec Phase 3): train_model reads as the phases
 # --------------------------------------------------------------------------------------------------
 
-PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")  # Docker/Kubernetes/spot reclaim; SLURM's --signal
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGHUP")  # Docker/Kubernetes/spot reclaim; SLURM's --signal; a closed
+# terminal or SSH session. SIGHUP is a preemption too: the work since the last checkpoint is saved, not lost (a
+# process started under nohup ignores SIGHUP, and keeps ignoring it)
 _preempt: dict = {}  # {"signal": name, "at": time} once one arrived
+_after_training = False  # set once the last optimizer step is done: a signal then skips the remaining analysis
+
+
+class StopNow(BaseException):
+    """A second preemption signal: stop at once, without a checkpoint (RunRecorder still records the run). A
+    BaseException, as KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signal_name: str):
+        self.signal_name = signal_name
+        super().__init__(signal_name)
 
 
 def _on_preempt_signal(signum, frame) -> None:
     name = signal.Signals(signum).name
     if _preempt:  # a second signal: stop now, no save
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
+        raise StopNow(name)
     _preempt.update(signal=name, at=time.time())
-    log.warning("%s received: finishing this optimizer step, then saving a checkpoint and stopping "
-                "(send it again to stop at once)", name)
+    if _after_training:
+        log.warning("%s received after training: skipping the rest of the analysis, then writing the run's final "
+                    "record (send it again to stop at once)", name)
+    else:
+        log.warning("%s received: finishing this optimizer step, then saving a checkpoint and stopping "
+                    "(send it again to stop at once)", name)
 
 
 def install_preemption_handlers() -> dict:
-    """SIGTERM/SIGUSR1 set a flag that PreemptionCallback reads at the next step boundary. Returns the
-    previous handlers, for restore_signal_handlers."""
+    """SIGTERM/SIGUSR1/SIGHUP set a flag that PreemptionCallback reads at the next step boundary (and
+    post_training_analysis between its steps). A signal that is ignored (SIGHUP under nohup) stays ignored.
+    Returns the previous handlers, for restore_signal_handlers."""
+    global _after_training
     _preempt.clear()
+    _after_training = False
     previous = {}
     for name in PREEMPT_SIGNALS:
         sig = getattr(signal, name, None)
-        if sig is not None:
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
             previous[sig] = signal.signal(sig, _on_preempt_signal)
     return previous
 
@@ -4805,6 +4915,31 @@ def install_preemption_handlers() -> dict:
 def restore_signal_handlers(previous: dict) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """While the run's final record is written (the manifest, `best/`, error.json, the trackers closed): every
+    preemption signal and Ctrl-C is noted and acted on only once the record is complete, so a signal never leaves
+    a half-built `best/` or a manifest that says `running` behind a process that is gone. Each step is bounded
+    (the archive is hard links; nothing is trained or generated here); SIGKILL still stops it."""
+    arrived: list[str] = []
+
+    def note(signum, frame) -> None:
+        arrived.append(signal.Signals(signum).name)
+
+    previous = {}
+    for name in (*PREEMPT_SIGNALS, "SIGINT"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, note)
+    try:
+        yield arrived
+    finally:
+        restore_signal_handlers(previous)
+        if arrived:
+            log.warning("%s arrived while the run's final record was being written: it was completed first",
+                        ", ".join(dict.fromkeys(arrived)))
 
 
 @dataclass
@@ -4844,6 +4979,7 @@ class RunContext:
     dry_run: Optional[dict] = None  # the dry run before training: passed (with its report) or skipped, and why
     evaluated: Optional[str] = None  # what the test evaluation measured: the best checkpoint's name, or final weights
     log_handler: Optional[logging.Handler] = None  # train.log's, removed when the run's record is written
+    analysis_skipped: Optional[dict] = None  # a signal after training: what of the analysis was skipped
 
 
 @dataclass
@@ -4944,7 +5080,7 @@ def open_run(config: TrainingConfig, validation: ValidationResult, claim: RunCla
     main_proc, resume, previous = is_main_process(), claim.resume, claim.previous
     if main_proc:
         claim.run_dir.mkdir(parents=True, exist_ok=True)
-        clean_partial_saves(claim.run_dir)
+        clean_partial_saves(claim.run_dir, run_paths(config, claim.run_id)["log_dir"])
         register_run(claim.run_id, claim.run_dir)
     tracker = init_tracking(config, claim.run_id, resume=bool(resume), is_main=main_proc,
                             resume_step=resume["step"] if resume else None)
@@ -4966,6 +5102,7 @@ def open_run(config: TrainingConfig, validation: ValidationResult, claim: RunCla
     return ctx
 
 
+RECORD_RESERVE_BYTES = 64 * 2**20  # set aside while a run trains, handed back to record an out-of-memory failure
 # How a run ends, by the error that ended it (no error: completed; anything else: failed).
 END_STATUS = {"TrainingDiverged": "diverged", "Preempted": "interrupted", "Interrupted": "interrupted"}
 
@@ -4982,9 +5119,21 @@ class RunRecorder:
         self.ctx, self.resume, self.result = ctx, resume, None
         self.manifest_path = ctx.run_dir / MANIFEST_NAME
         self.previous_handlers: dict = {}
+        self.reserve = None  # memory set aside for recording an out-of-memory failure (_free_for_recording)
 
     def __enter__(self) -> "RunRecorder":
         ctx = self.ctx
+        # first: from the manifest that says `running` on, a signal ends in a record that says how the run ended
+        self.previous_handlers = install_preemption_handlers()
+        import mmap
+        import resource  # noqa: F401 - peak_memory's, imported while memory is plentiful
+        import traceback  # noqa: F401 - _free_for_recording's
+        # address space, not resident memory (an untouched anonymous map): what `ulimit -v` and strict overcommit
+        # count, and what a MemoryError has run out of
+        try:
+            self.reserve = mmap.mmap(-1, RECORD_RESERVE_BYTES)
+        except (OSError, MemoryError):  # already at the limit: the run fails soon, recorded as well as it can be
+            self.reserve = None
         try:
             for w in ctx.validation.warnings:
                 log.warning(w)
@@ -4996,11 +5145,28 @@ class RunRecorder:
         except BaseException as exc:
             if not self.__exit__(type(exc), exc, exc.__traceback__):
                 raise
-        self.previous_handlers = install_preemption_handlers()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        restore_signal_handlers(self.previous_handlers)
+        self._free_for_recording(exc)
+        try:
+            with signals_deferred():
+                return self._end(exc)
+        finally:
+            restore_signal_handlers(self.previous_handlers)
+
+    def _free_for_recording(self, exc: Optional[BaseException]) -> None:
+        """Make room to write the record: the reserve is handed back, and after an allocation failure the frames
+        the exception unwound are cleared (their locals, the Trainer and its optimizer states among them, go)."""
+        if self.reserve is not None:
+            self.reserve.close()
+            self.reserve = None
+        if exc is not None and is_out_of_memory(exc):
+            import traceback
+            traceback.clear_frames(exc.__traceback__)
+            gc.collect()
+
+    def _end(self, exc: Optional[BaseException]) -> bool:
         ctx = self.ctx
         ctx.end_time = time.time()
         status, error, instead = run_ending(exc, ctx)
@@ -5036,6 +5202,8 @@ class RunRecorder:
                 if ctx.error is not None:
                     record(ctx.run_dir / "error.json",
                            lambda: write_json_atomic(ctx.run_dir / "error.json", ctx.error))
+                else:  # an earlier process's failure (a preemption before this resume) is not this run's end
+                    record(ctx.run_dir / "error.json", lambda: (ctx.run_dir / "error.json").unlink(missing_ok=True))
             record("trackers", lambda: ctx.tracker.close(status, self.manifest_path if is_main_process() else None))
         finally:
             if not_recorded and isinstance(pending, TrainerError):
@@ -5054,14 +5222,56 @@ def run_ending(exc: Optional[BaseException], ctx: RunContext) -> tuple[str, Opti
     if exc is None:
         return "completed", None, None
     if isinstance(exc, TrainerError):
+        if exc.kind == "OutOfMemory" and "measured_peak_memory_gb" not in exc.details:
+            add_measured_memory(exc.details, ctx)
+            if exc.details.get("estimated_memory_gb") is None:
+                exc.details["estimated_memory_gb"] = (ctx.validation.memory or {}).get("total_gb")
         return END_STATUS.get(exc.kind, "failed"), exc, None
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", TrainerError("Interrupted", {
             "suggestion": f"continue with --resume-from latest --run-id {ctx.run_id}"}), None
+    if isinstance(exc, StopNow):  # a second signal: stopped where it was, without a checkpoint
+        stopped = TrainerError("Preempted", {
+            "signal": exc.signal_name, "step": ctx.global_step, "epoch": ctx.epoch, "checkpoint": None,
+            "resume_command": resume_command(ctx),
+            "suggestion": "stopped at once by a second signal, without saving the step under way: the "
+                          "resume_command continues from the last checkpoint"})
+        return "interrupted", stopped, stopped
     if isinstance(exc, Exception) and is_disk_full(exc):
         full = disk_full_error(exc, ctx.run_dir, run_id=ctx.run_id)
         return "failed", full, full
+    if is_out_of_memory(exc):
+        oom = out_of_memory_failure(ctx, exc)
+        return "failed", oom, oom
     return "failed", unexpected_error(exc) if isinstance(exc, Exception) else None, None
+
+
+def out_of_memory_failure(ctx: RunContext, exc: BaseException) -> TrainerError:
+    """OutOfMemory (exit 4) for an allocation that failed during the run: the allocator's message, the memory the
+    process measured (its peak, and the GPUs' peak allocated) next to what preflight estimated, and the fix."""
+    config, est = ctx.config, ctx.validation.memory or {}
+    message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    err = out_of_memory_error(config, message, est.get("total_gb"), est.get("available_gb"))
+    if isinstance(exc, OSError):
+        err.details["suggestion"] = (
+            "memory-mapping the datasets cache failed: the process's address space is limited (ulimit -v) or the "
+            "host is out of memory; raise the limit (`ulimit -v unlimited`), free memory, or train on a machine "
+            "with more RAM. " + err.details["suggestion"])
+    add_measured_memory(err.details, ctx)
+    return err
+
+
+def add_measured_memory(details: dict, ctx: RunContext) -> None:
+    """The memory measured at an OutOfMemory, beside the estimate already in `details`: this process's peak
+    resident memory and, on CUDA, each GPU's peak allocated bytes, in GB as the estimate is."""
+    try:
+        measured = peak_memory()
+    except Exception:  # noqa: BLE001 - a measurement that fails must not replace the error
+        return
+    gpus = measured.get("gpu_peak_allocated_bytes")
+    details["measured_peak_memory_gb"] = round((max(gpus) if gpus else measured["host_peak_rss_bytes"]) / 2**30, 3)
+    details["measured_on"] = "GPU (peak allocated, largest)" if gpus else "host RAM (peak resident set of this process)"
+    details.setdefault("estimated_memory_gb", (ctx.validation.memory or {}).get("total_gb"))
 
 
 def _prepare(ctx: RunContext, limit: Optional[int] = None):
@@ -5071,13 +5281,30 @@ def _prepare(ctx: RunContext, limit: Optional[int] = None):
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     seed_everything(config.training.seed)
+    if is_main_process():
+        import_plotting(ctx)
     tokenizer = load_tokenizer(config)
     shapes = {s: i["shape"] for s, i in ctx.validation.data.items()}
+    injected_oom("data")
     datasets_, ctx.data_stats = load_splits(config, tokenizer, shapes, limit)
     attn = attention_implementation(config)
     model = load_base_model(config, attn)
     startup_done()
     return tokenizer, datasets_, model
+
+
+def import_plotting(ctx: RunContext) -> None:
+    """matplotlib, imported now, before training: imported only for the loss plot after hours of training, under
+    memory pressure the import itself failed and took the finished run down with it. Here a failure costs nothing
+    but the plot (skipped, with a warning in the console and the manifest)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - MemoryError too: the plot is optional, the run is not
+        ctx.validation.warnings.append(f"matplotlib could not be imported ({type(exc).__name__}: {exc}): "
+                                       "loss_curves.png will be skipped; everything else is kept")
+        log.warning(ctx.validation.warnings[-1])
 
 
 def startup_done() -> None:
@@ -5125,12 +5352,12 @@ def fit(ctx: RunContext, tokenizer, datasets_: dict, model, resume_path: Optiona
     log.info("training %s: %d train%s / %d valid samples, %d optimizer steps planned", ctx.run_id, train["samples"],
              f" (packed into {train['packed_rows']} rows)" if "packed_rows" in train else "",
              ctx.data_stats["valid"]["samples"], total_optimizer_steps(config, train_rows(train)))
+    global _after_training
     try:
-        trainer.train(resume_from_checkpoint=resume_path)
-    except _oom_types() as exc:
-        raise out_of_memory_error(config, str(exc)) from exc
+        trainer.train(resume_from_checkpoint=resume_path)  # an allocation failure: run_ending says OutOfMemory
     finally:
         sync_ctx()
+    _after_training = True
     if world_size(config) > 1:
         ctx.distributed = {**(ctx.distributed or {}), **rank_weight_agreement(trainer)}
     if ctx.history.stop is not None:
@@ -5537,7 +5764,15 @@ def analyse_run(ctx: RunContext, model, tokenizer, samples: Optional[list] = Non
     best_step = next((c["step"] for c in read_checkpoints(ctx.run_dir) if c["path"] == ctx.best_checkpoint), None)
     title = f"{ctx.run_id}: best " + (f"{Path(ctx.best_checkpoint).name} (step {best_step})" if ctx.best_checkpoint
                                       else "checkpoint: none")
-    ctx.loss_plot = str(plot_loss_curves(ctx.tracker.train_curve, ctx.tracker.val_curve, best_step, png, title))
+    try:
+        injected_oom("plot")
+        ctx.loss_plot = str(plot_loss_curves(ctx.tracker.train_curve, ctx.tracker.val_curve, best_step, png, title))
+    except Exception as exc:  # a full disk is the run's failure; anything else costs the plot only
+        if is_disk_full(exc):
+            raise
+        ctx.validation.warnings.append(f"loss_curves.png skipped ({type(exc).__name__}: {str(exc)[:300]}); the run's "
+                                       "results are kept")
+        log.warning(ctx.validation.warnings[-1])
 
 
 def merge_adapter(config: TrainingConfig, adapter_dir: Path, out: Path) -> Path:
@@ -5615,6 +5850,11 @@ def post_training_analysis(ctx: RunContext, trainer, tokenizer, datasets_: dict)
     adapter, the baseline comparison, and the console's before/after line. The final manifest and the `best/`
     archive follow (finalize_manifest)."""
     config = ctx.config
+    injected_signal("analysis")
+    if _any_rank(bool(_preempt), trainer.model):  # collective: every rank skips the (collective) evaluation alike
+        ctx.performance = performance_block(ctx, parameter_counts(trainer.model)["trainable"])
+        skip_analysis(ctx, ["test evaluation", "samples", "loss plot", "merged adapter", "baseline comparison"])
+        return
     test = trainer.evaluate(datasets_["test"], metric_key_prefix="test")
     ctx.test_results = {"evaluated": ctx.evaluated, **{k: _json_float(v) for k, v in test.items()
                                                       if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)}}
@@ -5628,7 +5868,8 @@ def post_training_analysis(ctx: RunContext, trainer, tokenizer, datasets_: dict)
         # a sharded model runs a forward only with every rank taking part (generate keeps the ranks in step:
         # synced_gpus); rank 0 alone would wait forever on the first all-gather
         samples = sample_completions(ctx, trainer.model, tokenizer)
-    if is_main_process():
+    if is_main_process() and not (_preempt and skip_analysis(ctx, ["samples", "loss plot", "merged adapter",
+                                                                    "baseline comparison"])):
         analyse_run(ctx, trainer.model, tokenizer, samples)
         if config.model.lora.enabled and config.model.lora.merge_at_end:
             source = ctx.best_checkpoint or (read_checkpoints(ctx.run_dir) or [{}])[-1].get("path")
@@ -5638,6 +5879,16 @@ def post_training_analysis(ctx: RunContext, trainer, tokenizer, datasets_: dict)
             ctx.baseline_comparison = compare_to_baseline(build_manifest(ctx, "completed"), config.evaluation.baseline)
             log.info(format_comparison(ctx.baseline_comparison))
     _report_before_after(ctx)
+
+
+def skip_analysis(ctx: RunContext, what: list[str]) -> bool:
+    """A signal arrived after training: the rest of the analysis (`what`) is skipped so the final record, and
+    `best/`, are written while the platform's grace period lasts. The run is complete (its checkpoints are), so
+    it still ends `completed`; the manifest's `analysis_skipped` and warnings say what is missing and why."""
+    ctx.analysis_skipped = {"signal": _preempt.get("signal", "signal on another rank"), "skipped": what}
+    ctx.validation.warnings.append(f"{ctx.analysis_skipped['signal']} after training: skipped {', '.join(what)}")
+    log.warning(ctx.validation.warnings[-1])
+    return True
 
 
 def _report_before_after(ctx: RunContext) -> None:
@@ -5900,6 +6151,8 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
                             "ended_at": utc_now() if status != "running" else None,
                             "duration_seconds": round(elapsed, 3)},
     }
+    if ctx.analysis_skipped is not None:
+        manifest["analysis_skipped"] = ctx.analysis_skipped
     if ctx.error is not None:
         manifest["error"] = ctx.error
     return _portable_manifest(manifest, ctx.run_dir, config)
@@ -5937,6 +6190,7 @@ def finalize_manifest(ctx: RunContext, status: str) -> dict:
     if status == "completed" and ctx.best_checkpoint:
         ctx.best_archive = str(ctx.run_dir / "best")
         manifest = build_manifest(ctx, status)
+        injected_signal("record")
         archive_best(ctx.run_dir, ctx.best_checkpoint, manifest)
     save_manifest(ctx.run_id, manifest, str(path))
     monitor = ctx.history.train[-1] if ctx.history.train else None
@@ -6295,11 +6549,63 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+# The CLI that started torch.distributed.run stays in charge of the run: these signals are forwarded to the launcher
+# (started in its own session, so a terminal's Ctrl-C or a `kill -- -PGID` reaches it once, through here), which
+# relays each to every rank. The ranks then have LAUNCHER_GRACE_SECONDS to finish the step, save, write the
+# manifest and exit (torchrun's --shutdown-timeout, then SIGKILL): 90 s fits in AWS's 2-minute spot notice; set the
+# platform's own grace to more (Kubernetes terminationGracePeriodSeconds: 120, `docker stop -t 120`).
+LAUNCHER_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP")
+LAUNCHER_GRACE_SECONDS = 90
+LAUNCHER_TEARDOWN_SECONDS = 30  # beyond the grace: torchrun's own SIGKILL and exit, before this CLI kills it
+
+
+class LauncherSignals:
+    """Forward LAUNCHER_SIGNALS sent to this CLI to the launcher's process group, each time one arrives (a second
+    one reaches the ranks as a second signal: stop at once). `first` is the first signal's name, `deadline` the
+    monotonic time by which the launcher must be gone. A signal this process ignores (SIGHUP under nohup) stays
+    ignored."""
+
+    def __init__(self, proc, ranks: int):
+        self.proc, self.ranks, self.first, self.deadline, self.previous = proc, ranks, None, None, {}
+        for name in LAUNCHER_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+                self.previous[sig] = signal.signal(sig, self.forward)
+
+    def forward(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.first is None:
+            self.first = name
+            self.deadline = time.monotonic() + LAUNCHER_GRACE_SECONDS + LAUNCHER_TEARDOWN_SECONDS
+            log.warning("%s received: forwarded to the %d ranks, which finish the step, save a checkpoint and stop "
+                        "(up to %d s)", name, self.ranks, LAUNCHER_GRACE_SECONDS)
+        try:
+            os.killpg(self.proc.pid, signum)
+        except ProcessLookupError:  # already gone
+            pass
+
+    def restore(self) -> None:
+        restore_signal_handlers(self.previous)
+
+
+def _die_with_parent():
+    """A preexec_fn: the launcher gets SIGTERM (and relays it to the ranks, which save) when this CLI dies, even by
+    SIGKILL, instead of training on unsupervised. Linux only (prctl PR_SET_PDEATHSIG); None elsewhere."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+
+
 def launch_distributed(config: TrainingConfig, args: argparse.Namespace, argv: list[str]) -> int:
     """Launched plainly with compute.num_gpus > 1, or with compute.fsdp on CUDA (one process is still a
     distributed launch, which Trainer's FSDP requires): validate here, then start this script under
-    torch.distributed.run with num_gpus processes. Under torchrun / accelerate launch (LOCAL_RANK set)
-    this is skipped and the launcher's processes are used as they are."""
+    torch.distributed.run with num_gpus processes, forwarding signals to it (LauncherSignals), and end with the
+    ranks' own error payload and exit code. Under torchrun / accelerate launch (LOCAL_RANK set) this is skipped
+    and the launcher's processes are used as they are."""
     import subprocess
     # one error report before any process starts; the device probe is left to the ranks, so this parent
     # never holds a CUDA context while they train
@@ -6315,27 +6621,70 @@ def launch_distributed(config: TrainingConfig, args: argparse.Namespace, argv: l
     n = config.compute.num_gpus
     child_argv = list(argv) + ([] if args.run_id else ["--run-id", run_id])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           f"--signals-to-handle={','.join(LAUNCHER_SIGNALS)}", f"--shutdown-timeout={LAUNCHER_GRACE_SECONDS}",
            str(Path(__file__).resolve()), *child_argv]
     log.info("compute.num_gpus=%d: starting %d processes with torch.distributed.run (backend %s), run %s",
              n, n, config.compute.distributed_backend, run_id)
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    last_error, in_launcher_trace = None, False
-    for line in proc.stderr:  # forward the ranks' stderr; keep the launcher's own failure report out of it
-        payload = _error_payload(line)
-        if payload is not None:  # the first specific error wins over a rank's generic follow-up failure
-            if last_error is None or last_error.get("error") == "TrainingFailed":
-                last_error = payload
-            continue
-        if line.startswith("Traceback") or "torch.distributed.elastic" in line or "ChildFailedError" in line:
-            in_launcher_trace = True
-        if not in_launcher_trace or args.debug:
-            sys.stderr.write(line)
-    rc = proc.wait()
-    if rc == 0:
+    env = {**os.environ, "FINANCE_TRAINER_LAUNCHER_PID": str(os.getpid())}  # the ranks' test hook signals it
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                            preexec_fn=_die_with_parent())
+    relay = LauncherSignals(proc, n)
+    try:
+        last_error = _follow_launcher(proc, relay, args.debug)
+    finally:
+        relay.restore()
+    if proc.returncode == 0 and last_error is None:
         return EXIT_OK
-    last_error = last_error or unexpected_error(RuntimeError(f"torch.distributed.run exited with {rc}")).payload
+    if last_error is None and relay.first is not None:  # stopped before the ranks could say anything
+        kind = "Interrupted" if relay.first == "SIGINT" else "Preempted"
+        last_error = TrainerError(kind, {
+            "signal": relay.first, "step": None, "checkpoint": None, "launcher_exit_code": proc.returncode,
+            "suggestion": f"the ranks stopped before reporting (killed after the {LAUNCHER_GRACE_SECONDS} s grace "
+                          f"period, or before training started): continue with --resume-from latest --run-id "
+                          f"{run_id} (a run with no checkpoint yet starts over with --force)"}).payload
+    last_error = last_error or unexpected_error(
+        RuntimeError(f"torch.distributed.run exited with {proc.returncode}")).payload
     emit_error(last_error)
     return ERROR_EXIT_CODES.get(last_error.get("error"), EXIT_FAILED)
+
+
+def _follow_launcher(proc, relay: LauncherSignals, debug: bool) -> Optional[dict]:
+    """Forward the ranks' stderr (the launcher's own failure report left out unless --debug) until the launcher
+    exits, and return the ranks' error payload (the first specific one wins over a rank's generic follow-up
+    failure), or None. After a forwarded signal the wait is bounded: past relay.deadline the launcher's process
+    group is killed."""
+    import subprocess
+    import threading
+    found: dict = {}
+
+    def pump() -> None:
+        in_launcher_trace = False
+        for line in proc.stderr:
+            payload = _error_payload(line)
+            if payload is not None:
+                if "error" not in found or found["error"].get("error") == "TrainingFailed":
+                    found["error"] = payload
+                continue
+            if line.startswith("Traceback") or "torch.distributed.elastic" in line or "ChildFailedError" in line:
+                in_launcher_trace = True
+            noise = in_launcher_trace or (relay.first is not None and "torch/distributed/elastic" in line)
+            if debug or not noise:
+                sys.stderr.write(line)
+
+    reader = threading.Thread(target=pump, name="launcher-stderr", daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        try:
+            proc.wait(timeout=0.5)  # short: a signal handled meanwhile sets a deadline this loop must see
+        except subprocess.TimeoutExpired:
+            pass
+        if relay.deadline is not None and time.monotonic() > relay.deadline and proc.poll() is None:
+            log.error("the launcher did not exit within %d s of %s: killing it", LAUNCHER_GRACE_SECONDS
+                      + LAUNCHER_TEARDOWN_SECONDS, relay.first)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(timeout=LAUNCHER_TEARDOWN_SECONDS)  # the ranks may hold the pipe a moment longer
+    return found.get("error")
 
 
 def _error_payload(line: str) -> Optional[dict]:
