@@ -3842,10 +3842,32 @@ OOM_INJECTIONS = {
                                 "memory: you tried to allocate 268435456 bytes. Error code 12 (Cannot allocate "
                                 "memory)"),
     "mmap": lambda: OSError("Memory mapping file failed: Cannot allocate memory"),  # pyarrow: no errno set
+    "exhaust": lambda: _exhaust_address_space(),  # a real MemoryError, with the address space really used up
     "cuda": lambda: __import__("torch").OutOfMemoryError(
         "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
         "1.06 GiB is free."),
 }
+def _exhaust_address_space() -> BaseException:
+    """FINANCE_TRAINER_INJECT_OOM=STEP:exhaust: cap this process's address space (RLIMIT_AS, as `ulimit -v` does) at
+    what it uses now, so that the next large allocation fails for real, and return that MemoryError. What the
+    run then records, it records within the room RunRecorder set aside (the cap is never lifted)."""
+    import resource
+    used_kib = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (used_kib * 1024, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    failure = None
+    for size in (2**20, 2**16, 2**12, 2**8):  # and the allocator's free lists, down to small objects
+        try:
+            while True:
+                _EXHAUSTED.append(bytes(size))
+        except MemoryError as exc:
+            failure = exc
+    return failure
+
+
+_EXHAUSTED: list = []  # what _exhaust_address_space holds on to: nothing the failure unwinds gives it back
+
+
 OOM_PLACES = ("data", "plot")  # besides a training step: loading the data splits, drawing the loss plot
 
 

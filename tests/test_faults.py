@@ -414,3 +414,66 @@ def test_malformed_hooks_stop_a_run_with_exit_2_and_leave_help_alone(tiny_dir, t
     err = last_json(proc.stderr)
     assert err["error"] == "InvalidConfig" and err["details"]["field"] == NAN and err["details"]["value"] == "five"
     assert [e["details"]["field"] for e in err["errors"]] == [NAN, ENOSPC]  # every malformed hook at once
+
+
+# --------------------------------------------------------------------------------------------------
+# Out of memory (FINANCE_TRAINER_INJECT_OOM raises the allocators' own exception types and messages)
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hook, message", [
+    # a real MemoryError: the address space capped (RLIMIT_AS, as `ulimit -v`) at what the process uses and filled
+    # to the last small object; without the room RunRecorder makes, the manifest would be left `running`
+    ("3:exhaust", "MemoryError"),
+    ("3:cpu", "DefaultCPUAllocator: can't allocate memory"),
+    ("3:cuda", "CUDA out of memory"),
+    ("data:mmap", "Memory mapping file failed: Cannot allocate memory"),  # datasets memory-mapping its cache
+])
+def test_an_allocation_failure_is_out_of_memory_and_recorded(tiny_dir, tmp_path, hook, message):
+    cfg = set_key(base_config(tiny_dir, tmp_path), "training.hyperparameters.num_epochs", 1)
+    proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--run-id", "oom", "--skip-dry-run",
+                   env={"FINANCE_TRAINER_INJECT_OOM": hook})
+    assert proc.returncode == tf.EXIT_OOM == 4, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    err = last_json(proc.stderr)
+    d = err["details"]
+    assert err["error"] == "OutOfMemory" and message in d["message"]
+    assert d["measured_peak_memory_gb"] > 0 and d["measured_on"].startswith("host RAM")
+    assert d["estimated_memory_gb"] > 0 and d["available_memory_gb"] > 0  # preflight's estimate, beside it
+    assert "batch_size" in d["suggestion"] and ("ulimit" in d["suggestion"]) == hook.endswith("mmap")
+    run_dir = tmp_path / "runs" / "oom"
+    m = json.loads((run_dir / "run_manifest.json").read_text())
+    assert m["status"] == "failed" and m["error"] == err
+    assert json.loads((run_dir / "error.json").read_text()) == err
+    assert m["training_results"]["total_steps"] == (0 if hook.startswith("data") else 2)
+
+
+@pytest.mark.slow
+def test_a_plot_that_cannot_be_drawn_costs_the_plot_only(tiny_dir, tmp_path):
+    cfg = set_key(base_config(tiny_dir, tmp_path), "training.hyperparameters.num_epochs", 1)
+    proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--run-id", "noplot", "--skip-dry-run",
+                   env={"FINANCE_TRAINER_INJECT_OOM": "plot:memory"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "noplot"
+    m = json.loads((run_dir / "run_manifest.json").read_text())
+    assert m["status"] == "completed" and m["metrics"]["loss_curves_plot"] is None
+    assert any(w.startswith("loss_curves.png skipped (MemoryError") for w in m["warnings"])
+    assert m["test_results"]["test_loss"] > 0 and m["samples"]["count"] == 2  # the results are kept
+    assert tf.check_checkpoint_integrity(run_dir / "best", resume=False) is None
+    assert not (tmp_path / "logs" / "noplot" / "loss_curves.png").exists()
+
+
+@pytest.mark.parametrize("exc, oom", [
+    (MemoryError(), True),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"), True),
+    (OSError("Memory mapping file failed: Cannot allocate memory"), True),
+    (OSError(errno.ENOMEM, "Cannot allocate memory"), True),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (ValueError("the estimate says it runs out of memory"), False),  # only the allocators' types are trusted
+    (OSError(errno.ENOSPC, "No space left on device"), False),
+])
+def test_out_of_memory_is_recognised_however_the_allocator_says_it(exc, oom):
+    assert tf.is_out_of_memory(exc) is oom
+    wrapped = RuntimeError("tokenizing failed")
+    wrapped.__cause__ = exc
+    assert tf.is_out_of_memory(wrapped) is oom
