@@ -1464,6 +1464,56 @@ def _output_rules(config: TrainingConfig, res: ValidationResult) -> None:
                                              "set project: finance-smollm3"))
 
 
+def _write_probe(path: Path) -> Optional[str]:
+    """Why nothing can be written at `path` (a directory, or where one would be created), or None. A file is
+    created and removed in its nearest existing ancestor: os.access says yes to root on a read-only filesystem,
+    a real write does not. Nothing is left behind, no directory is created."""
+    probe = Path(path).expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a directory"
+    test = probe / f".finance-trainer-write-test-{os.getpid()}"
+    try:
+        os.close(os.open(test, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(test)
+    except OSError as exc:
+        return f"{probe} is not writable ({exc.strerror or exc})"
+    return None
+
+
+def environment_locations(config: TrainingConfig, res: ValidationResult) -> list[tuple[str, Path, str]]:
+    """(variable to set, the directory it gives now, what is written there) for every place outside the run dir
+    that a training run writes: the datasets cache (tokenized splits), the temporary directory, the run index,
+    and the Hugging Face Hub cache when the base model is to be downloaded (a read-only, pre-filled Hub cache is a
+    normal setup and is left alone)."""
+    home = Path.home()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    hf_home = Path(os.environ.get("HF_HOME") or (Path(xdg) if os.path.isabs(xdg) else home / ".cache") / "huggingface")
+    import tempfile
+    out = [("HF_DATASETS_CACHE", Path(os.environ.get("HF_DATASETS_CACHE") or hf_home / "datasets"),
+            "the datasets cache (the tokenized splits)"),
+           ("TMPDIR", Path(os.environ.get("TMPDIR") or tempfile.gettempdir()), "temporary files"),
+           ("XDG_CACHE_HOME", run_index_path().parent, "the index of runs (--status RUN_ID from any folder)")]
+    if any("will be downloaded" in w for w in res.warnings):
+        out.append(("HF_HUB_CACHE" if os.environ.get("HF_HUB_CACHE") else "HF_HOME",
+                    Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub"), "the downloaded base model"))
+    return out
+
+
+def _environment_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    """Every place a run writes outside its run dir is writable, checked before anything is created in the run
+    dir: found only after setup, a read-only home (the datasets cache) left a `failed` run dir behind, and the
+    rerun after the fix was refused as RunExists. A failure is exit 2 naming the variable that moves it."""
+    for var, path, what in environment_locations(config, res):
+        why = _write_probe(path)
+        if why:
+            res.errors.append(config_problem(
+                var, str(path), f"a writable directory for {what}",
+                f"{why}: export {var}=<a writable directory>" + ("" if var in os.environ else
+                                                                 f" ({path} is its default here)")))
+
+
 def _baseline_manifest_path(ref: str) -> Optional[Path]:
     """The baseline's manifest, if `ref` is a manifest or a run dir holding one and it is a JSON object."""
     p = Path(ref).expanduser()
@@ -1966,6 +2016,7 @@ def validate_config(config: TrainingConfig, check_device: bool = True, resuming:
     _checkpoint_rules(config, res)
     _schedule_rules(config, res)
     _package_rules(config, res)
+    _environment_rules(config, res)
     if check_device and not res.errors:
         _chat_template_rules(config, res)
     if check_device and not res.errors:
