@@ -4342,13 +4342,42 @@ def _run_index() -> dict:
     return read_json_lenient(run_index_path())
 
 
-def register_run(run_id: str, run_dir: Path) -> None:
-    """Record the run in the run index (written atomically). Never fails the run: without a writable cache the
-    run is still found by its directory or output_dir."""
+RUN_INDEX_LOCK_SECONDS = 30  # how long register_run waits for another process's update of the index
+
+
+@contextlib.contextmanager
+def flocked(path: Path, timeout_seconds: float):
+    """An exclusive flock on `path` (created if missing; the same OS lock as lock_run_dir, dropped by the OS
+    when the holder dies), waited for up to `timeout_seconds`; TimeoutError after that."""
+    import fcntl
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        write_json_atomic(run_index_path(), {**_run_index(), run_id: str(Path(run_dir).resolve())})
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path} is held by another process") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def register_run(run_id: str, run_dir: Path) -> None:
+    """Record the run in the run index: read, updated and written (atomically) under a lock on `runs.json.lock`,
+    so runs starting at the same moment all keep their entry (a plain read-modify-write kept 2 of 12). Never fails
+    the run: preflight checked the index's folder is writable, and without the index a run is still found by its
+    directory or output_dir."""
+    index = run_index_path()
+    try:
+        with flocked(index.with_name(index.name + ".lock"), RUN_INDEX_LOCK_SECONDS):
+            write_json_atomic(index, {**_run_index(), run_id: str(Path(run_dir).resolve())})
     except Exception as exc:  # noqa: BLE001 - a read-only or full home must not stop training
-        log.debug("run index %s not updated: %s", run_index_path(), exc)
+        log.warning("run index %s not updated (%s): find this run by its directory", index, exc)
 
 
 def _config_output_dir(config_file: str = "training_config.yaml") -> Optional[str]:

@@ -477,3 +477,25 @@ def test_out_of_memory_is_recognised_however_the_allocator_says_it(exc, oom):
     wrapped = RuntimeError("tokenizing failed")
     wrapped.__cause__ = exc
     assert tf.is_out_of_memory(wrapped) is oom
+
+
+def _register(run_id: str, run_dir: str, start) -> None:
+    start.wait()
+    tf.register_run(run_id, Path(run_dir))
+
+
+def test_twelve_runs_registering_at_once_all_keep_their_entry(tmp_path, monkeypatch):
+    """The run index is read, updated and written under a lock: a plain read-modify-write kept 2 of 12."""
+    import multiprocessing
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Barrier(12)
+    procs = [ctx.Process(target=_register, args=(f"run{i}", str(tmp_path / f"run{i}"), start)) for i in range(12)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 12
+    index = json.loads((tmp_path / "cache" / "finance_smollm3" / "runs.json").read_text())
+    assert index == {f"run{i}": str(tmp_path / f"run{i}") for i in range(12)}
+    assert sorted(p.name for p in (tmp_path / "cache" / "finance_smollm3").iterdir()) == ["runs.json", "runs.json.lock"]
