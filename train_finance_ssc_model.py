@@ -1296,6 +1296,7 @@ class ValidationResult:
     disk: dict = field(default_factory=dict)  # check_disk: free space on the output filesystem vs the checkpoints
     integrity: dict = field(default_factory=dict)  # data_integrity: train duplicates, valid/test prompts seen in train
     baseline: dict = field(default_factory=dict)  # baseline_differences: config, data and memory vs the baseline run
+    wandb: dict = field(default_factory=dict)  # W&B online but unreachable: the offline fallback and why (_wandb_rules)
 
     @property
     def ok(self) -> bool:
@@ -1512,6 +1513,62 @@ def _environment_rules(config: TrainingConfig, res: ValidationResult) -> None:
                 var, str(path), f"a writable directory for {what}",
                 f"{why}: export {var}=<a writable directory>" + ("" if var in os.environ else
                                                                  f" ({path} is its default here)")))
+
+
+WANDB_CHECK_SECONDS = 5  # preflight's connection to the W&B server (or the proxy in front of it), at most
+WANDB_INIT_SECONDS = 30  # wandb.init's own timeout (W&B's default 90 s), for a server that accepts and then stalls
+WANDB_DEFAULT_URL = "https://api.wandb.ai"
+
+
+def server_unreachable(url: str, timeout_seconds: float) -> Optional[str]:
+    """Why no TCP connection to `url`'s host (through the proxy the environment sets for it, unless NO_PROXY lets
+    it go direct) opens within `timeout_seconds`, or None when one does. Bounded as a whole, name lookup
+    included: the attempt runs in a daemon thread that is abandoned when the time is up."""
+    import socket
+    import threading
+    import urllib.parse
+    import urllib.request
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        via = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = via.hostname or "", via.port or 80
+    outcome: dict = {}
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_seconds).close()
+            outcome["ok"] = True
+        except OSError as exc:
+            outcome["error"] = f"{type(exc).__name__}: {exc}"
+
+    attempt = threading.Thread(target=connect, name="server-check", daemon=True)
+    attempt.start()
+    attempt.join(timeout_seconds + 0.5)
+    if outcome.get("ok"):
+        return None
+    return f"{host}:{port}: " + outcome.get("error", f"no answer within {timeout_seconds:g} s")
+
+
+def _wandb_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    """W&B online (the spec turns it on) on a node that cannot reach its server: wandb.init would wait 90 s and
+    fail the run generically. Found here in at most WANDB_CHECK_SECONDS, and the run falls back to W&B offline
+    (files under <run_dir>/wandb, `wandb sync` them later) with a warning and the manifest's `wandb_fallback`:
+    an air-gapped GPU node still trains, and loses no metrics. Rank 0 only (the one process that logs to W&B)."""
+    wb = config.logging.wandb
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if not wb.enabled or mode in ("offline", "disabled", "dryrun") or not is_main_process():
+        return
+    server = os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_URL
+    why = server_unreachable(server, WANDB_CHECK_SECONDS)
+    if why is None:
+        return
+    res.wandb = {"requested_mode": mode or "online", "mode": "offline", "server": server, "reason": why,
+                 "sync": "wandb sync <run_dir>/wandb/offline-run-*"}
+    res.warnings.append(f"logging.wandb: the W&B server {server} cannot be reached ({why}): W&B runs offline for "
+                        "this run (files under <run_dir>/wandb; `wandb sync` them once the node is online). Set "
+                        "WANDB_MODE=offline to skip this check, or logging.wandb.enabled: false")
 
 
 def _baseline_manifest_path(ref: str) -> Optional[Path]:
@@ -2017,6 +2074,8 @@ def validate_config(config: TrainingConfig, check_device: bool = True, resuming:
     _schedule_rules(config, res)
     _package_rules(config, res)
     _environment_rules(config, res)
+    if check_device and not res.errors:
+        _wandb_rules(config, res)
     if check_device and not res.errors:
         _chat_template_rules(config, res)
     if check_device and not res.errors:
@@ -2736,6 +2795,7 @@ class Tracker:
     mlflow_run_id: Optional[str] = None
     is_main: bool = True
     echo: bool = True  # False: metrics go to the files only (the dry run before training prints one line)
+    wandb_fallback: Optional[str] = None  # why wandb.init failed online and W&B went offline instead
 
     @property
     def train_curve(self) -> Path:
@@ -2766,9 +2826,10 @@ class Tracker:
 
 
 def init_tracking(config: TrainingConfig, run_id: Optional[str] = None, resume: bool = False,
-                  is_main: bool = True, resume_step: Optional[int] = None) -> Tracker:
+                  is_main: bool = True, resume_step: Optional[int] = None, wandb_mode: Optional[str] = None) -> Tracker:
     """Open the run's trackers. On resume the CSV curves continue from `resume_step` (rows logged after it by
-    the interrupted process are dropped, they are about to be recomputed) and W&B continues the same run id."""
+    the interrupted process are dropped, they are about to be recomputed) and W&B continues the same run id.
+    `wandb_mode`: "offline" when preflight found the W&B server unreachable (None: W&B's own setting)."""
     run_id = run_id or make_run_id(config)
     paths = run_paths(config, run_id)
     tracker = Tracker(run_id=run_id, log_dir=paths["log_dir"], tensorboard_dir=paths["tensorboard_dir"],
@@ -2793,11 +2854,21 @@ def init_tracking(config: TrainingConfig, run_id: Optional[str] = None, resume: 
         wandb_dir = paths["run_dir"]  # W&B files live with the run, not in the working directory
         wandb_dir.mkdir(parents=True, exist_ok=True)
         argv, sys.argv = sys.argv, redact(sys.argv)  # W&B records sys.argv in the run's metadata: redacted there too
-        try:
-            tracker.wandb_run = wandb.init(
+        def start(mode: Optional[str]):
+            return wandb.init(
                 project=wb.project, entity=wb.entity, tags=list(wb.tags), name=run_id, id=run_id,
-                resume="allow", dir=str(wandb_dir), config=redact(config.to_dict()),
-                settings=wandb.Settings(console="off", silent=True))
+                resume="allow", dir=str(wandb_dir), config=redact(config.to_dict()), mode=mode,
+                settings=wandb.Settings(console="off", silent=True, init_timeout=WANDB_INIT_SECONDS))
+        try:
+            try:
+                tracker.wandb_run = start(wandb_mode)
+            except wandb.errors.Error as exc:  # online, reachable, and still refused (a bad key, a stalled API)
+                if wandb_mode == "offline" or os.environ.get("WANDB_MODE", "").lower() == "offline":
+                    raise
+                tracker.wandb_fallback = f"{type(exc).__name__}: {str(exc)[:300]}"
+                log.warning("W&B could not start online (%s): W&B runs offline for this run (`wandb sync` it later)",
+                            tracker.wandb_fallback)
+                tracker.wandb_run = start("offline")
         finally:
             sys.argv = argv
     if config.logging.mlflow.enabled:
@@ -4780,7 +4851,8 @@ def dry_run_model(config: TrainingConfig, validation: ValidationResult, run_id: 
     run_dir = run_paths(config, run_id)["run_dir"]
     run_dir.mkdir(parents=True, exist_ok=True)
     # Trackers get their own `-dryrun` id so the real run's curves and W&B run start clean.
-    tracker = init_tracking(config, f"{run_id}-dryrun", is_main=is_main_process())
+    tracker = init_tracking(config, f"{run_id}-dryrun", is_main=is_main_process(),
+                            wandb_mode=validation.wandb.get("mode"))
     ctx = RunContext(config=config, run_id=run_id, run_dir=run_dir, validation=validation, tracker=tracker,
                      history=RunHistory(), reproducibility={}, created_at=utc_now(), start_time=time.time())
     try:
@@ -5185,7 +5257,14 @@ def open_run(config: TrainingConfig, validation: ValidationResult, claim: RunCla
         clean_partial_saves(claim.run_dir, run_paths(config, claim.run_id)["log_dir"])
         register_run(claim.run_id, claim.run_dir)
     tracker = init_tracking(config, claim.run_id, resume=bool(resume), is_main=main_proc,
+                            wandb_mode=validation.wandb.get("mode"),
                             resume_step=resume["step"] if resume else None)
+    if tracker.wandb_fallback:  # reachable, yet wandb.init failed online: offline, recorded as preflight's would be
+        validation.wandb = {"requested_mode": os.environ.get("WANDB_MODE") or "online", "mode": "offline",
+                            "server": os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_URL,
+                            "reason": tracker.wandb_fallback, "sync": "wandb sync <run_dir>/wandb/offline-run-*"}
+        validation.warnings.append(f"logging.wandb: W&B could not start online ({tracker.wandb_fallback}): it ran "
+                                   "offline; `wandb sync` the files under <run_dir>/wandb later")
     ctx = RunContext(config=config, run_id=claim.run_id, run_dir=claim.run_dir, validation=validation,
                      tracker=tracker, history=RunHistory(),
                      reproducibility=reproducibility_block(config, validation, argv) if main_proc else {},
@@ -6255,6 +6334,8 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
     }
     if ctx.analysis_skipped is not None:
         manifest["analysis_skipped"] = ctx.analysis_skipped
+    if ctx.validation.wandb:
+        manifest["wandb_fallback"] = ctx.validation.wandb
     if ctx.error is not None:
         manifest["error"] = ctx.error
     return _portable_manifest(manifest, ctx.run_dir, config)
