@@ -187,6 +187,35 @@ class RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+class RedactingStream:
+    """sys.stdout / sys.stderr as libraries see them once redact_library_output ran: what they print themselves
+    (MLflow's `View run ... at: http://user:PASSWORD@host/...` links, W&B's banners, warnings, tracebacks) passes
+    through redact() like everything this script writes. Anything but writing goes to the real stream."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact(text) if isinstance(text, str) else text)
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def redact_library_output() -> None:
+    """Route the process's sys.stdout and sys.stderr through RedactingStream (once; before any library keeps a
+    reference to them). Output written to the file descriptors directly, below Python, is not covered."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, RedactingStream):
+            setattr(sys, name, RedactingStream(stream))
+
+
 def _free_bytes(path: Any) -> Optional[int]:
     """Free bytes on the filesystem holding `path` (its nearest existing ancestor)."""
     p = Path(path).expanduser().absolute()
@@ -6908,6 +6937,7 @@ def emit_error(payload: dict) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    redact_library_output()  # before any library prints, or keeps a handle on the streams
     args = parse_args(argv)
     setup_logging(args.debug)
     try:

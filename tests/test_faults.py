@@ -499,3 +499,63 @@ def test_twelve_runs_registering_at_once_all_keep_their_entry(tmp_path, monkeypa
     index = json.loads((tmp_path / "cache" / "finance_smollm3" / "runs.json").read_text())
     assert index == {f"run{i}": str(tmp_path / f"run{i}") for i in range(12)}
     assert sorted(p.name for p in (tmp_path / "cache" / "finance_smollm3").iterdir()) == ["runs.json", "runs.json.lock"]
+
+
+# --------------------------------------------------------------------------------------------------
+# What libraries print themselves goes through the same redaction: a real local `mlflow server`, a password in
+# the tracking URI, and MLflow's own `View run ... at: <tracking URI>` lines on stdout
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    root = tmp_path_factory.mktemp("mlflow_server")
+    with socket.socket() as s:  # a free local port (the server binds it a moment later)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_file = (root / "server.log").open("w")
+    (root / "store").mkdir()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{root / 'store' / 'mlflow.db'}",
+                               "--default-artifact-root", str(root / "store" / "artifacts"), "--workers", "1"],
+                              stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300  # a cold start runs the store's migrations: tens of seconds on 2 cores
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield port, root / "store"
+    server.terminate()
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log_file.close()
+
+
+@pytest.mark.slow
+def test_mlflow_run_links_never_show_the_tracking_password(tiny_dir, tmp_path, mlflow_server):
+    port, store = mlflow_server
+    password = "PWmlflow_8812x"
+    cfg = set_key(base_config(tiny_dir, tmp_path), "training.hyperparameters.num_epochs", 1)
+    cfg = set_key(cfg, "logging.mlflow", {"enabled": True, "tracking_uri": f"http://user:{password}@127.0.0.1:{port}/",
+                                          "experiment": "redaction"})
+    proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--run-id", "linked", "--skip-dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # MLflow printed its links (so the test saw what it guards against), with the password masked
+    assert f"View run linked at: http://user:***@127.0.0.1:{port}/#/experiments/" in proc.stdout
+    assert f"View experiment at: http://user:***@127.0.0.1:{port}/#/experiments/" in proc.stdout
+    assert password not in proc.stdout and password not in proc.stderr
+    files = [p for root in (tmp_path, store) for p in root.rglob("*") if p.is_file() and p != tmp_path / "c.yaml"]
+    assert any(p.name == "run_manifest.json" for p in files)
+    for p in files:
+        assert password.encode() not in p.read_bytes(), f"the password was written to {p}"
