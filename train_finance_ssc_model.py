@@ -1654,8 +1654,11 @@ def scan_jsonl(path: Path, split: str, forced: str, how: str) -> tuple[dict, lis
                                        "first, then the working directory. Run DataPrepAgent first if the split "
                                        "was never generated")]
     if not path.is_file():
+        what = ("is a directory; point it at the .jsonl file inside" if path.is_dir() else
+                "is not a regular file (a FIFO, socket or device): the splits are read several times (checked, "
+                "hashed, tokenized), so write the data to a .jsonl file and point at it")
         return {}, [problem("DataPathNotFound", field=dotted, path=str(path), resolved=how,
-                            suggestion=f"{dotted} is a directory; point it at the .jsonl file inside")]
+                            suggestion=f"{dotted} {what}")]
     problems, shapes, count, line_no = [], {}, 0, 0
     with path.open("rb") as fh:
         for line_no, raw in enumerate(fh, 1):
@@ -1943,6 +1946,28 @@ def _packing_rules(config: TrainingConfig, res: ValidationResult) -> None:
     _packing_cost_rule(config, res, lengths, rows)
 
 
+def _answer_token_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    """Tokenize the splits as training will (load_splits' calls, so training then hits the datasets cache) and
+    count the records truncation leaves with no answer token: training drops them, and a split that would lose
+    every record is EmptyDataset now, not after the model has loaded (--validate-only said "config OK")."""
+    tokenizer = load_tokenizer(config)
+    shapes = {s: i["shape"] for s, i in res.data.items()}
+    raw = _raw_splits(config)
+    if config.data.dedup:
+        raw, _ = dedup_splits(raw, shapes)
+    for split, ds in raw.items():
+        answers = _tokenize_split(ds, config, tokenizer, shapes[split], split)["answer_tokens"]
+        dropped = sum(1 for n in answers if n <= 0)
+        if dropped and dropped == len(answers):
+            res.errors.append(problem(
+                "EmptyDataset", field=f"data.{split}_path", path=res.data[split]["path"], line_count=len(answers),
+                suggestion=f"every {split} record loses its answer to truncation at data.max_seq_length="
+                           f"{config.data.max_seq_length}: raise data.max_seq_length or shorten the prompts"))
+        elif dropped:
+            res.warnings.append(f"{split}: {dropped} of {len(answers)} records have no answer token left after "
+                                f"truncation to data.max_seq_length={config.data.max_seq_length}; training drops them")
+
+
 def _packing_cost_rule(config: TrainingConfig, res: ValidationResult, lengths: list[int],
                        rows: list[list[int]]) -> None:
     """What packing costs, before training. Only flash-attention 2 (CUDA, flash-attn installed) runs packed rows
@@ -2107,6 +2132,8 @@ def validate_config(config: TrainingConfig, check_device: bool = True, resuming:
         _wandb_rules(config, res)
     if check_device and not res.errors:
         _chat_template_rules(config, res)
+    if check_device and not res.errors:
+        _answer_token_rules(config, res)
     if check_device and not res.errors:
         _packing_rules(config, res)
     if check_device and not res.errors:
@@ -4423,7 +4450,12 @@ def read_checkpoints(run_dir: Path, verify: bool = False) -> list[dict]:
             if isinstance(meta.get("metrics"), dict):  # a NaN/inf metric is stored as a string (strict JSON)
                 meta["metrics"] = {k: _float_from_json(v) for k, v in meta["metrics"].items()}
             if verify and meta.get("health") == "ok":
-                reason = check_checkpoint_integrity(d, meta)
+                try:
+                    reason = check_checkpoint_integrity(d, meta)
+                except FileNotFoundError as exc:  # a file went between the listing and its read
+                    reason = f"{Path(exc.filename or '?').name}: file missing"
+                if reason and not d.is_dir():  # renamed away while it was read (retention deleting it): gone,
+                    continue                    # not damaged
                 if reason:
                     meta.update(health="corrupt", integrity=reason)
             out.append(meta)
@@ -6510,13 +6542,19 @@ def monitor_training(run_id: str, output_dir: Optional[str] = None) -> dict:
         "status.json is rewritten (atomically) at every log step: something else damaged it. Remove it to have "
         "--status report from the manifest, or follow the run's train.log")) or {}
     manifest = read_json_strict(run_dir / MANIFEST_NAME, DAMAGED_MANIFEST_HINT) or {}
-    if not status and not manifest:
+    holder = read_json_lenient(run_dir / RUN_LOCK) if not status else {}  # start-up: who holds the run
+    if not status and not manifest and not holder:
         raise TrainerError("CheckpointNotFound", {"field": "run", "value": run_id, "path": str(run_dir),
                                                   "suggestion": "no status.json or manifest: is this a run dir?"})
     out = {"run_id": manifest.get("run_id") or status.get("run_id"), "run_dir": str(run_dir),
            **{k: status.get(k) for k in ("status", "step", "max_steps", "epoch", "train_loss", "val_loss",
                                          "tokens_per_second", "elapsed_seconds", "eta_seconds", "updated_at",
                                          "pid", "hostname")}}
+    if not status:  # status.json comes with the first logged step: until then the run is starting
+        out.update(run_id=out["run_id"] or run_dir.name, pid=holder.get("pid"), hostname=holder.get("hostname"),
+                   status=manifest.get("status") if manifest.get("status") not in (None, "running") else "starting")
+        if out["status"] == "starting":
+            out["note"] = "starting: preflight, data, model or the dry run; no training step logged yet"
     healthy = [c for c in read_checkpoints(run_dir) if c.get("health") == "ok"]
     out["last_checkpoint"] = healthy[-1]["path"] if healthy else None
     final = manifest.get("status")
@@ -6525,7 +6563,7 @@ def monitor_training(run_id: str, output_dir: Optional[str] = None) -> dict:
         perf = manifest.get("performance") or {}
         if perf.get("tokens_per_second") is not None:  # the whole run's training throughput
             out["tokens_per_second"] = perf["tokens_per_second"]
-    elif out["status"] == "running" and out["hostname"] == platform.node() and out["pid"] \
+    elif out["status"] in ("running", "starting") and out["hostname"] == platform.node() and out["pid"] \
             and not _process_alive(int(out["pid"])):
         out["status"] = "failed"
         out["note"] = (f"process {out['pid']} is gone and never wrote a final status (killed?); "

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import platform
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -509,8 +513,6 @@ def test_twelve_runs_registering_at_once_all_keep_their_entry(tmp_path, monkeypa
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     import socket
-    import subprocess
-    import sys
     import time
     import urllib.request
     root = tmp_path_factory.mktemp("mlflow_server")
@@ -530,15 +532,15 @@ def mlflow_server(tmp_path_factory):
             break
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
+                os.killpg(server.pid, signal.SIGKILL)
                 pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
     yield port, root / "store"
-    server.terminate()
+    os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker (its own session)
     try:
         server.wait(30)
     except subprocess.TimeoutExpired:
-        server.kill()
+        os.killpg(server.pid, signal.SIGKILL)
     log_file.close()
 
 
@@ -559,3 +561,47 @@ def test_mlflow_run_links_never_show_the_tracking_password(tiny_dir, tmp_path, m
     assert any(p.name == "run_manifest.json" for p in files)
     for p in files:
         assert password.encode() not in p.read_bytes(), f"the password was written to {p}"
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Readers during a run's life: a listing while retention deletes, --status while the run starts
+# --------------------------------------------------------------------------------------------------
+
+def fake_checkpoint(run_dir: Path, step: int) -> Path:
+    d = run_dir / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    (d / tf.CHECKPOINT_META).write_text(json.dumps({"name": d.name, "step": step, "health": "ok"}))
+    return d
+
+
+def test_a_checkpoint_deleted_while_it_is_listed_is_gone_not_corrupt(tmp_path, monkeypatch):
+    """Retention renames a checkpoint away (then deletes it) while another shell lists the run: the listing
+    read its meta, then found its files missing. It is no longer there; it was never damaged."""
+    doomed, kept = fake_checkpoint(tmp_path, 5), fake_checkpoint(tmp_path, 6)
+    real = tf.check_checkpoint_integrity
+
+    def retention_meanwhile(d, meta=None, resume=True):
+        if Path(d) == doomed:
+            os.rename(doomed, doomed.with_name(f"{tf.TMP_PREFIX}delete-{doomed.name}"))
+            raise FileNotFoundError(2, "No such file or directory", str(doomed / "model.safetensors"))
+        return real(d, meta, resume)
+
+    monkeypatch.setattr(tf, "check_checkpoint_integrity", retention_meanwhile)
+    listed = tf.read_checkpoints(tmp_path, verify=True)
+    assert [(c["name"], c["health"]) for c in listed] == [(kept.name, "ok")]
+
+
+def test_status_during_start_up_says_starting(tmp_path):
+    """Before the first logged step there is no status.json: the lock's holder says who runs it."""
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / tf.RUN_LOCK).write_text(json.dumps({"pid": os.getpid(), "hostname": platform.node()}))
+    st = tf.monitor_training(str(run_dir))
+    assert st["status"] == "starting" and st["pid"] == os.getpid() and "no training step" in st["note"]
+    (run_dir / tf.MANIFEST_NAME).write_text(json.dumps({"run_id": "r", "status": "running"}))
+    assert tf.monitor_training(str(run_dir))["status"] == "starting"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run_dir / tf.RUN_LOCK).write_text(json.dumps({"pid": int(dead.stdout), "hostname": platform.node()}))
+    st = tf.monitor_training(str(run_dir))
+    assert st["status"] == "failed" and "is gone" in st["note"]

@@ -365,6 +365,11 @@ CASES = [
          "InvalidDataset", field="data.train_path", line=1,
          allowed={"data.train_path", "data.valid_path", "data.test_path"}),
     Case("valid_bad_line", _multiline_valid, "InvalidDataset", field="data.valid_path", line=5),
+    # every record of every split loses its answer to truncation: training would drop them all
+    cfg_case("every_answer_truncated", {"data.max_seq_length": 8}, kind="EmptyDataset", field_="data.train_path",
+             allowed={"data.train_path", "data.valid_path", "data.test_path"},
+             check=lambda d, p, c: ("max_seq_length=8" in d["suggestion"] and d["line_count"] == 96)
+             or pytest.fail(str(d))),
     # --- outputs and tracking -----------------------------------------------------------------------
     Case("output_dir_under_a_file", _blocked_output, "InvalidConfig", field="logging.output_dir",
          check=_check_blocked),
@@ -561,3 +566,15 @@ def test_the_write_probe_sees_a_read_only_filesystem(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "open", read_only)
     assert tf._write_probe(tmp_path / "datasets") == f"{tmp_path} is not writable (Read-only file system)"
     assert list(tmp_path.iterdir()) == []  # nothing created, not even the missing folder
+
+
+def test_a_fifo_as_data_path_is_not_called_a_directory(tmp_path):
+    import os
+
+    import train_finance_ssc_model as tf
+    fifo = tmp_path / "train.jsonl"
+    os.mkfifo(fifo)
+    _, problems = tf.scan_jsonl(fifo, "train", "auto", "absolute")
+    assert [p["error"] for p in problems] == ["DataPathNotFound"]
+    assert "not a regular file (a FIFO" in problems[0]["details"]["suggestion"]
+    assert "directory" not in problems[0]["details"]["suggestion"]
