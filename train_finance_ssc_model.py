@@ -64,7 +64,7 @@ EXIT_FAILED = 1  # anything unexpected
 EXIT_INVALID = 2  # invalid config, data, checkpoint or paths: nothing was trained
 EXIT_DIVERGED = 3  # stopped by an anomaly guard
 EXIT_OOM = 4  # out of memory, predicted or real
-EXIT_PREEMPTED = 143  # SIGTERM / SIGUSR1: saved a checkpoint at the step boundary and stopped (128 + SIGTERM)
+EXIT_PREEMPTED = 143  # SIGTERM / SIGUSR1 / SIGHUP: saved a checkpoint at the step boundary and stopped (128 + SIGTERM)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 ERROR_EXIT_CODES = {
     "InvalidConfig": EXIT_INVALID,
@@ -845,7 +845,7 @@ def resume_command(ctx: RunContext) -> str:
 
 
 def preempted_error(ctx: RunContext) -> TrainerError:
-    """SIGTERM/SIGUSR1 stopped the run after a checkpoint of the step under way: exit EXIT_PREEMPTED, manifest
+    """SIGTERM/SIGUSR1/SIGHUP stopped the run after a checkpoint of the step under way: exit EXIT_PREEMPTED, manifest
     `interrupted`, and the command that continues it."""
     p = ctx.history.preempted
     saved = next((c for c in reversed(read_checkpoints(ctx.run_dir)) if c["step"] == p["step"]
@@ -6424,7 +6424,10 @@ def print_run_output(output: Optional[dict]) -> None:
         return
     for h in log.handlers:
         h.flush()
-    print(json_text(output), file=sys.stdout, flush=True)
+    try:
+        print(json_text(output), file=sys.stdout, flush=True)
+    except (OSError, ValueError):  # the terminal is gone (SIGHUP): the manifest holds the same, the exit code stands
+        pass
 
 
 def finalize_manifest(ctx: RunContext, status: str) -> dict:
@@ -6745,7 +6748,7 @@ def run_plan(config: TrainingConfig, as_json: bool) -> int:
 
 EPILOG = """exit codes: 0 success; 2 invalid config, data, checkpoint or paths, or the run dir is in use by
 another process (nothing trained); 3 training stopped by an anomaly guard; 4 out of memory;
-143 preempted (SIGTERM/SIGUSR1: checkpoint saved, resume with --resume-from latest); 130 Ctrl-C;
+143 preempted (SIGTERM/SIGUSR1/SIGHUP: checkpoint saved, resume with --resume-from latest); 130 Ctrl-C;
 1 anything else.
 Failures end with one JSON object on stderr: {"error": Kind, "details": {...}, "errors": [...]}."""
 
@@ -6967,10 +6970,13 @@ def setup_logging(debug: bool) -> None:
 
 
 def emit_error(payload: dict) -> None:
-    """The last thing on stderr: one JSON object."""
-    sys.stdout.flush()
-    sys.stderr.write(json_text(payload) + "\n")  # secrets redacted, strict JSON
-    sys.stderr.flush()
+    """The last thing on stderr: one JSON object (not at all when the terminal is gone: error.json has it)."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.write(json_text(payload) + "\n")  # secrets redacted, strict JSON
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv: Optional[list[str]] = None) -> int:
