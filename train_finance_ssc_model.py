@@ -1948,8 +1948,9 @@ def _packing_rules(config: TrainingConfig, res: ValidationResult) -> None:
 
 def _answer_token_rules(config: TrainingConfig, res: ValidationResult) -> None:
     """Tokenize the splits as training will (load_splits' calls, so training then hits the datasets cache) and
-    count the records truncation leaves with no answer token: training drops them, and a split that would lose
-    every record is EmptyDataset now, not after the model has loaded (--validate-only said "config OK")."""
+    count the records truncation leaves with no answer token: training drops them (and warns), and a split that
+    would lose every record is EmptyDataset now, not after the model has loaded (--validate-only said "config
+    OK")."""
     tokenizer = load_tokenizer(config)
     shapes = {s: i["shape"] for s, i in res.data.items()}
     raw = _raw_splits(config)
@@ -1957,15 +1958,11 @@ def _answer_token_rules(config: TrainingConfig, res: ValidationResult) -> None:
         raw, _ = dedup_splits(raw, shapes)
     for split, ds in raw.items():
         answers = _tokenize_split(ds, config, tokenizer, shapes[split], split)["answer_tokens"]
-        dropped = sum(1 for n in answers if n <= 0)
-        if dropped and dropped == len(answers):
+        if answers and not any(n > 0 for n in answers):
             res.errors.append(problem(
                 "EmptyDataset", field=f"data.{split}_path", path=res.data[split]["path"], line_count=len(answers),
                 suggestion=f"every {split} record loses its answer to truncation at data.max_seq_length="
                            f"{config.data.max_seq_length}: raise data.max_seq_length or shorten the prompts"))
-        elif dropped:
-            res.warnings.append(f"{split}: {dropped} of {len(answers)} records have no answer token left after "
-                                f"truncation to data.max_seq_length={config.data.max_seq_length}; training drops them")
 
 
 def _packing_cost_rule(config: TrainingConfig, res: ValidationResult, lengths: list[int],
@@ -4013,18 +4010,6 @@ def _parse_enospc_hook(text: str, rank: int) -> dict:
     return {"enospc_paths": names, "enospc_sticky": bool(colon)}
 
 
-# What each kind of FINANCE_TRAINER_INJECT_OOM raises: the exception type and message the real allocator gives.
-OOM_INJECTIONS = {
-    "memory": lambda: MemoryError(),
-    "cpu": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate "
-                                "memory: you tried to allocate 268435456 bytes. Error code 12 (Cannot allocate "
-                                "memory)"),
-    "mmap": lambda: OSError("Memory mapping file failed: Cannot allocate memory"),  # pyarrow: no errno set
-    "exhaust": lambda: _exhaust_address_space(),  # a real MemoryError, with the address space really used up
-    "cuda": lambda: __import__("torch").OutOfMemoryError(
-        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
-        "1.06 GiB is free."),
-}
 def _exhaust_address_space() -> BaseException:
     """FINANCE_TRAINER_INJECT_OOM=STEP:exhaust: cap this process's address space (RLIMIT_AS, as `ulimit -v` does) at
     what it uses now, so that the next large allocation fails for real, and return that MemoryError. What the
@@ -4046,6 +4031,18 @@ def _exhaust_address_space() -> BaseException:
 _EXHAUSTED: list = []  # what _exhaust_address_space holds on to: nothing the failure unwinds gives it back
 
 
+# What each kind of FINANCE_TRAINER_INJECT_OOM raises: the exception type and message the real allocator gives.
+OOM_INJECTIONS = {
+    "memory": lambda: MemoryError(),
+    "cpu": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate "
+                                "memory: you tried to allocate 268435456 bytes. Error code 12 (Cannot allocate "
+                                "memory)"),
+    "mmap": lambda: OSError("Memory mapping file failed: Cannot allocate memory"),  # pyarrow: no errno set
+    "exhaust": lambda: _exhaust_address_space(),  # a real MemoryError, with the address space really used up
+    "cuda": lambda: __import__("torch").OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+        "1.06 GiB is free."),
+}
 OOM_PLACES = ("data", "plot")  # besides a training step: loading the data splits, drawing the loss plot
 
 
@@ -5464,10 +5461,8 @@ def run_ending(exc: Optional[BaseException], ctx: RunContext) -> tuple[str, Opti
     if exc is None:
         return "completed", None, None
     if isinstance(exc, TrainerError):
-        if exc.kind == "OutOfMemory" and "measured_peak_memory_gb" not in exc.details:
+        if exc.kind == "OutOfMemory" and "measured_peak_memory_gb" not in exc.details:  # raised during the run
             add_measured_memory(exc.details, ctx)
-            if exc.details.get("estimated_memory_gb") is None:
-                exc.details["estimated_memory_gb"] = (ctx.validation.memory or {}).get("total_gb")
         return END_STATUS.get(exc.kind, "failed"), exc, None
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", TrainerError("Interrupted", {
@@ -5513,7 +5508,9 @@ def add_measured_memory(details: dict, ctx: RunContext) -> None:
     gpus = measured.get("gpu_peak_allocated_bytes")
     details["measured_peak_memory_gb"] = round((max(gpus) if gpus else measured["host_peak_rss_bytes"]) / 2**30, 3)
     details["measured_on"] = "GPU (peak allocated, largest)" if gpus else "host RAM (peak resident set of this process)"
-    details.setdefault("estimated_memory_gb", (ctx.validation.memory or {}).get("total_gb"))
+    for key, estimate in (("estimated_memory_gb", "total_gb"), ("available_memory_gb", "available_gb")):
+        if details.get(key) is None:
+            details[key] = (ctx.validation.memory or {}).get(estimate)
 
 
 def _prepare(ctx: RunContext, limit: Optional[int] = None):

@@ -41,6 +41,7 @@ UNREACHABLE_WANDB = {"WANDB_MODE": "online", "WANDB_API_KEY": "0123456789abcdef0
                      "WANDB_BASE_URL": "http://127.0.0.1:9"}  # the discard port, closed: refused at once
 
 
+@pytest.mark.slow
 def test_wandb_online_without_its_server_trains_offline_and_says_so(tiny_dir, tmp_path):
     cfg = set_key(base_config(tiny_dir, tmp_path), "logging.wandb.enabled", True)
     cfg = set_key(cfg, "training.hyperparameters.num_epochs", 1)
@@ -59,6 +60,7 @@ def test_wandb_online_without_its_server_trains_offline_and_says_so(tiny_dir, tm
     assert list((run_dir / "wandb").glob("offline-run-*"))  # the metrics are kept, to sync later
 
 
+@pytest.mark.slow
 def test_wandb_check_in_validate_only_names_the_fallback(tiny_dir, tmp_path):
     cfg = set_key(base_config(tiny_dir, tmp_path), "logging.wandb.enabled", True)
     proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--validate-only", env=UNREACHABLE_WANDB)

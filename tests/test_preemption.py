@@ -73,6 +73,7 @@ def one_epoch(tiny_dir, tmp_path_factory):
     return out, write_config(out / "c.yaml", cfg)
 
 
+@pytest.mark.slow
 def test_a_signal_after_training_skips_the_analysis_and_completes_the_record(one_epoch):
     """SIGTERM as the post-training analysis starts: the analysis is skipped (the platform's grace period is for
     the record), the final manifest says `completed` with what was skipped, `best/` is whole, exit 0."""
@@ -89,6 +90,7 @@ def test_a_signal_after_training_skips_the_analysis_and_completes_the_record(one
     assert tmp_entries(run_dir, out / "logs" / "after") == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_signal_while_the_final_record_is_written_waits_for_it(one_epoch, sig):
     """The signal arrives between the final manifest's build and the `best/` archive: both are finished first (no

@@ -537,6 +537,7 @@ def test_valid_config_validates_and_exits_0(tmp_path: Path, tiny_dir: Path):
     assert snapshot(tmp_path, tiny_dir) == before, "--validate-only wrote to disk"
 
 
+@pytest.mark.slow
 def test_an_unwritable_environment_stops_a_run_before_its_run_dir_exists(tmp_path: Path, tiny_dir: Path):
     """A read-only home (the datasets cache, the run index) used to fail after setup, leaving a `failed` run dir
     that turned the rerun after the fix into RunExists."""

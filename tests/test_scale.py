@@ -128,6 +128,7 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(ddp_pair):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launching_cli_reaches_the_ranks_and_resume_is_exact(ddp_pair):
     """SIGTERM at the CLI's pid (what Kubernetes, Docker and SLURM signal) while two gloo ranks train: the CLI
     forwards it to torchrun, which relays it to both ranks; they save checkpoint-5 and stop, and the CLI ends with
