@@ -65,7 +65,7 @@ EXIT_FAILED = 1  # anything unexpected
 EXIT_INVALID = 2  # invalid config, data, checkpoint or paths: nothing was trained
 EXIT_DIVERGED = 3  # stopped by an anomaly guard
 EXIT_OOM = 4  # out of memory, predicted or real
-EXIT_PREEMPTED = 143  # SIGTERM / SIGUSR1: saved a checkpoint at the step boundary and stopped (128 + SIGTERM)
+EXIT_PREEMPTED = 143  # SIGTERM / SIGUSR1 / SIGHUP: saved a checkpoint at the step boundary and stopped (128 + SIGTERM)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 ERROR_EXIT_CODES = {
     "InvalidConfig": EXIT_INVALID,
@@ -189,6 +189,35 @@ class RedactingFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
+
+
+class RedactingStream:
+    """sys.stdout / sys.stderr as libraries see them once redact_library_output ran: what they print themselves
+    (MLflow's `View run ... at: http://user:PASSWORD@host/...` links, W&B's banners, warnings, tracebacks) passes
+    through redact() like everything this script writes. Anything but writing goes to the real stream."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact(text) if isinstance(text, str) else text)
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def redact_library_output() -> None:
+    """Route the process's sys.stdout and sys.stderr through RedactingStream (once; before any library keeps a
+    reference to them). Output written to the file descriptors directly, below Python, is not covered."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, RedactingStream):
+            setattr(sys, name, RedactingStream(stream))
 
 
 def _free_bytes(path: Any) -> Optional[int]:
@@ -856,7 +885,7 @@ def run_resume_command(ctx: RunContext, resume_from: Any = "latest", sets: tuple
 
 
 def preempted_error(ctx: RunContext) -> TrainerError:
-    """SIGTERM/SIGUSR1 stopped the run after a checkpoint of the step under way: exit EXIT_PREEMPTED, manifest
+    """SIGTERM/SIGUSR1/SIGHUP stopped the run after a checkpoint of the step under way: exit EXIT_PREEMPTED, manifest
     `interrupted`, and the command that continues it."""
     p = ctx.history.preempted
     saved = next((c for c in reversed(read_checkpoints(ctx.run_dir)) if c["step"] == p["step"]
@@ -885,6 +914,28 @@ def diverged_error(ctx: RunContext, stop_val_loss: Optional[float] = None) -> Tr
         "step": stop["step"], "train_loss": train_loss, "reason": stop["reason"], "kind": stop["kind"],
         "last_valid_checkpoint": last_valid, "last_valid_checkpoint_reason": why, "resume_command": command,
         "suggestion": f"Reduce learning rate to {new_lr:.1e} and try again{how}"})
+
+
+# Out of memory, however the allocator says it: Python's MemoryError, torch's CPU allocator (`DefaultCPUAllocator:
+# can't allocate memory`), the CUDA caching allocator (torch.OutOfMemoryError), an OSError with ENOMEM or pyarrow's
+# `Memory mapping file failed: Cannot allocate memory` (datasets memory-maps its cache).
+OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of memory", "failed to allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure anywhere in the exception's chain (see OOM_MARKERS). A message is trusted only on
+    the types allocators raise (RuntimeError, OSError), so a ValueError that merely mentions memory is not one."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+            return True
+        if isinstance(exc, OSError) and exc.errno == 12:  # ENOMEM
+            return True
+        if isinstance(exc, (RuntimeError, OSError)) and any(m in str(exc).lower() for m in OOM_MARKERS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _oom_types() -> tuple:
@@ -930,6 +981,7 @@ def _yaml_loader():
         def compose_document(self):
             node = super().compose_document()
             _check_yaml_expansion(node)
+            _check_yaml_duplicates(node)
             return node
 
     Loader.add_implicit_resolver(
@@ -982,10 +1034,60 @@ def _check_yaml_expansion(root: Any) -> None:
         size(root)
 
 
+class YamlDuplicateKeys(ValueError):
+    """Keys repeated within one YAML mapping: `duplicates` is [(dotted key, [line, line, ...]), ...]."""
+
+    def __init__(self, duplicates: list):
+        self.duplicates = duplicates
+        super().__init__(duplicates)
+
+
+def _check_yaml_duplicates(root: Any) -> None:
+    """Every key written twice in one mapping, at any depth, with the lines of each copy. PyYAML keeps the last
+    copy and drops the first without a word: a second `training:` pasted at the end of a config silently replaces
+    the whole first section (learning rate, batch size, epochs back to the defaults). A `<<: *anchor` merge is not
+    a duplicate: overriding merged keys is what it is for. Run after _check_yaml_expansion (bounded), and each
+    node is walked once, so an alias is checked where it is defined."""
+    import yaml
+    seen: set[int] = set()
+    found: list = []
+
+    def walk(node, path: str) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, child in enumerate(node.value):
+                walk(child, f"{path}[{i}]")
+        if not isinstance(node, yaml.MappingNode):
+            return
+        lines: dict[str, list[int]] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None:
+                lines.setdefault(key, []).append(key_node.start_mark.line + 1)
+                walk(value_node, f"{path}.{key}" if path else key)
+        found.extend((f"{path}.{k}" if path else k, at) for k, at in lines.items() if len(at) > 1)
+
+    if root is not None:
+        walk(root, "")
+    if found:
+        raise YamlDuplicateKeys(sorted(found, key=lambda d: d[1][1]))
+
+
 def _parse_yaml(text: str, source: str) -> Any:
     import yaml
     try:
         return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except YamlDuplicateKeys as exc:
+        raise TrainerError.collected([problem(
+            "InvalidConfig", field=key, value=key.rsplit(".", 1)[-1], line=lines[1], lines=lines, path=source,
+            expected="each key once in its mapping",
+            suggestion=f"`{key.rsplit('.', 1)[-1]}` is written {len(lines)} times (lines "
+                       f"{', '.join(map(str, lines))} of {source}): YAML would keep only the last and silently "
+                       "drop the others; merge them into one") for key, lines in exc.duplicates]) from None
     except YamlExpansionError as exc:
         raise TrainerError("InvalidConfig", {
             "field": None, "value": None, "path": source, "problem": str(exc),
@@ -1101,6 +1203,54 @@ def _type_fix(name: str, value: Any, tp: Any, f: dataclasses.Field) -> str:
     return f"set `{name}` to {_TYPE_NAMES.get(tp, tp.__name__)}" + (f", e.g. {default!r}" if default is not None else "")
 
 
+# Config values that name a file, a directory or a URI: `$NAME` and `${NAME}` in them are environment variables,
+# expanded when the config is loaded (`output_dir: ${SCRATCH}/runs`); `$$` is a literal `$`. A variable that is not
+# set (or set empty) is InvalidConfig naming it: taken literally it would create a directory called `${SCRATCH}`.
+# Paths given on the command line (--output-dir, --baseline) are the shell's to expand and are taken as given.
+PATH_KEYS = ("model.base_checkpoint", "data.train_path", "data.valid_path", "data.test_path", "logging.output_dir",
+             "logging.logging_dir", "logging.tensorboard.log_dir", "logging.mlflow.tracking_uri",
+             "compute.deepspeed", "evaluation.baseline")
+ENV_REFERENCE_RE = re.compile(r"\$(?:\{(?P<braced>[^}]*)\}|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<dollar>\$))")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def expand_path_variables(config: TrainingConfig, literal: typing.Collection[str] = ()) -> list[dict]:
+    """Expand the environment variables in the PATH_KEYS values of `config` in place; the problems (a variable
+    not set, `${...}` holding no variable name) are returned, one per key."""
+    problems = []
+    for dotted in PATH_KEYS:
+        section, _, name = dotted.rpartition(".")
+        owner = _dotted_get(config, section)
+        value = getattr(owner, name)
+        if dotted in literal or not isinstance(value, str) or "$" not in value:
+            continue
+        missing: list[str] = []
+
+        def expand(m: re.Match) -> str:
+            if m["dollar"]:
+                return "$"
+            var = m["name"] or m["braced"]
+            if not ENV_NAME_RE.match(var) or not os.environ.get(var):
+                missing.append(var)
+                return m[0]
+            return os.environ[var]
+
+        expanded = ENV_REFERENCE_RE.sub(expand, value)
+        if not missing:
+            setattr(owner, name, expanded)
+            continue
+        var = missing[0]
+        named = ENV_NAME_RE.match(var)
+        problems.append(config_problem(
+            dotted, value, "a path whose environment variables ($NAME, ${NAME}) are set" if named
+            else "${NAME} with NAME a variable name (letters, digits, _)",
+            (f"the environment variable {var} is not set{' (it is empty)' if var in os.environ else ''}: export "
+             f"{var}=... before running, or write the path out in full" if named
+             else f"`${{{var}}}` names no variable (${{X:-default}} and the like are not supported): write the "
+                  "path out, or use $NAME") + "; write $$ for a literal $"))
+    return problems
+
+
 def _resolve_input_path(value: str, config_dir: Path) -> tuple[Path, str]:
     """Resolve a data path: the config's folder first, then the working directory."""
     p = Path(value).expanduser()
@@ -1169,6 +1319,9 @@ def load_training_config(path: str, overrides: list[str] | None = None,
 
     config = TrainingConfig(**built, config_path=str(config_path.resolve()), config_text=text,
                             overrides=list(overrides or []))
+    problems = expand_path_variables(config, literal=set(literal or {}))
+    if problems:
+        raise TrainerError.collected(problems)
     config_dir = config_path.resolve().parent
     for key in ("train_path", "valid_path", "test_path"):
         resolved, how = _resolve_input_path(getattr(config.data, key), config_dir)
@@ -1213,6 +1366,7 @@ class ValidationResult:
     disk: dict = field(default_factory=dict)  # check_disk: free space on the output filesystem vs the checkpoints
     integrity: dict = field(default_factory=dict)  # data_integrity: train duplicates, valid/test prompts seen in train
     baseline: dict = field(default_factory=dict)  # baseline_differences: config, data and memory vs the baseline run
+    wandb: dict = field(default_factory=dict)  # W&B online but unreachable: the offline fallback and why (_wandb_rules)
 
     @property
     def ok(self) -> bool:
@@ -1389,6 +1543,112 @@ def _output_rules(config: TrainingConfig, res: ValidationResult) -> None:
                                              "set project: finance-smollm3"))
 
 
+def _write_probe(path: Path) -> Optional[str]:
+    """Why nothing can be written at `path` (a directory, or where one would be created), or None. A file is
+    created and removed in its nearest existing ancestor: os.access says yes to root on a read-only filesystem,
+    a real write does not. Nothing is left behind, no directory is created."""
+    probe = Path(path).expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a directory"
+    test = probe / f".finance-trainer-write-test-{os.getpid()}"
+    try:
+        os.close(os.open(test, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(test)
+    except OSError as exc:
+        return f"{probe} is not writable ({exc.strerror or exc})"
+    return None
+
+
+def environment_locations(config: TrainingConfig, res: ValidationResult) -> list[tuple[str, Path, str]]:
+    """(variable to set, the directory it gives now, what is written there) for every place outside the run dir
+    that a training run writes: the datasets cache (tokenized splits), the temporary directory, the run index,
+    and the Hugging Face Hub cache when the base model is to be downloaded (a read-only, pre-filled Hub cache is a
+    normal setup and is left alone)."""
+    home = Path.home()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    hf_home = Path(os.environ.get("HF_HOME") or (Path(xdg) if os.path.isabs(xdg) else home / ".cache") / "huggingface")
+    import tempfile
+    out = [("HF_DATASETS_CACHE", Path(os.environ.get("HF_DATASETS_CACHE") or hf_home / "datasets"),
+            "the datasets cache (the tokenized splits)"),
+           ("TMPDIR", Path(os.environ.get("TMPDIR") or tempfile.gettempdir()), "temporary files"),
+           ("XDG_CACHE_HOME", run_index_path().parent, "the index of runs (--status RUN_ID from any folder)")]
+    if any("will be downloaded" in w for w in res.warnings):
+        out.append(("HF_HUB_CACHE" if os.environ.get("HF_HUB_CACHE") else "HF_HOME",
+                    Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub"), "the downloaded base model"))
+    return out
+
+
+def _environment_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    """Every place a run writes outside its run dir is writable, checked before anything is created in the run
+    dir: found only after setup, a read-only home (the datasets cache) left a `failed` run dir behind, and the
+    rerun after the fix was refused as RunExists. A failure is exit 2 naming the variable that moves it."""
+    for var, path, what in environment_locations(config, res):
+        why = _write_probe(path)
+        if why:
+            res.errors.append(config_problem(
+                var, str(path), f"a writable directory for {what}",
+                f"{why}: export {var}=<a writable directory>" + ("" if var in os.environ else
+                                                                 f" ({path} is its default here)")))
+
+
+WANDB_CHECK_SECONDS = 5  # preflight's connection to the W&B server (or the proxy in front of it), at most
+WANDB_INIT_SECONDS = 30  # wandb.init's own timeout (W&B's default 90 s), for a server that accepts and then stalls
+WANDB_DEFAULT_URL = "https://api.wandb.ai"
+
+
+def server_unreachable(url: str, timeout_seconds: float) -> Optional[str]:
+    """Why no TCP connection to `url`'s host (through the proxy the environment sets for it, unless NO_PROXY lets
+    it go direct) opens within `timeout_seconds`, or None when one does. Bounded as a whole, name lookup
+    included: the attempt runs in a daemon thread that is abandoned when the time is up."""
+    import socket
+    import threading
+    import urllib.parse
+    import urllib.request
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        via = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = via.hostname or "", via.port or 80
+    outcome: dict = {}
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_seconds).close()
+            outcome["ok"] = True
+        except OSError as exc:
+            outcome["error"] = f"{type(exc).__name__}: {exc}"
+
+    attempt = threading.Thread(target=connect, name="server-check", daemon=True)
+    attempt.start()
+    attempt.join(timeout_seconds + 0.5)
+    if outcome.get("ok"):
+        return None
+    return f"{host}:{port}: " + outcome.get("error", f"no answer within {timeout_seconds:g} s")
+
+
+def _wandb_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    """W&B online (the spec turns it on) on a node that cannot reach its server: wandb.init would wait 90 s and
+    fail the run generically. Found here in at most WANDB_CHECK_SECONDS, and the run falls back to W&B offline
+    (files under <run_dir>/wandb, `wandb sync` them later) with a warning and the manifest's `wandb_fallback`:
+    an air-gapped GPU node still trains, and loses no metrics. Rank 0 only (the one process that logs to W&B)."""
+    wb = config.logging.wandb
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if not wb.enabled or mode in ("offline", "disabled", "dryrun") or not is_main_process():
+        return
+    server = os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_URL
+    why = server_unreachable(server, WANDB_CHECK_SECONDS)
+    if why is None:
+        return
+    res.wandb = {"requested_mode": mode or "online", "mode": "offline", "server": server, "reason": why,
+                 "sync": "wandb sync <run_dir>/wandb/offline-run-*"}
+    res.warnings.append(f"logging.wandb: the W&B server {server} cannot be reached ({why}): W&B runs offline for "
+                        "this run (files under <run_dir>/wandb; `wandb sync` them once the node is online). Set "
+                        "WANDB_MODE=offline to skip this check, or logging.wandb.enabled: false")
+
+
 def _baseline_manifest_path(ref: str) -> Optional[Path]:
     """The baseline's manifest, if `ref` is a manifest or a run dir holding one and it is a JSON object."""
     p = Path(ref).expanduser()
@@ -1443,8 +1703,11 @@ def scan_jsonl(path: Path, split: str, forced: str, how: str) -> tuple[dict, lis
                                        "first, then the working directory. Run DataPrepAgent first if the split "
                                        "was never generated")]
     if not path.is_file():
+        what = ("is a directory; point it at the .jsonl file inside" if path.is_dir() else
+                "is not a regular file (a FIFO, socket or device): the splits are read several times (checked, "
+                "hashed, tokenized), so write the data to a .jsonl file and point at it")
         return {}, [problem("DataPathNotFound", field=dotted, path=str(path), resolved=how,
-                            suggestion=f"{dotted} is a directory; point it at the .jsonl file inside")]
+                            suggestion=f"{dotted} {what}")]
     problems, shapes, count, line_no = [], {}, 0, 0
     with path.open("rb") as fh:
         for line_no, raw in enumerate(fh, 1):
@@ -1732,6 +1995,25 @@ def _packing_rules(config: TrainingConfig, res: ValidationResult) -> None:
     _packing_cost_rule(config, res, lengths, rows)
 
 
+def _answer_token_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    """Tokenize the splits as training will (load_splits' calls, so training then hits the datasets cache) and
+    count the records truncation leaves with no answer token: training drops them (and warns), and a split that
+    would lose every record is EmptyDataset now, not after the model has loaded (--validate-only said "config
+    OK")."""
+    tokenizer = load_tokenizer(config)
+    shapes = {s: i["shape"] for s, i in res.data.items()}
+    raw = _raw_splits(config)
+    if config.data.dedup:
+        raw, _ = dedup_splits(raw, shapes)
+    for split, ds in raw.items():
+        answers = _tokenize_split(ds, config, tokenizer, shapes[split], split)["answer_tokens"]
+        if answers and not any(n > 0 for n in answers):
+            res.errors.append(problem(
+                "EmptyDataset", field=f"data.{split}_path", path=res.data[split]["path"], line_count=len(answers),
+                suggestion=f"every {split} record loses its answer to truncation at data.max_seq_length="
+                           f"{config.data.max_seq_length}: raise data.max_seq_length or shorten the prompts"))
+
+
 def _packing_cost_rule(config: TrainingConfig, res: ValidationResult, lengths: list[int],
                        rows: list[list[int]]) -> None:
     """What packing costs, before training. Only flash-attention 2 (CUDA, flash-attn installed) runs packed rows
@@ -1891,8 +2173,13 @@ def validate_config(config: TrainingConfig, check_device: bool = True, resuming:
     _checkpoint_rules(config, res)
     _schedule_rules(config, res)
     _package_rules(config, res)
+    _environment_rules(config, res)
+    if check_device and not res.errors:
+        _wandb_rules(config, res)
     if check_device and not res.errors:
         _chat_template_rules(config, res)
+    if check_device and not res.errors:
+        _answer_token_rules(config, res)
     if check_device and not res.errors:
         _packing_rules(config, res)
     if check_device and not res.errors:
@@ -2618,6 +2905,7 @@ class Tracker:
     mlflow_run_id: Optional[str] = None
     is_main: bool = True
     echo: bool = True  # False: metrics go to the files only (the dry run before training prints one line)
+    wandb_fallback: Optional[str] = None  # why wandb.init failed online and W&B went offline instead
 
     @property
     def train_curve(self) -> Path:
@@ -2666,10 +2954,12 @@ class Tracker:
 
 
 def init_tracking(config: TrainingConfig, run_id: Optional[str] = None, resume: bool = False,
-                  is_main: bool = True, resume_step: Optional[int] = None) -> Tracker:
+                  is_main: bool = True, resume_step: Optional[int] = None,
+                  wandb_mode: Optional[str] = None) -> Tracker:
     """Open the run's trackers. On resume the CSV curves are kept, and continue from `resume_step` when it is given
     (Tracker.restart_at; a training resume calls that when it starts training, so one that fails before keeps
-    the run's curves whole), and W&B continues the same run id."""
+    the run's curves whole), and W&B continues the same run id. `wandb_mode`: "offline" when preflight found the
+    W&B server unreachable (None: W&B's own setting)."""
     run_id = run_id or make_run_id(config)
     paths = run_paths(config, run_id)
     tracker = Tracker(run_id=run_id, log_dir=paths["log_dir"], tensorboard_dir=paths["tensorboard_dir"],
@@ -2691,11 +2981,21 @@ def init_tracking(config: TrainingConfig, run_id: Optional[str] = None, resume: 
         wandb_dir = paths["run_dir"]  # W&B files live with the run, not in the working directory
         wandb_dir.mkdir(parents=True, exist_ok=True)
         argv, sys.argv = sys.argv, redact(sys.argv)  # W&B records sys.argv in the run's metadata: redacted there too
-        try:
-            tracker.wandb_run = wandb.init(
+        def start(mode: Optional[str]):
+            return wandb.init(
                 project=wb.project, entity=wb.entity, tags=list(wb.tags), name=run_id, id=run_id,
-                resume="allow", dir=str(wandb_dir), config=redact(config.to_dict()),
-                settings=wandb.Settings(console="off", silent=True))
+                resume="allow", dir=str(wandb_dir), config=redact(config.to_dict()), mode=mode,
+                settings=wandb.Settings(console="off", silent=True, init_timeout=WANDB_INIT_SECONDS))
+        try:
+            try:
+                tracker.wandb_run = start(wandb_mode)
+            except wandb.errors.Error as exc:  # online, reachable, and still refused (a bad key, a stalled API)
+                if wandb_mode == "offline" or os.environ.get("WANDB_MODE", "").lower() == "offline":
+                    raise
+                tracker.wandb_fallback = f"{type(exc).__name__}: {str(exc)[:300]}"
+                log.warning("W&B could not start online (%s): W&B runs offline for this run (`wandb sync` it later)",
+                            tracker.wandb_fallback)
+                tracker.wandb_run = start("offline")
         finally:
             sys.argv = argv
     if config.logging.mlflow.enabled:
@@ -3818,11 +4118,16 @@ def _parse_val_losses_hook(text: str, rank: int) -> dict:
     return {"val_losses": losses}
 
 
+SIGNAL_PLACES = ("analysis", "record")  # besides a step: as the analysis after training starts; amid the final record
+
+
 def _parse_signal_hook(text: str, rank: int) -> dict:
     step, name, *rest = text.split(":")
     if len(rest) > 1 or name not in signal.Signals.__members__:
         raise ValueError(text)
-    at = (_hook_int(step, 1), signal.Signals[name])
+    at = (step if step in SIGNAL_PLACES else _hook_int(step, 1), signal.Signals[name])
+    if rest and rest[0] == "launcher":  # rank 0 signals the CLI that launched the ranks, and waits for the relay
+        return {"signal_at_step": at if rank == 0 else None, "signal_launcher": True}
     return {"signal_at_step": at if _on_this_rank(rest[0] if rest else None, rank) else None}
 
 
@@ -3834,6 +4139,51 @@ def _parse_enospc_hook(text: str, rank: int) -> dict:
     return {"enospc_paths": names, "enospc_sticky": bool(colon)}
 
 
+def _exhaust_address_space() -> BaseException:
+    """FINANCE_TRAINER_INJECT_OOM=STEP:exhaust: cap this process's address space (RLIMIT_AS, as `ulimit -v` does) at
+    what it uses now, so that the next large allocation fails for real, and return that MemoryError. What the
+    run then records, it records within the room RunRecorder set aside (the cap is never lifted)."""
+    import resource
+    used_kib = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (used_kib * 1024, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    failure = None
+    for size in (2**20, 2**16, 2**12, 2**8):  # and the allocator's free lists, down to small objects
+        try:
+            while True:
+                _EXHAUSTED.append(bytes(size))
+        except MemoryError as exc:
+            failure = exc
+    return failure
+
+
+_EXHAUSTED: list = []  # what _exhaust_address_space holds on to: nothing the failure unwinds gives it back
+
+
+# What each kind of FINANCE_TRAINER_INJECT_OOM raises: the exception type and message the real allocator gives.
+OOM_INJECTIONS = {
+    "memory": lambda: MemoryError(),
+    "cpu": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate "
+                                "memory: you tried to allocate 268435456 bytes. Error code 12 (Cannot allocate "
+                                "memory)"),
+    "mmap": lambda: OSError("Memory mapping file failed: Cannot allocate memory"),  # pyarrow: no errno set
+    "exhaust": lambda: _exhaust_address_space(),  # a real MemoryError, with the address space really used up
+    "cuda": lambda: __import__("torch").OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+        "1.06 GiB is free."),
+}
+OOM_PLACES = ("data", "plot")  # besides a training step: loading the data splits, drawing the loss plot
+
+
+def _parse_oom_hook(text: str, rank: int) -> dict:
+    where, kind = text.split(":")  # exactly two parts, else ValueError
+    if kind not in OOM_INJECTIONS:
+        raise ValueError(text)
+    if where not in OOM_PLACES:
+        _hook_int(where, 1)
+    return {"oom_at": (where, kind)}
+
+
 FAULT_HOOKS = {  # variable -> (parser, what it takes, an example)
     "FINANCE_TRAINER_INJECT_NAN_AT_STEP": (
         _parse_nan_hook, "STEP, STEP:RANK, dry:STEP or dry:STEP:RANK: an optimizer step >= 1 (of the dry run with "
@@ -3843,10 +4193,15 @@ FAULT_HOOKS = {  # variable -> (parser, what it takes, an example)
     "FINANCE_TRAINER_INJECT_VAL_LOSSES": (
         _parse_val_losses_hook, "numbers separated by commas, one per evaluation", "6.0,3.0,2.0"),
     "FINANCE_TRAINER_INJECT_SIGNAL": (
-        _parse_signal_hook, "STEP:SIGNAL or STEP:SIGNAL:RANK: an optimizer step >= 1 and a signal name (SIGKILL, "
-                            "SIGTERM, ...), on rank RANK only when given", "8:SIGTERM"),
+        _parse_signal_hook, "STEP:SIGNAL, STEP:SIGNAL:RANK or STEP:SIGNAL:launcher: an optimizer step >= 1 (or "
+                            "`analysis`: as the analysis after training starts, `record`: while the final record is "
+                            "written) and a signal name (SIGKILL, SIGTERM, ...), sent on rank RANK only when given; "
+                            "`launcher`: rank 0 sends it to the CLI that launched the ranks", "8:SIGTERM"),
     "FINANCE_TRAINER_INJECT_ENOSPC": (
         _parse_enospc_hook, "SUBSTR[,SUBSTR...] or SUBSTR[,SUBSTR...]:sticky", "checkpoint-6"),
+    "FINANCE_TRAINER_INJECT_OOM": (
+        _parse_oom_hook, f"WHERE:KIND: WHERE an optimizer step >= 1 or one of {list(OOM_PLACES)}, KIND one of "
+                         f"{list(OOM_INJECTIONS)}", "3:cpu"),
 }
 
 
@@ -3858,16 +4213,19 @@ class InjectedFaults:
     nan_in_dry_run: bool = False  # `dry:STEP`: the step of the dry run, not of the training run
     grad_scale: Optional[tuple[int, float]] = None  # (step, factor): the guards see that step's norm times factor
     val_losses: list[float] = field(default_factory=list)  # what successive evaluations report, consumed in turn
-    signal_at_step: Optional[tuple[int, signal.Signals]] = None  # (step, signal) this process sends itself
+    signal_at_step: Optional[tuple[Any, signal.Signals]] = None  # (step or SIGNAL_PLACES name, signal) sent to itself
+    signal_launcher: bool = False  # ... sent to the launching CLI instead (FINANCE_TRAINER_LAUNCHER_PID)
     # FINANCE_TRAINER_INJECT_ENOSPC: injected_enospc parses it at each write (tests set it with monkeypatch)
     enospc_paths: list[str] = field(default_factory=list)
     enospc_sticky: bool = False
+    oom_at: Optional[tuple[str, str]] = None  # (a step number or an OOM_PLACES name, an OOM_INJECTIONS kind)
 
     @property
     def on_trainer(self) -> bool:
         """Whether a hook acts on the Trainer (FaultInjection); the disk-full hook acts on the writers."""
         return self.nan_at_step is not None or self.grad_scale is not None or bool(self.val_losses) \
-            or self.signal_at_step is not None
+            or (self.signal_at_step is not None and isinstance(self.signal_at_step[0], int)) \
+            or (self.oom_at is not None and self.oom_at[0].isdigit())
 
     @classmethod
     def from_env(cls, env: typing.Mapping[str, str], rank: int) -> "InjectedFaults":
@@ -3914,12 +4272,17 @@ class FaultInjection:
         super().__init__(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.dry_run:
+            injected_oom(str(self.state.global_step + 1))
         loss = super().training_step(model, inputs, num_items_in_batch)
         faults, step = injected_faults(), self.state.global_step + 1
         if faults.signal_at_step is not None and step == faults.signal_at_step[0] and not self.dry_run \
                 and not getattr(self, "_signal_sent", False):
             self._signal_sent = True  # once, even with gradient accumulation
-            os.kill(os.getpid(), faults.signal_at_step[1])
+            if faults.signal_launcher:
+                _signal_launcher(faults.signal_at_step[1])
+            else:
+                os.kill(os.getpid(), faults.signal_at_step[1])
         if faults.nan_at_step == step and self.dry_run == faults.nan_in_dry_run:
             loss = _inject_nan(model, loss)
         return loss
@@ -3949,6 +4312,29 @@ def injected_grad_scale(trainer, step: int, factor: float):
                 t.probe.grad_norm *= factor
 
     return InjectedGradScale()
+
+
+def _signal_launcher(sig: signal.Signals) -> None:
+    """The `:launcher` form of FINANCE_TRAINER_INJECT_SIGNAL: signal the CLI that launched the ranks, and wait (up to
+    a minute) until its relay reaches this process, so the step the run stops at is this one, not a later one."""
+    os.kill(int(os.environ["FINANCE_TRAINER_LAUNCHER_PID"]), sig)
+    waited_until = time.monotonic() + 60
+    while not _preempt and time.monotonic() < waited_until:
+        time.sleep(0.01)
+
+
+def injected_signal(place: str) -> None:
+    """FINANCE_TRAINER_INJECT_SIGNAL=PLACE:SIGNAL (a SIGNAL_PLACES name): this process sends itself the signal."""
+    at = injected_faults().signal_at_step
+    if at is not None and at[0] == place:
+        os.kill(os.getpid(), at[1])
+
+
+def injected_oom(where: str) -> None:
+    """FINANCE_TRAINER_INJECT_OOM=WHERE:KIND: raise, at `where`, the allocation failure of that kind."""
+    at = injected_faults().oom_at
+    if at is not None and at[0] == where:
+        raise OOM_INJECTIONS[at[1]]()
 
 
 def _inject_nan(model, loss):
@@ -4273,7 +4659,12 @@ def read_checkpoints(run_dir: Path, verify: bool = False) -> list[dict]:
             if isinstance(meta.get("metrics"), dict):  # a NaN/inf metric is stored as a string (strict JSON)
                 meta["metrics"] = {k: _float_from_json(v) for k, v in meta["metrics"].items()}
             if verify and meta.get("health") == "ok":
-                reason = check_checkpoint_integrity(d, meta)
+                try:
+                    reason = check_checkpoint_integrity(d, meta)
+                except FileNotFoundError as exc:  # a file went between the listing and its read
+                    reason = f"{Path(exc.filename or '?').name}: file missing"
+                if reason and not d.is_dir():  # renamed away while it was read (retention deleting it): gone,
+                    continue                    # not damaged
                 if reason:
                     meta.update(health="corrupt", integrity=reason)
             out.append(meta)
@@ -4292,13 +4683,42 @@ def _run_index() -> dict:
     return read_json_lenient(run_index_path())
 
 
-def register_run(run_id: str, run_dir: Path) -> None:
-    """Record the run in the run index (written atomically). Never fails the run: without a writable cache the
-    run is still found by its directory or output_dir."""
+RUN_INDEX_LOCK_SECONDS = 30  # how long register_run waits for another process's update of the index
+
+
+@contextlib.contextmanager
+def flocked(path: Path, timeout_seconds: float):
+    """An exclusive flock on `path` (created if missing; the same OS lock as lock_run_dir, dropped by the OS
+    when the holder dies), waited for up to `timeout_seconds`; TimeoutError after that."""
+    import fcntl
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        write_json_atomic(run_index_path(), {**_run_index(), run_id: str(Path(run_dir).resolve())})
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path} is held by another process") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def register_run(run_id: str, run_dir: Path) -> None:
+    """Record the run in the run index: read, updated and written (atomically) under a lock on `runs.json.lock`,
+    so runs starting at the same moment all keep their entry (a plain read-modify-write kept 2 of 12). Never fails
+    the run: preflight checked the index's folder is writable, and without the index a run is still found by its
+    directory or output_dir."""
+    index = run_index_path()
+    try:
+        with flocked(index.with_name(index.name + ".lock"), RUN_INDEX_LOCK_SECONDS):
+            write_json_atomic(index, {**_run_index(), run_id: str(Path(run_dir).resolve())})
     except Exception as exc:  # noqa: BLE001 - a read-only or full home must not stop training
-        log.debug("run index %s not updated: %s", run_index_path(), exc)
+        log.warning("run index %s not updated (%s): find this run by its directory", index, exc)
 
 
 def _config_output_dir(config_file: str = "training_config.yaml") -> Optional[str]:
@@ -4391,15 +4811,22 @@ def supersede_checkpoints(run_dir: Path, after_step: int) -> Optional[dict]:
             "checkpoints": [{"name": c["name"], "step": c["step"]} for c in later], "best_archive": best_later}
 
 
-def clean_partial_saves(run_dir: Path) -> list[str]:
-    """Remove leftovers of interrupted saves/deletes (`.tmp-*` dirs) from an earlier process."""
+def clean_partial_saves(run_dir: Path, *more_dirs: Optional[Path]) -> list[str]:
+    """Remove what an earlier process of the run left half-written when it was killed: `.tmp-*` directories
+    (checkpoint saves, `best/` builds, retention deletes) and `.tmp-*` files (a JSON record, a CSV curve or the
+    plot caught mid-write), in the run dir and `more_dirs` (its log dir). Called with the run's lock held, so no
+    live writer owns any of them."""
     removed = []
-    for d in Path(run_dir).glob(f"{TMP_PREFIX}*"):
-        if d.is_dir():
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d.name)
+    for folder in (run_dir, *more_dirs):
+        for p in Path(folder).glob(f"{TMP_PREFIX}*") if folder is not None else []:
+            try:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove %s: %s", p, exc)
+                continue
+            removed.append(p.name)
     if removed:
-        log.warning("removed incomplete checkpoint saves left by an interrupted run: %s", ", ".join(removed))
+        log.warning("removed what an interrupted process left half-written: %s", ", ".join(removed))
     return removed
 
 
@@ -4882,7 +5309,8 @@ def dry_run_model(config: TrainingConfig, validation: ValidationResult, run_id: 
     run_dir = run_paths(config, run_id)["run_dir"]
     run_dir.mkdir(parents=True, exist_ok=True)
     # Trackers get their own `-dryrun` id so the real run's curves and W&B run start clean.
-    tracker = init_tracking(config, f"{run_id}-dryrun", is_main=is_main_process())
+    tracker = init_tracking(config, f"{run_id}-dryrun", is_main=is_main_process(),
+                            wandb_mode=validation.wandb.get("mode"))
     ctx = RunContext(config=config, run_id=run_id, run_dir=run_dir, validation=validation, tracker=tracker,
                      history=RunHistory(), reproducibility={}, created_at=utc_now(), start_time=time.time())
     try:
@@ -5072,29 +5500,46 @@ def _masked_sample(tokenizer, example: dict) -> dict:
 # 15. Train (spec Phase 3): train_model reads as the phases
 # --------------------------------------------------------------------------------------------------
 
-PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")  # Docker/Kubernetes/spot reclaim; SLURM's --signal
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGHUP")  # Docker/Kubernetes/spot reclaim; SLURM's --signal; a closed
+# terminal or SSH session. SIGHUP is a preemption too: the work since the last checkpoint is saved, not lost (a
+# process started under nohup ignores SIGHUP, and keeps ignoring it)
 _preempt: dict = {}  # {"signal": name, "at": time} once one arrived
+_after_training = False  # set once the last optimizer step is done: a signal then skips the remaining analysis
+
+
+class StopNow(BaseException):
+    """A second preemption signal: stop at once, without a checkpoint (RunRecorder still records the run). A
+    BaseException, as KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signal_name: str):
+        self.signal_name = signal_name
+        super().__init__(signal_name)
 
 
 def _on_preempt_signal(signum, frame) -> None:
     name = signal.Signals(signum).name
     if _preempt:  # a second signal: stop now, no save
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
+        raise StopNow(name)
     _preempt.update(signal=name, at=time.time())
-    log.warning("%s received: finishing this optimizer step, then saving a checkpoint and stopping "
-                "(send it again to stop at once)", name)
+    if _after_training:
+        log.warning("%s received after training: skipping the rest of the analysis, then writing the run's final "
+                    "record (send it again to stop at once)", name)
+    else:
+        log.warning("%s received: finishing this optimizer step, then saving a checkpoint and stopping "
+                    "(send it again to stop at once)", name)
 
 
 def install_preemption_handlers() -> dict:
-    """SIGTERM/SIGUSR1 set a flag that PreemptionCallback reads at the next step boundary. Returns the
-    previous handlers, for restore_signal_handlers."""
+    """SIGTERM/SIGUSR1/SIGHUP set a flag that PreemptionCallback reads at the next step boundary (and
+    post_training_analysis between its steps). A signal that is ignored (SIGHUP under nohup) stays ignored.
+    Returns the previous handlers, for restore_signal_handlers."""
+    global _after_training
     _preempt.clear()
+    _after_training = False
     previous = {}
     for name in PREEMPT_SIGNALS:
         sig = getattr(signal, name, None)
-        if sig is not None:
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
             previous[sig] = signal.signal(sig, _on_preempt_signal)
     return previous
 
@@ -5102,6 +5547,31 @@ def install_preemption_handlers() -> dict:
 def restore_signal_handlers(previous: dict) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """While the run's final record is written (the manifest, `best/`, error.json, the trackers closed): every
+    preemption signal and Ctrl-C is noted and acted on only once the record is complete, so a signal never leaves
+    a half-built `best/` or a manifest that says `running` behind a process that is gone. Each step is bounded
+    (the archive is hard links; nothing is trained or generated here); SIGKILL still stops it."""
+    arrived: list[str] = []
+
+    def note(signum, frame) -> None:
+        arrived.append(signal.Signals(signum).name)
+
+    previous = {}
+    for name in (*PREEMPT_SIGNALS, "SIGINT"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, note)
+    try:
+        yield arrived
+    finally:
+        restore_signal_handlers(previous)
+        if arrived:
+            log.warning("%s arrived while the run's final record was being written: it was completed first",
+                        ", ".join(dict.fromkeys(arrived)))
 
 
 @dataclass
@@ -5146,6 +5616,7 @@ class RunContext:
     record_started: bool = True
     previous_record: dict = field(default_factory=dict)  # the manifest a resume continues, as it was read
     initialized_from: Optional[dict] = None  # a new run started from another run's checkpoint (resolve_resume)
+    analysis_skipped: Optional[dict] = None  # a signal after training: what of the analysis was skipped
 
 
 @dataclass
@@ -5250,10 +5721,17 @@ def open_run(config: TrainingConfig, validation: ValidationResult, claim: RunCla
     main_proc, resume, previous = is_main_process(), claim.resume, claim.previous
     if main_proc:
         claim.run_dir.mkdir(parents=True, exist_ok=True)
-        clean_partial_saves(claim.run_dir)
+        clean_partial_saves(claim.run_dir, run_paths(config, claim.run_id)["log_dir"])
         register_run(claim.run_id, claim.run_dir)
     # a resume keeps the curves whole until it starts training (start_resumed_timeline)
-    tracker = init_tracking(config, claim.run_id, resume=bool(resume), is_main=main_proc)
+    tracker = init_tracking(config, claim.run_id, resume=bool(resume), is_main=main_proc,
+                            wandb_mode=validation.wandb.get("mode"))
+    if tracker.wandb_fallback:  # reachable, yet wandb.init failed online: offline, recorded as preflight's would be
+        validation.wandb = {"requested_mode": os.environ.get("WANDB_MODE") or "online", "mode": "offline",
+                            "server": os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_URL,
+                            "reason": tracker.wandb_fallback, "sync": "wandb sync <run_dir>/wandb/offline-run-*"}
+        validation.warnings.append(f"logging.wandb: W&B could not start online ({tracker.wandb_fallback}): it ran "
+                                   "offline; `wandb sync` the files under <run_dir>/wandb later")
     ctx = RunContext(config=config, run_id=claim.run_id, run_dir=claim.run_dir, validation=validation,
                      tracker=tracker, history=RunHistory(),
                      reproducibility=reproducibility_block(config, validation, argv) if main_proc else {},
@@ -5279,6 +5757,7 @@ def open_run(config: TrainingConfig, validation: ValidationResult, claim: RunCla
     return ctx
 
 
+RECORD_RESERVE_BYTES = 64 * 2**20  # set aside while a run trains, handed back to record an out-of-memory failure
 # How a run ends, by the error that ended it (no error: completed; anything else: failed).
 END_STATUS = {"TrainingDiverged": "diverged", "Preempted": "interrupted", "Interrupted": "interrupted"}
 
@@ -5295,9 +5774,21 @@ class RunRecorder:
         self.ctx, self.resume, self.result = ctx, resume, None
         self.manifest_path = ctx.run_dir / MANIFEST_NAME
         self.previous_handlers: dict = {}
+        self.reserve = None  # memory set aside for recording an out-of-memory failure (_free_for_recording)
 
     def __enter__(self) -> "RunRecorder":
         ctx = self.ctx
+        # first: from the manifest that says `running` on, a signal ends in a record that says how the run ended
+        self.previous_handlers = install_preemption_handlers()
+        import mmap
+        import resource  # noqa: F401 - peak_memory's, imported while memory is plentiful
+        import traceback  # noqa: F401 - _free_for_recording's
+        # address space, not resident memory (an untouched anonymous map): what `ulimit -v` and strict overcommit
+        # count, and what a MemoryError has run out of
+        try:
+            self.reserve = mmap.mmap(-1, RECORD_RESERVE_BYTES)
+        except (OSError, MemoryError):  # already at the limit: the run fails soon, recorded as well as it can be
+            self.reserve = None
         try:
             for w in ctx.validation.warnings:
                 log.warning(w)
@@ -5309,11 +5800,28 @@ class RunRecorder:
         except BaseException as exc:
             if not self.__exit__(type(exc), exc, exc.__traceback__):
                 raise
-        self.previous_handlers = install_preemption_handlers()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        restore_signal_handlers(self.previous_handlers)
+        self._free_for_recording(exc)
+        try:
+            with signals_deferred():
+                return self._end(exc)
+        finally:
+            restore_signal_handlers(self.previous_handlers)
+
+    def _free_for_recording(self, exc: Optional[BaseException]) -> None:
+        """Make room to write the record: the reserve is handed back, and after an allocation failure the frames
+        the exception unwound are cleared (their locals, the Trainer and its optimizer states among them, go)."""
+        if self.reserve is not None:
+            self.reserve.close()
+            self.reserve = None
+        if exc is not None and is_out_of_memory(exc):
+            import traceback
+            traceback.clear_frames(exc.__traceback__)
+            gc.collect()
+
+    def _end(self, exc: Optional[BaseException]) -> bool:
         ctx = self.ctx
         ctx.end_time = time.time()
         status, error, instead = run_ending(exc, ctx)
@@ -5353,6 +5861,8 @@ class RunRecorder:
                 if ctx.error is not None:
                     record(ctx.run_dir / "error.json",
                            lambda: write_json_atomic(ctx.run_dir / "error.json", ctx.error))
+                else:  # an earlier process's failure (a preemption before this resume) is not this run's end
+                    record(ctx.run_dir / "error.json", lambda: (ctx.run_dir / "error.json").unlink(missing_ok=True))
             record("trackers", lambda: ctx.tracker.close(status, self.manifest_path if is_main_process() else None))
         finally:
             if not_recorded and isinstance(pending, TrainerError):
@@ -5371,15 +5881,57 @@ def run_ending(exc: Optional[BaseException], ctx: RunContext) -> tuple[str, Opti
     if exc is None:
         return "completed", None, None
     if isinstance(exc, TrainerError):
+        if exc.kind == "OutOfMemory" and "measured_peak_memory_gb" not in exc.details:  # raised during the run
+            add_measured_memory(exc.details, ctx)
         return END_STATUS.get(exc.kind, "failed"), exc, None
     if isinstance(exc, KeyboardInterrupt):
         command = run_resume_command(ctx)
         return "interrupted", TrainerError("Interrupted", {"resume_command": command,
                                                            "suggestion": f"continue with {command}"}), None
+    if isinstance(exc, StopNow):  # a second signal: stopped where it was, without a checkpoint
+        stopped = TrainerError("Preempted", {
+            "signal": exc.signal_name, "step": ctx.global_step, "epoch": ctx.epoch, "checkpoint": None,
+            "resume_command": run_resume_command(ctx),
+            "suggestion": "stopped at once by a second signal, without saving the step under way: the "
+                          "resume_command continues from the last checkpoint"})
+        return "interrupted", stopped, stopped
     if isinstance(exc, Exception) and is_disk_full(exc):
         full = disk_full_error(exc, ctx.run_dir, run_id=ctx.run_id, config=ctx.config)
         return "failed", full, full
+    if is_out_of_memory(exc):
+        oom = out_of_memory_failure(ctx, exc)
+        return "failed", oom, oom
     return "failed", unexpected_error(exc) if isinstance(exc, Exception) else None, None
+
+
+def out_of_memory_failure(ctx: RunContext, exc: BaseException) -> TrainerError:
+    """OutOfMemory (exit 4) for an allocation that failed during the run: the allocator's message, the memory the
+    process measured (its peak, and the GPUs' peak allocated) next to what preflight estimated, and the fix."""
+    config, est = ctx.config, ctx.validation.memory or {}
+    message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    err = out_of_memory_error(config, message, est.get("total_gb"), est.get("available_gb"))
+    if isinstance(exc, OSError):
+        err.details["suggestion"] = (
+            "memory-mapping the datasets cache failed: the process's address space is limited (ulimit -v) or the "
+            "host is out of memory; raise the limit (`ulimit -v unlimited`), free memory, or train on a machine "
+            "with more RAM. " + err.details["suggestion"])
+    add_measured_memory(err.details, ctx)
+    return err
+
+
+def add_measured_memory(details: dict, ctx: RunContext) -> None:
+    """The memory measured at an OutOfMemory, beside the estimate already in `details`: this process's peak
+    resident memory and, on CUDA, each GPU's peak allocated bytes, in GB as the estimate is."""
+    try:
+        measured = peak_memory()
+    except Exception:  # noqa: BLE001 - a measurement that fails must not replace the error
+        return
+    gpus = measured.get("gpu_peak_allocated_bytes")
+    details["measured_peak_memory_gb"] = round((max(gpus) if gpus else measured["host_peak_rss_bytes"]) / 2**30, 3)
+    details["measured_on"] = "GPU (peak allocated, largest)" if gpus else "host RAM (peak resident set of this process)"
+    for key, estimate in (("estimated_memory_gb", "total_gb"), ("available_memory_gb", "available_gb")):
+        if details.get(key) is None:
+            details[key] = (ctx.validation.memory or {}).get(estimate)
 
 
 def _prepare(ctx: RunContext, limit: Optional[int] = None):
@@ -5389,8 +5941,11 @@ def _prepare(ctx: RunContext, limit: Optional[int] = None):
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     seed_everything(config.training.seed)
+    if is_main_process():
+        import_plotting(ctx)
     tokenizer = load_tokenizer(config)
     shapes = {s: i["shape"] for s, i in ctx.validation.data.items()}
+    injected_oom("data")
     datasets_, ctx.data_stats = load_splits(config, tokenizer, shapes, limit)
     attn = attention_implementation(config)
     model = load_base_model(config, attn)
@@ -5398,6 +5953,20 @@ def _prepare(ctx: RunContext, limit: Optional[int] = None):
         init_weights_from(model, Path(ctx.initialized_from["path"]))
     startup_done()
     return tokenizer, datasets_, model
+
+
+def import_plotting(ctx: RunContext) -> None:
+    """matplotlib, imported now, before training: imported only for the loss plot after hours of training, under
+    memory pressure the import itself failed and took the finished run down with it. Here a failure costs nothing
+    but the plot (skipped, with a warning in the console and the manifest)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - MemoryError too: the plot is optional, the run is not
+        ctx.validation.warnings.append(f"matplotlib could not be imported ({type(exc).__name__}: {exc}): "
+                                       "loss_curves.png will be skipped; everything else is kept")
+        log.warning(ctx.validation.warnings[-1])
 
 
 def startup_done() -> None:
@@ -5447,14 +6016,14 @@ def fit(ctx: RunContext, tokenizer, datasets_: dict, model, resume_path: Optiona
              ctx.data_stats["valid"]["samples"], total_optimizer_steps(config, train_rows(train)))
     if resume_path:  # once the checkpoint's state has loaded, before the first new step
         trainer.on_resumed = lambda: start_resumed_timeline(ctx)
+    global _after_training
     try:
-        trainer.train(resume_from_checkpoint=resume_path)
-    except _oom_types() as exc:
-        raise out_of_memory_error(config, str(exc)) from exc
+        trainer.train(resume_from_checkpoint=resume_path)  # an allocation failure: run_ending says OutOfMemory
     finally:
         sync_ctx()
     if resume_path and not ctx.record_started:  # a Trainer that loaded the state without the hook
         start_resumed_timeline(ctx)
+    _after_training = True
     if world_size(config) > 1:
         ctx.distributed = {**(ctx.distributed or {}), **rank_weight_agreement(trainer)}
     if ctx.history.stop is not None:
@@ -6162,7 +6731,15 @@ def analyse_run(ctx: RunContext, model, tokenizer, samples: Optional[list] = Non
     best_step = next((c["step"] for c in read_checkpoints(ctx.run_dir) if c["path"] == ctx.best_checkpoint), None)
     title = f"{ctx.run_id}: best " + (f"{Path(ctx.best_checkpoint).name} (step {best_step})" if ctx.best_checkpoint
                                       else "checkpoint: none")
-    ctx.loss_plot = str(plot_loss_curves(ctx.tracker.train_curve, ctx.tracker.val_curve, best_step, png, title))
+    try:
+        injected_oom("plot")
+        ctx.loss_plot = str(plot_loss_curves(ctx.tracker.train_curve, ctx.tracker.val_curve, best_step, png, title))
+    except Exception as exc:  # a full disk is the run's failure; anything else costs the plot only
+        if is_disk_full(exc):
+            raise
+        ctx.validation.warnings.append(f"loss_curves.png skipped ({type(exc).__name__}: {str(exc)[:300]}); the run's "
+                                       "results are kept")
+        log.warning(ctx.validation.warnings[-1])
 
 
 def merge_adapter(config: TrainingConfig, adapter_dir: Path, out: Path) -> Path:
@@ -6245,6 +6822,11 @@ def post_training_analysis(ctx: RunContext, trainer, tokenizer, datasets_: dict)
     adapter, the baseline comparison, and the console's before/after line. The final manifest and the `best/`
     archive follow (finalize_manifest)."""
     config = ctx.config
+    injected_signal("analysis")
+    if _any_rank(bool(_preempt), trainer.model):  # collective: every rank skips the (collective) evaluation alike
+        ctx.performance = performance_block(ctx, parameter_counts(trainer.model)["trainable"])
+        skip_analysis(ctx, ["test evaluation", "samples", "loss plot", "merged adapter", "baseline comparison"])
+        return
     t0 = time.perf_counter()
     test = trainer.evaluate(datasets_["test"], metric_key_prefix="test")
     test_seconds = time.perf_counter() - t0
@@ -6264,7 +6846,8 @@ def post_training_analysis(ctx: RunContext, trainer, tokenizer, datasets_: dict)
         answer_eval_on_test(ctx, trainer.model, tokenizer)
     if every_rank and config.evaluation.num_samples:
         samples = sample_completions(ctx, trainer.model, tokenizer)
-    if is_main_process():
+    if is_main_process() and not (_preempt and skip_analysis(ctx, ["samples", "loss plot", "merged adapter",
+                                                                    "baseline comparison"])):
         analyse_run(ctx, trainer.model, tokenizer, samples)
         _log_test_metrics(ctx)
         if config.model.lora.enabled and config.model.lora.merge_at_end:
@@ -6294,6 +6877,16 @@ def _log_test_metrics(ctx: RunContext) -> None:
     base = (perf.get("test_eval_seconds") or 0) + (perf.get("samples_seconds") or 0)
     if perf.get("answer_eval_seconds") is not None and base > 0:
         perf["answer_eval_over_test_eval_and_samples"] = round(perf["answer_eval_seconds"] / base, 3)
+
+
+def skip_analysis(ctx: RunContext, what: list[str]) -> bool:
+    """A signal arrived after training: the rest of the analysis (`what`) is skipped so the final record, and
+    `best/`, are written while the platform's grace period lasts. The run is complete (its checkpoints are), so
+    it still ends `completed`; the manifest's `analysis_skipped` and warnings say what is missing and why."""
+    ctx.analysis_skipped = {"signal": _preempt.get("signal", "signal on another rank"), "skipped": what}
+    ctx.validation.warnings.append(f"{ctx.analysis_skipped['signal']} after training: skipped {', '.join(what)}")
+    log.warning(ctx.validation.warnings[-1])
+    return True
 
 
 def _report_before_after(ctx: RunContext) -> None:
@@ -6593,6 +7186,10 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
                             "ended_at": utc_now() if status != "running" else None,
                             "duration_seconds": round(elapsed, 3)},
     }
+    if ctx.analysis_skipped is not None:
+        manifest["analysis_skipped"] = ctx.analysis_skipped
+    if ctx.validation.wandb:
+        manifest["wandb_fallback"] = ctx.validation.wandb
     if ctx.error is not None:
         manifest["error"] = ctx.error
     return _portable_manifest(manifest, ctx.run_dir, config)
@@ -6620,7 +7217,10 @@ def print_run_output(output: Optional[dict]) -> None:
         return
     for h in log.handlers:
         h.flush()
-    print(json_text(output), file=sys.stdout, flush=True)
+    try:
+        print(json_text(output), file=sys.stdout, flush=True)
+    except (OSError, ValueError):  # the terminal is gone (SIGHUP): the manifest holds the same, the exit code stands
+        pass
 
 
 def record_resume_attempt(ctx: RunContext, status: str) -> None:
@@ -6642,6 +7242,7 @@ def finalize_manifest(ctx: RunContext, status: str) -> dict:
     if status == "completed" and ctx.best_checkpoint:
         ctx.best_archive = str(ctx.run_dir / "best")
         manifest = build_manifest(ctx, status)
+        injected_signal("record")
         archive_best(ctx.run_dir, ctx.best_checkpoint, manifest)
     save_manifest(ctx.run_id, manifest, str(path))
     monitor = ctx.history.train[-1] if ctx.history.train else None
@@ -6782,13 +7383,19 @@ def monitor_training(run_id: str, output_dir: Optional[str] = None) -> dict:
         "status.json is rewritten (atomically) at every log step: something else damaged it. Remove it to have "
         "--status report from the manifest, or follow the run's train.log")) or {}
     manifest = read_json_strict(run_dir / MANIFEST_NAME, DAMAGED_MANIFEST_HINT) or {}
-    if not status and not manifest:
+    holder = read_json_lenient(run_dir / RUN_LOCK) if not status else {}  # start-up: who holds the run
+    if not status and not manifest and not holder:
         raise TrainerError("CheckpointNotFound", {"field": "run", "value": run_id, "path": str(run_dir),
                                                   "suggestion": "no status.json or manifest: is this a run dir?"})
     out = {"run_id": manifest.get("run_id") or status.get("run_id"), "run_dir": str(run_dir),
            **{k: status.get(k) for k in ("status", "step", "max_steps", "epoch", "train_loss", "val_loss",
                                          "tokens_per_second", "elapsed_seconds", "eta_seconds", "updated_at",
                                          "pid", "hostname")}}
+    if not status:  # status.json comes with the first logged step: until then the run is starting
+        out.update(run_id=out["run_id"] or run_dir.name, pid=holder.get("pid"), hostname=holder.get("hostname"),
+                   status=manifest.get("status") if manifest.get("status") not in (None, "running") else "starting")
+        if out["status"] == "starting":
+            out["note"] = "starting: preflight, data, model or the dry run; no training step logged yet"
     healthy = [c for c in read_checkpoints(run_dir) if c.get("health") == "ok"]
     out["last_checkpoint"] = healthy[-1]["path"] if healthy else None
     final = manifest.get("status")
@@ -6797,7 +7404,7 @@ def monitor_training(run_id: str, output_dir: Optional[str] = None) -> dict:
         perf = manifest.get("performance") or {}
         if perf.get("tokens_per_second") is not None:  # the whole run's training throughput
             out["tokens_per_second"] = perf["tokens_per_second"]
-    elif out["status"] == "running" and out["hostname"] == platform.node() and out["pid"] \
+    elif out["status"] in ("running", "starting") and out["hostname"] == platform.node() and out["pid"] \
             and not _process_alive(int(out["pid"])):
         out["status"] = "failed"
         rep = manifest.get("reproducibility") or {}
@@ -6983,7 +7590,7 @@ def run_plan(config: TrainingConfig, as_json: bool) -> int:
 
 EPILOG = """exit codes: 0 success; 2 invalid config, data, checkpoint or paths, or the run dir is in use by
 another process (nothing trained); 3 training stopped by an anomaly guard; 4 out of memory;
-143 preempted (SIGTERM/SIGUSR1: checkpoint saved, resume with --resume-from latest); 130 Ctrl-C;
+143 preempted (SIGTERM/SIGUSR1/SIGHUP: checkpoint saved, resume with --resume-from latest); 130 Ctrl-C;
 1 anything else.
 Failures end with one JSON object on stderr: {"error": Kind, "details": {...}, "errors": [...]}.
 
@@ -7054,11 +7661,63 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+# The CLI that started torch.distributed.run stays in charge of the run: these signals are forwarded to the launcher
+# (started in its own session, so a terminal's Ctrl-C or a `kill -- -PGID` reaches it once, through here), which
+# relays each to every rank. The ranks then have LAUNCHER_GRACE_SECONDS to finish the step, save, write the
+# manifest and exit (torchrun's --shutdown-timeout, then SIGKILL): 90 s fits in AWS's 2-minute spot notice; set the
+# platform's own grace to more (Kubernetes terminationGracePeriodSeconds: 120, `docker stop -t 120`).
+LAUNCHER_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP")
+LAUNCHER_GRACE_SECONDS = 90
+LAUNCHER_TEARDOWN_SECONDS = 30  # beyond the grace: torchrun's own SIGKILL and exit, before this CLI kills it
+
+
+class LauncherSignals:
+    """Forward LAUNCHER_SIGNALS sent to this CLI to the launcher's process group, each time one arrives (a second
+    one reaches the ranks as a second signal: stop at once). `first` is the first signal's name, `deadline` the
+    monotonic time by which the launcher must be gone. A signal this process ignores (SIGHUP under nohup) stays
+    ignored."""
+
+    def __init__(self, proc, ranks: int):
+        self.proc, self.ranks, self.first, self.deadline, self.previous = proc, ranks, None, None, {}
+        for name in LAUNCHER_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+                self.previous[sig] = signal.signal(sig, self.forward)
+
+    def forward(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.first is None:
+            self.first = name
+            self.deadline = time.monotonic() + LAUNCHER_GRACE_SECONDS + LAUNCHER_TEARDOWN_SECONDS
+            log.warning("%s received: forwarded to the %d ranks, which finish the step, save a checkpoint and stop "
+                        "(up to %d s)", name, self.ranks, LAUNCHER_GRACE_SECONDS)
+        try:
+            os.killpg(self.proc.pid, signum)
+        except ProcessLookupError:  # already gone
+            pass
+
+    def restore(self) -> None:
+        restore_signal_handlers(self.previous)
+
+
+def _die_with_parent():
+    """A preexec_fn: the launcher gets SIGTERM (and relays it to the ranks, which save) when this CLI dies, even by
+    SIGKILL, instead of training on unsupervised. Linux only (prctl PR_SET_PDEATHSIG); None elsewhere."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+
+
 def launch_distributed(config: TrainingConfig, args: argparse.Namespace, argv: list[str]) -> int:
     """Launched plainly with compute.num_gpus > 1, or with compute.fsdp on CUDA (one process is still a
     distributed launch, which Trainer's FSDP requires): validate here, then start this script under
-    torch.distributed.run with num_gpus processes. Under torchrun / accelerate launch (LOCAL_RANK set)
-    this is skipped and the launcher's processes are used as they are."""
+    torch.distributed.run with num_gpus processes, forwarding signals to it (LauncherSignals), and end with the
+    ranks' own error payload and exit code. Under torchrun / accelerate launch (LOCAL_RANK set) this is skipped
+    and the launcher's processes are used as they are."""
     import subprocess
     # one error report before any process starts; the device probe is left to the ranks, so this parent
     # never holds a CUDA context while they train
@@ -7074,27 +7733,70 @@ def launch_distributed(config: TrainingConfig, args: argparse.Namespace, argv: l
     n = config.compute.num_gpus
     child_argv = list(argv) + ([] if args.run_id else ["--run-id", run_id])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           f"--signals-to-handle={','.join(LAUNCHER_SIGNALS)}", f"--shutdown-timeout={LAUNCHER_GRACE_SECONDS}",
            str(Path(__file__).resolve()), *child_argv]
     log.info("compute.num_gpus=%d: starting %d processes with torch.distributed.run (backend %s), run %s",
              n, n, config.compute.distributed_backend, run_id)
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    last_error, in_launcher_trace = None, False
-    for line in proc.stderr:  # forward the ranks' stderr; keep the launcher's own failure report out of it
-        payload = _error_payload(line)
-        if payload is not None:  # the first specific error wins over a rank's generic follow-up failure
-            if last_error is None or last_error.get("error") == "TrainingFailed":
-                last_error = payload
-            continue
-        if line.startswith("Traceback") or "torch.distributed.elastic" in line or "ChildFailedError" in line:
-            in_launcher_trace = True
-        if not in_launcher_trace or args.debug:
-            sys.stderr.write(line)
-    rc = proc.wait()
-    if rc == 0:
+    env = {**os.environ, "FINANCE_TRAINER_LAUNCHER_PID": str(os.getpid())}  # the ranks' test hook signals it
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                            preexec_fn=_die_with_parent())
+    relay = LauncherSignals(proc, n)
+    try:
+        last_error = _follow_launcher(proc, relay, args.debug)
+    finally:
+        relay.restore()
+    if proc.returncode == 0 and last_error is None:
         return EXIT_OK
-    last_error = last_error or unexpected_error(RuntimeError(f"torch.distributed.run exited with {rc}")).payload
+    if last_error is None and relay.first is not None:  # stopped before the ranks could say anything
+        kind = "Interrupted" if relay.first == "SIGINT" else "Preempted"
+        last_error = TrainerError(kind, {
+            "signal": relay.first, "step": None, "checkpoint": None, "launcher_exit_code": proc.returncode,
+            "suggestion": f"the ranks stopped before reporting (killed after the {LAUNCHER_GRACE_SECONDS} s grace "
+                          f"period, or before training started): continue with --resume-from latest --run-id "
+                          f"{run_id} (a run with no checkpoint yet starts over with --force)"}).payload
+    last_error = last_error or unexpected_error(
+        RuntimeError(f"torch.distributed.run exited with {proc.returncode}")).payload
     emit_error(last_error)
     return ERROR_EXIT_CODES.get(last_error.get("error"), EXIT_FAILED)
+
+
+def _follow_launcher(proc, relay: LauncherSignals, debug: bool) -> Optional[dict]:
+    """Forward the ranks' stderr (the launcher's own failure report left out unless --debug) until the launcher
+    exits, and return the ranks' error payload (the first specific one wins over a rank's generic follow-up
+    failure), or None. After a forwarded signal the wait is bounded: past relay.deadline the launcher's process
+    group is killed."""
+    import subprocess
+    import threading
+    found: dict = {}
+
+    def pump() -> None:
+        in_launcher_trace = False
+        for line in proc.stderr:
+            payload = _error_payload(line)
+            if payload is not None:
+                if "error" not in found or found["error"].get("error") == "TrainingFailed":
+                    found["error"] = payload
+                continue
+            if line.startswith("Traceback") or "torch.distributed.elastic" in line or "ChildFailedError" in line:
+                in_launcher_trace = True
+            noise = in_launcher_trace or (relay.first is not None and "torch/distributed/elastic" in line)
+            if debug or not noise:
+                sys.stderr.write(line)
+
+    reader = threading.Thread(target=pump, name="launcher-stderr", daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        try:
+            proc.wait(timeout=0.5)  # short: a signal handled meanwhile sets a deadline this loop must see
+        except subprocess.TimeoutExpired:
+            pass
+        if relay.deadline is not None and time.monotonic() > relay.deadline and proc.poll() is None:
+            log.error("the launcher did not exit within %d s of %s: killing it", LAUNCHER_GRACE_SECONDS
+                      + LAUNCHER_TEARDOWN_SECONDS, relay.first)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(timeout=LAUNCHER_TEARDOWN_SECONDS)  # the ranks may hold the pipe a moment longer
+    return found.get("error")
 
 
 def _error_payload(line: str) -> Optional[dict]:
@@ -7127,14 +7829,18 @@ def setup_logging(debug: bool) -> None:
 
 
 def emit_error(payload: dict) -> None:
-    """The last thing on stderr: one JSON object."""
-    sys.stdout.flush()
-    sys.stderr.write(json_text(payload) + "\n")  # secrets redacted, strict JSON
-    sys.stderr.flush()
+    """The last thing on stderr: one JSON object (not at all when the terminal is gone: error.json has it)."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.write(json_text(payload) + "\n")  # secrets redacted, strict JSON
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    redact_library_output()  # before any library prints, or keeps a handle on the streams
     args = parse_args(argv)
     setup_logging(args.debug)
     try:

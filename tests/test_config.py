@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import train_finance_ssc_model as tf
-from conftest import base_config, set_key, write_config
+from conftest import base_config, last_json, run_cli, set_key, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,3 +106,82 @@ def test_literal_paths_and_unquoted_versions(tmp_path, tiny_dir):
     assert loaded.data.dataset_version == "2025-11-17"
     assert loaded.logging.output_dir == "runs #2" and loaded.evaluation.baseline == "2025"
     assert "logging.output_dir=runs #2" in loaded.overrides
+
+
+# --------------------------------------------------------------------------------------------------
+# Duplicate keys (PyYAML keeps the last copy silently) and environment variables in path values
+# --------------------------------------------------------------------------------------------------
+
+def test_duplicate_keys_at_any_depth_name_the_key_and_both_lines(tmp_path):
+    text = ("training:\n"             # 1
+            "  seed: 1\n"             # 2
+            "  hyperparameters:\n"    # 3
+            "    batch_size: 4\n"     # 4
+            "    batch_size: 8\n"     # 5
+            "  seed: 2\n"             # 6
+            "base: &b {x: 1}\n"       # 7
+            "other:\n"                # 8
+            "  <<: *b\n"              # 9: a merge, then an override of a merged key: not a duplicate
+            "  x: 2\n")               # 10
+    with pytest.raises(tf.TrainerError) as info:
+        tf._parse_yaml(text, "c.yaml")
+    found = {e["details"]["field"]: e["details"]["lines"] for e in info.value.errors}
+    assert found == {"training.hyperparameters.batch_size": [4, 5], "training.seed": [2, 6]}
+    assert info.value.kind == "InvalidConfig" and info.value.exit_code == 2
+    assert "lines 4, 5 of c.yaml" in info.value.details["suggestion"]
+
+
+@pytest.mark.slow
+def test_a_duplicated_section_is_exit_2_naming_both_lines(tmp_path, tiny_dir):
+    """A second `training:` pasted at the end would silently replace the first (default lr, batch size, epochs)."""
+    path = write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))
+    lines = path.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines, 1) if line == "training:")
+    path.write_text("\n".join(lines + ["training:", "  seed: 7"]) + "\n")
+    proc = run_cli("--config", path, "--validate-only")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    d = last_json(proc.stderr)["details"]
+    assert d["field"] == "training" and d["lines"] == [first, len(lines) + 1] and d["line"] == len(lines) + 1
+    assert f"lines {first}, {len(lines) + 1}" in d["suggestion"]
+
+
+def test_environment_variables_in_path_values_are_expanded(tmp_path, tiny_dir, monkeypatch):
+    monkeypatch.setenv("FT_TEST_SCRATCH", str(tmp_path / "scratch"))
+    cfg = set_key(base_config(tiny_dir, tmp_path), "logging.output_dir", "${FT_TEST_SCRATCH}/runs")
+    cfg = set_key(cfg, "logging.logging_dir", "$FT_TEST_SCRATCH/logs")
+    cfg = set_key(cfg, "data.dataset_name", "name_$FT_TEST_SCRATCH")  # not a path: left as written
+    cfg = set_key(cfg, "logging.tensorboard.log_dir", "$FT_TEST_SCRATCH/tb$$1")  # $$: a literal $
+    loaded = tf.load_training_config(str(write_config(tmp_path / "c.yaml", cfg)),
+                                     literal={"evaluation.baseline": "$FT_TEST_SCRATCH"})  # --baseline: as given
+    assert loaded.logging.output_dir == f"{tmp_path}/scratch/runs"
+    assert loaded.logging.logging_dir == f"{tmp_path}/scratch/logs"
+    assert loaded.logging.tensorboard.log_dir == f"{tmp_path}/scratch/tb$1"
+    assert loaded.data.dataset_name == "name_$FT_TEST_SCRATCH" and loaded.evaluation.baseline == "$FT_TEST_SCRATCH"
+
+
+def test_an_unset_variable_in_a_path_is_exit_2_naming_it(tmp_path, tiny_dir, monkeypatch):
+    monkeypatch.delenv("FT_TEST_UNSET", raising=False)
+    monkeypatch.setenv("FT_TEST_EMPTY", "")
+    cfg = set_key(base_config(tiny_dir, tmp_path), "logging.output_dir", "${FT_TEST_UNSET}/runs")
+    cfg = set_key(cfg, "data.train_path", "$FT_TEST_EMPTY/train.jsonl")
+    cfg = set_key(cfg, "logging.logging_dir", "${FT_TEST:-logs}")
+    with pytest.raises(tf.TrainerError) as info:
+        tf.load_training_config(str(write_config(tmp_path / "c.yaml", cfg)))
+    by_field = {e["details"]["field"]: e["details"] for e in info.value.errors}
+    assert set(by_field) == {"logging.output_dir", "data.train_path", "logging.logging_dir"}
+    assert by_field["logging.output_dir"]["value"] == "${FT_TEST_UNSET}/runs"
+    assert "export FT_TEST_UNSET=" in by_field["logging.output_dir"]["suggestion"]
+    assert "FT_TEST_EMPTY is not set (it is empty)" in by_field["data.train_path"]["suggestion"]
+    assert "names no variable" in by_field["logging.logging_dir"]["suggestion"]
+
+
+@pytest.mark.slow
+def test_cli_never_creates_a_literal_variable_directory(tmp_path, tiny_dir):
+    cfg = set_key(base_config(tiny_dir, tmp_path), "logging.output_dir", str(tmp_path / "${FT_TEST_UNSET}" / "runs"))
+    path = write_config(tmp_path / "c.yaml", cfg)
+    proc = run_cli("--config", path, "--run-id", "r", "--skip-dry-run", env={"FT_TEST_UNSET": ""})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    d = last_json(proc.stderr)["details"]
+    assert d["field"] == "logging.output_dir" and "FT_TEST_UNSET" in d["suggestion"]
+    assert not (tmp_path / "${FT_TEST_UNSET}").exists()

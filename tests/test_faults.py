@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import platform
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -426,3 +430,190 @@ def test_malformed_hooks_stop_a_run_with_exit_2_and_leave_help_alone(tiny_dir, t
     err = last_json(proc.stderr)
     assert err["error"] == "InvalidConfig" and err["details"]["field"] == NAN and err["details"]["value"] == "five"
     assert [e["details"]["field"] for e in err["errors"]] == [NAN, ENOSPC]  # every malformed hook at once
+
+
+# --------------------------------------------------------------------------------------------------
+# Out of memory (FINANCE_TRAINER_INJECT_OOM raises the allocators' own exception types and messages)
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hook, message", [
+    # a real MemoryError: the address space capped (RLIMIT_AS, as `ulimit -v`) at what the process uses and filled
+    # to the last small object; without the room RunRecorder makes, the manifest would be left `running`
+    ("3:exhaust", "MemoryError"),
+    ("3:cpu", "DefaultCPUAllocator: can't allocate memory"),
+    ("3:cuda", "CUDA out of memory"),
+    ("data:mmap", "Memory mapping file failed: Cannot allocate memory"),  # datasets memory-mapping its cache
+])
+def test_an_allocation_failure_is_out_of_memory_and_recorded(tiny_dir, tmp_path, hook, message):
+    cfg = set_key(base_config(tiny_dir, tmp_path), "training.hyperparameters.num_epochs", 1)
+    proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--run-id", "oom", "--skip-dry-run",
+                   env={"FINANCE_TRAINER_INJECT_OOM": hook})
+    assert proc.returncode == tf.EXIT_OOM == 4, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    err = last_json(proc.stderr)
+    d = err["details"]
+    assert err["error"] == "OutOfMemory" and message in d["message"]
+    assert d["measured_peak_memory_gb"] > 0 and d["measured_on"].startswith("host RAM")
+    assert d["estimated_memory_gb"] > 0 and d["available_memory_gb"] > 0  # preflight's estimate, beside it
+    assert "batch_size" in d["suggestion"] and ("ulimit" in d["suggestion"]) == hook.endswith("mmap")
+    run_dir = tmp_path / "runs" / "oom"
+    m = json.loads((run_dir / "run_manifest.json").read_text())
+    assert m["status"] == "failed" and m["error"] == err
+    assert json.loads((run_dir / "error.json").read_text()) == err
+    assert m["training_results"]["total_steps"] == (0 if hook.startswith("data") else 2)
+
+
+@pytest.mark.slow
+def test_a_plot_that_cannot_be_drawn_costs_the_plot_only(tiny_dir, tmp_path):
+    cfg = set_key(base_config(tiny_dir, tmp_path), "training.hyperparameters.num_epochs", 1)
+    proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--run-id", "noplot", "--skip-dry-run",
+                   env={"FINANCE_TRAINER_INJECT_OOM": "plot:memory"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "noplot"
+    m = json.loads((run_dir / "run_manifest.json").read_text())
+    assert m["status"] == "completed" and m["metrics"]["loss_curves_plot"] is None
+    assert any(w.startswith("loss_curves.png skipped (MemoryError") for w in m["warnings"])
+    assert m["test_results"]["test_loss"] > 0 and m["samples"]["count"] == 2  # the results are kept
+    assert tf.check_checkpoint_integrity(run_dir / "best", resume=False) is None
+    assert not (tmp_path / "logs" / "noplot" / "loss_curves.png").exists()
+
+
+@pytest.mark.parametrize("exc, oom", [
+    (MemoryError(), True),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"), True),
+    (OSError("Memory mapping file failed: Cannot allocate memory"), True),
+    (OSError(errno.ENOMEM, "Cannot allocate memory"), True),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (ValueError("the estimate says it runs out of memory"), False),  # only the allocators' types are trusted
+    (OSError(errno.ENOSPC, "No space left on device"), False),
+])
+def test_out_of_memory_is_recognised_however_the_allocator_says_it(exc, oom):
+    assert tf.is_out_of_memory(exc) is oom
+    wrapped = RuntimeError("tokenizing failed")
+    wrapped.__cause__ = exc
+    assert tf.is_out_of_memory(wrapped) is oom
+
+
+def _register(run_id: str, run_dir: str, start) -> None:
+    start.wait()
+    tf.register_run(run_id, Path(run_dir))
+
+
+def test_twelve_runs_registering_at_once_all_keep_their_entry(tmp_path, monkeypatch):
+    """The run index is read, updated and written under a lock: a plain read-modify-write kept 2 of 12."""
+    import multiprocessing
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Barrier(12)
+    procs = [ctx.Process(target=_register, args=(f"run{i}", str(tmp_path / f"run{i}"), start)) for i in range(12)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 12
+    index = json.loads((tmp_path / "cache" / "finance_smollm3" / "runs.json").read_text())
+    assert index == {f"run{i}": str(tmp_path / f"run{i}") for i in range(12)}
+    assert sorted(p.name for p in (tmp_path / "cache" / "finance_smollm3").iterdir()) == ["runs.json", "runs.json.lock"]
+
+
+# --------------------------------------------------------------------------------------------------
+# What libraries print themselves goes through the same redaction: a real local `mlflow server`, a password in
+# the tracking URI, and MLflow's own `View run ... at: <tracking URI>` lines on stdout
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    import socket
+    import time
+    import urllib.request
+    root = tmp_path_factory.mktemp("mlflow_server")
+    with socket.socket() as s:  # a free local port (the server binds it a moment later)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_file = (root / "server.log").open("w")
+    (root / "store").mkdir()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{root / 'store' / 'mlflow.db'}",
+                               "--default-artifact-root", str(root / "store" / "artifacts"), "--workers", "1"],
+                              stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300  # a cold start runs the store's migrations: tens of seconds on 2 cores
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                os.killpg(server.pid, signal.SIGKILL)
+                pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield port, root / "store"
+    os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker (its own session)
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+    log_file.close()
+
+
+@pytest.mark.slow
+def test_mlflow_run_links_never_show_the_tracking_password(tiny_dir, tmp_path, mlflow_server):
+    port, store = mlflow_server
+    password = "PWmlflow_8812x"
+    cfg = set_key(base_config(tiny_dir, tmp_path), "training.hyperparameters.num_epochs", 1)
+    cfg = set_key(cfg, "logging.mlflow", {"enabled": True, "tracking_uri": f"http://user:{password}@127.0.0.1:{port}/",
+                                          "experiment": "redaction"})
+    proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--run-id", "linked", "--skip-dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # MLflow printed its links (so the test saw what it guards against), with the password masked
+    assert f"View run linked at: http://user:***@127.0.0.1:{port}/#/experiments/" in proc.stdout
+    assert f"View experiment at: http://user:***@127.0.0.1:{port}/#/experiments/" in proc.stdout
+    assert password not in proc.stdout and password not in proc.stderr
+    files = [p for root in (tmp_path, store) for p in root.rglob("*") if p.is_file() and p != tmp_path / "c.yaml"]
+    assert any(p.name == "run_manifest.json" for p in files)
+    for p in files:
+        assert password.encode() not in p.read_bytes(), f"the password was written to {p}"
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Readers during a run's life: a listing while retention deletes, --status while the run starts
+# --------------------------------------------------------------------------------------------------
+
+def fake_checkpoint(run_dir: Path, step: int) -> Path:
+    d = run_dir / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    (d / tf.CHECKPOINT_META).write_text(json.dumps({"name": d.name, "step": step, "health": "ok"}))
+    return d
+
+
+def test_a_checkpoint_deleted_while_it_is_listed_is_gone_not_corrupt(tmp_path, monkeypatch):
+    """Retention renames a checkpoint away (then deletes it) while another shell lists the run: the listing
+    read its meta, then found its files missing. It is no longer there; it was never damaged."""
+    doomed, kept = fake_checkpoint(tmp_path, 5), fake_checkpoint(tmp_path, 6)
+    real = tf.check_checkpoint_integrity
+
+    def retention_meanwhile(d, meta=None, resume=True):
+        if Path(d) == doomed:
+            os.rename(doomed, doomed.with_name(f"{tf.TMP_PREFIX}delete-{doomed.name}"))
+            raise FileNotFoundError(2, "No such file or directory", str(doomed / "model.safetensors"))
+        return real(d, meta, resume)
+
+    monkeypatch.setattr(tf, "check_checkpoint_integrity", retention_meanwhile)
+    listed = tf.read_checkpoints(tmp_path, verify=True)
+    assert [(c["name"], c["health"]) for c in listed] == [(kept.name, "ok")]
+
+
+def test_status_during_start_up_says_starting(tmp_path):
+    """Before the first logged step there is no status.json: the lock's holder says who runs it."""
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / tf.RUN_LOCK).write_text(json.dumps({"pid": os.getpid(), "hostname": platform.node()}))
+    st = tf.monitor_training(str(run_dir))
+    assert st["status"] == "starting" and st["pid"] == os.getpid() and "no training step" in st["note"]
+    (run_dir / tf.MANIFEST_NAME).write_text(json.dumps({"run_id": "r", "status": "running"}))
+    assert tf.monitor_training(str(run_dir))["status"] == "starting"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run_dir / tf.RUN_LOCK).write_text(json.dumps({"pid": int(dead.stdout), "hostname": platform.node()}))
+    st = tf.monitor_training(str(run_dir))
+    assert st["status"] == "failed" and "is gone" in st["note"]

@@ -194,6 +194,21 @@ def _wandb_no_credentials(ctx: Ctx) -> Path:
     return ctx.config({"logging.wandb.enabled": True})
 
 
+def _unwritable_env(var: str) -> Callable[[Ctx], Path]:
+    """`var` pointing below a regular file: no user, root included, can create anything there."""
+    def build(ctx: Ctx) -> Path:
+        blocker = ctx.tmp / "blocker"
+        blocker.write_text("a file, not a folder\n")
+        ctx.env[var] = str(blocker / "cache")
+        return ctx.config()
+    return build
+
+
+def _check_names_variable(d, payload, ctx):
+    assert d["value"] == str(ctx.tmp / "blocker" / "cache"), d
+    assert f"export {d['field']}=" in d["suggestion"] and "is a file, not a directory" in d["suggestion"], d
+
+
 def _hub_not_cached(ctx: Ctx) -> Path:
     hf_home = ctx.tmp / "hf_home"
     hf_home.mkdir()
@@ -352,6 +367,11 @@ CASES = [
          "InvalidDataset", field="data.train_path", line=1,
          allowed={"data.train_path", "data.valid_path", "data.test_path"}),
     Case("valid_bad_line", _multiline_valid, "InvalidDataset", field="data.valid_path", line=5),
+    # every record of every split loses its answer to truncation: training would drop them all
+    cfg_case("every_answer_truncated", {"data.max_seq_length": 8}, kind="EmptyDataset", field_="data.train_path",
+             allowed={"data.train_path", "data.valid_path", "data.test_path"},
+             check=lambda d, p, c: ("max_seq_length=8" in d["suggestion"] and d["line_count"] == 96)
+             or pytest.fail(str(d))),
     # --- outputs and tracking -----------------------------------------------------------------------
     Case("output_dir_under_a_file", _blocked_output, "InvalidConfig", field="logging.output_dir",
          check=_check_blocked),
@@ -359,6 +379,13 @@ CASES = [
          check=_check_blocked),
     Case("wandb_without_credentials", _wandb_no_credentials, "InvalidConfig", field="logging.wandb.enabled",
          check=lambda d, p, c: ("WANDB_MODE=offline" in d["suggestion"]) or pytest.fail(d["suggestion"])),
+    # --- the environment: where a run writes outside its run dir ------------------------------------
+    Case("datasets_cache_unwritable", _unwritable_env("HF_DATASETS_CACHE"), "InvalidConfig",
+         field="HF_DATASETS_CACHE", check=_check_names_variable),
+    Case("tmpdir_unwritable", _unwritable_env("TMPDIR"), "InvalidConfig", field="TMPDIR",
+         check=_check_names_variable),
+    Case("run_index_unwritable", _unwritable_env("XDG_CACHE_HOME"), "InvalidConfig", field="XDG_CACHE_HOME",
+         check=lambda d, p, c: d["value"] == str(c.tmp / "blocker" / "cache" / "finance_smollm3") or pytest.fail(d)),
     # --- memory -------------------------------------------------------------------------------------
     Case("oom_absurd_batch_size", _oom, "OutOfMemory", exit=4, check=_check_oom),
 ]
@@ -506,3 +533,47 @@ def test_valid_config_validates_and_exits_0(tmp_path: Path, tiny_dir: Path):
     assert '"error"' not in proc.stderr
     assert "config OK" in proc.stdout and "train 96 samples (messages)" in proc.stdout
     assert snapshot(tmp_path, tiny_dir) == before, "--validate-only wrote to disk"
+
+
+@pytest.mark.slow
+def test_an_unwritable_environment_stops_a_run_before_its_run_dir_exists(tmp_path: Path, tiny_dir: Path):
+    """A read-only home (the datasets cache, the run index) used to fail after setup, leaving a `failed` run dir
+    that turned the rerun after the fix into RunExists."""
+    blocker = tmp_path / "home-file"
+    blocker.write_text("not a folder\n")
+    path = write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))
+    proc = run_cli("--config", path, "--run-id", "r", env={"XDG_CACHE_HOME": str(blocker / "cache")})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert last_json(proc.stderr)["details"]["field"] == "XDG_CACHE_HOME"
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "logs").exists()
+
+
+def test_the_write_probe_sees_a_read_only_filesystem(tmp_path, monkeypatch):
+    """os.access answers yes to root on a read-only mount; the probe writes, so EROFS is seen."""
+    import errno
+    import os
+
+    import train_finance_ssc_model as tf
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).startswith(str(tmp_path)) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args)
+
+    assert tf._write_probe(tmp_path / "datasets") is None
+    monkeypatch.setattr(os, "open", read_only)
+    assert tf._write_probe(tmp_path / "datasets") == f"{tmp_path} is not writable (Read-only file system)"
+    assert list(tmp_path.iterdir()) == []  # nothing created, not even the missing folder
+
+
+def test_a_fifo_as_data_path_is_not_called_a_directory(tmp_path):
+    import os
+
+    import train_finance_ssc_model as tf
+    fifo = tmp_path / "train.jsonl"
+    os.mkfifo(fifo)
+    _, problems = tf.scan_jsonl(fifo, "train", "auto", "absolute")
+    assert [p["error"] for p in problems] == ["DataPathNotFound"]
+    assert "not a regular file (a FIFO" in problems[0]["details"]["suggestion"]
+    assert "directory" not in problems[0]["details"]["suggestion"]

@@ -131,3 +131,33 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(ddp_pair):
     a = load_file(out / "runs" / "two" / "checkpoint-epoch-2" / "model.safetensors")
     b = load_file(run_dir / "checkpoint-epoch-2" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launching_cli_reaches_the_ranks_and_resume_is_exact(ddp_pair):
+    """SIGTERM at the CLI's pid (what Kubernetes, Docker and SLURM signal) while two gloo ranks train: the CLI
+    forwards it to torchrun, which relays it to both ranks; they save checkpoint-5 and stop, and the CLI ends with
+    their Preempted payload (exit 143) and one manifest that says `interrupted`. The resume is bit-exact.
+    Rank 0 sends the signal to the CLI inside step 5 and waits for the relay (the `:launcher` hook), so the stop
+    step is certain."""
+    from safetensors.torch import load_file
+    out, _, p2 = ddp_pair
+    assert p2.returncode == 0, p2.stderr[-2000:]
+    path = out / "two.yaml"
+    proc = run_cli("--config", path, "--run-id", "two_cli", env={"FINANCE_TRAINER_INJECT_SIGNAL": "5:SIGTERM:launcher"})
+    assert proc.returncode == tf.EXIT_PREEMPTED, proc.stderr[-3000:]
+    assert "SIGTERM received: forwarded to the 2 ranks" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    err = last_json(proc.stderr)
+    run_dir = out / "runs" / "two_cli"
+    assert err["error"] == "Preempted" and err["details"]["signal"] == "SIGTERM" and err["details"]["step"] == 5
+    assert err["details"]["checkpoint"] == str(run_dir / "checkpoint-5")
+    assert [p.name for p in (out / "runs").iterdir() if p.name.startswith("two_cli")] == ["two_cli"]
+    m = json.loads((run_dir / "run_manifest.json").read_text())
+    assert m["status"] == "interrupted" and m["error"]["error"] == "Preempted"
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["status"] == "interrupted"  # rank 0's Output line
+    res = run_cli("--config", path, "--run-id", "two_cli", "--resume-from", "latest")
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = load_file(out / "runs" / "two" / "checkpoint-epoch-2" / "model.safetensors")
+    b = load_file(run_dir / "checkpoint-epoch-2" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
