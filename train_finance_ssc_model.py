@@ -2701,12 +2701,13 @@ def format_epoch_line(epoch: int, total: Any, val_loss: Optional[float], val_per
 
 
 def log_metrics(tracker: Tracker, step: int, metrics: dict, max_steps: Optional[int] = None,
-                eta_seconds: Optional[float] = None) -> None:
-    """Log one metrics dict everywhere: console + train.log, CSV curves, TensorBoard, W&B."""
+                eta_seconds: Optional[float] = None, console: bool = True) -> None:
+    """Log one metrics dict everywhere: console + train.log (console=False: train.log only, the terminal's progress
+    bar shows it), CSV curves, TensorBoard, W&B."""
     if not tracker.is_main:
         return
     if tracker.echo:
-        log.info(format_metrics(step, metrics, max_steps, eta_seconds))
+        log.info(format_metrics(step, metrics, max_steps, eta_seconds), extra={"file_only": not console})
     epoch = metrics.get("epoch", "")
     for key, path in (("train_loss", tracker.train_curve), ("val_loss", tracker.val_curve)):
         if key in metrics:
@@ -2730,6 +2731,114 @@ def log_metrics(tracker: Tracker, step: int, metrics: dict, max_steps: Optional[
 
 def _csv_float(value: Any) -> str:
     return "NaN" if isinstance(value, float) and math.isnan(value) else str(value)
+
+
+# Progress of long work (training steps, evaluation batches, scanning and tokenizing data, answer generation), by
+# output kind: where a person watches (stderr is a terminal) one live tqdm bar on stderr, which console log lines
+# clear and redraw (ConsoleHandler, section 19); in a file or pipe a plain INFO line at most every
+# PROGRESS_LINE_SECONDS, so a short task prints nothing and a log stays readable.
+PROGRESS_LINE_SECONDS = 10.0
+PROGRESS_BAR_DELAY_SECONDS = 1.0  # a bar appears only for work that lasts longer than this (no flicker)
+PROGRESS_WARMUP_UPDATES = 3  # the ETA comes from the pace after these updates (the first ones pay for start-up)
+_live_bars: set = set()  # open tqdm bars: ConsoleHandler clears them around each console line
+
+
+def bars_on() -> bool:
+    """A live bar only where a person watches: stderr is a terminal, and only rank 0 draws."""
+    return is_main_process() and sys.stderr.isatty()
+
+
+class Progress:
+    """What `progress` yields: `update(n=1)`, `set_postfix(text)` (the bar's tail: loss, tokens/s, ...) and
+    `eta_seconds()`. The ETA comes from the measured pace after the first PROGRESS_WARMUP_UPDATES updates, so a slow
+    first step (compilation, caches) does not inflate it; None before that (no guess is shown)."""
+
+    def __init__(self, total: int, desc: str, unit: str = "records", lines: bool = True, leave: bool = False,
+                 initial: int = 0, delay_seconds: float = PROGRESS_BAR_DELAY_SECONDS, byte_counts: bool = False):
+        self.total, self.desc, self.unit, self.leave = int(total or 0), desc, unit, leave
+        self.n, self.byte_counts, self.delay_seconds = initial, byte_counts, delay_seconds
+        self.mode = "bar" if bars_on() else ("lines" if lines and is_main_process() else "off")
+        self.start = self.last_line = time.monotonic()
+        self.initial, self.pace_from, self.bar, self.postfix, self.eta_override = initial, None, None, "", None
+        if self.mode == "bar" and delay_seconds <= 0:
+            self._open_bar()
+
+    def _open_bar(self) -> None:
+        from tqdm import tqdm
+        scale = {"unit_scale": True, "unit_divisor": 1024} if self.byte_counts else {}
+        self.bar = tqdm(total=self.total or None, initial=self.n, desc=self.desc, unit=self.unit if not
+                        self.byte_counts else "B", leave=self.leave, file=sys.stderr, dynamic_ncols=True,
+                        mininterval=0.25, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}"
+                        + ("" if self.byte_counts else " {unit}") + " [{elapsed}{postfix}]", **scale)
+        _live_bars.add(self.bar)
+        self._refresh_postfix()
+
+    def eta_seconds(self) -> Optional[float]:
+        """Seconds left at the pace measured since the warm-up updates (None until then, or without a total)."""
+        if self.eta_override is not None:
+            return self.eta_override
+        if self.pace_from is None or not self.total or self.n <= self.pace_from[1]:
+            return None
+        rate = (self.n - self.pace_from[1]) / max(1e-9, time.monotonic() - self.pace_from[0])
+        return max(0.0, (self.total - self.n) / rate)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if self.pace_from is None and self.n - self.initial >= PROGRESS_WARMUP_UPDATES:
+            self.pace_from = (now, self.n)
+        if self.mode == "bar":
+            if self.bar is None and now - self.start >= self.delay_seconds:
+                self._open_bar()
+            elif self.bar is not None:
+                self.bar.update(n)
+                self._refresh_postfix()
+        elif self.mode == "lines" and now - self.last_line >= PROGRESS_LINE_SECONDS:
+            self.last_line = now
+            log.info(self.line())
+
+    def set_postfix(self, text: str) -> None:
+        self.postfix = text
+        self._refresh_postfix()
+
+    def _refresh_postfix(self) -> None:
+        if self.bar is not None:
+            eta = self.eta_seconds()
+            tail = ", ".join(p for p in (self.postfix, f"eta {format_duration(eta)}" if eta is not None else "") if p)
+            self.bar.set_postfix_str(tail, refresh=False)
+
+    def line(self) -> str:
+        """`tokenizing train: 120000/200000 records (60%), 4.1k records/s, eta 19s` (the plain line of a pipe)."""
+        def amount(v: float) -> str:
+            return format_bytes(v) if self.byte_counts else f"{int(v)}"
+        elapsed = max(1e-9, time.monotonic() - self.start)
+        done = f"{amount(self.n)}/{amount(self.total)}" if self.total else amount(self.n)
+        pct = f" ({100 * self.n // self.total}%)" if self.total else ""
+        rate = (self.n - self.initial) / elapsed
+        speed = (f"{format_bytes(rate)}/s" if self.byte_counts
+                 else f"{format_value('per_second', float(rate))} {self.unit}/s")
+        eta = self.eta_seconds()
+        return (f"{self.desc}: {done}{'' if self.byte_counts else ' ' + self.unit}{pct}, {speed}"
+                + (f", {self.postfix}" if self.postfix else "") + (f", eta {format_duration(eta)}" if eta is not None
+                                                                   else ""))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            _live_bars.discard(self.bar)
+            self.bar.close()
+            self.bar = None
+
+
+@contextlib.contextmanager
+def progress(total: int, desc: str, **options):
+    """`with progress(len(records), "generating answers") as p: ... p.update()`: a live bar on a terminal, a log
+    line every ~10 s in a file or pipe (records done, total, rate, ETA). Options: unit ("records"), lines (False:
+    nothing in a pipe, for work whose own log lines say enough), leave (keep the finished bar), byte_counts."""
+    bar = Progress(total, desc, **options)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def _add_file_log(path: Path) -> logging.Handler:
@@ -2875,24 +2984,36 @@ class MetricsCallback(Callback):
     """Renames Trainer's log keys to ours, adds tokens/s, and sends the dict to log_metrics (and, with status_dir,
     to the run's status file)."""
 
-    def __init__(self, tracker: Tracker, history: RunHistory, status_dir: Optional[Path] = None):
-        self.tracker, self.history, self.status_dir = tracker, history, status_dir
+    def __init__(self, tracker: Tracker, history: RunHistory, status_dir: Optional[Path] = None, dry_run: bool = False):
+        self.tracker, self.history, self.status_dir, self.dry_run = tracker, history, status_dir, dry_run
         self.last_time, self.last_tokens = None, 0
         self.start_time, self.start_step = time.time(), 0
         self.latest: dict = {}
+        self.steps: Optional[Progress] = None  # the training bar; its pace is the ETA of the step lines and --status
 
     def on_train_begin(self, args, state, control, **kw):
         self.last_time, self.last_tokens = self.history.training_seconds, state.num_input_tokens_seen
         self.start_time, self.start_step = time.time(), state.global_step
         self.history.start_tokens = state.num_input_tokens_seen
+        # a pipe gets the step lines instead of bar lines; the dry run's bar leaves no trace (it prints one line)
+        self.steps = Progress(state.max_steps, "dry run" if self.dry_run else "training", unit="steps", lines=False,
+                              leave=not self.dry_run, initial=state.global_step, delay_seconds=0)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.steps is not None:
+            self.steps.update(state.global_step - self.steps.n)
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.steps is not None:
+            self.steps.close()
 
     # checkpoints_saved is counted by _train's after_save, before the manifest that follows each save is written
 
     def eta(self, state) -> tuple[float, Optional[float]]:
-        """(elapsed seconds in this process, estimated seconds left) from this process's pace."""
-        elapsed = time.time() - self.start_time
-        done = state.global_step - self.start_step
-        return elapsed, (elapsed / done * (state.max_steps - state.global_step) if done > 0 else None)
+        """(elapsed seconds in this process, estimated seconds left) from the pace of the steps after the first few
+        (PROGRESS_WARMUP_UPDATES): those pay for start-up and would inflate it; evaluations and saves between later
+        steps are in the pace, as they will be in the time left. None until it is measured."""
+        return time.time() - self.start_time, self.steps.eta_seconds() if self.steps is not None else None
 
     def write_status(self, state, status: str = "running") -> None:
         if self.status_dir is None or not self.tracker.is_main:
@@ -2923,11 +3044,49 @@ class MetricsCallback(Callback):
                 metrics["tokens_per_second"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
             self.last_time, self.last_tokens = now, tokens
         self.history.record(state.global_step, metrics)
+        step_line = "train_loss" in metrics
+        if step_line and self.steps is not None:
+            self.steps.set_postfix(bar_postfix(metrics))
+        # on a terminal the bar carries the step line (train.log still gets it); evaluations print as events
+        on_bar = step_line and self.steps is not None and self.steps.mode == "bar" and sys.stdout.isatty()
         log_metrics(self.tracker, state.global_step, metrics, state.max_steps,
-                    eta_seconds=self.eta(state)[1] if "train_loss" in metrics else None)
+                    eta_seconds=self.eta(state)[1] if step_line else None, console=not on_bar)
         self.latest.update({k: _json_float(metrics[k]) for k in ("train_loss", "val_loss", "tokens_per_second")
                             if k in metrics})
         self.write_status(state)
+
+
+def bar_postfix(metrics: dict) -> str:
+    """The training bar's tail, in the step line's formats: `epoch 1.00, loss 1.078, lr 0.0003, 3.1k tok/s`."""
+    names = {"epoch": "epoch", "train_loss": "loss", "learning_rate": "lr"}
+    parts = [f"{short} {format_value(key, metrics[key])}" for key, short in names.items() if key in metrics]
+    if "tokens_per_second" in metrics:
+        parts.append(f"{format_value('tokens_per_second', metrics['tokens_per_second'])} tok/s")
+    return ", ".join(parts)
+
+
+class EvalProgressCallback(Callback):
+    """One bar per evaluation (batches done of the split's), closed when its metrics arrive; in a pipe a line every
+    ~10 s only when an evaluation takes that long."""
+
+    def __init__(self):
+        self.bar: Optional[Progress] = None
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw):
+        if self.bar is None:
+            try:
+                total = len(eval_dataloader)
+            except TypeError:
+                total = 0
+            self.bar = Progress(total, "evaluating", unit="batches")
+        self.bar.update(1)
+
+    def on_evaluate(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    on_predict = on_evaluate
 
 
 class EvalSaveFlowCallback(Callback):
@@ -3163,7 +3322,8 @@ def callbacks_for_run(config: TrainingConfig, tracker: Tracker, history: RunHist
     g, ckpt, opt = config.training.guards, config.training.checkpointing, config.training.optimization
     callbacks = [
         TrainingTimeCallback(history),
-        MetricsCallback(tracker, history, status_dir),
+        MetricsCallback(tracker, history, status_dir, dry_run),
+        EvalProgressCallback(),
         EvalSaveFlowCallback(ckpt.save_strategy, dry_run),
         EpochSummaryCallback(history, config.training.hyperparameters.num_epochs, ckpt.metric_for_best_model,
                              dry_run),
@@ -3620,7 +3780,7 @@ def build_training_args(config: TrainingConfig, run_dir: Path, dry_run: bool, ma
         fsdp_config=fsdp_config,
         deepspeed=c.deepspeed,
         report_to="none",  # trackers are fed by MetricsCallback -> log_metrics
-        disable_tqdm=not sys.stderr.isatty(),
+        disable_tqdm=True,  # Trainer's bar prints its raw log dicts on a terminal: our Progress bars instead
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
     )
@@ -3639,8 +3799,9 @@ def _build_trainer(ctx: RunContext, tokenizer, datasets_, model, args, dry_run: 
     trainer.run_config, trainer.run_id, trainer.probe, trainer.dry_run = ctx.config, ctx.run_id, probe, dry_run
     trainer.history = ctx.history  # evaluation and save times (performance_block)
     trainer.data_sha256 = {k: v["sha256"] for k, v in (ctx.reproducibility.get("data_files") or {}).items()}
-    from transformers.trainer_callback import PrinterCallback
-    trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one formatted line instead
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    for raw_printer in (PrinterCallback, ProgressCallback):  # both print raw log dicts; MetricsCallback formats them
+        trainer.remove_callback(raw_printer)
     return trainer
 
 
@@ -5028,6 +5189,7 @@ def fit(ctx: RunContext, tokenizer, datasets_: dict, model, resume_path: Optiona
     except _oom_types() as exc:
         raise out_of_memory_error(config, str(exc)) from exc
     finally:
+        close_progress_bars()  # a guard's or a signal's stop skips on_train_end
         sync_ctx()
     if world_size(config) > 1:
         ctx.distributed = {**(ctx.distributed or {}), **rank_weight_agreement(trainer)}
@@ -5925,7 +6087,7 @@ def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_lengt
                                  use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
         trainer = _trainer_class()(model=model, args=args, eval_dataset=Dataset.from_list(rows),
                                    processing_class=tokenizer, data_collator=PadToLongestCollator(tokenizer.pad_token_id),
-                                   compute_metrics=compute_metrics)
+                                   compute_metrics=compute_metrics, callbacks=[EvalProgressCallback()])
         from transformers.trainer_callback import PrinterCallback
         trainer.remove_callback(PrinterCallback)
         metrics = trainer.evaluate(metric_key_prefix="test")
@@ -5982,9 +6144,7 @@ def _tool_result(args: argparse.Namespace) -> tuple[Any, list]:
         output_dir = load_training_config(args.config).logging.output_dir
     if args.status:
         result: Any = monitor_training(args.status, output_dir)
-        rows = [[k, result.get(k)] for k in ("run_id", "status", "step", "max_steps", "epoch", "train_loss",
-                                              "val_loss", "tokens_per_second", "elapsed_seconds", "eta_seconds",
-                                              "last_checkpoint", "note") if k in result]
+        rows = status_rows(result)
     elif args.list_checkpoints:
         result = list_checkpoints(args.list_checkpoints, output_dir)
         rows = [["name", "step", "epoch", "health", "val_loss", "val_perplexity", "best", "latest"]] + [
@@ -5995,6 +6155,29 @@ def _tool_result(args: argparse.Namespace) -> tuple[Any, list]:
         result = evaluate_checkpoint(args.evaluate, args.test_data)
         rows = [[k, v] for k, v in result.items()]
     return result, rows
+
+
+def status_rows(status: dict) -> list[list]:
+    """--status for people, in the step lines' formats: `step 150/450 (33%)`, `train_loss 1.078`,
+    `tokens_per_second 3.1k tok/s`, `elapsed 1m22s`, `eta 2m12s` (--json keeps the raw numbers)."""
+    rows = []
+    for key in ("run_id", "status", "step", "epoch", "train_loss", "val_loss", "tokens_per_second",
+                "elapsed_seconds", "eta_seconds", "last_checkpoint", "note"):
+        if key not in status:
+            continue
+        value, label = status[key], key.removesuffix("_seconds")
+        if value is None:
+            text = "-"
+        elif key == "step" and status.get("max_steps"):
+            text = f"{value}/{status['max_steps']} ({100 * value // status['max_steps']}%)"
+        elif key == "tokens_per_second":
+            text = f"{format_value(key, float(value))} tok/s"
+        elif key.endswith("_seconds"):
+            text = format_duration(float(value))
+        else:
+            text = format_value(key, value) if isinstance(value, float) else str(value)
+        rows.append([label, text])
+    return rows
 
 
 def _table(rows: list[list]) -> str:
@@ -6250,8 +6433,20 @@ QUIET_LIBRARY_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PRO
                      "WANDB_SILENT": "true", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """The console's log lines; while a progress bar is live on the terminal, each line clears the bar, prints, and
+    redraws it (tqdm's external write mode), so lines and bar never overwrite each other."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not _live_bars:
+            return super().emit(record)
+        from tqdm import tqdm
+        with tqdm.external_write_mode(file=self.stream):
+            super().emit(record)
+
+
 def setup_logging(debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stdout)
+    handler = ConsoleHandler(sys.stdout)
     handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     handler.addFilter(lambda record: not getattr(record, "file_only", False))  # e.g. the full config: train.log
     log.handlers[:] = [handler]
@@ -6265,8 +6460,16 @@ def setup_logging(debug: bool) -> None:
             os.environ.setdefault(key, value)
 
 
+def close_progress_bars() -> None:
+    """Close every live bar (a run that stops by an exception never reaches its bars' own close)."""
+    for bar in list(_live_bars):
+        _live_bars.discard(bar)
+        bar.close()
+
+
 def emit_error(payload: dict) -> None:
     """The last thing on stderr: one JSON object."""
+    close_progress_bars()
     sys.stdout.flush()
     sys.stderr.write(json_text(payload) + "\n")  # secrets redacted, strict JSON
     sys.stderr.flush()
