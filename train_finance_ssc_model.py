@@ -669,9 +669,11 @@ class EvaluationConfig:
                                                   "minimum": 0, "suggestion": "set num_samples: 5 (0 = none)"})
     max_new_tokens: int = field(default=128, metadata={"doc": "greedy generation length limit", "minimum": 1})
     baseline: Optional[str] = field(default=None, metadata={
-        "doc": "manifest or run dir to compare against", "check": lambda ref: _baseline_manifest_path(ref) is not None,
-        "expected": "a run_manifest.json or a run dir holding one",
-        "suggestion": "point it at a finished run's directory, or remove it"})
+        "doc": "manifest or run dir to compare against; null = the most recent completed run of the same "
+               "data.dataset_name (choose_baseline); none = no comparison",
+        "check": lambda ref: ref.lower() == "none" or _baseline_manifest_path(ref) is not None,
+        "expected": "a run_manifest.json or a run dir holding one, none, or null (automatic)",
+        "suggestion": "point it at a finished run's directory, set it to none, or remove it"})
 
 
 @dataclass(kw_only=True)
@@ -707,11 +709,12 @@ class TrainingConfig:
     overrides: list = field(default_factory=list)
     resolved_paths: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
+    auto_baseline: Optional[dict] = None  # choose_baseline's pick when evaluation.baseline is null: {path, run_id, ...}
 
     def to_dict(self) -> dict:
         """The YAML-shaped config (runtime fields left out)."""
         d = dataclasses.asdict(self)
-        for k in ("config_path", "config_text", "overrides", "resolved_paths", "warnings"):
+        for k in ("config_path", "config_text", "overrides", "resolved_paths", "warnings", "auto_baseline"):
             d.pop(k)
         return d
 
@@ -1340,6 +1343,45 @@ def _output_rules(config: TrainingConfig, res: ValidationResult) -> None:
                                              "set project: finance-smollm3"))
 
 
+def baseline_reference(config: TrainingConfig) -> Optional[str]:
+    """The run this one is compared with: evaluation.baseline (or --baseline), nothing when it is `none` (or
+    --no-baseline), else the automatic pick of choose_baseline, if it found one."""
+    ref = config.evaluation.baseline
+    if ref is not None:
+        return None if ref.lower() == "none" else ref
+    return (config.auto_baseline or {}).get("path")
+
+
+def choose_baseline(config: TrainingConfig, exclude: Optional[Path] = None) -> Optional[dict]:
+    """Spec Session 3 gives no baseline flag: with evaluation.baseline null, the most recent completed run of the same
+    data.dataset_name is the baseline, looked for in logging.output_dir, else among the runs this machine started (the
+    run index). `exclude` is this run's own dir (a resume or a restarted run id). Sets config.auto_baseline and says
+    on the console which run was chosen and how to turn it off."""
+    if config.evaluation.baseline is not None or config.auto_baseline is not None:
+        return config.auto_baseline
+    out_dir = Path(config.logging.output_dir).expanduser().resolve()
+    own = exclude.resolve() if exclude is not None else None
+    local = sorted(out_dir.glob(f"*/{MANIFEST_NAME}")) if out_dir.is_dir() else []
+    indexed = [Path(d) / MANIFEST_NAME for d in _run_index().values() if isinstance(d, str)]
+    for where, manifests in ((str(out_dir), local), ("the run index", indexed)):
+        found = []
+        for path in manifests:
+            m = read_json_lenient(path) if path.is_file() else {}
+            dataset = m.get("dataset") if isinstance(m.get("dataset"), dict) else {}
+            if (m.get("status") == "completed" and dataset.get("name") == config.data.dataset_name
+                    and isinstance(m.get("completed_at"), str) and path.parent.resolve() != own):
+                found.append((m["completed_at"], str(path.parent.resolve()), m.get("run_id")))
+        if found:
+            completed_at, run_dir, run_id = max(found)
+            config.auto_baseline = {"path": run_dir, "run_id": run_id, "completed_at": completed_at,
+                                    "found_in": where}
+            log.info("comparing with %s (completed %s): the most recent completed run of %s in %s; "
+                     "evaluation.baseline: none or --no-baseline turns this off", run_id, completed_at[:10],
+                     config.data.dataset_name, where)
+            return config.auto_baseline
+    return None
+
+
 def _baseline_manifest_path(ref: str) -> Optional[Path]:
     """The baseline's manifest, if `ref` is a manifest or a run dir holding one and it is a JSON object."""
     p = Path(ref).expanduser()
@@ -1890,7 +1932,8 @@ def config_differences_from_defaults(config: TrainingConfig) -> list[str]:
 def _baseline_rules(config: TrainingConfig, res: ValidationResult) -> None:
     """With evaluation.baseline (or --baseline): the new config and data against the baseline run's, before any
     training, as warnings (so --validate-only, --dry-run and the training command all show them)."""
-    path = _baseline_manifest_path(config.evaluation.baseline) if config.evaluation.baseline else None
+    ref = baseline_reference(config)
+    path = _baseline_manifest_path(ref) if ref else None
     if path is None:
         return
     base = read_json_lenient(path)
@@ -2847,6 +2890,31 @@ def _add_file_log(path: Path) -> logging.Handler:
     handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s"))  # secrets never logged
     log.addHandler(handler)
     return handler
+
+
+LATEST_LOG_POINTER = "# finance_trainer: the most recently started run's log is "  # first line of a pointer file
+
+
+def follow_latest_log(run_log: Path) -> None:
+    """`<logging_dir>/train.log` follows the run most recently started under logging_dir (spec Phase 3: `tail -f
+    logs/train.log`): a relative symlink to `<run_id>/train.log`, swapped atomically, so `tail -F` follows each new
+    run; where symlinks fail, a one-line pointer file naming the log. A regular file of someone else's by that name
+    is left alone (a warning says so). Never fails the run."""
+    link = run_log.parent.parent / "train.log"
+    try:
+        if link.exists() and not link.is_symlink() and not link.read_text(errors="replace").startswith(
+                LATEST_LOG_POINTER):
+            log.warning("%s is not this trainer's link: left alone (this run's log is %s)", link, run_log)
+            return
+        tmp = link.with_name(f"{TMP_PREFIX}train.log-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.symlink(Path(run_log.parent.name) / run_log.name, tmp)
+        except OSError:  # a filesystem without symlinks
+            tmp.write_text(f"{LATEST_LOG_POINTER}{run_log}\n")
+        os.replace(tmp, link)
+    except OSError as exc:
+        log.warning("could not point %s at this run's log (%s): follow %s", link, exc, run_log)
 
 
 def echo_config(config: TrainingConfig) -> None:
@@ -4943,6 +5011,7 @@ def _train_model(config: TrainingConfig, dry_run: bool, resume_from: Optional[st
     3) and the post-training analysis (Phase 4)."""
     if run_id is not None:
         check_run_id(run_id)  # before anything is read or written under <output_dir>/<run_id>
+    choose_baseline(config, exclude=own_run_dir(config, run_id, resume_from))
     validation = validate_config(config, resuming=bool(resume_from))
     validation.raise_if_failed()
     injected_faults()  # a malformed test hook is refused here, before anything is written
@@ -4958,6 +5027,15 @@ def _train_model(config: TrainingConfig, dry_run: bool, resume_from: Optional[st
         trainer = fit(ctx, tokenizer, datasets_, model, resume_path)
         post_training_analysis(ctx, trainer, tokenizer, datasets_)
     return recorder.result
+
+
+def own_run_dir(config: TrainingConfig, run_id: Optional[str], resume_from: Optional[str]) -> Optional[Path]:
+    """The run dir this command will write, where it is known before the claim (never its own baseline)."""
+    if run_id:
+        return run_paths(config, run_id)["run_dir"]
+    if resume_from and resume_from != "latest":
+        return Path(resume_from).expanduser().resolve().parent
+    return None
 
 
 @dataclass
@@ -5013,6 +5091,8 @@ def open_run(config: TrainingConfig, validation: ValidationResult, claim: RunCla
                      created_at=previous.get("created_at") or utc_now(), start_time=time.time(),
                      wandb_url=tracker.wandb_url, resumes=list(previous.get("resumes") or []))
     ctx.log_handler = _add_file_log(tracker.log_dir / "train.log") if main_proc else None
+    if main_proc:
+        follow_latest_log(tracker.log_dir / "train.log")
     if resume:
         ctx.resume_from = {"path": resume["path"], "step": resume["step"], "epoch": resume["epoch"]}
         ctx.resumes.append({**ctx.resume_from, "at": utc_now(), "config_differences": resume["config_diff"],
@@ -5694,9 +5774,19 @@ def post_training_analysis(ctx: RunContext, trainer, tokenizer, datasets_: dict)
             source = ctx.best_checkpoint or (read_checkpoints(ctx.run_dir) or [{}])[-1].get("path")
             if source:
                 ctx.lora["merged_checkpoint"] = str(merge_adapter(config, Path(source), ctx.run_dir / "merged"))
-        if config.evaluation.baseline:
-            ctx.baseline_comparison = compare_to_baseline(build_manifest(ctx, "completed"), config.evaluation.baseline)
-            log.info(format_comparison(ctx.baseline_comparison))
+        ref = baseline_reference(config)
+        try:
+            if ref:
+                ctx.baseline_comparison = {**compare_to_baseline(build_manifest(ctx, "completed"), ref),
+                                           "chosen": "evaluation.baseline" if config.evaluation.baseline else
+                                           f"automatic: the most recent completed run of {config.data.dataset_name} "
+                                           f"in {config.auto_baseline['found_in']}"}
+                log.info(format_comparison(ctx.baseline_comparison))
+        except TrainerError as exc:
+            if config.evaluation.baseline:  # asked for by name: its loss is the user's to fix
+                raise
+            log.warning("no baseline comparison: the automatically chosen run %s is gone (%s)", ref,
+                        exc.details.get("suggestion"))
     _report_before_after(ctx)
 
 
@@ -5755,7 +5845,27 @@ def _portable_manifest(manifest: dict, run_dir: Path, config: TrainingConfig) ->
             manifest[block] = {**manifest[block], key: portable_path(manifest[block][key], run_dir, True)}
     manifest["resumes"] = [{**r, "path": portable_path(r.get("path"), run_dir, True)} if isinstance(r, dict) else r
                            for r in manifest.get("resumes") or []]
+    if isinstance(manifest.get("baseline_comparison"), dict):  # another run's: relative to this run dir too
+        cmp = manifest["baseline_comparison"]
+        manifest["baseline_comparison"] = {**cmp, "baseline_manifest": portable_path(cmp.get("baseline_manifest"),
+                                                                                     run_dir)}
+    if isinstance(manifest.get("error"), dict):  # the stderr payload keeps absolute paths, to paste into a shell
+        manifest["error"] = _portable_error(manifest["error"], run_dir)
     return manifest
+
+
+def _portable_error(payload: dict, run_dir: Path) -> dict:
+    """An error payload as the manifest stores it: details.last_valid_checkpoint relative to the run dir (the spec's
+    `"last_valid_checkpoint": "checkpoint-epoch-1"`), in the top object and in `errors`."""
+    def details(d: Any) -> Any:
+        if isinstance(d, dict) and d.get("last_valid_checkpoint"):
+            return {**d, "last_valid_checkpoint": portable_path(d["last_valid_checkpoint"], run_dir)}
+        return d
+    out = {**payload, "details": details(payload.get("details"))}
+    if isinstance(payload.get("errors"), list):
+        out["errors"] = [{**e, "details": details(e.get("details"))} if isinstance(e, dict) else e
+                         for e in payload["errors"]]
+    return out
 
 
 def save_manifest(run_id: str, manifest: dict, output_path: str) -> str:
@@ -6012,7 +6122,14 @@ def finalize_manifest(ctx: RunContext, status: str) -> dict:
 # 18. Tools: --status, --list-checkpoints, --evaluate, --plan, and the spec's tool functions
 # --------------------------------------------------------------------------------------------------
 
-def list_checkpoints(run_id: str, output_dir: Optional[str] = None) -> list[dict]:
+def list_checkpoints(run_id: str, output_dir: Optional[str] = None, details: bool = False) -> list:
+    """The spec's `list_checkpoints(run_id) -> List[str]`: the paths of a run's complete checkpoints in step order.
+    details=True: checkpoint_details' records instead (what --list-checkpoints --json prints)."""
+    records = checkpoint_details(run_id, output_dir)
+    return records if details else [c["path"] for c in records]
+
+
+def checkpoint_details(run_id: str, output_dir: Optional[str] = None) -> list[dict]:
     """Complete checkpoints of a run, oldest first: name, path, step, epoch, metrics, health, and which one is
     the best (the manifest's best_checkpoint) and the latest (newest healthy). Interrupted saves never appear.
     Health is measured (every file hashed): a checkpoint damaged since its save is `corrupt`, never best or
@@ -6146,7 +6263,7 @@ def _tool_result(args: argparse.Namespace) -> tuple[Any, list]:
         result: Any = monitor_training(args.status, output_dir)
         rows = status_rows(result)
     elif args.list_checkpoints:
-        result = list_checkpoints(args.list_checkpoints, output_dir)
+        result = list_checkpoints(args.list_checkpoints, output_dir, details=True)
         rows = [["name", "step", "epoch", "health", "val_loss", "val_perplexity", "best", "latest"]] + [
             [c["name"], c["step"], c["epoch"], c["health"], (c["metrics"] or {}).get("val_loss"),
              (c["metrics"] or {}).get("val_perplexity"), "*" if c["is_best"] else "", "*" if c["is_latest"] else ""]
@@ -6357,8 +6474,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set training.hyperparameters.learning_rate=1e-5 "
                         "(repeatable; recorded in the manifest)")
-    p.add_argument("--baseline", metavar="MANIFEST_OR_RUN_DIR",
-                   help="compare this run's validation and test metrics with a previous run's")
+    baseline = p.add_mutually_exclusive_group()
+    baseline.add_argument("--baseline", metavar="MANIFEST_OR_RUN_DIR",
+                          help="compare this run's validation and test metrics with a previous run's (default: the "
+                               "most recent completed run of the same data.dataset_name, if any)")
+    baseline.add_argument("--no-baseline", action="store_true",
+                          help="no baseline comparison (evaluation.baseline: none)")
     tools = p.add_argument_group("monitoring and checkpoint tools (RUN = run dir, or run_id under the output dir; "
                                  "a bare run_id is also looked up under ./training_config.yaml's output_dir and in "
                                  "the index of runs started here, $XDG_CACHE_HOME/finance_smollm3/runs.json)")
@@ -6445,6 +6566,20 @@ class ConsoleHandler(logging.StreamHandler):
             super().emit(record)
 
 
+def output_dir_as_run_dir(args: argparse.Namespace) -> Optional[str]:
+    """Spec Phase 3 types `--output-dir /mnt/finance-smollm3/checkpoints/run_$(date +%Y%m%d_%H%M%S)` without --run-id:
+    that directory is then the run's own (run id = its name; its parent plays logging.output_dir). With --run-id,
+    --output-dir stays the parent of `<run_id>/`, and the tools always read it as the parent. Returns the note the
+    console gets, or None. Deterministic, so the ranks torch.distributed.run starts derive the same run."""
+    if args.output_dir is None or args.run_id is not None or args.plan:
+        return None
+    run_dir = Path(args.output_dir).expanduser().resolve()
+    check_run_id(run_dir.name, "--output-dir")
+    args.run_id, args.output_dir = run_dir.name, str(run_dir.parent)
+    return (f"--output-dir {run_dir} is this run's directory (run id {run_dir.name}); with --run-id it would be "
+            "the parent of <run_id>/")
+
+
 def setup_logging(debug: bool) -> None:
     handler = ConsoleHandler(sys.stdout)
     handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
@@ -6484,8 +6619,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             return run_tool(args)
         if args.run_id is not None:
             check_run_id(args.run_id)  # before the config, the data or anything under <output_dir>/<run_id> is read
+        run_dir_note = output_dir_as_run_dir(args)
+        if run_dir_note:
+            log.info(run_dir_note)
         literal = {k: v for k, v in (("logging.output_dir", args.output_dir),
-                                     ("evaluation.baseline", args.baseline)) if v is not None}
+                                     ("evaluation.baseline", "none" if args.no_baseline else args.baseline))
+                   if v is not None}
         config = load_training_config(args.config, list(args.overrides), literal)
         if args.plan:
             return run_plan(config, args.json)
@@ -6494,6 +6633,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             # one GPU asked for: without this, Trainer wraps the model in DataParallel over every visible GPU
             os.environ["CUDA_VISIBLE_DEVICES"] = "0"
         if args.validate_only:
+            choose_baseline(config, exclude=own_run_dir(config, args.run_id, args.resume_from))
             result = validate_config(config, resuming=bool(args.resume_from))
             for w in result.warnings:
                 log.warning(w)

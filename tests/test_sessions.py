@@ -118,8 +118,11 @@ def test_tools_find_a_bare_run_id_through_the_run_index(sessions, tmp_path, monk
     monkeypatch.chdir(tmp_path)  # not the output dir, no training_config.yaml here
     monkeypatch.setenv("XDG_CACHE_HOME", str(sessions.cache))
     assert json.loads(t.run_index_path().read_text())[RUN_ID] == str(sessions.run_dir.resolve())
-    names = [c["name"] for c in t.list_checkpoints(RUN_ID)]
-    assert "checkpoint-epoch-1" in names and "checkpoint-epoch-2" in names
+    paths = t.list_checkpoints(RUN_ID)  # the spec's signature: List[str], the checkpoint paths in step order
+    assert all(isinstance(p, str) for p in paths)
+    assert [Path(p).name for p in paths][-2:] == ["checkpoint-epoch-1", "checkpoint-epoch-2"]
+    details = t.list_checkpoints(RUN_ID, details=True)
+    assert paths == [c["path"] for c in details] and [c["step"] for c in details] == sorted(c["step"] for c in details)
     status = t.monitor_training(RUN_ID)
     assert status["run_id"] == RUN_ID and status["status"] == "completed"
     assert Path(status["run_dir"]) == sessions.run_dir.resolve()
@@ -131,7 +134,7 @@ def test_tools_find_a_bare_run_id_through_the_working_directorys_config(sessions
     monkeypatch.chdir(project)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))  # the index knows nothing
     assert t.monitor_training(RUN_ID)["run_dir"] == str(sessions.run_dir.resolve())
-    assert [c["name"] for c in t.list_checkpoints(RUN_ID)] == [c["name"] for c in t.list_checkpoints(str(sessions.run_dir))]
+    assert t.list_checkpoints(RUN_ID) == t.list_checkpoints(str(sessions.run_dir))
 
 
 def test_cli_status_with_a_bare_run_id_from_another_directory(sessions, tmp_path):
