@@ -6337,22 +6337,31 @@ def plan_training(config: TrainingConfig) -> dict:
     res = ValidationResult(warnings=list(config.warnings))
     _field_rules(config, res)
     _data_rules(config, res)
-    _checkpoint_rules(config, res, need_weights=False)
-    if not res.errors and not res.checkpoint:  # a Hub id not in the local cache: fetch its config.json only
+    shape = ValidationResult()
+    _checkpoint_rules(config, shape, need_weights=False)
+    if not shape.errors and not shape.checkpoint:  # a Hub id not in the local cache: fetch its config.json only
         try:
             from huggingface_hub import hf_hub_download
-            res.checkpoint = json.loads(Path(hf_hub_download(config.model.base_checkpoint, "config.json")).read_text())
+            shape.checkpoint = json.loads(Path(hf_hub_download(config.model.base_checkpoint, "config.json")).read_text())
         except Exception as exc:  # offline, unknown repo, no access
-            res.errors.append(problem("CheckpointNotFound", field="model.base_checkpoint",
-                                      value=config.model.base_checkpoint,
-                                      suggestion=f"--plan reads the model's config.json and could not fetch it "
-                                                 f"({type(exc).__name__}): point model.base_checkpoint at a local "
-                                                 "directory holding config.json (no weights needed)"))
+            shape.errors.append(problem("CheckpointNotFound", field="model.base_checkpoint",
+                                        value=config.model.base_checkpoint,
+                                        suggestion=f"--plan reads the model's config.json and could not fetch it "
+                                                   f"({type(exc).__name__}): point model.base_checkpoint at a local "
+                                                   "directory holding config.json (no weights needed), or declare "
+                                                   "model.vocab_size, hidden_size, num_layers and num_heads"))
+    declared = None
+    if not shape.checkpoint and all(e["error"] == "CheckpointNotFound" for e in shape.errors):
+        declared = declared_shape(config.model)  # not on disk: the architecture the config declares, if it does
+    if declared:
+        shape.errors, shape.checkpoint = [], declared["config"]
+    res.errors += shape.errors
+    res.checkpoint = shape.checkpoint
     gpu = target_gpu(config, res)
     res.raise_if_failed()
     c, hp, ckpt_cfg = config.compute, config.training.hyperparameters, res.checkpoint
     ref = config.resolved_paths.get("model.base_checkpoint")
-    n_params = count_parameters(Path(ref["path"]) if ref else None, ckpt_cfg)
+    n_params = count_parameters(Path(ref["path"]) if ref and not declared else None, ckpt_cfg)
     strategies = {name: plan_strategy(config, ckpt_cfg, n_params, name, c.num_gpus, gpu["memory_bytes"])
                   for name in PLAN_STRATEGIES}
     fitting = [name for name, row in strategies.items() if row["fits"]]
@@ -6370,7 +6379,11 @@ def plan_training(config: TrainingConfig) -> dict:
         "fit_limit_gb": round(FIT_FRACTION * gpu["memory_bytes"] / 2**30, 3), "peak_flops_per_gpu": gpu["peak_flops"],
         "model": {"base_checkpoint": config.model.base_checkpoint, "parameters": n_params,
                   **{k: ckpt_cfg.get(k) for k in ("vocab_size", "hidden_size", "intermediate_size",
-                                                   "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}},
+                                                   "num_hidden_layers", "num_attention_heads", "num_key_value_heads")},
+                  "tie_word_embeddings": ckpt_cfg.get("tie_word_embeddings", True),
+                  "shape_source": "model.vocab_size, hidden_size, num_layers and num_heads of the config (the base "
+                                  "checkpoint's config.json is not here)"
+                  if declared else "config.json", "assumptions": declared["assumptions"] if declared else {}},
         "batch": {"batch_size_per_gpu": hp.batch_size, "max_seq_length": config.data.max_seq_length,
                   "mixed_precision": c.mixed_precision, "optimizer": config.training.optimization.optimizer,
                   "gradient_checkpointing": config.model.gradient_checkpointing},
@@ -6382,6 +6395,36 @@ def plan_training(config: TrainingConfig) -> dict:
         "hourly_usd": hourly_usd, "price_basis": price_basis, "estimated_cost_usd": round(hours * hourly_usd, 4),
         "warnings": res.warnings,
     }
+
+
+# What --plan assumes for a model known only by the four numbers the spec's config declares: SmolLM3's own choices
+# (grouped-query attention with 4 query heads per key/value head, tied input/output embeddings) and an 8B-class MLP
+# width (Llama-3-8B's 14336 for hidden 4096). The real config.json replaces all of them once the checkpoint is here.
+ASSUMED_QUERY_HEADS_PER_KV_HEAD = 4
+ASSUMED_MLP_RATIO = 3.5
+ASSUMED_TIED_EMBEDDINGS = True
+
+
+def declared_shape(model: ModelConfig) -> Optional[dict]:
+    """A config.json-shaped dict from model.vocab_size, hidden_size, num_layers and num_heads, with the assumptions
+    stated (what each is, why); None unless all four are declared."""
+    dims = (model.vocab_size, model.hidden_size, model.num_layers, model.num_heads)
+    if any(d is None for d in dims):
+        return None
+    vocab, hidden, layers, heads = dims
+    kv_heads = max(1, heads // ASSUMED_QUERY_HEADS_PER_KV_HEAD)
+    mlp = -(-int(ASSUMED_MLP_RATIO * hidden) // 256) * 256  # rounded up to a multiple of 256, as model cards do
+    return {
+        "config": {"vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+                   "num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": mlp,
+                   "tie_word_embeddings": ASSUMED_TIED_EMBEDDINGS},
+        "assumptions": {
+            "num_key_value_heads": f"{kv_heads} (num_heads / {ASSUMED_QUERY_HEADS_PER_KV_HEAD}: SmolLM3's grouped-query "
+                                   "attention)",
+            "intermediate_size": f"{mlp} ({ASSUMED_MLP_RATIO:g} x hidden_size, rounded up to a multiple of 256: an "
+                                 "8B-class MLP, as Llama-3-8B's 14336 for hidden 4096)",
+            "tie_word_embeddings": f"{str(ASSUMED_TIED_EMBEDDINGS).lower()} (SmolLM3 ties its input and output "
+                                   "embeddings)"}}
 
 
 def plan_verdict(strategies: dict) -> str:
@@ -6413,6 +6456,8 @@ def format_plan(plan: dict) -> str:
         f"model: {m['parameters']:,} parameters ({m['base_checkpoint']}: hidden {m['hidden_size']}, "
         f"{m['num_hidden_layers']} layers, vocab {m['vocab_size']}); per GPU {b['batch_size_per_gpu']} x "
         f"{b['max_seq_length']} tokens, mixed_precision {b['mixed_precision']}, {b['optimizer']}",
+        *([f"shape: {m['shape_source']}; assumed:"] + [f"  {k} {v}" for k, v in m["assumptions"].items()]
+          if m.get("assumptions") else []),
         _table(rows), "(* = as configured)",
         f"verdict: {plan['verdict']}",
         f"recommended: {STRATEGY_LABELS[rec]} ({changes[rec]})" if rec else "recommended: none fits: more or "
