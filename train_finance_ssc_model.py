@@ -858,14 +858,27 @@ def out_of_memory_error(config: TrainingConfig, message: str, estimated_gb: Opti
                         available_gb: Optional[float] = None, fix: Optional[str] = None) -> TrainerError:
     hp = config.training.hyperparameters
     if fix is None:
-        smaller = max(1, hp.batch_size // 2)
-        fix = (f"Reduce batch_size to {smaller} (and double gradient_accumulation_steps to "
-               f"{hp.gradient_accumulation_steps * 2} to keep the effective batch)")
+        fix = "Reduce " + smaller_batch_fix(hp.batch_size, hp.gradient_accumulation_steps, max(1, hp.batch_size // 2))
         if not config.model.gradient_checkpointing:
-            fix += " or enable model.gradient_checkpointing"
+            fix += ", or enable model.gradient_checkpointing"
     return TrainerError("OutOfMemory", {"batch_size": hp.batch_size, "seq_length": config.data.max_seq_length,
                                         "estimated_memory_gb": estimated_gb, "available_memory_gb": available_gb,
                                         "message": message[:300], "suggestion": fix})
+
+
+def smaller_batch_fix(batch_size: int, accumulation: int, limit: int) -> str:
+    """`batch_size to B and gradient_accumulation_steps to A: the effective batch stays E`, with B the largest
+    divisor of E = batch_size x accumulation not above `limit`, so the effective batch stays exactly E. When that
+    divisor is far below the limit, the near miss is offered too, saying what it changes."""
+    effective = batch_size * accumulation
+    b = next(d for d in range(min(limit, effective), 0, -1) if effective % d == 0)
+    fix = (f"batch_size to {b} and gradient_accumulation_steps to {effective // b}: the effective batch stays "
+           f"{effective}")
+    if b < limit // 2:
+        a = math.ceil(effective / limit)
+        fix += (f" (batch_size {limit} with gradient_accumulation_steps {a} is faster but makes it {limit * a}, "
+                f"not {effective})")
+    return fix
 
 
 def dry_run_failed(report: dict, path: Path) -> TrainerError:
@@ -1423,6 +1436,14 @@ def _record_problem(record: dict, shape: str) -> Optional[str]:
     return None
 
 
+def lines_with_progress(fh, total_bytes: int, desc: str):
+    """The lines of a binary file, with the bytes read reported to a Progress (a large split takes seconds)."""
+    with progress(total_bytes, desc, byte_counts=True) as bar:
+        for raw in fh:
+            bar.update(len(raw))
+            yield raw
+
+
 def scan_jsonl(path: Path, split: str, forced: str, how: str) -> tuple[dict, list]:
     """Check one JSONL split line by line. Returns ({samples, shape}, problems)."""
     dotted = f"data.{split}_path"
@@ -1440,7 +1461,7 @@ def scan_jsonl(path: Path, split: str, forced: str, how: str) -> tuple[dict, lis
                             suggestion=f"{dotted} is a directory; point it at the .jsonl file inside")]
     problems, shapes, count, line_no = [], {}, 0, 0
     with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, 1):
+        for line_no, raw in enumerate(lines_with_progress(fh, path.stat().st_size, f"scanning {split}"), 1):
             if not raw.strip():
                 continue
             snippet = raw[:120].decode("utf-8", "replace").rstrip()
@@ -1718,7 +1739,9 @@ def _packing_rules(config: TrainingConfig, res: ValidationResult) -> None:
     if config.data.dedup:  # the rows training will pack
         raw, _ = dedup_splits(raw, {s: i["shape"] for s, i in res.data.items()})
     tok = _tokenize_split(raw["train"], config, tokenizer, res.data["train"]["shape"], "train")
-    lengths = [len(ids) for ids, n in zip(tok["input_ids"], tok["answer_tokens"]) if n > 0]
+    import pyarrow.compute as pc
+    all_lengths = pc.list_value_length(column(tok, "input_ids")).to_pylist()
+    lengths = [n for n, answer in zip(all_lengths, column(tok, "answer_tokens").to_pylist()) if answer > 0]
     rows = pack_rows(lengths, config.data.max_seq_length)
     res.data["train"]["packed_rows"] = len(rows)
     _schedule_rules(config, res)
@@ -2042,16 +2065,60 @@ def _raw_splits(config: TrainingConfig):
 
 def _tokenize_split(ds, config: TrainingConfig, tokenizer, shape: str, split: str):
     """datasets.map over tokenize_record: preflight (_packing_rules) and load_splits make the same call, so the
-    second one is a cache hit."""
-    return ds.map(_tokenize_batch, batched=True, remove_columns=ds.column_names,
-                  fn_kwargs={"tokenizer": tokenizer, "shape": shape, "max_seq_length": config.data.max_seq_length,
-                             "train_on_prompt": config.data.train_on_prompt},
-                  desc=f"tokenizing {split}")
+    second one is a cache hit. Large splits are tokenized by tokenize_processes(len(ds)) processes, with progress."""
+    with datasets_progress(f"tokenizing {split}"):
+        return ds.map(_tokenize_batch, batched=True, remove_columns=ds.column_names,
+                      fn_kwargs={"tokenizer": tokenizer, "shape": shape, "max_seq_length": config.data.max_seq_length,
+                                 "train_on_prompt": config.data.train_on_prompt},
+                      desc=f"tokenizing {split}", num_proc=tokenize_processes(len(ds)))
+
+
+# Rendering chat templates and tokenizing is CPU-bound Python (~1-2 ms a record): a large split is split over
+# processes. A process pool costs ~1 s to start and to pickle the tokenizer into, so small splits stay in this
+# process. Measured by bench/tokenize_speed.py on 200,000 records (figures in the README's Benchmarks).
+TOKENIZE_PARALLEL_MIN_RECORDS = 20_000
+TOKENIZE_MAX_PROCESSES = 8
+
+
+def tokenize_processes(records: int) -> Optional[int]:
+    """datasets.map's num_proc for a split of `records`: None (this process) for a small split or a single core,
+    else the cores this process may use, shared between the ranks of one node, at most TOKENIZE_MAX_PROCESSES."""
+    if records < TOKENIZE_PARALLEL_MIN_RECORDS:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    n = min(per_rank, TOKENIZE_MAX_PROCESSES)
+    return n if n > 1 else None
+
+
+@contextlib.contextmanager
+def datasets_progress(desc: str):
+    """Progress of one datasets.map call as our Progress (a bar on a terminal, a line every ~10 s in a pipe).
+    datasets counts the records its workers finish and reports them to the tqdm class it imported as
+    `datasets.arrow_dataset.hf_tqdm`; for the length of the call that name is Progress. A datasets release without
+    that name still maps, only without progress."""
+    import datasets.arrow_dataset as arrow_dataset
+    original = getattr(arrow_dataset, "hf_tqdm", None)
+    if original is None:
+        yield
+        return
+    arrow_dataset.hf_tqdm = lambda *a, total=None, initial=0, **kw: Progress(total or 0, desc, initial=initial)
+    try:
+        yield
+    finally:
+        arrow_dataset.hf_tqdm = original
+
+
+def column(ds, name: str):
+    """One column of a datasets.Dataset as a pyarrow array (a filter's indices applied). datasets' own column view
+    reads row by row: summing answer_tokens over 200,000 records took 21 s that way, 0.6 s this way."""
+    return ds.with_format("arrow")[name]
 
 
 def load_splits(config: TrainingConfig, tokenizer, shapes: dict, limit: Optional[int] = None) -> tuple[dict, dict]:
     """Tokenized train/valid/test datasets plus per-split stats (samples, truncated, dropped, tokens).
     Tokenization goes through datasets.map, so a second run with the same data and tokenizer is a cache hit."""
+    import pyarrow.compute as pc
     raw = _raw_splits(config)
     dropped = {}
     if config.data.dedup:
@@ -2064,16 +2131,16 @@ def load_splits(config: TrainingConfig, tokenizer, shapes: dict, limit: Optional
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
         tok = _tokenize_split(ds, config, tokenizer, shapes[split], split)
-        truncated = int(sum(tok["truncated"]))
+        truncated = int(pc.sum(column(tok, "truncated")).as_py() or 0)
         # A record whose answer was cut off entirely has nothing to learn from; a batch made only of such
         # records would give a 0/0 loss, so they are dropped (and counted).
         kept = tok.filter(lambda n: [x > 0 for x in n], input_columns="answer_tokens", batched=True,
                           desc=f"dropping {split} records with no answer tokens")
-        lengths = [len(x) for x in kept["input_ids"]]
+        lengths = pc.list_value_length(column(kept, "input_ids")).to_pylist()
         stats[split] = {"records": len(ds), "samples": len(kept), "truncated": truncated,
                         "dropped_no_answer_tokens": len(tok) - len(kept), "dedup_dropped": dropped.get(split, 0),
                         "tokens": int(sum(lengths)),
-                        "answer_tokens": int(sum(kept["answer_tokens"])),
+                        "answer_tokens": int(pc.sum(column(kept, "answer_tokens")).as_py() or 0),
                         # the record length an average token attends over (sum n^2 / sum n): MFU's attention term
                         "attended_length": round(sum(n * n for n in lengths) / max(1, sum(lengths)), 2)}
         if len(kept) == 0:
@@ -2124,9 +2191,9 @@ def pack_dataset(ds, max_seq_length: int):
     one row (PadToLongestCollator(flatten=True)), the only form it runs as varlen. No token attends across
     records. The first label of every record is masked: nothing is predicted across a record boundary."""
     from datasets import Dataset
-    lengths = [len(x) for x in ds["input_ids"]]
+    ids, labels = column(ds, "input_ids").to_pylist(), column(ds, "labels").to_pylist()
+    lengths = [len(x) for x in ids]
     rows = pack_rows(lengths, max_seq_length)
-    ids, labels = ds["input_ids"], ds["labels"]
     packed = {"input_ids": [], "labels": [], "position_ids": []}
     for row in rows:
         packed["input_ids"].append([t for i in row for t in ids[i]])
@@ -2396,8 +2463,7 @@ def check_memory(config: TrainingConfig, ckpt_cfg: dict, validation: ValidationR
         fits = int(room // per_sample) if per_sample and room > 0 else 0
         hp = config.training.hyperparameters
         if fits >= 1:
-            fix = (f"Reduce batch_size to {fits} and raise gradient_accumulation_steps to "
-                   f"{math.ceil(hp.batch_size * hp.gradient_accumulation_steps / fits)} to keep the effective batch")
+            fix = "Reduce " + smaller_batch_fix(hp.batch_size, hp.gradient_accumulation_steps, fits)
         else:
             fix = ("the weights, gradients and optimizer states alone do not fit: shard them across GPUs "
                    "(FSDP/DeepSpeed), use a smaller model, or LoRA")
@@ -2802,7 +2868,7 @@ class Progress:
         self.n, self.byte_counts, self.delay_seconds = initial, byte_counts, delay_seconds
         self.mode = "bar" if bars_on() else ("lines" if lines and is_main_process() else "off")
         self.start = self.last_line = time.monotonic()
-        self.initial, self.pace_from, self.bar, self.postfix, self.eta_override = initial, None, None, "", None
+        self.initial, self.pace_from, self.bar, self.postfix, self.updates = initial, None, None, "", 0
         if self.mode == "bar" and delay_seconds <= 0:
             self._open_bar()
 
@@ -2818,17 +2884,22 @@ class Progress:
 
     def eta_seconds(self) -> Optional[float]:
         """Seconds left at the pace measured since the warm-up updates (None until then, or without a total)."""
-        if self.eta_override is not None:
-            return self.eta_override
-        if self.pace_from is None or not self.total or self.n <= self.pace_from[1]:
+        rate = self.pace()
+        if rate is None or not self.total:
             return None
-        rate = (self.n - self.pace_from[1]) / max(1e-9, time.monotonic() - self.pace_from[0])
-        return max(0.0, (self.total - self.n) / rate)
+        return max(0.0, (self.total - self.n) / rate) if rate > 0 else None
+
+    def pace(self) -> Optional[float]:
+        """Units a second since the warm-up updates; None until there is a second measurement."""
+        if self.pace_from is None or self.n <= self.pace_from[1]:
+            return None
+        return (self.n - self.pace_from[1]) / max(1e-9, time.monotonic() - self.pace_from[0])
 
     def update(self, n: int = 1) -> None:
         self.n += n
+        self.updates += 1
         now = time.monotonic()
-        if self.pace_from is None and self.n - self.initial >= PROGRESS_WARMUP_UPDATES:
+        if self.pace_from is None and self.updates >= PROGRESS_WARMUP_UPDATES:
             self.pace_from = (now, self.n)
         if self.mode == "bar":
             if self.bar is None and now - self.start >= self.delay_seconds:
@@ -2854,10 +2925,11 @@ class Progress:
         """`tokenizing train: 120000/200000 records (60%), 4.1k records/s, eta 19s` (the plain line of a pipe)."""
         def amount(v: float) -> str:
             return format_bytes(v) if self.byte_counts else f"{int(v)}"
-        elapsed = max(1e-9, time.monotonic() - self.start)
         done = f"{amount(self.n)}/{amount(self.total)}" if self.total else amount(self.n)
         pct = f" ({100 * self.n // self.total}%)" if self.total else ""
-        rate = (self.n - self.initial) / elapsed
+        rate = self.pace()
+        if rate is None:
+            rate = (self.n - self.initial) / max(1e-9, time.monotonic() - self.start)
         speed = (f"{format_bytes(rate)}/s" if self.byte_counts
                  else f"{format_value('per_second', float(rate))} {self.unit}/s")
         eta = self.eta_seconds()
@@ -2870,6 +2942,12 @@ class Progress:
             _live_bars.discard(self.bar)
             self.bar.close()
             self.bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @contextlib.contextmanager
@@ -5018,7 +5096,7 @@ def _train_model(config: TrainingConfig, dry_run: bool, resume_from: Optional[st
     claim = claim_run(config, validation, resume_from, run_id, force, dry_run)
     if dry_run:
         return dry_run_model(config, validation, claim.run_id, max_steps or DRY_RUN_STEPS)
-    ctx = open_run(config, validation, claim, argv or sys.argv)
+    ctx = open_run(config, validation, claim, sys.argv[1:] if argv is None else argv)
     resume_path = claim.resume["path"] if claim.resume else None
     with RunRecorder(ctx, claim.resume) as recorder:
         tokenizer, datasets_, model = _prepare(ctx)
@@ -5879,7 +5957,9 @@ def save_manifest(run_id: str, manifest: dict, output_path: str) -> str:
     return str(path)
 
 
-def _git_info() -> dict:
+def _git_info(config_path: Optional[str] = None) -> dict:
+    """The training code's commit and whether the working tree differs from it; `config_file` says whether the
+    config used is committed, modified, untracked (either counts as dirty) or outside the repository."""
     import subprocess
     here = Path(__file__).resolve().parent
     try:
@@ -5889,7 +5969,19 @@ def _git_info() -> dict:
             return {"commit": None, "dirty": None}
         dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10)
-        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+        info = {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+        if config_path:  # the config is part of what ran: an untracked or edited config inside the repo makes it dirty
+            cfg = Path(config_path).resolve()
+            if here == cfg.parent or here in cfg.parents:
+                state = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=all",
+                                        "--ignored", "--", str(cfg)], capture_output=True, text=True,
+                                       timeout=10).stdout.strip()
+                info["config_file"] = {"??": "untracked", "!!": "ignored"}.get(state[:2], "modified" if state
+                                                                               else "committed")
+                info["dirty"] = info["dirty"] or bool(state)
+            else:  # its text and sha256 are in the manifest all the same
+                info["config_file"] = "outside the repository"
+        return info
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
@@ -5941,7 +6033,7 @@ def _versions() -> dict:
 def reproducibility_block(config: TrainingConfig, validation: ValidationResult, argv: list[str]) -> dict:
     return {
         "seed": config.training.seed,
-        "git": _git_info(),
+        "git": _git_info(config.config_path),
         "config_path": config.config_path,
         "config_sha256": hashlib.sha256((config.config_text or "").encode()).hexdigest(),
         "config_text": config.config_text,
@@ -5953,7 +6045,9 @@ def reproducibility_block(config: TrainingConfig, validation: ValidationResult, 
                        for split, info in validation.data.items()},
         "hardware": _hardware(),
         "versions": _versions(),
-        "command_line": [sys.executable] + argv,
+        # the command as typed: interpreter, script (sys.argv[0], as the shell passed it; the caller's own script
+        # when train_model is imported), arguments
+        "command_line": [sys.executable, *sys.argv[:1]] + list(argv),
         "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE"),
     }
 
