@@ -3806,6 +3806,29 @@ def global_grad_norm(norm: Any) -> float:
     return float(full() if callable(full) else norm)
 
 
+def choose_cpu_threads(config: TrainingConfig, previous: Optional[dict] = None) -> Optional[int]:
+    """torch's CPU threads for a run on compute.device cpu. torch's default is one thread per core; where the cores
+    are busy (a shared CI runner, other jobs) those threads wait on each other and a run takes several times longer
+    (the demo on 2 loaded cores: README, Two commands). So a CPU run uses the cores free when it starts (cores
+    minus the 1-minute load average, rounded; at least 1, at most torch's default: all of them on an idle
+    machine). OMP_NUM_THREADS (torchrun sets it) decides instead, as it does for torch. A resume takes the count its
+    run started with, from the manifest: how a sum is split between threads can change its last bits."""
+    if config.compute.device != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    import torch
+    recorded = (((previous or {}).get("reproducibility") or {}).get("hardware") or {}).get("cpu_threads")
+    if isinstance(recorded, int) and recorded > 0:
+        threads, why = recorded, "as this run started with"
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        threads = max(1, min(torch.get_num_threads(), cores - int(load + 0.5)))
+        why = f"{cores} cores, load average {load:.1f}"
+    torch.set_num_threads(threads)
+    log.info("CPU threads: %d (%s; OMP_NUM_THREADS sets them instead)", threads, why)
+    return threads
+
+
 def seed_everything(seed: int) -> None:
     """Python, NumPy, torch and CUDA RNGs; data shuffling uses the same seed through TrainingArguments."""
     from transformers import set_seed
@@ -5094,6 +5117,7 @@ def _train_model(config: TrainingConfig, dry_run: bool, resume_from: Optional[st
     validation.raise_if_failed()
     injected_faults()  # a malformed test hook is refused here, before anything is written
     claim = claim_run(config, validation, resume_from, run_id, force, dry_run)
+    choose_cpu_threads(config, claim.previous)
     if dry_run:
         return dry_run_model(config, validation, claim.run_id, max_steps or DRY_RUN_STEPS)
     ctx = open_run(config, validation, claim, sys.argv[1:] if argv is None else argv)
@@ -6003,6 +6027,7 @@ def _hardware() -> dict:
           "gpu_model": None, "gpu_count": 0, "cuda_version": None, "gpu_driver": None}
     try:
         import torch
+        hw["cpu_threads"] = torch.get_num_threads()  # choose_cpu_threads; a resume reuses it
         if torch.cuda.is_available():
             hw.update(gpu_model=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
                       cuda_version=torch.version.cuda)

@@ -242,3 +242,25 @@ def test_a_terminal_shows_a_progress_bar_and_event_lines_never_raw_dicts(tiny_di
 def test_a_pipe_gets_no_raw_dicts_either(short_run):
     _, proc = short_run
     assert not RAW_DICT.search(proc.stdout) and not RAW_DICT.search(proc.stderr)
+
+
+def test_a_cpu_run_uses_the_cores_free_when_it_starts(tiny_dir, tmp_path, monkeypatch):
+    import torch
+    config = tf.load_training_config(str(write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(tf.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # torch's default on 2 cores
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)  # the test process keeps its own count
+    for load, threads in ((0.2, 2), (1.4, 1), (5.8, 1)):  # idle: torch's default; busy: what is left, at least 1
+        monkeypatch.setattr(tf.os, "getloadavg", lambda load=load: (load, load, load))
+        assert tf.choose_cpu_threads(config) == threads == chosen[-1]
+    # a resume keeps the count its run started with, whatever the load now
+    assert tf.choose_cpu_threads(config, {"reproducibility": {"hardware": {"cpu_threads": 2}}}) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's (or torchrun's) choice wins
+    assert tf.choose_cpu_threads(config) is None
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cuda = set_key(set_key(base_config(tiny_dir, tmp_path), "compute.device", "cuda"),
+                   "compute.distributed_backend", "nccl")
+    config = tf.load_training_config(str(write_config(tmp_path / "g.yaml", cuda)))
+    assert tf.choose_cpu_threads(config) is None

@@ -268,3 +268,19 @@ def test_phase3_output_dir_without_run_id_is_the_runs_own_directory(tiny_dir, tm
     assert (tmp_path / "checkpoints" / "b" / t.MANIFEST_NAME).is_file()
     assert latest.is_symlink() and latest.resolve() == (tmp_path / "logs" / "b" / "train.log").resolve()
     assert "INFO training b: " in latest.read_text()
+
+
+def test_git_records_whether_the_config_used_is_committed(sessions, tmp_path):
+    git = sessions.manifest["reproducibility"]["git"]
+    if git["commit"] is None:
+        pytest.skip("not a git checkout")
+    assert git["config_file"] == "outside the repository"  # the suite's configs live in tmp dirs
+    root = SCRIPT.parent
+    assert t._git_info(str(root / "demo_config.yaml"))["config_file"] in ("committed", "modified")
+    untracked = root / f"untracked-config-{os.getpid()}.yaml"
+    untracked.write_text((root / "demo_config.yaml").read_text())
+    try:
+        info = t._git_info(str(untracked))
+    finally:
+        untracked.unlink()
+    assert info["config_file"] == "untracked" and info["dirty"] is True  # what ran is not in the commit
