@@ -6,6 +6,8 @@ Usage:
     python train_finance_ssc_model.py --config training_config.yaml --dry-run        # 10 real steps, no checkpoints
     python train_finance_ssc_model.py --config training_config.yaml --validate-only  # check config + data, < 1 s
     python train_finance_ssc_model.py --config training_config.yaml --plan [--json]  # before renting: fit, hours, $
+    python train_finance_ssc_model.py --config training_config.yaml --output-dir ckpts/run_$(date +%Y%m%d_%H%M%S)
+    tail -F <logging_dir>/train.log                                                  # the latest run's log
     python train_finance_ssc_model.py --config training_config.yaml --resume-from latest --run-id RUN
     python train_finance_ssc_model.py --config c.yaml --set training.hyperparameters.learning_rate=1e-5
     python train_finance_ssc_model.py --status RUN_DIR            # or --list-checkpoints RUN_DIR, --json
@@ -6634,7 +6636,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "over (the old run is moved aside to <run_id>.abandoned-<time>, nothing is deleted)")
     p.add_argument("--run-id", help=f"run id (letters, digits, - _ ., at most {MAX_RUN_ID_LENGTH} characters); "
                                     "default: <dataset_name>_<UTC time>")
-    p.add_argument("--output-dir", help="override logging.output_dir")
+    p.add_argument("--output-dir", help="without --run-id: the run's own directory (run id = its name, spec Phase 3); "
+                                        "with --run-id, and for the tools: overrides logging.output_dir, the parent "
+                                        "of <run_id>/")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set training.hyperparameters.learning_rate=1e-5 "
                         "(repeatable; recorded in the manifest)")
