@@ -2075,22 +2075,25 @@ def _tokenize_split(ds, config: TrainingConfig, tokenizer, shape: str, split: st
                       desc=f"tokenizing {split}", num_proc=tokenize_processes(len(ds)))
 
 
-# Rendering chat templates and tokenizing is CPU-bound Python (~1-2 ms a record): a large split is split over
-# processes. A process pool costs ~1 s to start and to pickle the tokenizer into, so small splits stay in this
-# process. Measured by bench/tokenize_speed.py on 200,000 records (figures in the README's Benchmarks).
-TOKENIZE_PARALLEL_MIN_RECORDS = 20_000
+# Rendering chat templates is CPU-bound Python (~1 ms a record) and the tokenizer's batch encoder already uses every
+# core from this one process. bench/tokenize_speed.py on 2 cores shared with other jobs: a pool of 2 processes was
+# slower at 20,000 and 50,000 records (+40%; +34% and +42%) and faster at 200,000 (-18%, one round): no gain, so
+# a pool is used only with at least TOKENIZE_MIN_PROCESSES cores per rank (not measured: no such machine was at
+# hand). The count depends on the cores alone, never on the load, so preflight and training hit the same cache.
+TOKENIZE_PARALLEL_MIN_RECORDS = 20_000  # below this a pool's start-up (~1 s, the tokenizer pickled to each) dominates
+TOKENIZE_MIN_PROCESSES = 4
 TOKENIZE_MAX_PROCESSES = 8
 
 
 def tokenize_processes(records: int) -> Optional[int]:
-    """datasets.map's num_proc for a split of `records`: None (this process) for a small split or a single core,
-    else the cores this process may use, shared between the ranks of one node, at most TOKENIZE_MAX_PROCESSES."""
+    """datasets.map's num_proc for a split of `records`: None (this process) for a small split or a machine with
+    fewer than TOKENIZE_MIN_PROCESSES cores per rank, else those cores (the node's shared between its ranks), at most
+    TOKENIZE_MAX_PROCESSES."""
     if records < TOKENIZE_PARALLEL_MIN_RECORDS:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_rank = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    n = min(per_rank, TOKENIZE_MAX_PROCESSES)
-    return n if n > 1 else None
+    n = min(cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))), TOKENIZE_MAX_PROCESSES)
+    return n if n >= TOKENIZE_MIN_PROCESSES else None
 
 
 @contextlib.contextmanager

@@ -153,14 +153,20 @@ def test_datasets_map_reports_its_progress(console_lines, monkeypatch):
                                  for line in console_lines), console_lines
 
 
-def test_tokenize_processes_only_for_large_splits(monkeypatch):
-    monkeypatch.setattr(tf.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+def test_tokenize_processes_only_for_large_splits_on_enough_cores(monkeypatch):
+    cores = [8]
+    monkeypatch.setattr(tf.os, "sched_getaffinity", lambda pid: set(range(cores[0])), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert tf.tokenize_processes(tf.TOKENIZE_PARALLEL_MIN_RECORDS - 1) is None
-    assert tf.tokenize_processes(200_000) == 4
+    assert tf.tokenize_processes(200_000) == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on the node share the cores
-    assert tf.tokenize_processes(200_000) == 2
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert tf.tokenize_processes(200_000) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 2 cores a rank: measured no faster than one process
+    assert tf.tokenize_processes(200_000) is None
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    cores[0] = 64
+    assert tf.tokenize_processes(200_000) == tf.TOKENIZE_MAX_PROCESSES
+    cores[0] = 2
     assert tf.tokenize_processes(200_000) is None
 
 
