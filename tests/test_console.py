@@ -245,6 +245,7 @@ def test_a_terminal_shows_a_progress_bar_and_event_lines_never_raw_dicts(tiny_di
     assert json.loads(shown[-1])["status"] == "completed"  # the Output object is still the last line
 
 
+@pytest.mark.slow
 def test_a_pipe_gets_no_raw_dicts_either(short_run):
     _, proc = short_run
     assert not RAW_DICT.search(proc.stdout) and not RAW_DICT.search(proc.stderr)

@@ -259,6 +259,7 @@ def readme_plan_example() -> tuple[str, str]:
     return "python train_finance_ssc_model.py --config training_config.yaml --plan", block.split("\n```", 1)[0]
 
 
+@pytest.mark.slow
 def test_the_readme_plan_example_runs_as_written_on_a_fresh_clone(tmp_path):
     """The tracked files only (a clone: no model, no GPU), the command exactly as the README types it, its output
     exactly as the README prints it: the spec's config declares the architecture, and the plan says what it assumes."""
@@ -279,6 +280,7 @@ def test_the_readme_plan_example_runs_as_written_on_a_fresh_clone(tmp_path):
     assert "assumed:" in expected and "num_key_value_heads 8" in expected
 
 
+@pytest.mark.slow
 def test_plan_from_the_declared_shape_states_its_assumptions(tiny_dir, tmp_path):
     cfg = production_config(tiny_dir, tmp_path, **{"model.base_checkpoint": str(tmp_path / "not-downloaded-yet"),
                                                    "model.vocab_size": 49152, "model.hidden_size": 4096,

@@ -181,6 +181,7 @@ def test_a_diverged_run_still_ends_with_the_output_object(tiny_dir, tmp_path):
     assert manifest["error"]["errors"][0]["details"]["last_valid_checkpoint"] == recorded
 
 
+@pytest.mark.slow
 def test_session1_manifest_names_the_script_in_its_command_line(sessions):
     command = sessions.manifest["reproducibility"]["command_line"]
     assert Path(command[1]).name == "train_finance_ssc_model.py" and command[2:4] == ["--config", command[3]]
@@ -270,6 +271,7 @@ def test_phase3_output_dir_without_run_id_is_the_runs_own_directory(tiny_dir, tm
     assert "INFO training b: " in latest.read_text()
 
 
+@pytest.mark.slow
 def test_git_records_whether_the_config_used_is_committed(sessions, tmp_path):
     git = sessions.manifest["reproducibility"]["git"]
     if git["commit"] is None:
