@@ -2882,8 +2882,8 @@ class Progress:
         scale = {"unit_scale": True, "unit_divisor": 1024} if self.byte_counts else {}
         self.bar = tqdm(total=self.total or None, initial=self.n, desc=self.desc, unit=self.unit if not
                         self.byte_counts else "B", leave=self.leave, file=sys.stderr, dynamic_ncols=True,
-                        mininterval=0.25, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}"
-                        + ("" if self.byte_counts else " {unit}") + " [{elapsed}{postfix}]", **scale)
+                        mininterval=0.25, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {unit} "
+                        "[{elapsed}{postfix}]", **scale)
         _live_bars.add(self.bar)
         self._refresh_postfix()
 
