@@ -6466,7 +6466,8 @@ def plan_training(config: TrainingConfig) -> dict:
     if not shape.errors and not shape.checkpoint:  # a Hub id not in the local cache: fetch its config.json only
         try:
             from huggingface_hub import hf_hub_download
-            shape.checkpoint = json.loads(Path(hf_hub_download(config.model.base_checkpoint, "config.json")).read_text())
+            fetched = hf_hub_download(config.model.base_checkpoint, "config.json")
+            shape.checkpoint = json.loads(Path(fetched).read_text())
         except Exception as exc:  # offline, unknown repo, no access
             shape.errors.append(problem("CheckpointNotFound", field="model.base_checkpoint",
                                         value=config.model.base_checkpoint,
@@ -6543,8 +6544,8 @@ def declared_shape(model: ModelConfig) -> Optional[dict]:
                    "num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": mlp,
                    "tie_word_embeddings": ASSUMED_TIED_EMBEDDINGS},
         "assumptions": {
-            "num_key_value_heads": f"{kv_heads} (num_heads / {ASSUMED_QUERY_HEADS_PER_KV_HEAD}: SmolLM3's grouped-query "
-                                   "attention)",
+            "num_key_value_heads": f"{kv_heads} (num_heads / {ASSUMED_QUERY_HEADS_PER_KV_HEAD}: SmolLM3's "
+                                   "grouped-query attention)",
             "intermediate_size": f"{mlp} ({ASSUMED_MLP_RATIO:g} x hidden_size, rounded up to a multiple of 256: an "
                                  "8B-class MLP, as Llama-3-8B's 14336 for hidden 4096)",
             "tie_word_embeddings": f"{str(ASSUMED_TIED_EMBEDDINGS).lower()} (SmolLM3 ties its input and output "

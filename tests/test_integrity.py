@@ -27,7 +27,8 @@ def trained(tiny_dir, tmp_path_factory):
     cfg = set_key(set_key(cfg, "logging.eval_steps", 4), "logging.save_steps", 4)
     proc = run_cli("--config", write_config(out / "c.yaml", cfg), "--run-id", "ok")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert [c["name"] for c in tf.list_checkpoints("ok", str(out / "runs"), details=True)][-2:] == ["checkpoint-8", "checkpoint-12"]
+    names = [c["name"] for c in tf.list_checkpoints("ok", str(out / "runs"), details=True)]
+    assert names[-2:] == ["checkpoint-8", "checkpoint-12"]
     return out, cfg
 
 

@@ -41,7 +41,8 @@ def test_kill9_then_resume_latest_is_bit_identical(reference, kill_step, latest)
     out, path, _ = reference
     run_id = f"k{kill_step}"
     kill_at_step(path, run_id, kill_step)
-    assert [c["name"] for c in tf.list_checkpoints(run_id, str(out / "runs"), details=True) if c["is_latest"]] == [latest]
+    listed = tf.list_checkpoints(run_id, str(out / "runs"), details=True)
+    assert [c["name"] for c in listed if c["is_latest"]] == [latest]
     proc = run_cli("--config", path, "--run-id", run_id, "--resume-from", "latest")
     assert proc.returncode == 0, proc.stderr[-2000:]
     a = weights(out / "runs" / "ref" / "checkpoint-epoch-2")
@@ -60,7 +61,7 @@ def test_kill9_then_resume_latest_is_bit_identical(reference, kill_step, latest)
 
 def test_config_change_is_warned_and_recorded(reference):
     out, path, cfg = reference
-    src = Path(tf.list_checkpoints("ref", str(out / "runs"), details=True)[-2]["path"])  # the backup, one before the latest
+    src = Path(tf.list_checkpoints("ref", str(out / "runs"))[-2])  # the backup, one before the latest
     proc = run_cli("--config", path, "--resume-from", src, "--set", "training.hyperparameters.weight_decay=0.05")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "training.hyperparameters.weight_decay: 0.0 -> 0.05" in proc.stdout

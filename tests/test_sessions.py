@@ -217,7 +217,7 @@ def test_session3_without_flags_compares_with_the_latest_completed_run(sessions,
     # spec Session 3: "Warning: batch_size doubled -> check GPU memory", before anything trains
     warning = f"WARNING vs baseline {RUN_ID}: batch_size 8 -> 16: doubled, check memory"
     assert warning in stdout and stdout.index(warning) < stdout.index("dry run passed")
-    assert f"(+" in next(line for line in stdout.splitlines() if "dry run passed" in line)  # memory vs baseline's
+    assert "(+" in next(line for line in stdout.splitlines() if "dry run passed" in line)  # memory vs baseline's
     cmp = session3.manifest["baseline_comparison"]
     assert cmp["baseline_run_id"] == RUN_ID and cmp["chosen"].startswith("automatic: the most recent completed run")
     assert (sessions.out / "runs" / session3.output["run_id"] / cmp["baseline_manifest"]).resolve() == \
@@ -257,7 +257,7 @@ def test_phase3_output_dir_without_run_id_is_the_runs_own_directory(tiny_dir, tm
     assert first.returncode == 0, first.stderr[-3000:]
     assert f"--output-dir {run_dir} is this run's directory (run id run_20251117_103000)" in first.stdout
     manifest = json.loads((run_dir / t.MANIFEST_NAME).read_text())
-    assert manifest["run_id"] == "run_20251117_103000" and last_stdout_json(first.stdout)["run_id"] == manifest["run_id"]
+    assert manifest["run_id"] == "run_20251117_103000" == last_stdout_json(first.stdout)["run_id"]
     assert [p.parent.name for p in run_dir.glob("*/" + t.MANIFEST_NAME)] == ["best"]  # no run dir nested inside
     latest = tmp_path / "logs" / "train.log"
     assert latest.resolve() == (tmp_path / "logs" / "run_20251117_103000" / "train.log").resolve()
