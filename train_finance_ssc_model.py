@@ -6,6 +6,8 @@ Usage:
     python train_finance_ssc_model.py --config training_config.yaml --dry-run        # 10 real steps, no checkpoints
     python train_finance_ssc_model.py --config training_config.yaml --validate-only  # check config + data, < 1 s
     python train_finance_ssc_model.py --config training_config.yaml --plan [--json]  # before renting: fit, hours, $
+    python train_finance_ssc_model.py --config training_config.yaml --output-dir ckpts/run_$(date +%Y%m%d_%H%M%S)
+    tail -F <logging_dir>/train.log                                                  # the latest run's log
     python train_finance_ssc_model.py --config training_config.yaml --resume-from latest --run-id RUN
     python train_finance_ssc_model.py --config c.yaml --set training.hyperparameters.learning_rate=1e-5
     python train_finance_ssc_model.py --status RUN_DIR            # or --list-checkpoints RUN_DIR, --json
@@ -721,9 +723,11 @@ class EvaluationConfig:
                                                   "minimum": 0, "suggestion": "set num_samples: 5 (0 = none)"})
     max_new_tokens: int = field(default=128, metadata={"doc": "greedy generation length limit", "minimum": 1})
     baseline: Optional[str] = field(default=None, metadata={
-        "doc": "manifest or run dir to compare against", "check": lambda ref: _baseline_manifest_path(ref) is not None,
-        "expected": "a run_manifest.json or a run dir holding one",
-        "suggestion": "point it at a finished run's directory, or remove it"})
+        "doc": "manifest or run dir to compare against; null = the most recent completed run of the same "
+               "data.dataset_name (choose_baseline); none = no comparison",
+        "check": lambda ref: ref.lower() == "none" or _baseline_manifest_path(ref) is not None,
+        "expected": "a run_manifest.json or a run dir holding one, none, or null (automatic)",
+        "suggestion": "point it at a finished run's directory, set it to none, or remove it"})
     answer_eval: AnswerEvalConfig = field(default_factory=AnswerEvalConfig)
 
 
@@ -760,11 +764,12 @@ class TrainingConfig:
     overrides: list = field(default_factory=list)
     resolved_paths: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
+    auto_baseline: Optional[dict] = None  # choose_baseline's pick when evaluation.baseline is null: {path, run_id, ...}
 
     def to_dict(self) -> dict:
         """The YAML-shaped config (runtime fields left out)."""
         d = dataclasses.asdict(self)
-        for k in ("config_path", "config_text", "overrides", "resolved_paths", "warnings"):
+        for k in ("config_path", "config_text", "overrides", "resolved_paths", "warnings", "auto_baseline"):
             d.pop(k)
         return d
 
@@ -947,14 +952,27 @@ def out_of_memory_error(config: TrainingConfig, message: str, estimated_gb: Opti
                         available_gb: Optional[float] = None, fix: Optional[str] = None) -> TrainerError:
     hp = config.training.hyperparameters
     if fix is None:
-        smaller = max(1, hp.batch_size // 2)
-        fix = (f"Reduce batch_size to {smaller} (and double gradient_accumulation_steps to "
-               f"{hp.gradient_accumulation_steps * 2} to keep the effective batch)")
+        fix = "Reduce " + smaller_batch_fix(hp.batch_size, hp.gradient_accumulation_steps, max(1, hp.batch_size // 2))
         if not config.model.gradient_checkpointing:
-            fix += " or enable model.gradient_checkpointing"
+            fix += ", or enable model.gradient_checkpointing"
     return TrainerError("OutOfMemory", {"batch_size": hp.batch_size, "seq_length": config.data.max_seq_length,
                                         "estimated_memory_gb": estimated_gb, "available_memory_gb": available_gb,
                                         "message": message[:300], "suggestion": fix})
+
+
+def smaller_batch_fix(batch_size: int, accumulation: int, limit: int) -> str:
+    """`batch_size to B and gradient_accumulation_steps to A: the effective batch stays E`, with B the largest
+    divisor of E = batch_size x accumulation not above `limit`, so the effective batch stays exactly E. When that
+    divisor is far below the limit, the near miss is offered too, saying what it changes."""
+    effective = batch_size * accumulation
+    b = next(d for d in range(min(limit, effective), 0, -1) if effective % d == 0)
+    fix = (f"batch_size to {b} and gradient_accumulation_steps to {effective // b}: the effective batch stays "
+           f"{effective}")
+    if b < limit // 2:
+        a = math.ceil(effective / limit)
+        fix += (f" (batch_size {limit} with gradient_accumulation_steps {a} is faster but makes it {limit * a}, "
+                f"not {effective})")
+    return fix
 
 
 def dry_run_failed(report: dict, path: Path) -> TrainerError:
@@ -1649,6 +1667,45 @@ def _wandb_rules(config: TrainingConfig, res: ValidationResult) -> None:
                         "WANDB_MODE=offline to skip this check, or logging.wandb.enabled: false")
 
 
+def baseline_reference(config: TrainingConfig) -> Optional[str]:
+    """The run this one is compared with: evaluation.baseline (or --baseline), nothing when it is `none` (or
+    --no-baseline), else the automatic pick of choose_baseline, if it found one."""
+    ref = config.evaluation.baseline
+    if ref is not None:
+        return None if ref.lower() == "none" else ref
+    return (config.auto_baseline or {}).get("path")
+
+
+def choose_baseline(config: TrainingConfig, exclude: Optional[Path] = None) -> Optional[dict]:
+    """Spec Session 3 gives no baseline flag: with evaluation.baseline null, the most recent completed run of the same
+    data.dataset_name is the baseline, looked for in logging.output_dir, else among the runs this machine started (the
+    run index). `exclude` is this run's own dir (a resume or a restarted run id). Sets config.auto_baseline and says
+    on the console which run was chosen and how to turn it off."""
+    if config.evaluation.baseline is not None or config.auto_baseline is not None:
+        return config.auto_baseline
+    out_dir = Path(config.logging.output_dir).expanduser().resolve()
+    own = exclude.resolve() if exclude is not None else None
+    local = sorted(out_dir.glob(f"*/{MANIFEST_NAME}")) if out_dir.is_dir() else []
+    indexed = [Path(d) / MANIFEST_NAME for d in _run_index().values() if isinstance(d, str)]
+    for where, manifests in ((str(out_dir), local), ("the run index", indexed)):
+        found = []
+        for path in manifests:
+            m = read_json_lenient(path) if path.is_file() else {}
+            dataset = m.get("dataset") if isinstance(m.get("dataset"), dict) else {}
+            if (m.get("status") == "completed" and dataset.get("name") == config.data.dataset_name
+                    and isinstance(m.get("completed_at"), str) and path.parent.resolve() != own):
+                found.append((m["completed_at"], str(path.parent.resolve()), m.get("run_id")))
+        if found:
+            completed_at, run_dir, run_id = max(found)
+            config.auto_baseline = {"path": run_dir, "run_id": run_id, "completed_at": completed_at,
+                                    "found_in": where}
+            log.info("comparing with %s (completed %s): the most recent completed run of %s in %s; "
+                     "evaluation.baseline: none or --no-baseline turns this off", run_id, completed_at[:10],
+                     config.data.dataset_name, where)
+            return config.auto_baseline
+    return None
+
+
 def _baseline_manifest_path(ref: str) -> Optional[Path]:
     """The baseline's manifest, if `ref` is a manifest or a run dir holding one and it is a JSON object."""
     p = Path(ref).expanduser()
@@ -1690,6 +1747,14 @@ def _record_problem(record: dict, shape: str) -> Optional[str]:
     return None
 
 
+def lines_with_progress(fh, total_bytes: int, desc: str):
+    """The lines of a binary file, with the bytes read reported to a Progress (a large split takes seconds)."""
+    with progress(total_bytes, desc, byte_counts=True) as bar:
+        for raw in fh:
+            bar.update(len(raw))
+            yield raw
+
+
 def scan_jsonl(path: Path, split: str, forced: str, how: str) -> tuple[dict, list]:
     """Check one JSONL split line by line. Returns ({samples, shape}, problems)."""
     dotted = f"data.{split}_path"
@@ -1710,7 +1775,7 @@ def scan_jsonl(path: Path, split: str, forced: str, how: str) -> tuple[dict, lis
                             suggestion=f"{dotted} {what}")]
     problems, shapes, count, line_no = [], {}, 0, 0
     with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, 1):
+        for line_no, raw in enumerate(lines_with_progress(fh, path.stat().st_size, f"scanning {split}"), 1):
             if not raw.strip():
                 continue
             snippet = raw[:120].decode("utf-8", "replace").rstrip()
@@ -1988,7 +2053,9 @@ def _packing_rules(config: TrainingConfig, res: ValidationResult) -> None:
     if config.data.dedup:  # the rows training will pack
         raw, _ = dedup_splits(raw, {s: i["shape"] for s, i in res.data.items()})
     tok = _tokenize_split(raw["train"], config, tokenizer, res.data["train"]["shape"], "train")
-    lengths = [len(ids) for ids, n in zip(tok["input_ids"], tok["answer_tokens"]) if n > 0]
+    import pyarrow.compute as pc
+    all_lengths = pc.list_value_length(column(tok, "input_ids")).to_pylist()
+    lengths = [n for n, answer in zip(all_lengths, column(tok, "answer_tokens").to_pylist()) if answer > 0]
     rows = pack_rows(lengths, config.data.max_seq_length)
     res.data["train"]["packed_rows"] = len(rows)
     _schedule_rules(config, res)
@@ -2226,7 +2293,8 @@ def config_differences_from_defaults(config: TrainingConfig) -> list[str]:
 def _baseline_rules(config: TrainingConfig, res: ValidationResult) -> None:
     """With evaluation.baseline (or --baseline): the new config and data against the baseline run's, before any
     training, as warnings (so --validate-only, --dry-run and the training command all show them)."""
-    path = _baseline_manifest_path(config.evaluation.baseline) if config.evaluation.baseline else None
+    ref = baseline_reference(config)
+    path = _baseline_manifest_path(ref) if ref else None
     if path is None:
         return
     base = read_json_lenient(path)
@@ -2343,16 +2411,63 @@ def _raw_splits(config: TrainingConfig):
 
 def _tokenize_split(ds, config: TrainingConfig, tokenizer, shape: str, split: str):
     """datasets.map over tokenize_record: preflight (_packing_rules) and load_splits make the same call, so the
-    second one is a cache hit."""
-    return ds.map(_tokenize_batch, batched=True, remove_columns=ds.column_names,
-                  fn_kwargs={"tokenizer": tokenizer, "shape": shape, "max_seq_length": config.data.max_seq_length,
-                             "train_on_prompt": config.data.train_on_prompt},
-                  desc=f"tokenizing {split}")
+    second one is a cache hit. Large splits are tokenized by tokenize_processes(len(ds)) processes, with progress."""
+    with datasets_progress(f"tokenizing {split}"):
+        return ds.map(_tokenize_batch, batched=True, remove_columns=ds.column_names,
+                      fn_kwargs={"tokenizer": tokenizer, "shape": shape, "max_seq_length": config.data.max_seq_length,
+                                 "train_on_prompt": config.data.train_on_prompt},
+                      desc=f"tokenizing {split}", num_proc=tokenize_processes(len(ds)))
+
+
+# Rendering chat templates is CPU-bound Python (~1 ms a record) and the tokenizer's batch encoder already uses every
+# core from this one process. bench/tokenize_speed.py on 2 cores shared with other jobs: a pool of 2 processes was
+# slower at 20,000 and 50,000 records (+40%; +34% and +42%) and faster at 200,000 (-18%, one round): no gain, so
+# a pool is used only with at least TOKENIZE_MIN_PROCESSES cores per rank (not measured: no such machine was at
+# hand). The count depends on the cores alone, never on the load, so preflight and training hit the same cache.
+TOKENIZE_PARALLEL_MIN_RECORDS = 20_000  # below this a pool's start-up (~1 s, the tokenizer pickled to each) dominates
+TOKENIZE_MIN_PROCESSES = 4
+TOKENIZE_MAX_PROCESSES = 8
+
+
+def tokenize_processes(records: int) -> Optional[int]:
+    """datasets.map's num_proc for a split of `records`: None (this process) for a small split or a machine with
+    fewer than TOKENIZE_MIN_PROCESSES cores per rank, else those cores (the node's shared between its ranks), at most
+    TOKENIZE_MAX_PROCESSES."""
+    if records < TOKENIZE_PARALLEL_MIN_RECORDS:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = min(cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))), TOKENIZE_MAX_PROCESSES)
+    return n if n >= TOKENIZE_MIN_PROCESSES else None
+
+
+@contextlib.contextmanager
+def datasets_progress(desc: str):
+    """Progress of one datasets.map call as our Progress (a bar on a terminal, a line every ~10 s in a pipe).
+    datasets counts the records its workers finish and reports them to the tqdm class it imported as
+    `datasets.arrow_dataset.hf_tqdm`; for the length of the call that name is Progress. A datasets release without
+    that name still maps, only without progress."""
+    import datasets.arrow_dataset as arrow_dataset
+    original = getattr(arrow_dataset, "hf_tqdm", None)
+    if original is None:
+        yield
+        return
+    arrow_dataset.hf_tqdm = lambda *a, total=None, initial=0, **kw: Progress(total or 0, desc, initial=initial)
+    try:
+        yield
+    finally:
+        arrow_dataset.hf_tqdm = original
+
+
+def column(ds, name: str):
+    """One column of a datasets.Dataset as a pyarrow array (a filter's indices applied). datasets' own column view
+    reads row by row: summing answer_tokens over 200,000 records took 21 s that way, 0.6 s this way."""
+    return ds.with_format("arrow")[name]
 
 
 def load_splits(config: TrainingConfig, tokenizer, shapes: dict, limit: Optional[int] = None) -> tuple[dict, dict]:
     """Tokenized train/valid/test datasets plus per-split stats (samples, truncated, dropped, tokens).
     Tokenization goes through datasets.map, so a second run with the same data and tokenizer is a cache hit."""
+    import pyarrow.compute as pc
     raw = _raw_splits(config)
     dropped = {}
     if config.data.dedup:
@@ -2365,16 +2480,16 @@ def load_splits(config: TrainingConfig, tokenizer, shapes: dict, limit: Optional
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
         tok = _tokenize_split(ds, config, tokenizer, shapes[split], split)
-        truncated = int(sum(tok["truncated"]))
+        truncated = int(pc.sum(column(tok, "truncated")).as_py() or 0)
         # A record whose answer was cut off entirely has nothing to learn from; a batch made only of such
         # records would give a 0/0 loss, so they are dropped (and counted).
         kept = tok.filter(lambda n: [x > 0 for x in n], input_columns="answer_tokens", batched=True,
                           desc=f"dropping {split} records with no answer tokens")
-        lengths = [len(x) for x in kept["input_ids"]]
+        lengths = pc.list_value_length(column(kept, "input_ids")).to_pylist()
         stats[split] = {"records": len(ds), "samples": len(kept), "truncated": truncated,
                         "dropped_no_answer_tokens": len(tok) - len(kept), "dedup_dropped": dropped.get(split, 0),
                         "tokens": int(sum(lengths)),
-                        "answer_tokens": int(sum(kept["answer_tokens"])),
+                        "answer_tokens": int(pc.sum(column(kept, "answer_tokens")).as_py() or 0),
                         # the record length an average token attends over (sum n^2 / sum n): MFU's attention term
                         "attended_length": round(sum(n * n for n in lengths) / max(1, sum(lengths)), 2)}
         if len(kept) == 0:
@@ -2425,9 +2540,9 @@ def pack_dataset(ds, max_seq_length: int):
     one row (PadToLongestCollator(flatten=True)), the only form it runs as varlen. No token attends across
     records. The first label of every record is masked: nothing is predicted across a record boundary."""
     from datasets import Dataset
-    lengths = [len(x) for x in ds["input_ids"]]
+    ids, labels = column(ds, "input_ids").to_pylist(), column(ds, "labels").to_pylist()
+    lengths = [len(x) for x in ids]
     rows = pack_rows(lengths, max_seq_length)
-    ids, labels = ds["input_ids"], ds["labels"]
     packed = {"input_ids": [], "labels": [], "position_ids": []}
     for row in rows:
         packed["input_ids"].append([t for i in row for t in ids[i]])
@@ -2697,8 +2812,7 @@ def check_memory(config: TrainingConfig, ckpt_cfg: dict, validation: ValidationR
         fits = int(room // per_sample) if per_sample and room > 0 else 0
         hp = config.training.hyperparameters
         if fits >= 1:
-            fix = (f"Reduce batch_size to {fits} and raise gradient_accumulation_steps to "
-                   f"{math.ceil(hp.batch_size * hp.gradient_accumulation_steps / fits)} to keep the effective batch")
+            fix = "Reduce " + smaller_batch_fix(hp.batch_size, hp.gradient_accumulation_steps, fits)
         else:
             fix = ("the weights, gradients and optimizer states alone do not fit: shard them across GPUs "
                    "(FSDP/DeepSpeed), use a smaller model, or LoRA")
@@ -3076,12 +3190,13 @@ def format_epoch_line(epoch: int, total: Any, val_loss: Optional[float], val_per
 
 
 def log_metrics(tracker: Tracker, step: int, metrics: dict, max_steps: Optional[int] = None,
-                eta_seconds: Optional[float] = None) -> None:
-    """Log one metrics dict everywhere: console + train.log, CSV curves, TensorBoard, W&B."""
+                eta_seconds: Optional[float] = None, console: bool = True) -> None:
+    """Log one metrics dict everywhere: console + train.log (console=False: train.log only, the terminal's progress
+    bar shows it), CSV curves, TensorBoard, W&B."""
     if not tracker.is_main:
         return
     if tracker.echo:
-        log.info(format_metrics(step, metrics, max_steps, eta_seconds))
+        log.info(format_metrics(step, metrics, max_steps, eta_seconds), extra={"file_only": not console})
     epoch = metrics.get("epoch", "")
     for key, path in (("train_loss", tracker.train_curve), ("val_loss", tracker.val_curve)):
         if key in metrics:
@@ -3103,33 +3218,128 @@ def log_metrics(tracker: Tracker, step: int, metrics: dict, max_steps: Optional[
             Metric(k, v, now, step) for k, v in scalars.items() if math.isfinite(v)])
 
 
-PROGRESS_LOG_SECONDS = 10.0  # a long loop without a line for this long looks hung
+def _csv_float(value: Any) -> str:
+    return "NaN" if isinstance(value, float) and math.isnan(value) else str(value)
+
+
+# Progress of long work (training steps, evaluation batches, scanning and tokenizing data, answer generation), by
+# output kind: where a person watches (stderr is a terminal) one live tqdm bar on stderr, which console log lines
+# clear and redraw (ConsoleHandler, section 19); in a file or pipe a plain INFO line at most every
+# PROGRESS_LINE_SECONDS, so a short task prints nothing and a log stays readable.
+PROGRESS_LINE_SECONDS = 10.0
+PROGRESS_BAR_DELAY_SECONDS = 1.0  # a bar appears only for work that lasts longer than this (no flicker)
+PROGRESS_WARMUP_UPDATES = 3  # the ETA comes from the pace after these updates (the first ones pay for start-up)
+_live_bars: set = set()  # open tqdm bars: ConsoleHandler clears them around each console line
+
+
+def bars_on() -> bool:
+    """A live bar only where a person watches: stderr is a terminal, and only rank 0 draws."""
+    return is_main_process() and sys.stderr.isatty()
+
+
+class Progress:
+    """What `progress` yields: `update(n=1)`, `set_postfix(text)` (the bar's tail: loss, tokens/s, ...) and
+    `eta_seconds()`. The ETA comes from the measured pace after the first PROGRESS_WARMUP_UPDATES updates, so a slow
+    first step (compilation, caches) does not inflate it; None before that (no guess is shown)."""
+
+    def __init__(self, total: int, desc: str, unit: str = "records", lines: bool = True, leave: bool = False,
+                 initial: int = 0, delay_seconds: float = PROGRESS_BAR_DELAY_SECONDS, byte_counts: bool = False):
+        self.total, self.desc, self.unit, self.leave = int(total or 0), desc, unit, leave
+        self.n, self.byte_counts, self.delay_seconds = initial, byte_counts, delay_seconds
+        self.mode = "bar" if bars_on() else ("lines" if lines and is_main_process() else "off")
+        self.start = self.last_line = time.monotonic()
+        self.initial, self.pace_from, self.bar, self.postfix, self.updates = initial, None, None, "", 0
+        if self.mode == "bar" and delay_seconds <= 0:
+            self._open_bar()
+
+    def _open_bar(self) -> None:
+        from tqdm import tqdm
+        scale = {"unit_scale": True, "unit_divisor": 1024} if self.byte_counts else {}
+        self.bar = tqdm(total=self.total or None, initial=self.n, desc=self.desc, unit=self.unit if not
+                        self.byte_counts else "B", leave=self.leave, file=sys.stderr, dynamic_ncols=True,
+                        mininterval=0.25, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {unit} "
+                        "[{elapsed}{postfix}]", **scale)
+        _live_bars.add(self.bar)
+        self._refresh_postfix()
+
+    def eta_seconds(self) -> Optional[float]:
+        """Seconds left at the pace measured since the warm-up updates (None until then, or without a total)."""
+        rate = self.pace()
+        if rate is None or not self.total:
+            return None
+        return max(0.0, (self.total - self.n) / rate) if rate > 0 else None
+
+    def pace(self) -> Optional[float]:
+        """Units a second since the warm-up updates; None until there is a second measurement."""
+        if self.pace_from is None or self.n <= self.pace_from[1]:
+            return None
+        return (self.n - self.pace_from[1]) / max(1e-9, time.monotonic() - self.pace_from[0])
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.updates += 1
+        now = time.monotonic()
+        if self.pace_from is None and self.updates >= PROGRESS_WARMUP_UPDATES:
+            self.pace_from = (now, self.n)
+        if self.mode == "bar":
+            if self.bar is None and now - self.start >= self.delay_seconds:
+                self._open_bar()
+            elif self.bar is not None:
+                self.bar.update(n)
+                self._refresh_postfix()
+        elif self.mode == "lines" and now - self.last_line >= PROGRESS_LINE_SECONDS:
+            self.last_line = now
+            log.info(self.line())
+
+    def set_postfix(self, text: str) -> None:
+        self.postfix = text
+        self._refresh_postfix()
+
+    def _refresh_postfix(self) -> None:
+        if self.bar is not None:
+            eta = self.eta_seconds()
+            tail = ", ".join(p for p in (self.postfix, f"eta {format_duration(eta)}" if eta is not None else "") if p)
+            self.bar.set_postfix_str(tail, refresh=False)
+
+    def line(self) -> str:
+        """`tokenizing train: 120000/200000 records (60%), 4.1k records/s, eta 19s` (the plain line of a pipe)."""
+        def amount(v: float) -> str:
+            return format_bytes(v) if self.byte_counts else f"{int(v)}"
+        done = f"{amount(self.n)}/{amount(self.total)}" if self.total else amount(self.n)
+        pct = f" ({100 * self.n // self.total}%)" if self.total else ""
+        rate = self.pace()
+        if rate is None:
+            rate = (self.n - self.initial) / max(1e-9, time.monotonic() - self.start)
+        speed = (f"{format_bytes(rate)}/s" if self.byte_counts
+                 else f"{format_value('per_second', float(rate))} {self.unit}/s")
+        eta = self.eta_seconds()
+        return (f"{self.desc}: {done}{'' if self.byte_counts else ' ' + self.unit}{pct}, {speed}"
+                + (f", {self.postfix}" if self.postfix else "") + (f", eta {format_duration(eta)}" if eta is not None
+                                                                   else ""))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            _live_bars.discard(self.bar)
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @contextlib.contextmanager
-def progress(total: int, desc: str):
-    """Progress of a long loop (`with progress(n, "answering") as bar: ... bar.update(k)`): a log line at most
-    every PROGRESS_LOG_SECONDS, and one at the end when any was printed. (Minimal version; issue 28 owns the
-    progress display.)"""
-    class Bar:
-        def __init__(self):
-            self.done, self.start, self.last, self.lines = 0, time.monotonic(), time.monotonic(), 0
-
-        def update(self, n: int = 1) -> None:
-            self.done += n
-            now = time.monotonic()
-            if now - self.last >= PROGRESS_LOG_SECONDS and self.done < total:
-                self.last, self.lines = now, self.lines + 1
-                log.info("%s: %d/%d (%s)", desc, self.done, total, format_duration(now - self.start))
-
-    bar = Bar()
-    yield bar
-    if bar.lines:
-        log.info("%s: %d/%d in %s", desc, bar.done, total, format_duration(time.monotonic() - bar.start))
-
-
-def _csv_float(value: Any) -> str:
-    return "NaN" if isinstance(value, float) and math.isnan(value) else str(value)
+def progress(total: int, desc: str, **options):
+    """`with progress(len(records), "generating answers") as p: ... p.update()`: a live bar on a terminal, a log
+    line every ~10 s in a file or pipe (records done, total, rate, ETA). Options: unit ("records"), lines (False:
+    nothing in a pipe, for work whose own log lines say enough), leave (keep the finished bar), byte_counts."""
+    bar = Progress(total, desc, **options)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def _add_file_log(path: Path) -> logging.Handler:
@@ -3138,6 +3348,31 @@ def _add_file_log(path: Path) -> logging.Handler:
     handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s"))  # secrets never logged
     log.addHandler(handler)
     return handler
+
+
+LATEST_LOG_POINTER = "# finance_trainer: the most recently started run's log is "  # first line of a pointer file
+
+
+def follow_latest_log(run_log: Path) -> None:
+    """`<logging_dir>/train.log` follows the run most recently started under logging_dir (spec Phase 3: `tail -f
+    logs/train.log`): a relative symlink to `<run_id>/train.log`, swapped atomically, so `tail -F` follows each new
+    run; where symlinks fail, a one-line pointer file naming the log. A regular file of someone else's by that name
+    is left alone (a warning says so). Never fails the run."""
+    link = run_log.parent.parent / "train.log"
+    try:
+        if link.exists() and not link.is_symlink() and not link.read_text(errors="replace").startswith(
+                LATEST_LOG_POINTER):
+            log.warning("%s is not this trainer's link: left alone (this run's log is %s)", link, run_log)
+            return
+        tmp = link.with_name(f"{TMP_PREFIX}train.log-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.symlink(Path(run_log.parent.name) / run_log.name, tmp)
+        except OSError:  # a filesystem without symlinks
+            tmp.write_text(f"{LATEST_LOG_POINTER}{run_log}\n")
+        os.replace(tmp, link)
+    except OSError as exc:
+        log.warning("could not point %s at this run's log (%s): follow %s", link, exc, run_log)
 
 
 def echo_config(config: TrainingConfig) -> None:
@@ -3276,24 +3511,36 @@ class MetricsCallback(Callback):
     """Renames Trainer's log keys to ours, adds tokens/s, and sends the dict to log_metrics (and, with status_dir,
     to the run's status file)."""
 
-    def __init__(self, tracker: Tracker, history: RunHistory, status_dir: Optional[Path] = None):
-        self.tracker, self.history, self.status_dir = tracker, history, status_dir
+    def __init__(self, tracker: Tracker, history: RunHistory, status_dir: Optional[Path] = None, dry_run: bool = False):
+        self.tracker, self.history, self.status_dir, self.dry_run = tracker, history, status_dir, dry_run
         self.last_time, self.last_tokens = None, 0
         self.start_time, self.start_step = time.time(), 0
         self.latest: dict = {}
+        self.steps: Optional[Progress] = None  # the training bar; its pace is the ETA of the step lines and --status
 
     def on_train_begin(self, args, state, control, **kw):
         self.last_time, self.last_tokens = self.history.training_seconds, state.num_input_tokens_seen
         self.start_time, self.start_step = time.time(), state.global_step
         self.history.start_tokens = state.num_input_tokens_seen
+        # a pipe gets the step lines instead of bar lines; the dry run's bar leaves no trace (it prints one line)
+        self.steps = Progress(state.max_steps, "dry run" if self.dry_run else "training", unit="steps", lines=False,
+                              leave=not self.dry_run, initial=state.global_step, delay_seconds=0)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.steps is not None:
+            self.steps.update(state.global_step - self.steps.n)
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.steps is not None:
+            self.steps.close()
 
     # checkpoints_saved is counted by _train's after_save, before the manifest that follows each save is written
 
     def eta(self, state) -> tuple[float, Optional[float]]:
-        """(elapsed seconds in this process, estimated seconds left) from this process's pace."""
-        elapsed = time.time() - self.start_time
-        done = state.global_step - self.start_step
-        return elapsed, (elapsed / done * (state.max_steps - state.global_step) if done > 0 else None)
+        """(elapsed seconds in this process, estimated seconds left) from the pace of the steps after the first few
+        (PROGRESS_WARMUP_UPDATES): those pay for start-up and would inflate it; evaluations and saves between later
+        steps are in the pace, as they will be in the time left. None until it is measured."""
+        return time.time() - self.start_time, self.steps.eta_seconds() if self.steps is not None else None
 
     def write_status(self, state, status: str = "running") -> None:
         if self.status_dir is None or not self.tracker.is_main:
@@ -3324,11 +3571,49 @@ class MetricsCallback(Callback):
                 metrics["tokens_per_second"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
             self.last_time, self.last_tokens = now, tokens
         self.history.record(state.global_step, metrics)
+        step_line = "train_loss" in metrics
+        if step_line and self.steps is not None:
+            self.steps.set_postfix(bar_postfix(metrics))
+        # on a terminal the bar carries the step line (train.log still gets it); evaluations print as events
+        on_bar = step_line and self.steps is not None and self.steps.mode == "bar" and sys.stdout.isatty()
         log_metrics(self.tracker, state.global_step, metrics, state.max_steps,
-                    eta_seconds=self.eta(state)[1] if "train_loss" in metrics else None)
+                    eta_seconds=self.eta(state)[1] if step_line else None, console=not on_bar)
         self.latest.update({k: _json_float(metrics[k]) for k in ("train_loss", "val_loss", "tokens_per_second")
                             if k in metrics})
         self.write_status(state)
+
+
+def bar_postfix(metrics: dict) -> str:
+    """The training bar's tail, in the step line's formats: `epoch 1.00, loss 1.078, lr 0.0003, 3.1k tok/s`."""
+    names = {"epoch": "epoch", "train_loss": "loss", "learning_rate": "lr"}
+    parts = [f"{short} {format_value(key, metrics[key])}" for key, short in names.items() if key in metrics]
+    if "tokens_per_second" in metrics:
+        parts.append(f"{format_value('tokens_per_second', metrics['tokens_per_second'])} tok/s")
+    return ", ".join(parts)
+
+
+class EvalProgressCallback(Callback):
+    """One bar per evaluation (batches done of the split's), closed when its metrics arrive; in a pipe a line every
+    ~10 s only when an evaluation takes that long."""
+
+    def __init__(self):
+        self.bar: Optional[Progress] = None
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw):
+        if self.bar is None:
+            try:
+                total = len(eval_dataloader)
+            except TypeError:
+                total = 0
+            self.bar = Progress(total, "evaluating", unit="batches")
+        self.bar.update(1)
+
+    def on_evaluate(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    on_predict = on_evaluate
 
 
 class EvalSaveFlowCallback(Callback):
@@ -3566,7 +3851,8 @@ def callbacks_for_run(config: TrainingConfig, tracker: Tracker, history: RunHist
     g, ckpt, opt = config.training.guards, config.training.checkpointing, config.training.optimization
     callbacks = [
         TrainingTimeCallback(history),
-        MetricsCallback(tracker, history, status_dir),
+        MetricsCallback(tracker, history, status_dir, dry_run),
+        EvalProgressCallback(),
         EvalSaveFlowCallback(ckpt.save_strategy, dry_run),
         EpochSummaryCallback(history, config.training.hyperparameters.num_epochs, ckpt.metric_for_best_model,
                              dry_run),
@@ -3924,6 +4210,29 @@ def global_grad_norm(norm: Any) -> float:
     return float(full() if callable(full) else norm)
 
 
+def choose_cpu_threads(config: TrainingConfig, previous: Optional[dict] = None) -> Optional[int]:
+    """torch's CPU threads for a run on compute.device cpu. torch's default is one thread per core; where the cores
+    are busy (a shared CI runner, other jobs) those threads wait on each other and a run takes several times longer
+    (the demo on 2 loaded cores: README, Two commands). So a CPU run uses the cores free when it starts (cores
+    minus the 1-minute load average, rounded; at least 1, at most torch's default: all of them on an idle
+    machine). OMP_NUM_THREADS (torchrun sets it) decides instead, as it does for torch. A resume takes the count its
+    run started with, from the manifest: how a sum is split between threads can change its last bits."""
+    if config.compute.device != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    import torch
+    recorded = (((previous or {}).get("reproducibility") or {}).get("hardware") or {}).get("cpu_threads")
+    if isinstance(recorded, int) and recorded > 0:
+        threads, why = recorded, "as this run started with"
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        threads = max(1, min(torch.get_num_threads(), cores - int(load + 0.5)))
+        why = f"{cores} cores, load average {load:.1f}"
+    torch.set_num_threads(threads)
+    log.info("CPU threads: %d (%s; OMP_NUM_THREADS sets them instead)", threads, why)
+    return threads
+
+
 def seed_everything(seed: int) -> None:
     """Python, NumPy, torch and CUDA RNGs; data shuffling uses the same seed through TrainingArguments."""
     from transformers import set_seed
@@ -4044,7 +4353,7 @@ def build_training_args(config: TrainingConfig, run_dir: Path, dry_run: bool, ma
         fsdp_config=fsdp_config,
         deepspeed=c.deepspeed,
         report_to="none",  # trackers are fed by MetricsCallback -> log_metrics
-        disable_tqdm=not sys.stderr.isatty(),
+        disable_tqdm=True,  # Trainer's bar prints its raw log dicts on a terminal: our Progress bars instead
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
     )
@@ -4067,8 +4376,9 @@ def _build_trainer(ctx: RunContext, tokenizer, datasets_, model, args, dry_run: 
         trainer.val_answers = (_read_jsonl(data_path(ctx.config, "valid_path"), ae.max_records),
                                ctx.validation.data["valid"]["shape"])
     trainer.data_sha256 = {k: v["sha256"] for k, v in (ctx.reproducibility.get("data_files") or {}).items()}
-    from transformers.trainer_callback import PrinterCallback
-    trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one formatted line instead
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    for raw_printer in (PrinterCallback, ProgressCallback):  # both print raw log dicts; MetricsCallback formats them
+        trainer.remove_callback(raw_printer)
     return trainer
 
 
@@ -5657,13 +5967,15 @@ def _train_model(config: TrainingConfig, dry_run: bool, resume_from: Optional[st
     3) and the post-training analysis (Phase 4)."""
     if run_id is not None:
         check_run_id(run_id)  # before anything is read or written under <output_dir>/<run_id>
+    choose_baseline(config, exclude=own_run_dir(config, run_id, resume_from))
     validation = validate_config(config, resuming=bool(resume_from))
     validation.raise_if_failed()
     injected_faults()  # a malformed test hook is refused here, before anything is written
     claim = claim_run(config, validation, resume_from, run_id, force, dry_run)
+    choose_cpu_threads(config, claim.previous)
     if dry_run:
         return dry_run_model(config, validation, claim.run_id, max_steps or DRY_RUN_STEPS)
-    ctx = open_run(config, validation, claim, argv or sys.argv)
+    ctx = open_run(config, validation, claim, sys.argv[1:] if argv is None else argv)
     resume_path = claim.resume["path"] if claim.resume else None
     with RunRecorder(ctx, claim.resume) as recorder:
         tokenizer, datasets_, model = _prepare(ctx)
@@ -5672,6 +5984,15 @@ def _train_model(config: TrainingConfig, dry_run: bool, resume_from: Optional[st
         trainer = fit(ctx, tokenizer, datasets_, model, resume_path)
         post_training_analysis(ctx, trainer, tokenizer, datasets_)
     return recorder.result
+
+
+def own_run_dir(config: TrainingConfig, run_id: Optional[str], resume_from: Optional[str]) -> Optional[Path]:
+    """The run dir this command will write, where it is known before the claim (never its own baseline)."""
+    if run_id:
+        return run_paths(config, run_id)["run_dir"]
+    if resume_from and resume_from != "latest":
+        return Path(resume_from).expanduser().resolve().parent
+    return None
 
 
 @dataclass
@@ -5743,6 +6064,8 @@ def open_run(config: TrainingConfig, validation: ValidationResult, claim: RunCla
         log.warning("run %s starts from run %s's %s (step %d): its weights, with a fresh optimizer and learning-rate "
                     "schedule from step 0; run %s is not touched", claim.run_id, claim.init_from["run_id"],
                     Path(claim.init_from["path"]).name, claim.init_from["step"], claim.init_from["run_id"])
+    if main_proc:
+        follow_latest_log(tracker.log_dir / "train.log")
     if resume:
         ctx.resume_from = {"path": resume["path"], "step": resume["step"], "epoch": resume["epoch"]}
         ctx.resumes.append({**ctx.resume_from, "at": utc_now(), "config_differences": resume["config_diff"],
@@ -6020,6 +6343,7 @@ def fit(ctx: RunContext, tokenizer, datasets_: dict, model, resume_path: Optiona
     try:
         trainer.train(resume_from_checkpoint=resume_path)  # an allocation failure: run_ending says OutOfMemory
     finally:
+        close_progress_bars()  # a guard's or a signal's stop skips on_train_end
         sync_ctx()
     if resume_path and not ctx.record_started:  # a Trainer that loaded the state without the hook
         start_resumed_timeline(ctx)
@@ -6854,10 +7178,19 @@ def post_training_analysis(ctx: RunContext, trainer, tokenizer, datasets_: dict)
             source = ctx.best_checkpoint or (read_checkpoints(ctx.run_dir) or [{}])[-1].get("path")
             if source:
                 ctx.lora["merged_checkpoint"] = str(merge_adapter(config, Path(source), ctx.run_dir / "merged"))
-        if config.evaluation.baseline:
-            ctx.baseline_comparison = compare_to_baseline(build_manifest(ctx, "completed"), config.evaluation.baseline,
-                                                          ctx.run_dir)
-            log.info(format_comparison(ctx.baseline_comparison))
+        ref = baseline_reference(config)
+        try:
+            if ref:
+                ctx.baseline_comparison = {**compare_to_baseline(build_manifest(ctx, "completed"), ref, ctx.run_dir),
+                                           "chosen": "evaluation.baseline" if config.evaluation.baseline else
+                                           f"automatic: the most recent completed run of {config.data.dataset_name} "
+                                           f"in {config.auto_baseline['found_in']}"}
+                log.info(format_comparison(ctx.baseline_comparison))
+        except TrainerError as exc:
+            if config.evaluation.baseline:  # asked for by name: its loss is the user's to fix
+                raise
+            log.warning("no baseline comparison: the automatically chosen run %s is gone (%s)", ref,
+                        exc.details.get("suggestion"))
     _report_before_after(ctx)
 
 
@@ -6947,7 +7280,27 @@ def _portable_manifest(manifest: dict, run_dir: Path, config: TrainingConfig) ->
             manifest[block] = {**manifest[block], key: portable_path(manifest[block][key], run_dir, True)}
     manifest["resumes"] = [{**r, "path": portable_path(r.get("path"), run_dir, True)} if isinstance(r, dict) else r
                            for r in manifest.get("resumes") or []]
+    if isinstance(manifest.get("baseline_comparison"), dict):  # another run's: relative to this run dir too
+        cmp = manifest["baseline_comparison"]
+        manifest["baseline_comparison"] = {**cmp, "baseline_manifest": portable_path(cmp.get("baseline_manifest"),
+                                                                                     run_dir)}
+    if isinstance(manifest.get("error"), dict):  # the stderr payload keeps absolute paths, to paste into a shell
+        manifest["error"] = _portable_error(manifest["error"], run_dir)
     return manifest
+
+
+def _portable_error(payload: dict, run_dir: Path) -> dict:
+    """An error payload as the manifest stores it: details.last_valid_checkpoint relative to the run dir (the spec's
+    `"last_valid_checkpoint": "checkpoint-epoch-1"`), in the top object and in `errors`."""
+    def details(d: Any) -> Any:
+        if isinstance(d, dict) and d.get("last_valid_checkpoint"):
+            return {**d, "last_valid_checkpoint": portable_path(d["last_valid_checkpoint"], run_dir)}
+        return d
+    out = {**payload, "details": details(payload.get("details"))}
+    if isinstance(payload.get("errors"), list):
+        out["errors"] = [{**e, "details": details(e.get("details"))} if isinstance(e, dict) else e
+                         for e in payload["errors"]]
+    return out
 
 
 def save_manifest(run_id: str, manifest: dict, output_path: str) -> str:
@@ -6961,7 +7314,9 @@ def save_manifest(run_id: str, manifest: dict, output_path: str) -> str:
     return str(path)
 
 
-def _git_info() -> dict:
+def _git_info(config_path: Optional[str] = None) -> dict:
+    """The training code's commit and whether the working tree differs from it; `config_file` says whether the
+    config used is committed, modified, untracked (either counts as dirty) or outside the repository."""
     import subprocess
     here = Path(__file__).resolve().parent
     try:
@@ -6971,7 +7326,19 @@ def _git_info() -> dict:
             return {"commit": None, "dirty": None}
         dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10)
-        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+        info = {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+        if config_path:  # the config is part of what ran: an untracked or edited config inside the repo makes it dirty
+            cfg = Path(config_path).resolve()
+            if here == cfg.parent or here in cfg.parents:
+                state = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=all",
+                                        "--ignored", "--", str(cfg)], capture_output=True, text=True,
+                                       timeout=10).stdout.strip()
+                info["config_file"] = {"??": "untracked", "!!": "ignored"}.get(state[:2], "modified" if state
+                                                                               else "committed")
+                info["dirty"] = info["dirty"] or bool(state)
+            else:  # its text and sha256 are in the manifest all the same
+                info["config_file"] = "outside the repository"
+        return info
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
@@ -6993,6 +7360,7 @@ def _hardware() -> dict:
           "gpu_model": None, "gpu_count": 0, "cuda_version": None, "gpu_driver": None}
     try:
         import torch
+        hw["cpu_threads"] = torch.get_num_threads()  # choose_cpu_threads; a resume reuses it
         if torch.cuda.is_available():
             hw.update(gpu_model=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
                       cuda_version=torch.version.cuda)
@@ -7053,7 +7421,7 @@ def base_model_license(config: TrainingConfig) -> Optional[str]:
 def reproducibility_block(config: TrainingConfig, validation: ValidationResult, argv: list[str]) -> dict:
     return {
         "seed": config.training.seed,
-        "git": _git_info(),
+        "git": _git_info(config.config_path),
         "config_path": config.config_path,
         "config_sha256": hashlib.sha256((config.config_text or "").encode()).hexdigest(),
         "config_text": config.config_text,
@@ -7065,7 +7433,9 @@ def reproducibility_block(config: TrainingConfig, validation: ValidationResult, 
                        for split, info in validation.data.items()},
         "hardware": _hardware(),
         "versions": _versions(),
-        "command_line": [sys.executable] + argv,
+        # the command as typed: interpreter, script (sys.argv[0], as the shell passed it; the caller's own script
+        # when train_model is imported), arguments
+        "command_line": [sys.executable, *sys.argv[:1]] + list(argv),
         "working_directory": os.getcwd(),  # where the command's relative paths resolve (resume_command cds here)
         "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE"),
         "base_model_license": base_model_license(config),
@@ -7258,7 +7628,14 @@ def finalize_manifest(ctx: RunContext, status: str) -> dict:
 # 18. Tools: --status, --list-checkpoints, --evaluate, --plan, and the spec's tool functions
 # --------------------------------------------------------------------------------------------------
 
-def list_checkpoints(run_id: str, output_dir: Optional[str] = None) -> list[dict]:
+def list_checkpoints(run_id: str, output_dir: Optional[str] = None, details: bool = False) -> list:
+    """The spec's `list_checkpoints(run_id) -> List[str]`: the paths of a run's complete checkpoints in step order.
+    details=True: checkpoint_details' records instead (what --list-checkpoints --json prints)."""
+    records = checkpoint_details(run_id, output_dir)
+    return records if details else [c["path"] for c in records]
+
+
+def checkpoint_details(run_id: str, output_dir: Optional[str] = None) -> list[dict]:
     """Complete checkpoints of a run, oldest first: name, path, step, epoch, metrics, health, and which one is
     the best (the manifest's best_checkpoint) and the latest (newest healthy). Interrupted saves never appear.
     Health is measured (every file hashed): a checkpoint damaged since its save is `corrupt`, never best or
@@ -7332,7 +7709,7 @@ def evaluate_loss_metrics(model, tokenizer, records: list[dict], shape: str, max
                                  use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
         trainer = _trainer_class()(model=model, args=args, eval_dataset=Dataset.from_list(rows),
                                    processing_class=tokenizer, data_collator=PadToLongestCollator(tokenizer.pad_token_id),
-                                   compute_metrics=compute_metrics)
+                                   compute_metrics=compute_metrics, callbacks=[EvalProgressCallback()])
         from transformers.trainer_callback import PrinterCallback
         trainer.remove_callback(PrinterCallback)
         metrics = trainer.evaluate(metric_key_prefix="test")
@@ -7432,11 +7809,9 @@ def _tool_result(args: argparse.Namespace) -> tuple[Any, list]:
         output_dir = load_training_config(args.config).logging.output_dir
     if args.status:
         result: Any = monitor_training(args.status, output_dir)
-        rows = [[k, result.get(k)] for k in ("run_id", "status", "step", "max_steps", "epoch", "train_loss",
-                                              "val_loss", "tokens_per_second", "elapsed_seconds", "eta_seconds",
-                                              "last_checkpoint", "note") if k in result]
+        rows = status_rows(result)
     elif args.list_checkpoints:
-        result = list_checkpoints(args.list_checkpoints, output_dir)
+        result = list_checkpoints(args.list_checkpoints, output_dir, details=True)
         rows = [["name", "step", "epoch", "health", "val_loss", "val_perplexity", "best", "latest"]] + [
             [c["name"], c["step"], c["epoch"], c["health"], (c["metrics"] or {}).get("val_loss"),
              (c["metrics"] or {}).get("val_perplexity"), "*" if c["is_best"] else "", "*" if c["is_latest"] else ""]
@@ -7446,6 +7821,29 @@ def _tool_result(args: argparse.Namespace) -> tuple[Any, list]:
         rows = [[k, v] for k, v in result.items() if k != "answer_eval"]
         rows += [[f"answer_eval.{k}", v] for k, v in (result["answer_eval"] or {}).items()]
     return result, rows
+
+
+def status_rows(status: dict) -> list[list]:
+    """--status for people, in the step lines' formats: `step 150/450 (33%)`, `train_loss 1.078`,
+    `tokens_per_second 3.1k tok/s`, `elapsed 1m22s`, `eta 2m12s` (--json keeps the raw numbers)."""
+    rows = []
+    for key in ("run_id", "status", "step", "epoch", "train_loss", "val_loss", "tokens_per_second",
+                "elapsed_seconds", "eta_seconds", "last_checkpoint", "note"):
+        if key not in status:
+            continue
+        value, label = status[key], key.removesuffix("_seconds")
+        if value is None:
+            text = "-"
+        elif key == "step" and status.get("max_steps"):
+            text = f"{value}/{status['max_steps']} ({100 * value // status['max_steps']}%)"
+        elif key == "tokens_per_second":
+            text = f"{format_value(key, float(value))} tok/s"
+        elif key.endswith("_seconds"):
+            text = format_duration(float(value))
+        else:
+            text = format_value(key, value) if isinstance(value, float) else str(value)
+        rows.append([label, text])
+    return rows
 
 
 def _table(rows: list[list]) -> str:
@@ -7488,22 +7886,32 @@ def plan_training(config: TrainingConfig) -> dict:
     res = ValidationResult(warnings=list(config.warnings))
     _field_rules(config, res)
     _data_rules(config, res)
-    _checkpoint_rules(config, res, need_weights=False)
-    if not res.errors and not res.checkpoint:  # a Hub id not in the local cache: fetch its config.json only
+    shape = ValidationResult()
+    _checkpoint_rules(config, shape, need_weights=False)
+    if not shape.errors and not shape.checkpoint:  # a Hub id not in the local cache: fetch its config.json only
         try:
             from huggingface_hub import hf_hub_download
-            res.checkpoint = json.loads(Path(hf_hub_download(config.model.base_checkpoint, "config.json")).read_text())
+            fetched = hf_hub_download(config.model.base_checkpoint, "config.json")
+            shape.checkpoint = json.loads(Path(fetched).read_text())
         except Exception as exc:  # offline, unknown repo, no access
-            res.errors.append(problem("CheckpointNotFound", field="model.base_checkpoint",
-                                      value=config.model.base_checkpoint,
-                                      suggestion=f"--plan reads the model's config.json and could not fetch it "
-                                                 f"({type(exc).__name__}): point model.base_checkpoint at a local "
-                                                 "directory holding config.json (no weights needed)"))
+            shape.errors.append(problem("CheckpointNotFound", field="model.base_checkpoint",
+                                        value=config.model.base_checkpoint,
+                                        suggestion=f"--plan reads the model's config.json and could not fetch it "
+                                                   f"({type(exc).__name__}): point model.base_checkpoint at a local "
+                                                   "directory holding config.json (no weights needed), or declare "
+                                                   "model.vocab_size, hidden_size, num_layers and num_heads"))
+    declared = None
+    if not shape.checkpoint and all(e["error"] == "CheckpointNotFound" for e in shape.errors):
+        declared = declared_shape(config.model)  # not on disk: the architecture the config declares, if it does
+    if declared:
+        shape.errors, shape.checkpoint = [], declared["config"]
+    res.errors += shape.errors
+    res.checkpoint = shape.checkpoint
     gpu = target_gpu(config, res)
     res.raise_if_failed()
     c, hp, ckpt_cfg = config.compute, config.training.hyperparameters, res.checkpoint
     ref = config.resolved_paths.get("model.base_checkpoint")
-    n_params = count_parameters(Path(ref["path"]) if ref else None, ckpt_cfg)
+    n_params = count_parameters(Path(ref["path"]) if ref and not declared else None, ckpt_cfg)
     strategies = {name: plan_strategy(config, ckpt_cfg, n_params, name, c.num_gpus, gpu["memory_bytes"])
                   for name in PLAN_STRATEGIES}
     fitting = [name for name, row in strategies.items() if row["fits"]]
@@ -7521,7 +7929,11 @@ def plan_training(config: TrainingConfig) -> dict:
         "fit_limit_gb": round(FIT_FRACTION * gpu["memory_bytes"] / 2**30, 3), "peak_flops_per_gpu": gpu["peak_flops"],
         "model": {"base_checkpoint": config.model.base_checkpoint, "parameters": n_params,
                   **{k: ckpt_cfg.get(k) for k in ("vocab_size", "hidden_size", "intermediate_size",
-                                                   "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}},
+                                                   "num_hidden_layers", "num_attention_heads", "num_key_value_heads")},
+                  "tie_word_embeddings": ckpt_cfg.get("tie_word_embeddings", True),
+                  "shape_source": "model.vocab_size, hidden_size, num_layers and num_heads of the config (the base "
+                                  "checkpoint's config.json is not here)"
+                  if declared else "config.json", "assumptions": declared["assumptions"] if declared else {}},
         "batch": {"batch_size_per_gpu": hp.batch_size, "max_seq_length": config.data.max_seq_length,
                   "mixed_precision": c.mixed_precision, "optimizer": config.training.optimization.optimizer,
                   "gradient_checkpointing": config.model.gradient_checkpointing},
@@ -7533,6 +7945,36 @@ def plan_training(config: TrainingConfig) -> dict:
         "hourly_usd": hourly_usd, "price_basis": price_basis, "estimated_cost_usd": round(hours * hourly_usd, 4),
         "warnings": res.warnings,
     }
+
+
+# What --plan assumes for a model known only by the four numbers the spec's config declares: SmolLM3's own choices
+# (grouped-query attention with 4 query heads per key/value head, tied input/output embeddings) and an 8B-class MLP
+# width (Llama-3-8B's 14336 for hidden 4096). The real config.json replaces all of them once the checkpoint is here.
+ASSUMED_QUERY_HEADS_PER_KV_HEAD = 4
+ASSUMED_MLP_RATIO = 3.5
+ASSUMED_TIED_EMBEDDINGS = True
+
+
+def declared_shape(model: ModelConfig) -> Optional[dict]:
+    """A config.json-shaped dict from model.vocab_size, hidden_size, num_layers and num_heads, with the assumptions
+    stated (what each is, why); None unless all four are declared."""
+    dims = (model.vocab_size, model.hidden_size, model.num_layers, model.num_heads)
+    if any(d is None for d in dims):
+        return None
+    vocab, hidden, layers, heads = dims
+    kv_heads = max(1, heads // ASSUMED_QUERY_HEADS_PER_KV_HEAD)
+    mlp = -(-int(ASSUMED_MLP_RATIO * hidden) // 256) * 256  # rounded up to a multiple of 256, as model cards do
+    return {
+        "config": {"vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+                   "num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": mlp,
+                   "tie_word_embeddings": ASSUMED_TIED_EMBEDDINGS},
+        "assumptions": {
+            "num_key_value_heads": f"{kv_heads} (num_heads / {ASSUMED_QUERY_HEADS_PER_KV_HEAD}: SmolLM3's "
+                                   "grouped-query attention)",
+            "intermediate_size": f"{mlp} ({ASSUMED_MLP_RATIO:g} x hidden_size, rounded up to a multiple of 256: an "
+                                 "8B-class MLP, as Llama-3-8B's 14336 for hidden 4096)",
+            "tie_word_embeddings": f"{str(ASSUMED_TIED_EMBEDDINGS).lower()} (SmolLM3 ties its input and output "
+                                   "embeddings)"}}
 
 
 def plan_verdict(strategies: dict) -> str:
@@ -7564,6 +8006,8 @@ def format_plan(plan: dict) -> str:
         f"model: {m['parameters']:,} parameters ({m['base_checkpoint']}: hidden {m['hidden_size']}, "
         f"{m['num_hidden_layers']} layers, vocab {m['vocab_size']}); per GPU {b['batch_size_per_gpu']} x "
         f"{b['max_seq_length']} tokens, mixed_precision {b['mixed_precision']}, {b['optimizer']}",
+        *([f"shape: {m['shape_source']}; assumed:"] + [f"  {k} {v}" for k, v in m["assumptions"].items()]
+          if m.get("assumptions") else []),
         _table(rows), "(* = as configured)",
         f"verdict: {plan['verdict']}",
         f"recommended: {STRATEGY_LABELS[rec]} ({changes[rec]})" if rec else "recommended: none fits: more or "
@@ -7633,12 +8077,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "over (the old run is moved aside to <run_id>.abandoned-<time>, nothing is deleted)")
     p.add_argument("--run-id", help=f"run id (letters, digits, - _ ., at most {MAX_RUN_ID_LENGTH} characters); "
                                     "default: <dataset_name>_<UTC time>")
-    p.add_argument("--output-dir", help="override logging.output_dir")
+    p.add_argument("--output-dir", help="without --run-id: the run's own directory (run id = its name, spec Phase 3); "
+                                        "with --run-id, and for the tools: overrides logging.output_dir, the parent "
+                                        "of <run_id>/")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set training.hyperparameters.learning_rate=1e-5 "
                         "(repeatable; recorded in the manifest)")
-    p.add_argument("--baseline", metavar="MANIFEST_OR_RUN_DIR",
-                   help="compare this run's validation and test metrics with a previous run's")
+    baseline = p.add_mutually_exclusive_group()
+    baseline.add_argument("--baseline", metavar="MANIFEST_OR_RUN_DIR",
+                          help="compare this run's validation and test metrics with a previous run's (default: the "
+                               "most recent completed run of the same data.dataset_name, if any)")
+    baseline.add_argument("--no-baseline", action="store_true",
+                          help="no baseline comparison (evaluation.baseline: none)")
     tools = p.add_argument_group("monitoring and checkpoint tools (RUN = run dir, or run_id under the output dir; "
                                  "a bare run_id is also looked up under ./training_config.yaml's output_dir and in "
                                  "the index of runs started here, $XDG_CACHE_HOME/finance_smollm3/runs.json)")
@@ -7813,8 +8263,34 @@ QUIET_LIBRARY_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PRO
                      "WANDB_SILENT": "true", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """The console's log lines; while a progress bar is live on the terminal, each line clears the bar, prints, and
+    redraws it (tqdm's external write mode), so lines and bar never overwrite each other."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not _live_bars:
+            return super().emit(record)
+        from tqdm import tqdm
+        with tqdm.external_write_mode(file=self.stream):
+            super().emit(record)
+
+
+def output_dir_as_run_dir(args: argparse.Namespace) -> Optional[str]:
+    """Spec Phase 3 types `--output-dir /mnt/finance-smollm3/checkpoints/run_$(date +%Y%m%d_%H%M%S)` without --run-id:
+    that directory is then the run's own (run id = its name; its parent plays logging.output_dir). With --run-id,
+    --output-dir stays the parent of `<run_id>/`, and the tools always read it as the parent. Returns the note the
+    console gets, or None. Deterministic, so the ranks torch.distributed.run starts derive the same run."""
+    if args.output_dir is None or args.run_id is not None or args.plan:
+        return None
+    run_dir = Path(args.output_dir).expanduser().resolve()
+    check_run_id(run_dir.name, "--output-dir")
+    args.run_id, args.output_dir = run_dir.name, str(run_dir.parent)
+    return (f"--output-dir {run_dir} is this run's directory (run id {run_dir.name}); with --run-id it would be "
+            "the parent of <run_id>/")
+
+
 def setup_logging(debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stdout)
+    handler = ConsoleHandler(sys.stdout)
     handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     handler.addFilter(lambda record: not getattr(record, "file_only", False))  # e.g. the full config: train.log
     log.handlers[:] = [handler]
@@ -7828,9 +8304,17 @@ def setup_logging(debug: bool) -> None:
             os.environ.setdefault(key, value)
 
 
+def close_progress_bars() -> None:
+    """Close every live bar (a run that stops by an exception never reaches its bars' own close)."""
+    for bar in list(_live_bars):
+        _live_bars.discard(bar)
+        bar.close()
+
+
 def emit_error(payload: dict) -> None:
     """The last thing on stderr: one JSON object (not at all when the terminal is gone: error.json has it)."""
     try:
+        close_progress_bars()
         sys.stdout.flush()
         sys.stderr.write(json_text(payload) + "\n")  # secrets redacted, strict JSON
         sys.stderr.flush()
@@ -7848,8 +8332,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             return run_tool(args)
         if args.run_id is not None:
             check_run_id(args.run_id)  # before the config, the data or anything under <output_dir>/<run_id> is read
+        run_dir_note = output_dir_as_run_dir(args)
+        if run_dir_note:
+            log.info(run_dir_note)
         literal = {k: v for k, v in (("logging.output_dir", args.output_dir),
-                                     ("evaluation.baseline", args.baseline)) if v is not None}
+                                     ("evaluation.baseline", "none" if args.no_baseline else args.baseline))
+                   if v is not None}
         config = load_training_config(args.config, list(args.overrides), literal)
         if args.plan:
             return run_plan(config, args.json)
@@ -7858,6 +8346,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             # one GPU asked for: without this, Trainer wraps the model in DataParallel over every visible GPU
             os.environ["CUDA_VISIBLE_DEVICES"] = "0"
         if args.validate_only:
+            choose_baseline(config, exclude=own_run_dir(config, args.run_id, args.resume_from))
             result = validate_config(config, resuming=bool(args.resume_from))
             for w in result.warnings:
                 log.warning(w)

@@ -77,7 +77,10 @@ def base_config(tiny_dir: Path, out: Path, fmt: str = "messages") -> dict:
                     "tensorboard": {"enabled": True, "log_dir": str(out / "tb")}},
         "compute": {"device": "cpu", "num_gpus": 1, "distributed_backend": "gloo", "mixed_precision": "no"},
         # generation is the slowest part of a tiny run (one forward per token): two short samples suffice
-        "evaluation": {"num_samples": 2, "max_new_tokens": 16},
+        "evaluation": {"num_samples": 2, "max_new_tokens": 16,
+                       # no automatic baseline (the latest completed run of the dataset): runs of the suite share
+                       # dataset names and a run index; a test that compares asks for its baseline by name
+                       "baseline": "none"},
     }
 
 

@@ -45,7 +45,7 @@ def manifest_of(run_dir: Path) -> dict:
 def runs(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis")
     cfg = base_config(tiny_dir, out, FMT)
-    cfg["evaluation"] = {"num_samples": N_SAMPLES, "max_new_tokens": MAX_NEW_TOKENS}
+    cfg["evaluation"] = {"num_samples": N_SAMPLES, "max_new_tokens": MAX_NEW_TOKENS, "baseline": "none"}
     # A barely trains (lr 1e-5, 12 steps: its val loss stays near ln(vocab) = 5.95) and B trains for real (lr 1e-2,
     # 24 steps: 5.95 -> about 4.1), so "B is better" holds by a margin no CPU or thread count can flip.
     cfg_a = set_key(set_key(cfg, "training.hyperparameters.learning_rate", 1.0e-5),
@@ -317,7 +317,9 @@ def test_baseline_comparison_better_run(runs):
     assert b_val < a_val, "B (trained) should end with a lower val loss than A (barely trained)"
     cmp = mb["baseline_comparison"]
     assert cmp["baseline_run_id"] == "A"
-    assert Path(cmp["baseline_manifest"]) == (runs.a_dir / "run_manifest.json").resolve()
+    assert not Path(cmp["baseline_manifest"]).is_absolute()  # manifest paths are relative to the run dir
+    assert (runs.b_dir / cmp["baseline_manifest"]).resolve() == (runs.a_dir / "run_manifest.json").resolve()
+    assert cmp["chosen"] == "evaluation.baseline"
     rows = {r["metric"]: r for r in cmp["metrics"]}
     assert {"final_val_loss", "final_val_perplexity", "test_loss", "test_perplexity"} <= set(rows)
     r = rows["final_val_loss"]
@@ -393,7 +395,7 @@ def live_run(tiny_dir, tmp_path_factory):
     cfg = set_key(cfg, "training.hyperparameters.num_epochs", 200)
     cfg = set_key(cfg, "logging.logging_steps", 1)
     cfg = set_key(cfg, "logging.tensorboard.enabled", False)
-    cfg["evaluation"] = {"num_samples": 0}
+    cfg["evaluation"] = {"num_samples": 0, "baseline": "none"}
     path = write_config(out / "live.yaml", cfg)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(path), "--run-id", "live"], env=env,
@@ -599,7 +601,7 @@ def test_list_checkpoints_cli_json(runs):
     proc = run_cli("--list-checkpoints", "B", "--output-dir", runs.runs_dir, "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     listed = json.loads(proc.stdout)
-    assert listed == tf.list_checkpoints("B", str(runs.runs_dir))
+    assert listed == tf.list_checkpoints("B", str(runs.runs_dir), details=True)
     m = manifest_of(runs.b_dir)
     assert [c["name"] for c in listed] == m["checkpoints"]["all_checkpoints"]
     assert [c["path"] for c in listed if c["is_best"]] == [str(runs.b_dir / m["checkpoints"]["best_checkpoint"])]

@@ -63,7 +63,7 @@ def test_second_resume_keeps_the_restarted_schedule(diverged):
     """A checkpoint written after a schedule restart resumes onto that same schedule, bit for bit."""
     out, path, _ = diverged
     run_dir = out / "runs" / "d"
-    ckpts = {c["name"]: c for c in tf.list_checkpoints(str(run_dir))}
+    ckpts = {c["name"]: c for c in tf.list_checkpoints(str(run_dir), details=True)}
     src = ckpts["checkpoint-epoch-1"]["path"]
     before = (run_dir / "checkpoint-epoch-2" / "model.safetensors").read_bytes()
     proc = run_cli("--config", path, "--resume-from", src, "--set", "training.hyperparameters.learning_rate=1.0e-03")

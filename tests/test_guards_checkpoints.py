@@ -138,7 +138,7 @@ def test_early_stopping_completes_normally(tiny_dir, tmp_path):
     assert Path(m["checkpoints"]["best_checkpoint"]).name == "checkpoint-epoch-2"
     assert m["test_results"]["evaluated"] == "checkpoint-epoch-2"
     assert "early stopping" in proc.stdout
-    names = {c["name"] for c in tf.list_checkpoints("es", str(tmp_path / "runs"))}
+    names = {c["name"] for c in tf.list_checkpoints("es", str(tmp_path / "runs"), details=True)}
     assert "checkpoint-epoch-4" not in names  # nothing trained past the stop
     best = tmp_path / "runs" / "es" / "checkpoint-epoch-2"  # reloaded after training: the test metrics are its own
     assert m["test_results"]["test_loss"] == pytest.approx(
@@ -172,7 +172,7 @@ def test_retention_keeps_best_latest_and_backup(tiny_dir, tmp_path):
     proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--run-id", "keep")
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads((tmp_path / "runs" / "keep" / "run_manifest.json").read_text())
-    ckpts = tf.list_checkpoints("keep", str(tmp_path / "runs"))
+    ckpts = tf.list_checkpoints("keep", str(tmp_path / "runs"), details=True)
     names = [c["name"] for c in ckpts]
     assert len(names) <= 3 and "checkpoint-24" in names and "checkpoint-20" in names
     assert Path(m["checkpoints"]["best_checkpoint"]).name in names
@@ -209,7 +209,7 @@ def test_kill_during_checkpoint_save_leaves_no_half_checkpoint(tiny_dir, tmp_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert list(run_dir.glob(".tmp-checkpoint-*")), "the save should have been in progress"
-    assert tf.list_checkpoints(str(run_dir)) == []
+    assert tf.list_checkpoints(str(run_dir), details=True) == []
     assert not [p for p in run_dir.iterdir() if p.name.startswith("checkpoint-")]
     res = run_cli("--config", path, "--run-id", "slow", "--resume-from", "latest")
     assert res.returncode == 2 and last_json(res.stderr)["error"] == "CheckpointNotFound"

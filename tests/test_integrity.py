@@ -29,7 +29,8 @@ def trained(tiny_dir, tmp_path_factory):
     cfg = set_key(set_key(cfg, "logging.eval_steps", 4), "logging.save_steps", 4)
     proc = run_cli("--config", write_config(out / "c.yaml", cfg), "--run-id", "ok")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert [c["name"] for c in tf.list_checkpoints("ok", str(out / "runs"))][-2:] == ["checkpoint-8", "checkpoint-12"]
+    names = [c["name"] for c in tf.list_checkpoints("ok", str(out / "runs"), details=True)]
+    assert names[-2:] == ["checkpoint-8", "checkpoint-12"]
     return out, cfg
 
 
@@ -167,7 +168,7 @@ def test_one_writer_per_run_dir_and_a_killed_writer_never_blocks(tiny_dir, tmp_p
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert json.loads((run_dir / ".lock").read_text())["pid"] == first.pid  # the dead holder's file stays
-    latest = next(c for c in tf.list_checkpoints(str(run_dir)) if c["is_latest"])
+    latest = next(c for c in tf.list_checkpoints(str(run_dir), details=True) if c["is_latest"])
     # accepted: it trains past the resume point (then stops itself, so the test does not run 1000 epochs)
     resumed = run_cli("--config", path, "--run-id", "same", "--resume-from", "latest",
                       env={"FINANCE_TRAINER_INJECT_SIGNAL": f"{latest['step'] + 2}:SIGKILL"})

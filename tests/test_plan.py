@@ -260,3 +260,52 @@ def test_fsdp_on_cpu_is_refused(tiny_dir, tmp_path):
     err = last_json(r.stderr)
     assert err["error"] == "InvalidConfig" and err["details"]["field"] == "compute.fsdp"
     assert "compute.device: cuda" in err["details"]["suggestion"] and "Traceback" not in r.stderr
+
+
+def readme_plan_example() -> tuple[str, str]:
+    """The README's --plan example: the command after `$ ` and the output printed under it, as written."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("\n$ python train_finance_ssc_model.py --config training_config.yaml --plan\n", 1)[1]
+    return "python train_finance_ssc_model.py --config training_config.yaml --plan", block.split("\n```", 1)[0]
+
+
+@pytest.mark.slow
+def test_the_readme_plan_example_runs_as_written_on_a_fresh_clone(tmp_path):
+    """The tracked files only (a clone: no model, no GPU), the command exactly as the README types it, its output
+    exactly as the README prints it: the spec's config declares the architecture, and the plan says what it assumes."""
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    for name in tracked.stdout.splitlines():
+        if (ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            (clone / name).write_bytes((ROOT / name).read_bytes())
+    assert not (clone / "models").exists()
+    command, expected = readme_plan_example()
+    r = subprocess.run([sys.executable, *command.split()[1:]], cwd=clone, capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == expected
+    assert "assumed:" in expected and "num_key_value_heads 8" in expected
+
+
+@pytest.mark.slow
+def test_plan_from_the_declared_shape_states_its_assumptions(tiny_dir, tmp_path):
+    cfg = production_config(tiny_dir, tmp_path, **{"model.base_checkpoint": str(tmp_path / "not-downloaded-yet"),
+                                                   "model.vocab_size": 49152, "model.hidden_size": 4096,
+                                                   "model.num_layers": 32, "model.num_heads": 32})
+    plan = plan_json(cfg)
+    m = plan["model"]
+    assert m["parameters"] == PROD_PARAMS  # the assumptions are PROD's 8 kv heads, MLP 14336, tied embeddings
+    assert (m["num_key_value_heads"], m["intermediate_size"], m["tie_word_embeddings"]) == (8, 14336, True)
+    assert set(m["assumptions"]) == {"num_key_value_heads", "intermediate_size", "tie_word_embeddings"}
+    assert m["shape_source"].startswith("model.vocab_size, hidden_size, num_layers and num_heads")
+    assert plan["strategies"]["fsdp"]["bytes_per_gpu"] == FSDP_STATES + FSDP_GATHERED + ACT_CKPT + LOGITS
+    # with config.json on disk the real shape is used and nothing is assumed
+    assert plan_json(production_config(tiny_dir, tmp_path))["model"]["assumptions"] == {}
+    # a shape the config does not fully declare: the checkpoint error as before
+    partial = production_config(tiny_dir, tmp_path, **{"model.base_checkpoint": str(tmp_path / "missing"),
+                                                       "model.vocab_size": 49152})
+    r = run_cli("--config", partial, "--plan")
+    assert r.returncode == 2 and last_json(r.stderr)["error"] == "CheckpointNotFound"

@@ -44,7 +44,7 @@ def test_signal_saves_the_step_and_resume_is_exact(reference, sig):
     assert f"--resume-from latest --run-id {run_id}" in err["details"]["resume_command"]
     run_dir = out / "runs" / run_id
     assert err["details"]["checkpoint"] == str(run_dir / "checkpoint-8")
-    ck = {c["name"]: c for c in tf.list_checkpoints(str(run_dir))}
+    ck = {c["name"]: c for c in tf.list_checkpoints(str(run_dir), details=True)}
     assert ck["checkpoint-8"]["health"] == "ok" and ck["checkpoint-8"]["is_latest"]
     m = json.loads((run_dir / "run_manifest.json").read_text())
     assert m["status"] == "interrupted" and m["error"]["error"] == "Preempted"

@@ -43,7 +43,8 @@ def test_kill9_then_resume_latest_is_bit_identical(reference, kill_step, latest)
     out, path, _ = reference
     run_id = f"k{kill_step}"
     kill_at_step(path, run_id, kill_step)
-    assert [c["name"] for c in tf.list_checkpoints(run_id, str(out / "runs")) if c["is_latest"]] == [latest]
+    listed = tf.list_checkpoints(run_id, str(out / "runs"), details=True)
+    assert [c["name"] for c in listed if c["is_latest"]] == [latest]
     proc = run_cli("--config", path, "--run-id", run_id, "--resume-from", "latest")
     assert proc.returncode == 0, proc.stderr[-2000:]
     a = weights(out / "runs" / "ref" / "checkpoint-epoch-2")
@@ -62,7 +63,7 @@ def test_kill9_then_resume_latest_is_bit_identical(reference, kill_step, latest)
 
 def test_config_change_is_warned_and_recorded(reference):
     out, path, cfg = reference
-    src = Path(tf.list_checkpoints("ref", str(out / "runs"))[-2]["path"])  # the backup, one before the latest
+    src = Path(tf.list_checkpoints("ref", str(out / "runs"))[-2])  # the backup, one before the latest
     proc = run_cli("--config", path, "--resume-from", src, "--set", "training.hyperparameters.weight_decay=0.05")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "training.hyperparameters.weight_decay: 0.0 -> 0.05" in proc.stdout
@@ -73,7 +74,7 @@ def test_config_change_is_warned_and_recorded(reference):
 
 def test_dangerous_change_is_refused_unless_forced(reference):
     out, path, _ = reference
-    src = tf.list_checkpoints("ref", str(out / "runs"))[0]["path"]
+    src = tf.list_checkpoints("ref", str(out / "runs"), details=True)[0]["path"]
     before = (out / "runs" / "ref" / "run_manifest.json").read_bytes()
     proc = run_cli("--config", path, "--resume-from", src, "--set", "data.max_seq_length=200")
     assert proc.returncode == 2
@@ -85,7 +86,7 @@ def test_dangerous_change_is_refused_unless_forced(reference):
 
 def test_changed_training_data_or_global_batch_is_refused(reference, tmp_path):
     out, path, cfg = reference
-    src = tf.list_checkpoints("ref", str(out / "runs"))[0]["path"]
+    src = tf.list_checkpoints("ref", str(out / "runs"), details=True)[0]["path"]
     changed = tmp_path / "train.jsonl"
     changed.write_text(Path(cfg["data"]["train_path"]).read_text().replace("PHP", "USD", 1))
     proc = run_cli("--config", path, "--resume-from", src, "--set", f"data.train_path={changed}")

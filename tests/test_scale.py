@@ -124,7 +124,7 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(ddp_pair):
     err = last_json(proc.stderr)
     assert err["error"] == "Preempted" and err["details"]["step"] == 5
     run_dir = out / "runs" / "two_term"
-    assert [c["name"] for c in tf.list_checkpoints(str(run_dir)) if c["is_latest"]] == ["checkpoint-5"]
+    assert [c["name"] for c in tf.list_checkpoints(str(run_dir), details=True) if c["is_latest"]] == ["checkpoint-5"]
     assert json.loads((run_dir / "run_manifest.json").read_text())["status"] == "interrupted"
     res = run_cli("--config", path, "--run-id", "two_term", "--resume-from", "latest")
     assert res.returncode == 0, res.stderr[-2000:]

@@ -123,8 +123,12 @@ def test_tools_find_a_bare_run_id_through_the_run_index(sessions, tmp_path, monk
     monkeypatch.chdir(tmp_path)  # not the output dir, no training_config.yaml here
     monkeypatch.setenv("XDG_CACHE_HOME", str(sessions.cache))
     assert json.loads(t.run_index_path().read_text())[RUN_ID] == str(sessions.run_dir.resolve())
-    names = [c["name"] for c in t.list_checkpoints(RUN_ID)]
-    assert "checkpoint-epoch-1" in names and "checkpoint-epoch-2" in names
+    paths = t.list_checkpoints(RUN_ID)  # the spec's signature: List[str], the checkpoint paths in step order
+    assert all(isinstance(p, str) for p in paths)
+    names = [Path(p).name for p in paths]
+    assert names.index("checkpoint-epoch-1") < names.index("checkpoint-epoch-2") == len(names) - 1
+    details = t.list_checkpoints(RUN_ID, details=True)
+    assert paths == [c["path"] for c in details] and [c["step"] for c in details] == sorted(c["step"] for c in details)
     status = t.monitor_training(RUN_ID)
     assert status["run_id"] == RUN_ID and status["status"] == "completed"
     assert Path(status["run_dir"]) == sessions.run_dir.resolve()
@@ -137,7 +141,7 @@ def test_tools_find_a_bare_run_id_through_the_working_directorys_config(sessions
     monkeypatch.chdir(project)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))  # the index knows nothing
     assert t.monitor_training(RUN_ID)["run_dir"] == str(sessions.run_dir.resolve())
-    assert [c["name"] for c in t.list_checkpoints(RUN_ID)] == [c["name"] for c in t.list_checkpoints(str(sessions.run_dir))]
+    assert t.list_checkpoints(RUN_ID) == t.list_checkpoints(str(sessions.run_dir))
 
 
 @pytest.mark.slow
@@ -177,3 +181,116 @@ def test_a_diverged_run_still_ends_with_the_output_object(tiny_dir, tmp_path):
     if output["best_checkpoint"]:
         assert Path(output["best_checkpoint"]).resolve() == \
             tmp_path / "runs" / "nan" / manifest["checkpoints"]["best_checkpoint"]
+    # the manifest's copy of the error names the checkpoint relative to the run dir (the spec: "checkpoint-epoch-1");
+    # the stderr payload keeps the absolute path, to paste into a --resume-from
+    stderr_ckpt = last_json(proc.stderr)["details"]["last_valid_checkpoint"]
+    recorded = manifest["error"]["details"]["last_valid_checkpoint"]
+    assert stderr_ckpt and Path(stderr_ckpt).is_absolute() and recorded == Path(stderr_ckpt).name
+    assert manifest["error"]["errors"][0]["details"]["last_valid_checkpoint"] == recorded
+
+
+@pytest.mark.slow
+def test_session1_manifest_names_the_script_in_its_command_line(sessions):
+    command = sessions.manifest["reproducibility"]["command_line"]
+    assert Path(command[1]).name == "train_finance_ssc_model.py" and command[2:4] == ["--config", command[3]]
+    assert "--run-id" in command and RUN_ID in command
+
+
+# --------------------------------------------------------------------------------------------------
+# Session 3 as the spec types it: a second config, no baseline flag; Phase 3's --output-dir, literally
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def session3(sessions, tiny_dir):
+    """training_config_v2.yaml: learning rate halved, batch size doubled (8 -> 16), one more epoch, and no
+    evaluation.baseline (the spec's v2 changes three hyperparameters and nothing else)."""
+    cfg = base_config(tiny_dir, sessions.out)
+    cfg["evaluation"].pop("baseline")
+    for key, value in (("learning_rate", 5.0e-3), ("batch_size", 16), ("num_epochs", 3)):
+        cfg = set_key(cfg, f"training.hyperparameters.{key}", value)
+    path = write_config(sessions.out / "training_config_v2.yaml", cfg)
+    proc = run_cli("--config", path, env={"XDG_CACHE_HOME": str(sessions.cache)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = last_stdout_json(proc.stdout)
+    manifest = json.loads((sessions.out / "runs" / output["run_id"] / t.MANIFEST_NAME).read_text())
+    return SimpleNamespace(path=path, proc=proc, output=output, manifest=manifest)
+
+
+@pytest.mark.slow
+def test_session3_without_flags_compares_with_the_latest_completed_run(sessions, session3):
+    stdout = session3.proc.stdout
+    completed = sessions.resumed_manifest["completed_at"][:10]
+    assert f"INFO comparing with {RUN_ID} (completed {completed}): the most recent completed run of " \
+           f"finance_ssc_bir_v1 in {sessions.out / 'runs'}" in stdout
+    # spec Session 3: "Warning: batch_size doubled -> check GPU memory", before anything trains
+    warning = f"WARNING vs baseline {RUN_ID}: batch_size 8 -> 16: doubled, check memory"
+    assert warning in stdout and stdout.index(warning) < stdout.index("dry run passed")
+    assert "(+" in next(line for line in stdout.splitlines() if "dry run passed" in line)  # memory vs baseline's
+    cmp = session3.manifest["baseline_comparison"]
+    assert cmp["baseline_run_id"] == RUN_ID and cmp["chosen"].startswith("automatic: the most recent completed run")
+    assert (sessions.out / "runs" / session3.output["run_id"] / cmp["baseline_manifest"]).resolve() == \
+        (sessions.run_dir / t.MANIFEST_NAME).resolve()
+    keys = {d["key"]: d for d in cmp["config_differences"]}
+    assert keys["training.hyperparameters.batch_size"]["note"].startswith("doubled")
+    assert {r["metric"] for r in cmp["metrics"]} >= {"final_val_loss", "test_loss"}
+    assert f"baseline comparison against {RUN_ID}:" in stdout
+
+
+@pytest.mark.slow
+def test_session3_baseline_none_or_no_baseline_turns_it_off_and_the_index_is_the_fallback(sessions, session3,
+                                                                                          tmp_path):
+    env = {"XDG_CACHE_HOME": str(sessions.cache)}
+    for extra in (["--no-baseline"], ["--set", "evaluation.baseline=none"]):
+        proc = run_cli("--config", session3.path, "--validate-only", *extra, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "comparing with" not in proc.stdout and "vs baseline" not in proc.stdout
+    # an output dir with no run of this dataset: the run index (runs this machine started) is looked in next
+    proc = run_cli("--config", session3.path, "--validate-only", "--output-dir", tmp_path / "elsewhere", "--run-id",
+                   "x", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"INFO comparing with {session3.output['run_id']} (" in proc.stdout
+    assert "finance_ssc_bir_v1 in the run index" in proc.stdout
+
+
+@pytest.mark.slow
+def test_phase3_output_dir_without_run_id_is_the_runs_own_directory(tiny_dir, tmp_path):
+    """`--output-dir /mnt/finance-smollm3/checkpoints/run_$(date +%Y%m%d_%H%M%S)` makes that directory the run's, and
+    `tail -f logs/train.log` follows the run most recently started."""
+    cfg = set_key(set_key(base_config(tiny_dir, tmp_path), "training.hyperparameters.num_epochs", 1),
+                  "evaluation.num_samples", 0)
+    path = write_config(tmp_path / "training_config.yaml", cfg)
+    run_dir = tmp_path / "checkpoints" / "run_20251117_103000"
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    first = run_cli("--config", path, "--output-dir", run_dir, "--skip-dry-run", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"--output-dir {run_dir} is this run's directory (run id run_20251117_103000)" in first.stdout
+    manifest = json.loads((run_dir / t.MANIFEST_NAME).read_text())
+    assert manifest["run_id"] == "run_20251117_103000" == last_stdout_json(first.stdout)["run_id"]
+    assert [p.parent.name for p in run_dir.glob("*/" + t.MANIFEST_NAME)] == ["best"]  # no run dir nested inside
+    latest = tmp_path / "logs" / "train.log"
+    assert latest.resolve() == (tmp_path / "logs" / "run_20251117_103000" / "train.log").resolve()
+    assert "INFO training run_20251117_103000: " in latest.read_text()
+    # with --run-id, --output-dir stays the parent; logs/train.log now follows this newer run
+    second = run_cli("--config", path, "--output-dir", tmp_path / "checkpoints", "--run-id", "b", "--skip-dry-run",
+                     env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "b" / t.MANIFEST_NAME).is_file()
+    assert latest.is_symlink() and latest.resolve() == (tmp_path / "logs" / "b" / "train.log").resolve()
+    assert "INFO training b: " in latest.read_text()
+
+
+@pytest.mark.slow
+def test_git_records_whether_the_config_used_is_committed(sessions, tmp_path):
+    git = sessions.manifest["reproducibility"]["git"]
+    if git["commit"] is None:
+        pytest.skip("not a git checkout")
+    assert git["config_file"] == "outside the repository"  # the suite's configs live in tmp dirs
+    root = SCRIPT.parent
+    assert t._git_info(str(root / "demo_config.yaml"))["config_file"] in ("committed", "modified")
+    untracked = root / f"untracked-config-{os.getpid()}.yaml"
+    untracked.write_text((root / "demo_config.yaml").read_text())
+    try:
+        info = t._git_info(str(untracked))
+    finally:
+        untracked.unlink()
+    assert info["config_file"] == "untracked" and info["dirty"] is True  # what ran is not in the commit
