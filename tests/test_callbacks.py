@@ -239,10 +239,12 @@ def test_callbacks_for_run_in_trainer_order_with_the_configs_settings(tmp_path):
     cbs = tf.callbacks_for_run(config, tracker, tf.RunHistory(), tf.StepProbe(), dry_run=False)
     # EvalSaveFlowCallback before EpochSummaryCallback: the epoch line reads the evaluation it requested
     assert [type(c).__name__ for c in cbs] == [
-        "TrainingTimeCallback", "MetricsCallback", "EvalSaveFlowCallback", "EpochSummaryCallback",
-        "NonFiniteAndExplodingGradGuard", "DivergenceGuard", "LossSpikeWarning", "PreemptionCallback",
-        "EarlyStoppingCallback"]
-    assert cbs[5].evals == 5 and cbs[6].window == 4 and cbs[8].patience == 2
+        "TrainingTimeCallback", "MetricsCallback", "EvalProgressCallback", "EvalSaveFlowCallback",
+        "EpochSummaryCallback", "NonFiniteAndExplodingGradGuard", "DivergenceGuard", "LossSpikeWarning",
+        "PreemptionCallback", "EarlyStoppingCallback"]
+    by_name = {type(c).__name__: c for c in cbs}
+    assert by_name["DivergenceGuard"].evals == 5 and by_name["LossSpikeWarning"].window == 4
+    assert by_name["EarlyStoppingCallback"].patience == 2
     assert cbs[7].signal_flag is tf._preempt  # the flag the signal handler sets
     dry = tf.callbacks_for_run(config, tracker, tf.RunHistory(), tf.StepProbe(), dry_run=True)
     assert not any(isinstance(c, tf.EarlyStoppingCallback) for c in dry)
