@@ -245,6 +245,6 @@ def test_callbacks_for_run_in_trainer_order_with_the_configs_settings(tmp_path):
     by_name = {type(c).__name__: c for c in cbs}
     assert by_name["DivergenceGuard"].evals == 5 and by_name["LossSpikeWarning"].window == 4
     assert by_name["EarlyStoppingCallback"].patience == 2
-    assert cbs[7].signal_flag is tf._preempt  # the flag the signal handler sets
+    assert by_name["PreemptionCallback"].signal_flag is tf._preempt  # the flag the signal handler sets
     dry = tf.callbacks_for_run(config, tracker, tf.RunHistory(), tf.StepProbe(), dry_run=True)
     assert not any(isinstance(c, tf.EarlyStoppingCallback) for c in dry)
