@@ -5723,10 +5723,11 @@ def prepare_for_serving(d: Path, dtype: Optional[str] = None, chat_kwargs: Optio
         for key, value in (("pad_token_id", tok.pad_token_id), ("bos_token_id", tok.bos_token_id)):
             if gen.get(key) is None and value is not None:
                 gen[key] = value
-        eos = gen.get("eos_token_id")
-        eos = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+        given = gen.get("eos_token_id")
+        eos = [] if given is None else list(given) if isinstance(given, list) else [given]
         eos += [t for t in end_of_turn_ids(tok) if t not in eos]
-        gen["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+        if eos:
+            gen["eos_token_id"] = eos if len(eos) > 1 or isinstance(given, list) else eos[0]
         rewrite("generation_config.json", {**gen, **({"use_cache": True} if "use_cache" in gen else {})})
     if (d / "tokenizer_config.json").is_file():
         rewrite("tokenizer_config.json", {**read_json_lenient(d / "tokenizer_config.json"), "padding_side": "left"})
