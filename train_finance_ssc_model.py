@@ -5876,11 +5876,17 @@ def analyse_run(ctx: RunContext, model, tokenizer, samples: Optional[list] = Non
 
 def merge_adapter(config: TrainingConfig, adapter_dir: Path, out: Path) -> Path:
     """Merge a LoRA adapter into a fresh copy of the base weights (never into quantized weights) and save a
-    plain checkpoint, loadable by AutoModelForCausalLM.from_pretrained without peft."""
+    plain checkpoint, loadable by AutoModelForCausalLM.from_pretrained without peft. The merge is done in fp32 (the
+    adapter's update is added to exact fp32 copies of the base weights), then the result is saved in the base's
+    stored dtype (bf16 for SmolLM3: what serving expects), rounded once."""
+    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    base = AutoModelForCausalLM.from_pretrained(checkpoint_ref(config))
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    stored = AutoConfig.from_pretrained(checkpoint_ref(config)).dtype
+    base = AutoModelForCausalLM.from_pretrained(checkpoint_ref(config), dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    if stored in (torch.bfloat16, torch.float16):
+        merged = merged.to(stored)
     with build_dir_atomic(out) as tmp:
         merged.save_pretrained(str(tmp))
         AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))

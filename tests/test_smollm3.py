@@ -170,6 +170,7 @@ def test_killed_on_day_one_resumed_on_day_two_is_bit_identical(tiny_dir, tmp_pat
     assert meta["chat_template"]["date"] == DAY1
 
 
+@pytest.mark.slow
 def test_a_malformed_today_hook_is_refused(tiny_dir, tmp_path):
     path = write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))
     proc = run_cli("--config", path, "--validate-only", env={"FINANCE_TRAINER_TEST_TODAY": "17/11/2025"})
@@ -215,6 +216,7 @@ def test_no_think_data_trains_without_the_think_block_in_its_loss(tiny_dir, tmp_
     assert "think" not in sample["answer_text_trained"]
 
 
+@pytest.mark.slow
 def test_reasoning_mode_left_on_for_answers_without_reasoning_is_warned(tiny_dir, tmp_path):
     cfg = base_config(tiny_dir, tmp_path)
     cfg["data"].pop("chat_template_kwargs")
@@ -226,6 +228,7 @@ def test_reasoning_mode_left_on_for_answers_without_reasoning_is_warned(tiny_dir
     assert proc.returncode == 0 and "reasoning mode" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_template_kwargs_are_checked(tiny_dir, tmp_path):
     cfg = set_key(base_config(tiny_dir, tmp_path), "data.chat_template_kwargs", {"messages": []})
     proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--validate-only")
@@ -257,6 +260,7 @@ def test_best_generation_config_stops_at_the_end_of_turn(chatml_model, tmp_path)
     assert {"generation_config.json", "chat_template_kwargs.json"} <= set(rewritten)
 
 
+@pytest.mark.slow
 def test_a_template_whose_answers_do_not_end_a_turn_is_warned(chatml_model, tiny_dir, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(chatml_model, model)
