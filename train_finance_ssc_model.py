@@ -4,7 +4,7 @@
 Usage:
     python train_finance_ssc_model.py --config training_config.yaml                  # dry run, then train
     python train_finance_ssc_model.py --config training_config.yaml --dry-run        # 10 real steps, no checkpoints
-    python train_finance_ssc_model.py --config training_config.yaml --validate-only  # check config + data, < 1 s
+    python train_finance_ssc_model.py --config training_config.yaml --validate-only  # check config + data (tokenized)
     python train_finance_ssc_model.py --config training_config.yaml --plan [--json]  # before renting: fit, hours, $
     python train_finance_ssc_model.py --config training_config.yaml --resume-from latest --run-id RUN
     python train_finance_ssc_model.py --config c.yaml --set training.hyperparameters.learning_rate=1e-5
@@ -1864,7 +1864,8 @@ def _truncation_rules(config: TrainingConfig, res: ValidationResult) -> None:
     if any(s not in res.data for s in ("train", "valid", "test")):
         return
     d = config.data
-    tokenized, lines, _ = tokenized_splits(config, load_tokenizer(config), {s: i["shape"] for s, i in res.data.items()})
+    shapes = {s: i["shape"] for s, i in res.data.items()}
+    tokenized, lines, _ = tokenized_splits(config, load_tokenizer(config), shapes)
     for split in ("train", "valid", "test"):
         r = truncation_report(tokenized[split], lines[split], d.max_seq_length)
         res.data[split]["truncation"] = r
@@ -1875,13 +1876,14 @@ def _truncation_rules(config: TrainingConfig, res: ValidationResult) -> None:
                     ", set data.truncation_side: left (keeps the answers, cuts the prompts' starts)")
                  + ", shorten these records, or raise data.max_truncated_fraction")
         if r["fraction"] > d.max_truncated_fraction:
+            lost = r["answers_cut"] + r["answers_dropped"]
             res.errors.append(problem(
                 "InvalidDataset", field=f"data.{split}_path", path=res.data[split]["path"],
-                problem=f"{r['answers_cut'] + r['answers_dropped']} of {r['records']} {split} records ({r['fraction']:.1%}) "
-                        f"lose answer tokens to max_seq_length {d.max_seq_length}, more than "
-                        f"data.max_truncated_fraction {d.max_truncated_fraction:g}",
-                **r, max_seq_length_fitting_99_percent=r["length_p99"], max_truncated_fraction=d.max_truncated_fraction,
-                truncation_side=d.truncation_side, suggestion=fixes))
+                problem=f"{lost} of {r['records']} {split} records ({r['fraction']:.1%}) lose answer tokens to "
+                        f"max_seq_length {d.max_seq_length}, more than data.max_truncated_fraction "
+                        f"{d.max_truncated_fraction:g}",
+                **r, max_seq_length_fitting_99_percent=r["length_p99"],
+                max_truncated_fraction=d.max_truncated_fraction, truncation_side=d.truncation_side, suggestion=fixes))
         else:
             res.warnings.append(f"data: {format_truncation(split, r)}: {fixes}")
 
@@ -2322,7 +2324,8 @@ def truncation_report(tok, lines: list[int], max_seq_length: int) -> dict:
 
 
 def format_truncation(split: str, r: dict) -> str:
-    """`train: 55 of 64 answers cut (lines 3, 8, ...) and 4 dropped (...); token lengths P50 ... (max_seq_length 72)`"""
+    """`train: 55 of 64 answers cut (lines 3, 8, ...) and 4 dropped whole (...) by max_seq_length 72; token
+    lengths P50 ..., P95 ..., P99 ..., max ...`"""
     def where(key: str, count: int) -> str:
         shown = ", ".join(map(str, r[key]))
         return f" (line{'s' if count > 1 else ''} {shown}{', ...' if count > len(r[key]) else ''})" if count else ""
@@ -5352,8 +5355,8 @@ def _prepare(ctx: RunContext, limit: Optional[int] = None):
     attn = attention_implementation(config)
     model = load_base_model(config, attn)
     trainable = next((p for p in model.parameters() if p.requires_grad), None)
-    ctx.precision = {**precision_facts(config, ctx.validation.checkpoint or {}),
-                     "parameter_dtype": str(trainable.dtype).removeprefix("torch.") if trainable is not None else None}
+    measured = str(trainable.dtype).removeprefix("torch.") if trainable is not None else None
+    ctx.precision = {**precision_facts(config, ctx.validation.checkpoint or {}), "parameter_dtype": measured}
     startup_done()
     return tokenizer, datasets_, model
 
