@@ -547,7 +547,9 @@ class DataConfig:
                "record's own chat_template_kwargs overrides it key by key",
         "check": lambda v: template_kwargs_problem(v) is None,
         "expected": "a mapping of template variable names to values (not apply_chat_template's own arguments)",
-        "suggestion": "write it as a mapping, e.g. chat_template_kwargs: {enable_thinking: false}"})
+        "suggestion": "write it as a mapping of the template's variables, e.g. chat_template_kwargs: "
+                      "{enable_thinking: false} (apply_chat_template's own arguments, such as tools or "
+                      "add_generation_prompt, are set by this script)"})
     truncation_side: str = field(default="right", metadata={
         "doc": "right: a record longer than max_seq_length loses its end; left: it keeps its end (the answer) and "
                "loses the start of its prompt (TRL's keep_end)", "choices": ("right", "left"),
