@@ -4,7 +4,7 @@
 Usage:
     python train_finance_ssc_model.py --config training_config.yaml                  # dry run, then train
     python train_finance_ssc_model.py --config training_config.yaml --dry-run        # 10 real steps, no checkpoints
-    python train_finance_ssc_model.py --config training_config.yaml --validate-only  # check config + data, < 1 s
+    python train_finance_ssc_model.py --config training_config.yaml --validate-only  # check config + data (tokenized)
     python train_finance_ssc_model.py --config training_config.yaml --plan [--json]  # before renting: fit, hours, $
     python train_finance_ssc_model.py --config training_config.yaml --output-dir ckpts/run_$(date +%Y%m%d_%H%M%S)
     tail -F <logging_dir>/train.log                                                  # the latest run's log
@@ -282,6 +282,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def chat_template_sha256(template: Optional[str]) -> Optional[str]:
+    """sha256 of a chat template's text (UTF-8), None for no template: which template rendered the data."""
+    return None if template is None else hashlib.sha256(template.encode("utf-8")).hexdigest()
+
+
 _HASHED: dict[tuple, str] = {}  # (device, inode, size, mtime) -> sha256
 
 
@@ -293,11 +298,6 @@ def _sha256_cached(path: Path) -> str:
     if key not in _HASHED:
         _HASHED[key] = _sha256(path)
     return _HASHED[key]
-
-
-def chat_template_sha256(template: Optional[str]) -> Optional[str]:
-    """sha256 of a chat template's text (None for None): one line of a template changes every rendered record."""
-    return None if template is None else hashlib.sha256(template.encode("utf-8")).hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -493,6 +493,19 @@ OPTIMIZERS = {"adamw": "adamw_torch", "adamw_fused": "adamw_torch_fused", "adafa
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 SAVE_STRATEGIES = ("epoch", "steps")
 DATA_FORMATS = ("auto",) + tuple(RECORD_SHAPES)
+# apply_chat_template's own arguments: a template variable of one of these names would replace or break them
+TEMPLATE_RESERVED_NAMES = ("messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                           "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                           "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
+
+
+def template_kwargs_problem(value: Any) -> Optional[str]:
+    """Why `value` cannot be chat-template keyword arguments (data.chat_template_kwargs, a record's
+    chat_template_kwargs), or None: a mapping whose keys are template variable names."""
+    if not isinstance(value, dict):
+        return f"a mapping of template variables, got {type(value).__name__}"
+    bad = [k for k in value if not (isinstance(k, str) and k.isidentifier()) or k in TEMPLATE_RESERVED_NAMES]
+    return f"template variable names (not {', '.join(map(repr, bad))})" if bad else None
 
 
 @dataclass(kw_only=True)
@@ -563,6 +576,23 @@ class DataConfig:
                "seeded, resume-exact); false = uniform shuffling"})
     dedup: bool = field(default=False, metadata={
         "doc": "drop exact duplicate train records (the first is kept) and valid/test records whose prompt is in train"})
+    chat_template_kwargs: Optional[dict] = field(default=None, metadata={
+        "doc": "variables of every chat-template render (training and evaluation records, samples, best/'s "
+               "chat_template_kwargs.json), e.g. {enable_thinking: false}: SmolLM3's /no_think mode; a messages "
+               "record's own chat_template_kwargs overrides it key by key",
+        "check": lambda v: template_kwargs_problem(v) is None,
+        "expected": "a mapping of template variable names to values (not apply_chat_template's own arguments)",
+        "suggestion": "write it as a mapping of the template's variables, e.g. chat_template_kwargs: "
+                      "{enable_thinking: false} (apply_chat_template's own arguments, such as tools or "
+                      "add_generation_prompt, are set by this script)"})
+    truncation_side: str = field(default="right", metadata={
+        "doc": "right: a record longer than max_seq_length loses its end; left: it keeps its end (the answer) and "
+               "loses the start of its prompt (TRL's keep_end)", "choices": ("right", "left"),
+        "expected": "right or left"})
+    max_truncated_fraction: float = field(default=0.05, metadata={
+        "doc": "the largest fraction of any split whose answers max_seq_length may cut (some answer tokens lost) "
+               "or drop (all lost); above it the data is refused before training (InvalidDataset)",
+        "minimum": 0, "maximum": 1, "finite": True, "suggestion": "set max_truncated_fraction: 0.05"})
 
 
 @dataclass(kw_only=True)
@@ -765,11 +795,15 @@ class TrainingConfig:
     resolved_paths: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
     auto_baseline: Optional[dict] = None  # choose_baseline's pick when evaluation.baseline is null: {path, run_id, ...}
+    # The day a date-reading chat template renders (YYYY-MM-DD): the run's first start, kept by every resume
+    # (pin_template_date); None until a run or --validate-only sets it.
+    template_date: Optional[str] = None
 
     def to_dict(self) -> dict:
         """The YAML-shaped config (runtime fields left out)."""
         d = dataclasses.asdict(self)
-        for k in ("config_path", "config_text", "overrides", "resolved_paths", "warnings", "auto_baseline"):
+        for k in ("config_path", "config_text", "overrides", "resolved_paths", "warnings", "auto_baseline",
+                  "template_date"):
             d.pop(k)
         return d
 
@@ -1736,7 +1770,11 @@ def _record_problem(record: dict, shape: str) -> Optional[str]:
                 return f"messages[{i}].role is {m['role']!r}; expected system, user or assistant"
         if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
             return "no assistant message with non-empty content (nothing to learn from)"
-        return None
+        own = record.get("chat_template_kwargs")
+        why = template_kwargs_problem(own) if own is not None else None
+        return f"`chat_template_kwargs` must be {why}" if why else None
+    if record.get("chat_template_kwargs") is not None:
+        return "`chat_template_kwargs` is read in messages records only (the chat template renders those)"
     for key in RECORD_SHAPES[shape] + (("input",) if shape == "instruction" else ()):
         value = record.get(key, "")
         if not isinstance(value, str):
@@ -1774,6 +1812,7 @@ def scan_jsonl(path: Path, split: str, forced: str, how: str) -> tuple[dict, lis
         return {}, [problem("DataPathNotFound", field=dotted, path=str(path), resolved=how,
                             suggestion=f"{dotted} {what}")]
     problems, shapes, count, line_no = [], {}, 0, 0
+    reasoning = {"answers_with_think": 0, "records_setting_enable_thinking": 0}  # for the reasoning-mode warning
     with path.open("rb") as fh:
         for line_no, raw in enumerate(lines_with_progress(fh, path.stat().st_size, f"scanning {split}"), 1):
             if not raw.strip():
@@ -1806,6 +1845,11 @@ def scan_jsonl(path: Path, split: str, forced: str, how: str) -> tuple[dict, lis
                 continue
             shapes.setdefault(shape, line_no)
             count += 1
+            if shape == "messages":
+                reasoning["answers_with_think"] += any(m["role"] == "assistant" and "<think>" in m["content"]
+                                                       for m in record["messages"])
+                reasoning["records_setting_enable_thinking"] += "enable_thinking" in (
+                    record.get("chat_template_kwargs") or {})
     if len(shapes) > 1:
         first = sorted(shapes.items(), key=lambda kv: kv[1])
         problems.append((first[1][1], "", f"mixed record shapes in one file: {dict(first)} (shape: first line)",
@@ -1817,7 +1861,8 @@ def scan_jsonl(path: Path, split: str, forced: str, how: str) -> tuple[dict, lis
                    suggestion=fix) for ln, snip, why, fix in problems[:MAX_BAD_LINES]]
     if len(problems) > MAX_BAD_LINES:
         out[-1]["details"]["more_bad_lines"] = len(problems) - MAX_BAD_LINES
-    return {"path": str(path), "samples": count, "shape": next(iter(shapes), None)}, out
+    info = {"path": str(path), "samples": count, "shape": next(iter(shapes), None)}
+    return {**info, **(reasoning if info["shape"] == "messages" else {})}, out
 
 
 def _data_rules(config: TrainingConfig, res: ValidationResult) -> None:
@@ -2062,25 +2107,6 @@ def _packing_rules(config: TrainingConfig, res: ValidationResult) -> None:
     _packing_cost_rule(config, res, lengths, rows)
 
 
-def _answer_token_rules(config: TrainingConfig, res: ValidationResult) -> None:
-    """Tokenize the splits as training will (load_splits' calls, so training then hits the datasets cache) and
-    count the records truncation leaves with no answer token: training drops them (and warns), and a split that
-    would lose every record is EmptyDataset now, not after the model has loaded (--validate-only said "config
-    OK")."""
-    tokenizer = load_tokenizer(config)
-    shapes = {s: i["shape"] for s, i in res.data.items()}
-    raw = _raw_splits(config)
-    if config.data.dedup:
-        raw, _ = dedup_splits(raw, shapes)
-    for split, ds in raw.items():
-        answers = _tokenize_split(ds, config, tokenizer, shapes[split], split)["answer_tokens"]
-        if answers and not any(n > 0 for n in answers):
-            res.errors.append(problem(
-                "EmptyDataset", field=f"data.{split}_path", path=res.data[split]["path"], line_count=len(answers),
-                suggestion=f"every {split} record loses its answer to truncation at data.max_seq_length="
-                           f"{config.data.max_seq_length}: raise data.max_seq_length or shorten the prompts"))
-
-
 def _packing_cost_rule(config: TrainingConfig, res: ValidationResult, lengths: list[int],
                        rows: list[list[int]]) -> None:
     """What packing costs, before training. Only flash-attention 2 (CUDA, flash-attn installed) runs packed rows
@@ -2136,13 +2162,15 @@ def packing_cost(lengths: list[int], rows: list[list[int]], global_batch: int, a
 
 
 def _chat_template_rules(config: TrainingConfig, res: ValidationResult) -> None:
-    """`messages` data needs a chat template that renders growing prefixes consistently (answer masking
-    depends on it): render the first record of each such split now, not deep inside tokenization."""
+    """`messages` data against the chat template, one record rendered per split with the run's template variables
+    (template_kwargs): growing prefixes render consistently (answer masking depends on it) and the generation prompt
+    that evaluation and samples use is a prefix of the full rendering; the answer ends with an end-of-turn token
+    (else the model never learns to stop); and a reasoning-mode template left in /think for answers without
+    reasoning is warned about."""
     splits = [s for s, i in res.data.items() if i.get("shape") == "messages"]
     if not splits:
         return
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint_ref(config))
+    tokenizer = load_tokenizer(config)
     if not getattr(tokenizer, "chat_template", None):
         res.errors.append(config_problem(
             "model.base_checkpoint", config.model.base_checkpoint, "a tokenizer with a chat template",
@@ -2150,16 +2178,98 @@ def _chat_template_rules(config: TrainingConfig, res: ValidationResult) -> None:
             "checkpoint's tokenizer, add a chat_template to tokenizer_config.json, or convert the data to "
             "prompt_completion"))
         return
+    unended = None
     for split in splits:
         record = _read_jsonl(Path(res.data[split]["path"]), 1)[0]
         try:
-            _chat_segments(record["messages"], tokenizer)
+            segments = _chat_segments(record["messages"], tokenizer, template_kwargs(config, record))
+            prompt, _ = prompt_and_reference(record, "messages", tokenizer, template_kwargs(config))
+            if not "".join(text for text, _ in segments).startswith(prompt):
+                raise ValueError("the generation prompt is not a prefix of the full rendering")
         except Exception as exc:  # a template error, or one that is not prefix-stable
             res.errors.append(problem(
                 "InvalidDataset", field=f"data.{split}_path", path=res.data[split]["path"], line=1,
                 problem=f"the chat template cannot render this conversation turn by turn ({exc})",
                 suggestion="use a chat template whose rendering of a conversation prefix is a prefix of the "
                            "full rendering, or set data.train_on_prompt: true with format text"))
+            continue
+        unended = unended or _unended_answer(segments, tokenizer, split)
+    if unended:
+        res.warnings.append(unended)
+    _reasoning_mode_rule(config, res, tokenizer.chat_template, splits)
+
+
+def _unended_answer(segments: list[tuple[str, bool]], tokenizer, split: str) -> Optional[str]:
+    """A warning when an answer's last token (trailing whitespace aside) is no end-of-turn token, else None."""
+    stops = end_of_turn_ids(tokenizer)
+    for text, is_answer in segments:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if is_answer else []
+        while ids and not tokenizer.decode(ids[-1:]).strip():
+            ids = ids[:-1]
+        if ids and ids[-1] not in stops:
+            return (f"model.base_checkpoint: the chat template ends an answer ({split} line 1) with "
+                    f"{tokenizer.decode(ids[-1:])!r}, not an end-of-turn token "
+                    f"({', '.join(repr(tokenizer.convert_ids_to_tokens(t)) for t in stops)}): the model never learns "
+                    "to stop and generates until max_new_tokens; use a chat template that closes each assistant "
+                    "turn with the tokenizer's eos_token")
+    return None
+
+
+def _reasoning_mode_rule(config: TrainingConfig, res: ValidationResult, template: Any, splits: list[str]) -> None:
+    """SmolLM3's template has a reasoning mode, on by default (`Reasoning Mode: /think`). Answers without a <think>
+    block, trained in that mode, teach the model to skip its reasoning when asked to think: warn once, unless the
+    config or a record chooses the mode, or the answers hold reasoning."""
+    if not (isinstance(template, str) and "enable_thinking" in template):
+        return
+    if "enable_thinking" in (config.data.chat_template_kwargs or {}):
+        return
+    infos = [res.data[s] for s in splits]
+    if any(i.get("answers_with_think") or i.get("records_setting_enable_thinking") for i in infos):
+        return
+    res.warnings.append(
+        "data: the chat template has a reasoning mode (enable_thinking), left at its default (/think), and no answer "
+        "holds a <think> block: the model would learn to answer without reasoning when asked to think. Set "
+        "data.chat_template_kwargs.enable_thinking: false to train these answers in /no_think mode (the template "
+        "then puts an empty <think> block before each answer, outside the loss)")
+
+
+def _truncation_rules(config: TrainingConfig, res: ValidationResult) -> None:
+    """Every split tokenized as training tokenizes it (tokenized_splits, through the datasets cache that training then
+    hits): the answers max_seq_length cuts or drops, with line numbers and token-length percentiles
+    (truncation_report, kept in res.data[split]["truncation"]). Above data.max_truncated_fraction of any split: an
+    InvalidDataset error with the numbers, before any training; any answer lost: a warning with them."""
+    if any(s not in res.data for s in ("train", "valid", "test")):
+        return
+    d = config.data
+    shapes = {s: i["shape"] for s, i in res.data.items()}
+    tokenized, lines, _ = tokenized_splits(config, load_tokenizer(config), shapes)
+    for split in ("train", "valid", "test"):
+        r = truncation_report(tokenized[split], lines[split], d.max_seq_length)
+        res.data[split]["truncation"] = r
+        if not (r["answers_cut"] or r["answers_dropped"]):
+            continue
+        if r["records"] and r["answers_dropped"] == r["records"]:  # whatever max_truncated_fraction allows
+            res.errors.append(problem(
+                "EmptyDataset", field=f"data.{split}_path", path=res.data[split]["path"], line_count=r["records"],
+                suggestion=f"every {split} record loses its answer to truncation at data.max_seq_length="
+                           f"{d.max_seq_length}: raise data.max_seq_length (P99 {r['length_p99']}) or shorten the "
+                           "prompts"))
+            continue
+        fixes = (f"raise data.max_seq_length to {r['length_p99']} (fits 99% of {split})"
+                 + ("" if d.truncation_side == "left" else
+                    ", set data.truncation_side: left (keeps the answers, cuts the prompts' starts)")
+                 + ", shorten these records, or raise data.max_truncated_fraction")
+        if r["fraction"] > d.max_truncated_fraction:
+            lost = r["answers_cut"] + r["answers_dropped"]
+            res.errors.append(problem(
+                "InvalidDataset", field=f"data.{split}_path", path=res.data[split]["path"],
+                problem=f"{lost} of {r['records']} {split} records ({r['fraction']:.1%}) lose answer tokens to "
+                        f"max_seq_length {d.max_seq_length}, more than data.max_truncated_fraction "
+                        f"{d.max_truncated_fraction:g}",
+                **r, max_seq_length_fitting_99_percent=r["length_p99"],
+                max_truncated_fraction=d.max_truncated_fraction, truncation_side=d.truncation_side, suggestion=fixes))
+        else:
+            res.warnings.append(f"data: {format_truncation(split, r)}: {fixes}")
 
 
 def _device_rules(config: TrainingConfig, res: ValidationResult) -> None:
@@ -2246,7 +2356,7 @@ def validate_config(config: TrainingConfig, check_device: bool = True, resuming:
     if check_device and not res.errors:
         _chat_template_rules(config, res)
     if check_device and not res.errors:
-        _answer_token_rules(config, res)
+        _truncation_rules(config, res)
     if check_device and not res.errors:
         _packing_rules(config, res)
     if check_device and not res.errors:
@@ -2309,14 +2419,14 @@ def _baseline_rules(config: TrainingConfig, res: ValidationResult) -> None:
 
 def dedup_splits(raw, shapes: dict) -> tuple[Any, dict]:
     """data.dedup on the loaded DatasetDict: the records data_integrity finds (the same rule as the validation
-    warning) are dropped; returns the smaller DatasetDict and split -> records dropped."""
+    warning) are dropped; returns the smaller DatasetDict and split -> the 0-based positions dropped."""
     splits = {s: (shapes[s], [(i + 1, r) for i, r in enumerate(raw[s])]) for s in ("train", "valid", "test")}
     _, drop = data_integrity(splits)
     for split, positions in drop.items():
         if positions:
             gone = set(positions)
             raw[split] = raw[split].select([i for i in range(len(raw[split])) if i not in gone])
-    return raw, {s: len(v) for s, v in drop.items()}
+    return raw, drop
 
 
 def render_instruction_prompt(record: dict) -> str:
@@ -2327,26 +2437,142 @@ def render_instruction_prompt(record: dict) -> str:
     return prompt + "### Response:\n"
 
 
-def template_kwargs(config, record: Optional[dict] = None) -> dict:
-    """The keyword arguments every apply_chat_template call passes: data.chat_template_kwargs, overridden by a
-    record's own `chat_template_kwargs`. (Minimal version for answer evaluation; issue 24 owns the full one.)"""
-    kwargs = dict(getattr(getattr(config, "data", None), "chat_template_kwargs", None) or {})
+# A chat template that reads the clock (SmolLM3's system block says `Today Date: {{ strftime_now("%d %B %Y") }}`)
+# renders the same record differently every day: different tokens, a datasets cache that serves yesterday's, a resume
+# that is not bit-exact. Such a template is rendered with one fixed date per run (the run's first start, kept by every
+# resume), through a macro named strftime_now put before it: Jinja resolves a name the template defines before the
+# global transformers gives it. (A strftime_now template variable cannot do it: transformers turns every variable
+# into plain data, a function into the string "<function>".)
+DATE_READING = re.compile(r"\bstrftime_now\b")
+STRFTIME_DIRECTIVES = "aAbBcdHIjmMpSUwWxXyYGuVf"  # rendered for the fixed date at 00:00 (%z and %Z render empty)
+PINNED_CLOCK_MACRO = (
+    "{%- macro strftime_now(format) -%}{%- for piece in format.split('%%') -%}"
+    "{%- set ns = namespace(text=piece) -%}{%- for directive, value in __DATE_PARTS__ -%}"
+    "{%- set ns.text = ns.text.replace(directive, value) -%}{%- endfor -%}"
+    "{{- ('%' if not loop.first else '') ~ ns.text -}}{%- endfor -%}{%- endmacro -%}")
+END_OF_TURN = "<|im_end|>"  # ChatML's (SmolLM3's) end of an assistant turn, besides the tokenizer's EOS
+
+
+def template_reads_date(template: Any) -> bool:
+    return isinstance(template, str) and DATE_READING.search(template) is not None
+
+
+def pinned_chat_template(template: str, date: str) -> str:
+    """`template` with strftime_now answering for `date` (YYYY-MM-DD) at 00:00, whatever the clock says."""
+    day = dt.datetime.combine(dt.date.fromisoformat(date), dt.time())
+    parts = [[f"%{c}", day.strftime(f"%{c}")] for c in STRFTIME_DIRECTIVES]
+    return PINNED_CLOCK_MACRO.replace("__DATE_PARTS__", json.dumps(parts)) + template
+
+
+def today_date() -> str:
+    """The local date strftime_now would render now (YYYY-MM-DD), or the FINANCE_TRAINER_TEST_TODAY test hook's."""
+    return injected_today() or dt.date.today().isoformat()
+
+
+def _recorded_template_date(config: TrainingConfig, resume_from: str, run_id: Optional[str]) -> Optional[str]:
+    """The date a run being resumed rendered its data with: its manifest's, else its newest checkpoint's."""
+    if resume_from == "latest":
+        if not run_id:
+            return None
+        run_dir = run_paths(config, run_id)["run_dir"]
+        sources = [run_dir / MANIFEST_NAME] + [Path(c["path"]) / CHECKPOINT_META
+                                               for c in reversed(read_checkpoints(run_dir))]
+    else:
+        ckpt = Path(resume_from).expanduser()
+        sources = [ckpt / CHECKPOINT_META, ckpt.parent / MANIFEST_NAME]
+    for path in sources:
+        date = ((read_json_lenient(path) if path.is_file() else {}).get("chat_template") or {}).get("date")
+        if isinstance(date, str):
+            return date
+    return None
+
+
+def pin_template_date(config: TrainingConfig, resume_from: Optional[str] = None, run_id: Optional[str] = None) -> str:
+    """config.template_date, the day every render of this process uses (template_kwargs): a resumed run's recorded
+    date (so a resume on another day or machine tokenizes as the run did), else today."""
+    recorded = _recorded_template_date(config, resume_from, run_id) if resume_from else None
+    config.template_date = recorded or today_date()
+    return config.template_date
+
+
+_BASE_TEMPLATES: dict = {}  # (base checkpoint, its tokenizer files' mtimes) -> its chat template
+
+
+def _tokenizer_stamp(ref: str) -> tuple:
+    d = Path(ref)
+    return tuple((n, (d / n).stat().st_mtime_ns) for n in ("tokenizer_config.json", "chat_template.jinja")
+                 if (d / n).is_file()) if d.is_dir() else ()
+
+
+def base_chat_template(config: TrainingConfig) -> Optional[str]:
+    """The base tokenizer's chat template (loaded once per process and checkpoint; load_tokenizer fills it)."""
+    ref = checkpoint_ref(config)
+    key = (ref, _tokenizer_stamp(ref))
+    if key not in _BASE_TEMPLATES:
+        load_tokenizer(config)
+    return _BASE_TEMPLATES[key]
+
+
+def record_template_kwargs(kwargs: Optional[dict], record: Optional[dict]) -> dict:
+    """`kwargs` with a record's own chat_template_kwargs over them, key by key. A null value is unset: datasets fills
+    in, as null, the keys that only other records of the split have."""
+    out = dict(kwargs or {})
     own = (record or {}).get("chat_template_kwargs")
-    return {**kwargs, **own} if isinstance(own, dict) else kwargs
+    if isinstance(own, dict):
+        out.update({k: v for k, v in own.items() if v is not None})
+    return out
 
 
-def _chat_segments(messages: list, tokenizer) -> list[tuple[str, bool]]:
-    """Split a rendered conversation into (text, is_answer) pieces by rendering growing prefixes.
+def template_kwargs(config: TrainingConfig, record: Optional[dict] = None) -> dict:
+    """The keyword arguments of every apply_chat_template call of this script: data.chat_template_kwargs, `record`'s
+    own chat_template_kwargs over them, and for a template that reads the clock the template itself with the run's
+    date pinned (`chat_template`, see pinned_chat_template; config.template_date, today when no run set it)."""
+    out = record_template_kwargs(config.data.chat_template_kwargs, record)
+    template = base_chat_template(config)
+    if template_reads_date(template):
+        out["chat_template"] = pinned_chat_template(template, config.template_date or today_date())
+    return out
+
+
+def chat_template_record(config: TrainingConfig) -> dict:
+    """What rendered the messages data, for the manifest and every checkpoint's meta: the template's sha256, whether
+    it reads the clock and then the date it was pinned to (a resume reads it back: pin_template_date), and the
+    template variables of data.chat_template_kwargs."""
+    try:
+        template = base_chat_template(config)
+    except Exception as exc:  # the record of a run whose tokenizer cannot load must still be written
+        log.warning("could not read the chat template of %s: %s", config.model.base_checkpoint, exc)
+        template = None
+    reads = template_reads_date(template)
+    text = template if isinstance(template, str) or template is None else json.dumps(template, sort_keys=True)
+    return {"sha256": chat_template_sha256(text), "reads_date": reads,
+            "date": (config.template_date or today_date()) if reads else None,
+            "kwargs": dict(config.data.chat_template_kwargs or {})}
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The tokens that end an answer: EOS, and <|im_end|> where the vocabulary has it (SmolLM3-3B's EOS; the
+    base model's tokenizer ends text with <|endoftext|> while its chat template closes turns with <|im_end|>)."""
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)}
+    return sorted(t for t in ids if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id)
+
+
+def _chat_segments(messages: list, tokenizer, kwargs: Optional[dict] = None) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into (text, is_answer) pieces by rendering growing prefixes, every render with
+    `kwargs` (template_kwargs). What a template adds at the start of an answer (the generation prompt: SmolLM3's
+    `<|im_start|>assistant\n`, and in /no_think mode its empty `<think>\n\n</think>\n`) is prompt, outside the loss.
     Raises ValueError when the chat template is not prefix-stable (then answer masking is impossible)."""
+    kwargs = kwargs or {}
     segments, done = [], ""
     for k, msg in enumerate(messages):
         if msg["role"] == "assistant":
-            head = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True) if k else ""
+            head = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True,
+                                                 **kwargs) if k else ""
             if not head.startswith(done):
                 raise ValueError("chat template is not prefix-stable")
             segments.append((head[len(done):], False))
             done = head
-        full = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+        full = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False, **kwargs)
         if not full.startswith(done):
             raise ValueError("chat template is not prefix-stable")
         segments.append((full[len(done):], msg["role"] == "assistant"))
@@ -2354,51 +2580,63 @@ def _chat_segments(messages: list, tokenizer) -> list[tuple[str, bool]]:
     return segments
 
 
-def record_pieces(record: dict, tokenizer, shape: str) -> list[tuple[str, bool]]:
-    """A record as (text, is_answer) pieces in order, for tokenize_records."""
+def record_pieces(record: dict, tokenizer, shape: str, chat_kwargs: Optional[dict] = None) -> list[tuple[str, bool]]:
+    """A record as (text, is_answer) pieces in order, for tokenize_records. `chat_kwargs`: the run's template
+    variables (template_kwargs), the record's own over them."""
     if shape == "text":
         return [(record["text"], True)]
     if shape == "prompt_completion":
         return [(record["prompt"], False), (record["completion"], True)]
     if shape == "instruction":
         return [(render_instruction_prompt(record), False), (record["output"], True)]
-    return _chat_segments(record["messages"], tokenizer)
+    return _chat_segments(record["messages"], tokenizer, record_template_kwargs(chat_kwargs, record))
 
 
-def tokenize_records(records: list[dict], tokenizer, shape: str, max_seq_length: int,
-                     train_on_prompt: bool) -> list[dict]:
-    """Records -> input_ids, labels (IGNORE_INDEX on prompt tokens), truncation flag, answer token count. Every
-    piece of every record goes to the tokenizer in one call (its Rust batch encoder), not one call per piece."""
+def tokenize_records(records: list[dict], tokenizer, shape: str, max_seq_length: int, train_on_prompt: bool,
+                     chat_kwargs: Optional[dict] = None, truncation_side: str = "right") -> list[dict]:
+    """Records -> input_ids, labels (IGNORE_INDEX on prompt tokens), truncation flag, trainable label count, and for
+    the truncation numbers the untruncated length and the answer tokens the record has and loses. A record longer
+    than max_seq_length loses its end (truncation_side right) or the start of its prompt (left: the answer is kept
+    unless it alone is longer). Every piece of every record goes to the tokenizer in one call (its Rust batch
+    encoder), not one call per piece."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    pieces = [record_pieces(r, tokenizer, shape) for r in records]
+    pieces = [record_pieces(r, tokenizer, shape, chat_kwargs) for r in records]
     texts = [text for p in pieces for text, _ in p if text]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     rows = []
     for p in pieces:
-        input_ids, labels = [], []
+        input_ids, labels, answer = [], [], []
         for text, is_answer in p:
             ids = next(encoded) if text else []
             input_ids += ids
             labels += ids if (is_answer or train_on_prompt) else [IGNORE_INDEX] * len(ids)
+            answer += [is_answer] * len(ids)
         if shape != "messages":  # chat templates close turns themselves
             input_ids += eos
             labels += eos
-        truncated = len(input_ids) > max_seq_length
-        input_ids, labels = input_ids[:max_seq_length], labels[:max_seq_length]
+            answer += [True] * len(eos)
+        length = len(input_ids)
+        keep = slice(max(0, length - max_seq_length), None) if truncation_side == "left" else slice(0, max_seq_length)
+        input_ids, labels = input_ids[keep], labels[keep]
         rows.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
-                     "truncated": truncated, "answer_tokens": sum(1 for x in labels[1:] if x != IGNORE_INDEX)})
+                     "truncated": length > max_seq_length,
+                     "answer_tokens": sum(1 for x in labels[1:] if x != IGNORE_INDEX),
+                     "length": length, "answer_total": sum(answer), "answer_lost": sum(answer) - sum(answer[keep])})
     return rows
 
 
-def tokenize_record(record: dict, tokenizer, shape: str, max_seq_length: int, train_on_prompt: bool) -> dict:
+def tokenize_record(record: dict, tokenizer, shape: str, max_seq_length: int, train_on_prompt: bool,
+                    chat_kwargs: Optional[dict] = None, truncation_side: str = "right") -> dict:
     """One record -> input_ids, labels (IGNORE_INDEX on prompt tokens), truncation flag, answer token count."""
-    return tokenize_records([record], tokenizer, shape, max_seq_length, train_on_prompt)[0]
+    return tokenize_records([record], tokenizer, shape, max_seq_length, train_on_prompt, chat_kwargs,
+                            truncation_side)[0]
 
 
-def _tokenize_batch(batch: dict, tokenizer, shape: str, max_seq_length: int, train_on_prompt: bool) -> dict:
+def _tokenize_batch(batch: dict, tokenizer, shape: str, max_seq_length: int, train_on_prompt: bool,
+                    chat_kwargs: Optional[dict] = None, truncation_side: str = "right") -> dict:
     keys = list(batch)
     rows = tokenize_records([{k: batch[k][i] for k in keys} for i in range(len(batch[keys[0]]))], tokenizer,
-                            shape, max_seq_length, train_on_prompt)
+                            shape, max_seq_length, train_on_prompt, chat_kwargs, truncation_side)
     return {k: [r[k] for r in rows] for k in rows[0]}
 
 
@@ -2410,12 +2648,17 @@ def _raw_splits(config: TrainingConfig):
 
 
 def _tokenize_split(ds, config: TrainingConfig, tokenizer, shape: str, split: str):
-    """datasets.map over tokenize_record: preflight (_packing_rules) and load_splits make the same call, so the
-    second one is a cache hit. Large splits are tokenized by tokenize_processes(len(ds)) processes, with progress."""
+    """datasets.map over tokenize_records: validation (_truncation_rules, _packing_rules) and load_splits make the
+    same call, so the later ones are cache hits. fn_kwargs are part of the cache key: the template variables, with
+    a date-reading template pinned to the run's date (template_kwargs), so a warm cache never serves another day's
+    tokens. Other shapes render no template: their key holds no date. Large splits are tokenized by
+    tokenize_processes(len(ds)) processes, with progress."""
+    chat_kwargs = template_kwargs(config) if shape == "messages" else {}
     with datasets_progress(f"tokenizing {split}"):
         return ds.map(_tokenize_batch, batched=True, remove_columns=ds.column_names,
                       fn_kwargs={"tokenizer": tokenizer, "shape": shape, "max_seq_length": config.data.max_seq_length,
-                                 "train_on_prompt": config.data.train_on_prompt},
+                                 "train_on_prompt": config.data.train_on_prompt, "chat_kwargs": chat_kwargs,
+                                 "truncation_side": config.data.truncation_side},
                       desc=f"tokenizing {split}", num_proc=tokenize_processes(len(ds)))
 
 
@@ -2464,52 +2707,106 @@ def column(ds, name: str):
     return ds.with_format("arrow")[name]
 
 
-def load_splits(config: TrainingConfig, tokenizer, shapes: dict, limit: Optional[int] = None) -> tuple[dict, dict]:
-    """Tokenized train/valid/test datasets plus per-split stats (samples, truncated, dropped, tokens).
-    Tokenization goes through datasets.map, so a second run with the same data and tokenizer is a cache hit."""
-    import pyarrow.compute as pc
+def record_lines(path: Path) -> list[int]:
+    """The line number of each record of a JSONL file, in order (a blank line holds none)."""
+    with path.open("rb") as fh:
+        return [n for n, raw in enumerate(fh, 1) if raw.strip()]
+
+
+def tokenized_splits(config: TrainingConfig, tokenizer, shapes: dict, limit: Optional[int] = None):
+    """The three splits as training tokenizes them (data.dedup applied, the first `limit` records of each), with the
+    JSONL line number of every row. Returns (split -> tokenized Dataset, split -> line numbers, split -> records
+    data.dedup dropped)."""
     raw = _raw_splits(config)
-    dropped = {}
+    dropped: dict = {}
     if config.data.dedup:
         raw, dropped = dedup_splits(raw, shapes)
+    out, lines = {}, {}
+    for split, ds in raw.items():
+        gone = set(dropped.get(split, ()))
+        lines[split] = [n for i, n in enumerate(record_lines(data_path(config, f"{split}_path"))) if i not in gone]
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+            lines[split] = lines[split][:len(ds)]
+        out[split] = _tokenize_split(ds, config, tokenizer, shapes[split], split)
+    return out, lines, {s: len(v) for s, v in dropped.items()}
+
+
+MAX_TRUNCATION_LINES = 10  # line numbers shown (and recorded) per split for cut and dropped answers
+
+
+def _percentile(ordered: list[int], p: float) -> int:
+    """Nearest rank: the smallest value that at least p% of `ordered` (sorted) do not exceed."""
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] if ordered else 0
+
+
+def truncation_report(tok, lines: list[int], max_seq_length: int) -> dict:
+    """One tokenized split against max_seq_length: the records whose answer it cuts (some answer tokens lost) or
+    drops (all lost), with their line numbers, and the untruncated token lengths' percentiles: P99 is the
+    max_seq_length that would fit 99% of the records."""
+    cut, dropped = [], []
+    for line, total, lost in zip(lines, column(tok, "answer_total").to_pylist(), column(tok, "answer_lost").to_pylist()):
+        if lost:
+            (dropped if lost >= total else cut).append(line)
+    ordered = sorted(column(tok, "length").to_pylist())
+    n = len(ordered)
+    return {"records": n, "truncated": sum(x > max_seq_length for x in ordered), "answers_cut": len(cut),
+            "answers_dropped": len(dropped), "fraction": round((len(cut) + len(dropped)) / max(1, n), 4),
+            "cut_lines": cut[:MAX_TRUNCATION_LINES], "dropped_lines": dropped[:MAX_TRUNCATION_LINES],
+            "length_p50": _percentile(ordered, 50), "length_p95": _percentile(ordered, 95),
+            "length_p99": _percentile(ordered, 99), "length_max": ordered[-1] if ordered else 0,
+            "max_seq_length": max_seq_length}
+
+
+def format_truncation(split: str, r: dict) -> str:
+    """`train: 55 of 64 answers cut (lines 3, 8, ...) and 4 dropped whole (...) by max_seq_length 72; token
+    lengths P50 ..., P95 ..., P99 ..., max ...`"""
+    def where(key: str, count: int) -> str:
+        shown = ", ".join(map(str, r[key]))
+        return f" (line{'s' if count > 1 else ''} {shown}{', ...' if count > len(r[key]) else ''})" if count else ""
+    return (f"{split}: {r['answers_cut']} of {r['records']} answers cut{where('cut_lines', r['answers_cut'])} and "
+            f"{r['answers_dropped']} dropped whole{where('dropped_lines', r['answers_dropped'])} by max_seq_length "
+            f"{r['max_seq_length']}; token lengths P50 {r['length_p50']}, P95 {r['length_p95']}, P99 "
+            f"{r['length_p99']}, max {r['length_max']}")
+
+
+def load_splits(config: TrainingConfig, tokenizer, shapes: dict, limit: Optional[int] = None) -> tuple[dict, dict]:
+    """Tokenized train/valid/test datasets plus per-split stats (samples, truncated, dropped, tokens, and the
+    truncation numbers of truncation_report). Tokenization goes through datasets.map, so a second run with the same
+    data, tokenizer and template variables is a cache hit (validation already made the first)."""
+    import pyarrow.compute as pc
+    tokenized, lines, dropped = tokenized_splits(config, tokenizer, shapes, limit)
+    if config.data.dedup:
         log.info("data.dedup: dropped %d duplicate train records, %d valid and %d test records whose prompt is in "
                  "train", dropped["train"], dropped["valid"], dropped["test"])
     out, stats = {}, {}
     files = {split: str(data_path(config, f"{split}_path")) for split in ("train", "valid", "test")}
-    for split, ds in raw.items():
-        if limit is not None:
-            ds = ds.select(range(min(limit, len(ds))))
-        tok = _tokenize_split(ds, config, tokenizer, shapes[split], split)
-        truncated = int(pc.sum(column(tok, "truncated")).as_py() or 0)
+    for split, tok in tokenized.items():
+        truncation = truncation_report(tok, lines[split], config.data.max_seq_length)
         # A record whose answer was cut off entirely has nothing to learn from; a batch made only of such
         # records would give a 0/0 loss, so they are dropped (and counted).
         kept = tok.filter(lambda n: [x > 0 for x in n], input_columns="answer_tokens", batched=True,
                           desc=f"dropping {split} records with no answer tokens")
         lengths = pc.list_value_length(column(kept, "input_ids")).to_pylist()
-        stats[split] = {"records": len(ds), "samples": len(kept), "truncated": truncated,
+        stats[split] = {"records": len(tok), "samples": len(kept), "truncated": truncation["truncated"],
                         "dropped_no_answer_tokens": len(tok) - len(kept), "dedup_dropped": dropped.get(split, 0),
                         "tokens": int(sum(lengths)),
                         "answer_tokens": int(pc.sum(column(kept, "answer_tokens")).as_py() or 0),
                         # the record length an average token attends over (sum n^2 / sum n): MFU's attention term
-                        "attended_length": round(sum(n * n for n in lengths) / max(1, sum(lengths)), 2)}
+                        "attended_length": round(sum(n * n for n in lengths) / max(1, sum(lengths)), 2),
+                        "truncation": truncation}
         if len(kept) == 0:
             raise TrainerError("EmptyDataset", {
-                "field": f"data.{split}_path", "path": files[split], "line_count": len(ds),
+                "field": f"data.{split}_path", "path": files[split], "line_count": len(tok),
                 "suggestion": f"every {split} record lost its answer to truncation: raise data.max_seq_length "
                               f"(now {config.data.max_seq_length}) or shorten the prompts"})
-        out[split] = kept.remove_columns(["truncated", "answer_tokens"])
+        out[split] = kept.remove_columns(["truncated", "answer_tokens", "length", "answer_total", "answer_lost"])
         if config.data.packing and split == "train":
             out[split] = pack_dataset(out[split], config.data.max_seq_length)
             stats[split]["packed_rows"] = len(out[split])
             stats[split]["packing_fill"] = round(stats[split]["tokens"] / (len(out[split]) * config.data.max_seq_length), 4)
             log.info("packed %d train records into %d rows of %d tokens (%.1f%% filled)", len(kept),
                      len(out[split]), config.data.max_seq_length, 100 * stats[split]["packing_fill"])
-        if truncated:
-            log.warning("%s: %d of %d records are longer than max_seq_length=%d and were truncated",
-                        split, truncated, len(ds), config.data.max_seq_length)
-        if stats[split]["dropped_no_answer_tokens"]:
-            log.warning("%s: %d records had no answer tokens left after truncation and were dropped",
-                        split, stats[split]["dropped_no_answer_tokens"])
     return out, stats
 
 
@@ -2616,22 +2913,57 @@ def collator_for(attn: Optional[str], pad_token_id: int) -> "PadToLongestCollato
 
 def load_tokenizer(config: TrainingConfig):
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint_ref(config))
+    ref = checkpoint_ref(config)
+    tokenizer = AutoTokenizer.from_pretrained(ref)
     if tokenizer.pad_token_id is None:  # padding is masked out of loss and attention, so eos is a safe pad
         tokenizer.pad_token = tokenizer.eos_token
+    _BASE_TEMPLATES[(ref, _tokenizer_stamp(ref))] = getattr(tokenizer, "chat_template", None)
     return tokenizer
 
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def stored_dtype(ckpt_cfg: dict) -> str:
+    """The dtype a checkpoint's config.json says its weights are stored in (`dtype`, before transformers 5
+    `torch_dtype`; float32 when it says none)."""
+    value = ckpt_cfg.get("dtype") or ckpt_cfg.get("torch_dtype") or "float32"
+    return str(value).removeprefix("torch.")
+
+
+def compute_dtype(config: TrainingConfig) -> str:
+    """The dtype autocast computes in: bfloat16/float16 under mixed precision, else float32."""
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(config.compute.mixed_precision, "float32")
+
+
+def precision_facts(config: TrainingConfig, ckpt_cfg: dict) -> dict:
+    """The dtypes of a run, from the config and the base's config.json: what load_base_model loads, estimate_memory
+    counts and the manifest records. Full fine-tuning trains fp32 master weights whatever the checkpoint stores (bf16
+    updates of ~lr x weight round away: most of a 2e-5 step is lost in bf16's 8 mantissa bits); LoRA keeps its frozen
+    base in the compute dtype (QLoRA: quantized) and trains fp32 adapters (peft upcasts them). best/ is written in
+    the stored dtype (full weights; an adapter stays as trained)."""
+    lo, stored = config.model.lora, stored_dtype(ckpt_cfg)
+    frozen = None
+    if lo.enabled:
+        frozen = {"4bit": "nf4", "8bit": "int8"}.get(lo.quantization, compute_dtype(config))
+    return {"parameter_dtype": "float32", "frozen_base_dtype": frozen, "base_stored_dtype": stored,
+            "compute_dtype": compute_dtype(config), "best_dtype": "float32" if lo.enabled else stored}
+
+
 def load_base_model(config: TrainingConfig, attn: str):
-    """Weights stay fp32 (the master copy) under fp16/bf16 mixed precision; autocast does the rest.
-    With model.lora the base is frozen (4/8-bit quantized under QLoRA) and peft adapters are added."""
+    """Full fine-tuning loads fp32 weights (the master copy) whatever dtype the checkpoint stores (transformers 5
+    would keep a bf16 checkpoint in bf16, and most small updates would round away); fp16/bf16 mixed precision is
+    autocast. With model.lora the base is frozen in the compute dtype (4/8-bit quantized under QLoRA) and peft adds
+    fp32 adapters (precision_facts)."""
+    import torch
     from transformers import AutoModelForCausalLM
     lo = config.model.lora
-    kwargs: dict = {"attn_implementation": attn}
+    kwargs: dict = {"attn_implementation": attn,
+                    "dtype": getattr(torch, compute_dtype(config)) if lo.enabled else torch.float32}
     if lo.enabled and lo.quantization != "none":
-        import torch
         from transformers import BitsAndBytesConfig
         compute = torch.bfloat16 if config.compute.mixed_precision == "bf16" else torch.float16
+        kwargs["dtype"] = compute
         kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
                                bnb_4bit_use_double_quant=True) if lo.quantization == "4bit"
@@ -2728,8 +3060,10 @@ def layer_parameters(ckpt_cfg: dict) -> int:
 
 def estimate_memory(config: TrainingConfig, ckpt_cfg: dict, n_params: int, shards: Optional[int] = None) -> dict:
     """Peak training memory per device, in bytes, before any weight is loaded.
-    Model states: fp32 weights (the master copy) + fp32 grads + AdamW's two fp32 moments = 16 B/param, plus a
-    2 B/param autocast weight copy under fp16/bf16. Activations saved for backward, per token and layer:
+    Model states (dtypes: precision_facts): fp32 weights (the master copy, whatever the checkpoint stores) + fp32
+    grads + AdamW's two fp32 moments = 16 B/param, plus a 2 B/param autocast weight copy under fp16/bf16; under LoRA
+    the frozen base in the compute dtype (2 B/param under fp16/bf16, else 4; QLoRA 0.5 or 1) and the adapters'
+    fp32 states. Activations saved for backward, per token and layer:
     about 10*hidden + 4*intermediate + 2*kv_dim elements (measured on SmolLM3 with sdpa, which stores no
     seq x seq attention matrix); with gradient checkpointing only each layer's input (hidden) plus one
     layer's full set. Logits: fp32 logits and log-softmax, 2 x vocab x 4 B per token.
@@ -2746,8 +3080,8 @@ def estimate_memory(config: TrainingConfig, ckpt_cfg: dict, n_params: int, shard
     optimizer_bytes = {"adamw": 8, "adamw_fused": 8, "adafactor": 4, "sgd": 0}[config.training.optimization.optimizer]
     lo = config.model.lora
     if lo.enabled:
-        # frozen base: weights only (fp32, or 4/8-bit under QLoRA); adapters: weights + grads + optimizer
-        frozen = {"none": 4 + (2 if amp else 0), "8bit": 1, "4bit": 0.5}[lo.quantization]
+        # frozen base: weights only, in the compute dtype (4/8-bit under QLoRA); adapters: weights + grads + optimizer
+        frozen = {"none": 2 if amp else 4, "8bit": 1, "4bit": 0.5}[lo.quantization]
         dims = {"q_proj": (H, heads * (H // max(heads, 1))), "k_proj": (H, kv_dim), "v_proj": (H, kv_dim),
                 "o_proj": (H, H), "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
         targets = lo.target_modules or list(LORA_DEFAULT_TARGETS)
@@ -2758,7 +3092,7 @@ def estimate_memory(config: TrainingConfig, ckpt_cfg: dict, n_params: int, shard
         states = n_params * (16 + (2 if amp else 0) + optimizer_bytes - 8)
     gathered = 0
     if shards > 1:
-        amp_copy = 2 * n_params if amp and (not lo.enabled or lo.quantization == "none") else 0
+        amp_copy = 2 * n_params if amp and not lo.enabled else 0  # a LoRA base is in the compute dtype already
         states = int((states - amp_copy) / shards)
         gathered = 2 * max(layer_parameters(ckpt_cfg), V * H) * elem
     tokens = hp.batch_size * config.data.max_seq_length
@@ -2769,6 +3103,7 @@ def estimate_memory(config: TrainingConfig, ckpt_cfg: dict, n_params: int, shard
         activations = tokens * L * per_layer
     logits = tokens * V * 4 * 2
     out = {"parameters": n_params, "trainable_parameters": adapter if adapter is not None else n_params,
+           "precision": precision_facts(config, ckpt_cfg),
            "weights_grads_optimizer_bytes": states, "activation_bytes": activations, "logits_bytes": logits}
     if shards > 1:
         out.update(shards=shards, gathered_units_bytes=gathered)
@@ -2942,6 +3277,9 @@ def check_disk(config: TrainingConfig, ckpt_cfg: dict, validation: ValidationRes
     lo = config.model.lora
     if lo.enabled and lo.merge_at_end:
         need += 4 * n_params
+    best_dtype = precision_facts(config, ckpt_cfg)["best_dtype"]
+    if not lo.enabled and best_dtype != "float32":  # best/ gets the weights rewritten in the stored dtype
+        need += DTYPE_BYTES.get(best_dtype, 4) * n_params
     minimum = one * (1 if resuming else 2)
     probe = Path(config.logging.output_dir).expanduser().absolute()
     while not probe.exists() and probe != probe.parent:
@@ -4494,6 +4832,10 @@ def _parse_oom_hook(text: str, rank: int) -> dict:
     return {"oom_at": (where, kind)}
 
 
+def _parse_today_hook(text: str, rank: int) -> dict:
+    return {"today": dt.date.fromisoformat(text).isoformat()}  # ValueError unless YYYY-MM-DD
+
+
 FAULT_HOOKS = {  # variable -> (parser, what it takes, an example)
     "FINANCE_TRAINER_INJECT_NAN_AT_STEP": (
         _parse_nan_hook, "STEP, STEP:RANK, dry:STEP or dry:STEP:RANK: an optimizer step >= 1 (of the dry run with "
@@ -4512,6 +4854,8 @@ FAULT_HOOKS = {  # variable -> (parser, what it takes, an example)
     "FINANCE_TRAINER_INJECT_OOM": (
         _parse_oom_hook, f"WHERE:KIND: WHERE an optimizer step >= 1 or one of {list(OOM_PLACES)}, KIND one of "
                          f"{list(OOM_INJECTIONS)}", "3:cpu"),
+    "FINANCE_TRAINER_TEST_TODAY": (
+        _parse_today_hook, "a date YYYY-MM-DD: the day a run starting now takes as today (today_date)", "2025-11-17"),
 }
 
 
@@ -4529,6 +4873,8 @@ class InjectedFaults:
     enospc_paths: list[str] = field(default_factory=list)
     enospc_sticky: bool = False
     oom_at: Optional[tuple[str, str]] = None  # (a step number or an OOM_PLACES name, an OOM_INJECTIONS kind)
+    # FINANCE_TRAINER_TEST_TODAY: the local date a run starting now takes as today (injected_today reads it alone)
+    today: Optional[str] = None
 
     @property
     def on_trainer(self) -> bool:
@@ -4653,6 +4999,14 @@ def _inject_nan(model, loss):
         if p.grad is not None:
             p.grad.fill_(float("nan"))
     return loss * float("nan")
+
+
+def injected_today() -> Optional[str]:
+    """Test hook FINANCE_TRAINER_TEST_TODAY=YYYY-MM-DD: the date today_date answers, so a test starts a run "on one
+    day" and resumes it "on the next". Read alone at each call (it is asked before validation, before the other
+    hooks are parsed); malformed: InvalidConfig naming it."""
+    text = os.environ.get("FINANCE_TRAINER_TEST_TODAY", "")
+    return InjectedFaults.from_env({"FINANCE_TRAINER_TEST_TODAY": text}, rank=0).today if text else None
 
 
 _ENOSPC_STUCK: list = []  # FINANCE_TRAINER_INJECT_ENOSPC=...:sticky: set once the first injected write failed
@@ -4833,6 +5187,7 @@ def _save_checkpoint_atomic(trainer) -> Path:
                 "base_model": config.model.base_checkpoint, "base_config_sha256": base_config_sha256(config),
                 "base_identity": base_identity(config),
                 "data_sha256": getattr(trainer, "data_sha256", None), "world_size": world_size(config),
+                "chat_template": chat_template_record(config),
                 "adapter": is_peft_model(model), "config": config.to_dict(),
                 "schedule": getattr(trainer, "schedule", None) or schedule_spec(config, st.max_steps),
                 "created_at": utc_now(), **check}
@@ -4880,7 +5235,7 @@ def base_model_dir(config: TrainingConfig) -> Optional[Path]:
     return Path(cached).parent if cached else None
 
 
-def base_chat_template(model_dir: Path) -> Optional[str]:
+def chat_template_in_dir(model_dir: Path) -> Optional[str]:
     """The chat template the base's tokenizer loads: chat_template.jinja, else tokenizer_config.json's (a list of
     named templates as canonical JSON)."""
     jinja = Path(model_dir) / "chat_template.jinja"
@@ -4948,7 +5303,7 @@ def base_identity(config: TrainingConfig) -> dict:
     if key not in _BASE_IDENTITIES:
         _BASE_IDENTITIES[key] = {
             "config_sha256": base_config_sha256(config),
-            "chat_template_sha256": chat_template_sha256(base_chat_template(d)),
+            "chat_template_sha256": chat_template_sha256(chat_template_in_dir(d)),
             "weights_fingerprint": weights_fingerprint(d), "weights_fingerprint_method": WEIGHTS_FINGERPRINT_METHOD}
     return dict(_BASE_IDENTITIES[key])
 
@@ -5927,6 +6282,7 @@ class RunContext:
     previous_record: dict = field(default_factory=dict)  # the manifest a resume continues, as it was read
     initialized_from: Optional[dict] = None  # a new run started from another run's checkpoint (resolve_resume)
     analysis_skipped: Optional[dict] = None  # a signal after training: what of the analysis was skipped
+    precision: Optional[dict] = None  # precision_facts, with the parameter dtype measured on the loaded model
 
 
 @dataclass
@@ -5967,6 +6323,7 @@ def _train_model(config: TrainingConfig, dry_run: bool, resume_from: Optional[st
     3) and the post-training analysis (Phase 4)."""
     if run_id is not None:
         check_run_id(run_id)  # before anything is read or written under <output_dir>/<run_id>
+    pin_template_date(config, resume_from, run_id)  # before validation tokenizes: the run's date, kept on resume
     choose_baseline(config, exclude=own_run_dir(config, run_id, resume_from))
     validation = validate_config(config, resuming=bool(resume_from))
     validation.raise_if_failed()
@@ -6274,6 +6631,9 @@ def _prepare(ctx: RunContext, limit: Optional[int] = None):
     model = load_base_model(config, attn)
     if ctx.initialized_from:
         init_weights_from(model, Path(ctx.initialized_from["path"]))
+    trainable = next((p for p in model.parameters() if p.requires_grad), None)
+    measured = str(trainable.dtype).removeprefix("torch.") if trainable is not None else None
+    ctx.precision = {**precision_facts(config, ctx.validation.checkpoint or {}), "parameter_dtype": measured}
     startup_done()
     return tokenizer, datasets_, model
 
@@ -6421,13 +6781,14 @@ def stop_validation_loss(trainer, valid) -> Optional[float]:
 
 def prompt_and_reference(record: dict, shape: str, tokenizer, chat_kwargs: Optional[dict] = None) -> tuple[str, str]:
     """The text a user would send, and the answer the data says is right. `messages`: the conversation before the
-    last assistant turn through the chat template with the generation prompt on and `chat_kwargs`
-    (template_kwargs), as a server renders it; the other shapes are trained on their raw prompt, and sent so."""
+    last assistant turn through the chat template with the generation prompt on and `chat_kwargs` (the run's
+    template variables, template_kwargs), the record's own over them, as training rendered the record and a server
+    renders it; the other shapes are trained on their raw prompt, and sent so."""
     if shape == "messages":
         msgs = record["messages"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         return (tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True,
-                                              **(chat_kwargs or {})),
+                                              **record_template_kwargs(chat_kwargs, record)),
                 msgs[last]["content"])
     if shape == "prompt_completion":
         return record["prompt"], record["completion"]
@@ -6466,12 +6827,11 @@ def generate_samples(model, tokenizer, records: list[dict], shape: str, max_new_
     others go on and stops the call when every row has finished. `messages` prompts are rendered with
     template_kwargs(config, record) (the record's own chat_template_kwargs alone without a config)."""
     import torch
-    stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-            if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id]
+    stop = end_of_turn_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop or [0])[0]
     device = next(model.parameters()).device
-    pairs = [prompt_and_reference(rec, shape, tokenizer, template_kwargs(config, rec) if config is not None
-                                  else dict(rec.get("chat_template_kwargs") or {})) for rec in records]
+    pairs = [prompt_and_reference(rec, shape, tokenizer, template_kwargs(config) if config is not None else None)
+             for rec in records]
     encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt, _ in pairs]
     lengths = [len(e) for e in encoded]
     order = sorted(range(len(encoded)), key=lambda i: lengths[i])
@@ -6785,12 +7145,19 @@ def plot_loss_curves(train_csv: Path, val_csv: Path, best_step: Optional[int], o
     return out
 
 
-def prepare_for_serving(d: Path) -> list[str]:
+SERVING_TEMPLATE_KWARGS = "chat_template_kwargs.json"  # best/'s template variables, for the server's renders
+
+
+def prepare_for_serving(d: Path, dtype: Optional[str] = None, chat_kwargs: Optional[dict] = None) -> list[str]:
     """Rewrite, as new files in `d` (never through a hard link), the settings that are right for training and wrong
-    for inference; return the names rewritten. config.json: use_cache true (training turns the KV cache off).
-    generation_config.json (made from config.json when missing): the cache on, and pad/eos/bos ids the tokenizer's
-    where unset. tokenizer_config.json: padding_side left, so a batch of prompts of different lengths generates
-    what each prompt generates alone (right padding, right for training, puts pads between prompt and answer)."""
+    for inference; return the names rewritten. config.json: use_cache true (training turns the KV cache off), and
+    `dtype` when the weights were written in it (archive_best). generation_config.json (made from config.json when
+    missing): the cache on, pad/bos ids the tokenizer's where unset, and eos_token_id listing every end-of-turn token
+    (end_of_turn_ids: SmolLM3's <|im_end|> beside EOS), so generation stops where training taught the model to.
+    tokenizer_config.json: padding_side left, so a batch of prompts of different lengths generates what each prompt
+    generates alone (right padding, right for training, puts pads between prompt and answer).
+    chat_template_kwargs.json: the template variables the run trained with (data.chat_template_kwargs), for the
+    server to pass to every apply_chat_template call."""
     from transformers import AutoTokenizer
     rewritten = []
 
@@ -6803,19 +7170,26 @@ def prepare_for_serving(d: Path) -> list[str]:
         write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         rewritten.append(name)
 
-    if (d / "config.json").is_file():
+    tok = AutoTokenizer.from_pretrained(str(d)) if (d / "config.json").is_file() else None
+    if tok is not None:
         config = read_json_lenient(d / "config.json")
-        rewrite("config.json", {**config, "use_cache": True})
-        tok = AutoTokenizer.from_pretrained(str(d))
+        rewrite("config.json", {**config, "use_cache": True, **({"dtype": dtype} if dtype else {}),
+                                **({"torch_dtype": dtype} if dtype and "torch_dtype" in config else {})})
         gen = read_json_lenient(d / "generation_config.json") or {
             k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
-        for key, value in (("pad_token_id", tok.pad_token_id), ("eos_token_id", tok.eos_token_id),
-                           ("bos_token_id", tok.bos_token_id)):
+        for key, value in (("pad_token_id", tok.pad_token_id), ("bos_token_id", tok.bos_token_id)):
             if gen.get(key) is None and value is not None:
                 gen[key] = value
+        given = gen.get("eos_token_id")
+        eos = [] if given is None else list(given) if isinstance(given, list) else [given]
+        eos += [t for t in end_of_turn_ids(tok) if t not in eos]
+        if eos:
+            gen["eos_token_id"] = eos if len(eos) > 1 or isinstance(given, list) else eos[0]
         rewrite("generation_config.json", {**gen, **({"use_cache": True} if "use_cache" in gen else {})})
     if (d / "tokenizer_config.json").is_file():
         rewrite("tokenizer_config.json", {**read_json_lenient(d / "tokenizer_config.json"), "padding_side": "left"})
+    if tok is not None and getattr(tok, "chat_template", None):
+        rewrite(SERVING_TEMPLATE_KWARGS, dict(chat_kwargs or {}))
     return rewritten
 
 
@@ -6928,28 +7302,65 @@ def model_card(manifest: dict, manifest_sha256: str) -> str:
     return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body)
 
 
+def write_weights_as(src: Path, dst: Path, dtype: str) -> list[str]:
+    """The safetensors weights of `src` written to `dst` as new files with every floating-point tensor in `dtype`
+    (one file in memory at a time; the index's total_size follows). Returns the names written."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save
+    target, written, total = getattr(torch, dtype), [], 0
+    for f in sorted(src.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            metadata = fh.metadata() or {"format": "pt"}
+            tensors = {}
+            for key in fh.keys():
+                t = fh.get_tensor(key)
+                tensors[key] = t.to(target) if t.is_floating_point() else t
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        write_atomic(dst / f.name, save(tensors, metadata=metadata))  # the one atomic writer (disk-full hook too)
+        written.append(f.name)
+        del tensors
+    for index in sorted(src.glob("*.safetensors.index.json")):
+        data = read_json_lenient(index)
+        data["metadata"] = {**(data.get("metadata") or {}), "total_size": total}
+        write_atomic(dst / index.name, json.dumps(data, indent=2) + "\n")
+        written.append(index.name)
+    return written
+
+
 def archive_best(run_dir: Path, best_checkpoint: str, manifest: dict) -> Path:
     """`<run_dir>/best`: what inference needs from the best checkpoint, ready to serve as it is (the inference team
-    loads the dir with plain from_pretrained): prepare_for_serving's settings, files 0644 and dirs 0755 (a service
-    user must read them; safetensors writes its weights 0600), the manifest, its model card README.md (model_card),
-    and SHA256SUMS of every other file.
-    Unchanged files are hard links where the filesystem allows (no second copy of the weights; a link shares the
-    checkpoint file's inode, so that file becomes 0644 too, its bytes untouched); rewritten ones are new files, so
-    the checkpoint's own files keep the sha256 its checkpoint_meta.json records (check_checkpoint_integrity), and
-    best/'s copy of checkpoint_meta.json records best/'s. Built under a temporary name, then renamed."""
+    loads the dir with plain from_pretrained): full weights in the base checkpoint's stored dtype (the manifest's
+    precision.best_dtype: a bf16 base gives bf16 weights, what serving expects, half the fp32 checkpoint's size;
+    written as new files, the checkpoint keeps its exact fp32 weights for resume), prepare_for_serving's settings,
+    files 0644 and dirs 0755 (a service user must read them; safetensors writes its weights 0600), the manifest, its
+    model card README.md (model_card), and SHA256SUMS of every other file. Unchanged files are hard links where the
+    filesystem allows (no second copy; a link shares the checkpoint file's inode, so that file becomes 0644 too, its
+    bytes untouched); rewritten ones are new files, so the checkpoint's own files keep the sha256 its
+    checkpoint_meta.json records (check_checkpoint_integrity), and best/'s copy of checkpoint_meta.json records
+    best/'s. Built under a temporary name, then renamed."""
     src, final = Path(best_checkpoint), run_dir / "best"
+    precision = manifest.get("precision") or {}
+    dtype = precision.get("best_dtype")
+    convert = dtype in ("bfloat16", "float16") and not (src / "adapter_config.json").is_file()
     with build_dir_atomic(final) as tmp:
         for pattern in INFERENCE_FILES:
             for f in sorted(src.glob(pattern)):
+                if convert and f.name.endswith((".safetensors", ".safetensors.index.json")):
+                    continue
                 try:
                     os.link(f, tmp / f.name)
                 except OSError:
                     shutil.copy2(f, tmp / f.name)
-        rewritten = prepare_for_serving(tmp)
+        rewritten = write_weights_as(src, tmp, dtype) if convert else []
+        rewritten += prepare_for_serving(tmp, dtype if convert else None,
+                                         (manifest.get("chat_template") or {}).get("kwargs"))
         if rewritten and (tmp / CHECKPOINT_META).is_file():
             meta = read_json_lenient(tmp / CHECKPOINT_META)
             meta["checksums"] = {**(meta.get("checksums") or {}), **{n: _sha256(tmp / n) for n in rewritten}}
             meta["rewritten_for_serving"] = rewritten
+            if convert:
+                meta["weights_dtype"] = dtype
             write_json_atomic(tmp / CHECKPOINT_META, meta)  # a new file (rename), never a write through the link
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
         # the card from the manifest as written (redacted, strict JSON), so re-reading it gives the same card
@@ -7068,11 +7479,17 @@ def analyse_run(ctx: RunContext, model, tokenizer, samples: Optional[list] = Non
 
 def merge_adapter(config: TrainingConfig, adapter_dir: Path, out: Path) -> Path:
     """Merge a LoRA adapter into a fresh copy of the base weights (never into quantized weights) and save a
-    plain checkpoint, loadable by AutoModelForCausalLM.from_pretrained without peft."""
+    plain checkpoint, loadable by AutoModelForCausalLM.from_pretrained without peft. The merge is done in fp32 (the
+    adapter's update is added to exact fp32 copies of the base weights), then the result is saved in the base's
+    stored dtype (bf16 for SmolLM3: what serving expects), rounded once."""
+    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    base = AutoModelForCausalLM.from_pretrained(checkpoint_ref(config))
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    stored = AutoConfig.from_pretrained(checkpoint_ref(config)).dtype
+    base = AutoModelForCausalLM.from_pretrained(checkpoint_ref(config), dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    if stored in (torch.bfloat16, torch.float16):
+        merged = merged.to(stored)
     with build_dir_atomic(out) as tmp:
         merged.save_pretrained(str(tmp))
         AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))
@@ -7154,8 +7571,11 @@ def post_training_analysis(ctx: RunContext, trainer, tokenizer, datasets_: dict)
     t0 = time.perf_counter()
     test = trainer.evaluate(datasets_["test"], metric_key_prefix="test")
     test_seconds = time.perf_counter() - t0
-    ctx.test_results = {"evaluated": ctx.evaluated, **{k: _json_float(v) for k, v in test.items()
-                                                      if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)}}
+    # the weights in memory: the best checkpoint's fp32 master copy (best/ holds them in the base's stored dtype)
+    weights_dtype = str(trainer.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    ctx.test_results = {"evaluated": ctx.evaluated, "evaluated_dtype": weights_dtype,
+                        **{k: _json_float(v) for k, v in test.items()
+                           if k.startswith("test_") and not k.endswith(NOISE_SUFFIXES)}}
     ctx.performance = performance_block(ctx, parameter_counts(trainer.model)["trainable"])
     ctx.performance["test_eval_seconds"] = round(test_seconds, 3)
     if config.model.lora.enabled:
@@ -7471,6 +7891,8 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
             "paths": {s: i["path"] for s, i in ctx.validation.data.items()},
             "truncated_records": {s: v["truncated"] for s, v in stats.items()},
             "dropped_records": {s: v["dropped_no_answer_tokens"] for s, v in stats.items()},
+            "truncation": {s: v.get("truncation") for s, v in stats.items()},
+            "truncation_side": config.data.truncation_side,
             "tokens": {s: v["tokens"] for s, v in stats.items()},
             "max_seq_length": config.data.max_seq_length, "train_on_prompt": config.data.train_on_prompt,
             "packing": ({"rows": stats["train"].get("packed_rows"), "fill": stats["train"].get("packing_fill")}
@@ -7479,6 +7901,7 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
         "data_integrity": ({**ctx.validation.integrity, "dedup": config.data.dedup,
                             "dropped": {s: v.get("dedup_dropped", 0) for s, v in stats.items()}}
                            if ctx.validation.integrity else None),
+        "chat_template": chat_template_record(config),
         "hyperparameters": {
             "learning_rate": hp.learning_rate, "batch_size": hp.batch_size,
             "gradient_accumulation_steps": hp.gradient_accumulation_steps, "num_epochs": hp.num_epochs,
@@ -7491,6 +7914,7 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
             "world_size": world_size(config),
             "effective_batch_size": hp.batch_size * hp.gradient_accumulation_steps * world_size(config),
         },
+        "precision": ctx.precision or precision_facts(config, ctx.validation.checkpoint or {}),
         "training_results": {
             "final_train_loss": _json_float(last_train[2]) if last_train else None,
             "final_val_loss": _json_float(last_eval.get("val_loss")),
@@ -7526,6 +7950,7 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
             "best_checkpoint": ctx.best_checkpoint,
             "final_checkpoint": healthy[-1]["path"] if healthy else None,
             "best_archive": ctx.best_archive,
+            "best_archive_dtype": (ctx.precision or {}).get("best_dtype") if ctx.best_archive else None,
             "all_checkpoints": [c["name"] for c in ckpts],
             "details": [{k: c.get(k) for k in ("name", "step", "epoch", "health", "metrics")} for c in ckpts],
         },
@@ -7730,9 +8155,9 @@ def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_lengt
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    stored = read_json_lenient(ckpt / CHECKPOINT_META).get("config") or {}
-    max_len = max_seq_length or (stored.get("data") or {}).get("max_seq_length") \
-        or model.config.max_position_embeddings
+    meta = read_json_lenient(ckpt / CHECKPOINT_META)
+    stored = (meta.get("config") or {}).get("data") or {}
+    max_len = max_seq_length or stored.get("max_seq_length") or model.config.max_position_embeddings
     info, problems = scan_jsonl(Path(test_data_path).expanduser().resolve(), "test", "auto", "as given")
     if problems:
         raise TrainerError.collected(problems)
@@ -7936,7 +8361,8 @@ def plan_training(config: TrainingConfig) -> dict:
                   if declared else "config.json", "assumptions": declared["assumptions"] if declared else {}},
         "batch": {"batch_size_per_gpu": hp.batch_size, "max_seq_length": config.data.max_seq_length,
                   "mixed_precision": c.mixed_precision, "optimizer": config.training.optimization.optimizer,
-                  "gradient_checkpointing": config.model.gradient_checkpointing},
+                  "gradient_checkpointing": config.model.gradient_checkpointing,
+                  "precision": precision_facts(config, ckpt_cfg)},
         "configured_strategy": configured, "strategies": strategies, "fits": fitting,
         "recommended": fitting[0] if fitting else None, "verdict": plan_verdict(strategies),
         "train_records": records, "num_epochs": hp.num_epochs, "tokens": tokens,
@@ -8005,7 +8431,9 @@ def format_plan(plan: dict) -> str:
         f"a strategy fits within {plan['fit_fraction']:.0%} = {plan['fit_limit_gb']:.1f} GB per GPU)",
         f"model: {m['parameters']:,} parameters ({m['base_checkpoint']}: hidden {m['hidden_size']}, "
         f"{m['num_hidden_layers']} layers, vocab {m['vocab_size']}); per GPU {b['batch_size_per_gpu']} x "
-        f"{b['max_seq_length']} tokens, mixed_precision {b['mixed_precision']}, {b['optimizer']}",
+        f"{b['max_seq_length']} tokens, mixed_precision {b['mixed_precision']}, {b['optimizer']}; "
+        f"{b['precision']['parameter_dtype']} master weights (the checkpoint stores "
+        f"{b['precision']['base_stored_dtype']}; a LoRA base stays frozen in {b['precision']['compute_dtype']})",
         *([f"shape: {m['shape_source']}; assumed:"] + [f"  {k} {v}" for k, v in m["assumptions"].items()]
           if m.get("assumptions") else []),
         _table(rows), "(* = as configured)",
@@ -8346,6 +8774,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             # one GPU asked for: without this, Trainer wraps the model in DataParallel over every visible GPU
             os.environ["CUDA_VISIBLE_DEVICES"] = "0"
         if args.validate_only:
+            pin_template_date(config, args.resume_from, args.run_id)  # the date training would render with
             choose_baseline(config, exclude=own_run_dir(config, args.run_id, args.resume_from))
             result = validate_config(config, resuming=bool(args.resume_from))
             for w in result.warnings:
@@ -8353,6 +8782,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             result.raise_if_failed()
             log.info("config OK: %s", ", ".join(f"{s} {i['samples']} samples ({i['shape']})"
                                                  for s, i in result.data.items()))
+            for split, info in result.data.items():
+                if "truncation" in info:
+                    log.info("data: %s", format_truncation(split, info["truncation"]))
             return EXIT_OK
         # several GPUs, or FSDP on any number (Trainer runs FSDP only in a distributed launch): torch.distributed.run.
         # compute.fsdp on CPU stays in this process, where validation refuses it.

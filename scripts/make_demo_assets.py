@@ -20,9 +20,11 @@ templates (the arithmetic in them is exact, in centavos). One seeded stream of d
 train/valid/test, so the splits never share a record, and the same seed gives byte-identical files.
 `--format` picks the record shape: messages (default), prompt_completion, instruction or text.
 
-The tokenizer is a byte-level BPE trained on the train split (any text encodes, no unknown token) with a
-ChatML chat template; the model is a randomly initialised SmolLM3ForCausalLM (about 0.2M parameters at
-the defaults) that the demo trains in a couple of minutes on 2 CPU cores. The model is rebuilt only when
+The tokenizer is a byte-level BPE trained on the train split (any text encodes, no unknown token) with a chat
+template written from SmolLM3's documented behaviour (a metadata system block with today's date and the
+reasoning mode, /think and /no_think, <|im_end|> as EOS); the model is a randomly initialised
+SmolLM3ForCausalLM (about 0.2M parameters at the defaults) stored in bf16 as SmolLM3-3B is, with tied
+embeddings and a NoPE layer, that the demo trains in a couple of minutes on 2 CPU cores. The model is rebuilt only when
 its settings change (a stamp file in its folder records them); --force rebuilds it anyway.
 
 Library use (tests): generate_records, build_tokenizer, build_tiny_model, write_jsonl, make_demo.
@@ -48,13 +50,15 @@ FORMATS = ("messages", "prompt_completion", "instruction", "text")
 SYSTEM_PROMPT = ("You are a finance assistant for a Philippine shared services center. "
                  "Answer BIR tax and Odoo accounting questions accurately and concisely.")
 
-EOS_TOKEN = "<|endoftext|>"
+ENDOFTEXT_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN, IM_START, IM_END]
+SPECIAL_TOKENS = [ENDOFTEXT_TOKEN, PAD_TOKEN, IM_START, IM_END]
+CHAT_TEMPLATES = ("smollm3", "chatml")
 
-# ChatML. {% generation %} marks the assistant turns for return_assistant_tokens_mask; it renders as nothing.
-CHAT_TEMPLATE = (
+# Plain ChatML: the plain-template model tests keep (template="chatml"); EOS <|endoftext|>.
+# {% generation %} marks the assistant turns for return_assistant_tokens_mask; it renders as nothing.
+CHATML_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if message['role'] == 'assistant' %}"
     "{{- '<|im_start|>assistant\\n' }}"
@@ -66,9 +70,53 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# SmolLM3's chat template, written from its documented behaviour (the model card and HF's SmolLM3 SFT recipe), the
+# default (template="smollm3"): a system block that is a metadata section (knowledge cutoff, today's date read from
+# the clock with strftime_now, the reasoning mode), then the user's system text as custom instructions; reasoning
+# mode /think by default, /no_think with enable_thinking=false or a `/no_think` flag in the system text (a `/think`
+# flag turns it back on); in /no_think mode every assistant turn, and the generation prompt, starts with an empty
+# `<think>\n\n</think>\n`. Turns are ChatML, closed by <|im_end|> (SmolLM3-3B's EOS). Tools are left out.
+SMOLLM3_TEMPLATE = """{%- if enable_thinking is not defined -%}{%- set enable_thinking = true -%}{%- endif -%}
+{%- set reasoning_mode = "/think" if enable_thinking else "/no_think" -%}
+{%- set custom_instructions = "" -%}
+{%- if messages and messages[0].role == "system" -%}
+  {%- set system_message = messages[0].content -%}
+  {%- if "/no_think" in system_message -%}{%- set reasoning_mode = "/no_think" -%}
+  {%- elif "/think" in system_message -%}{%- set reasoning_mode = "/think" -%}{%- endif -%}
+  {%- set custom_instructions = system_message.replace("/no_think", "").replace("/think", "").rstrip() -%}
+{%- endif -%}
+{{- "<|im_start|>system\\n" -}}
+{{- "## Metadata\\n\\n" -}}
+{{- "Knowledge Cutoff Date: June 2025\\n" -}}
+{%- set today = strftime_now("%d %B %Y") -%}
+{{- "Today Date: " ~ today ~ "\\n" -}}
+{{- "Reasoning Mode: " ~ reasoning_mode ~ "\\n\\n" -}}
+{{- "## Custom Instructions\\n\\n" -}}
+{%- if custom_instructions -%}{{- custom_instructions ~ "\\n\\n" -}}
+{%- else -%}{{- "You are a helpful AI assistant named SmolLM, trained by Hugging Face.\\n\\n" -}}{%- endif -%}
+{{- "<|im_end|>\\n" -}}
+{%- for message in messages -%}
+  {%- set content = message.content if message.content is string else "" -%}
+  {%- if message.role == "user" -%}
+    {{- "<|im_start|>user\\n" ~ content ~ "<|im_end|>\\n" -}}
+  {%- elif message.role == "assistant" -%}
+    {%- generation -%}
+    {{- "<|im_start|>assistant\\n" -}}
+    {%- if reasoning_mode == "/no_think" -%}{{- "<think>\\n\\n</think>\\n" -}}{%- endif -%}
+    {{- content.lstrip("\\n") ~ "<|im_end|>\\n" -}}
+    {%- endgeneration -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- "<|im_start|>assistant\\n" -}}
+  {%- if reasoning_mode == "/no_think" -%}{{- "<think>\\n\\n</think>\\n" -}}{%- endif -%}
+{%- endif -%}"""
+
 # Scaffolding the trainer wraps records in, so the BPE learns merges for it too.
 _SCAFFOLD = ["Question: ", "\nAnswer: ", "### Instruction:\n", "\n\n### Input:\n", "\n\n### Response:\n",
-             "system\n", "user\n", "assistant\n", SYSTEM_PROMPT]
+             "system\n", "user\n", "assistant\n", SYSTEM_PROMPT, "## Metadata\n\nKnowledge Cutoff Date: June 2025\n",
+             "Today Date: 17 November 2025\n", "Reasoning Mode: /think\n\n", "Reasoning Mode: /no_think\n\n",
+             "## Custom Instructions\n\n", "<think>\n\n</think>\n"]
 
 # --------------------------------------------------------------------------------------------------
 # Domain facts (simplified, for a synthetic demo set; not tax advice)
@@ -627,15 +675,18 @@ def write_jsonl(path, records) -> Path:
 # Tokenizer and model
 # --------------------------------------------------------------------------------------------------
 
-def build_tokenizer(texts, vocab_size: int = 1024):
-    """Byte-level BPE trained on `texts` -> transformers.PreTrainedTokenizerFast with a ChatML chat template.
+def build_tokenizer(texts, vocab_size: int = 1024, template: str = "smollm3"):
+    """Byte-level BPE trained on `texts` -> transformers.PreTrainedTokenizerFast with a chat template.
 
-    Special tokens: <|endoftext|> (bos and eos), <|pad|> (pad), <|im_start|> and <|im_end|> (extra). No unk:
-    every byte has a token. No BOS/EOS is added on encode (like SmolLM3); the chat template closes each turn
-    with <|im_end|>."""
+    template="smollm3" (default): SMOLLM3_TEMPLATE, EOS <|im_end|> (as SmolLM3-3B's tokenizer); "chatml": plain
+    CHATML_TEMPLATE, EOS <|endoftext|>. Special tokens either way: <|endoftext|> (bos), <|pad|> (pad), <|im_start|>
+    and <|im_end|>. No unk: every byte has a token. No BOS/EOS is added on encode (like SmolLM3); the chat template
+    closes each turn with <|im_end|>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if template not in CHAT_TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; use one of {', '.join(CHAT_TEMPLATES)}")
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must be at least {len(alphabet) + len(SPECIAL_TOKENS)} (bytes + specials)")
@@ -645,17 +696,23 @@ def build_tokenizer(texts, vocab_size: int = 1024):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=alphabet, show_progress=False)
     tok.train_from_iterator(list(texts) + _SCAFFOLD, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
-                                   pad_token=PAD_TOKEN, extra_special_tokens=[IM_START, IM_END],
+    smollm3 = template == "smollm3"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=ENDOFTEXT_TOKEN,
+                                   eos_token=IM_END if smollm3 else ENDOFTEXT_TOKEN, pad_token=PAD_TOKEN,
+                                   extra_special_tokens=[IM_START] if smollm3 else [IM_START, IM_END],
                                    model_max_length=1024, padding_side="right", clean_up_tokenization_spaces=False)
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = SMOLLM3_TEMPLATE if smollm3 else CHATML_TEMPLATE
     return fast
 
 
 def build_tiny_model(tokenizer, out_dir, hidden_size: int = 64, intermediate_size: int = 256, num_layers: int = 2,
-                     num_heads: int = 4, num_kv_heads: int = 2, max_position_embeddings: int = 1024, seed: int = 0):
-    """Randomly initialised SmolLM3ForCausalLM (tied embeddings) sized to `tokenizer`, saved with it to `out_dir`
-    (safetensors). Returns the model."""
+                     num_heads: int = 4, num_kv_heads: int = 2, max_position_embeddings: int = 1024, seed: int = 0,
+                     dtype: str = "bfloat16", no_rope_layer_interval: int = 2):
+    """Randomly initialised SmolLM3ForCausalLM sized to `tokenizer`, saved with it to `out_dir` (safetensors) in
+    `dtype` (bfloat16 by default: SmolLM3-3B's checkpoints store bf16), as SmolLM3 has it: tied embeddings, grouped
+    query attention, and a NoPE layer (no rotary embedding) every `no_rope_layer_interval` layers (SmolLM3-3B: every
+    4th of 36; the default 2 gives a 2-layer model one RoPE and one NoPE layer). generation_config stops at EOS and
+    <|im_end|>. Returns the model (in `dtype`)."""
     import torch
     from transformers import GenerationConfig, SmolLM3Config, SmolLM3ForCausalLM
 
@@ -667,13 +724,14 @@ def build_tiny_model(tokenizer, out_dir, hidden_size: int = 64, intermediate_siz
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_id, tie_word_embeddings=True,
+        no_rope_layer_interval=no_rope_layer_interval,
     )
     config.architectures = ["SmolLM3ForCausalLM"]
     torch.manual_seed(seed)
-    model = SmolLM3ForCausalLM(config)
+    model = SmolLM3ForCausalLM(config).to(getattr(torch, dtype))
     model.eval()
-    im_end = tokenizer.convert_tokens_to_ids(IM_END)
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=[eos_id, im_end],
+    stops = list(dict.fromkeys([eos_id, tokenizer.convert_tokens_to_ids(IM_END)]))
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stops,
                                                pad_token_id=tokenizer.pad_token_id)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -723,7 +781,7 @@ def make_demo(out_dir=".", seed: int = 1234, n_train: int = 2400, n_valid: int =
         model_dir = out_dir / MODEL_SUBDIR
         train_digest = hashlib.sha256("\n".join(json.dumps(r, ensure_ascii=False) for r in splits["train"])
                                       .encode()).hexdigest()
-        stamp = {"script_version": 1, "seed": seed, "n_train": n_train, "fmt": fmt, "train_sha256": train_digest,
+        stamp = {"script_version": 2, "seed": seed, "n_train": n_train, "fmt": fmt, "train_sha256": train_digest,
                  "vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": intermediate_size,
                  "num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_kv_heads,
                  "max_position_embeddings": max_position_embeddings, "model_seed": model_seed}

@@ -37,15 +37,24 @@ import make_demo_assets as assets  # noqa: E402
 N_TRAIN, N_VALID, N_TEST = 96, 24, 16
 
 
+TINY_VOCAB = 512  # the SmolLM3 template's metadata block needs the merges: records stay under max_seq_length 384
+TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                  max_position_embeddings=512, seed=0)
+
+
+def _tiny_texts() -> list[str]:
+    records = assets.generate_records(seed=7, n=N_TRAIN + N_VALID + N_TEST, fmt="messages")
+    return [t for r in records for t in assets.record_texts(r)]
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    """Tiny model (tens of thousands of parameters), tokenizer and data in all four record shapes."""
+    """Tiny SmolLM3-faithful model (tens of thousands of parameters: bf16 storage, SmolLM3's chat template with its
+    date and reasoning modes, <|im_end|> as EOS, tied embeddings, a NoPE layer), its tokenizer, and data in all four
+    record shapes."""
     root = tmp_path_factory.mktemp("tiny")
-    records = assets.generate_records(seed=7, n=N_TRAIN + N_VALID + N_TEST, fmt="messages")
-    texts = [t for r in records for t in assets.record_texts(r)]
-    tokenizer = assets.build_tokenizer(texts, vocab_size=384)
-    assets.build_tiny_model(tokenizer, root / "model", hidden_size=32, intermediate_size=64, num_layers=1,
-                            num_heads=2, num_kv_heads=1, max_position_embeddings=512, seed=0)
+    tokenizer = assets.build_tokenizer(_tiny_texts(), vocab_size=TINY_VOCAB)
+    assets.build_tiny_model(tokenizer, root / "model", **TINY_MODEL)
     for fmt in ("messages", "prompt_completion", "instruction", "text"):
         recs = assets.generate_records(seed=7, n=N_TRAIN + N_VALID + N_TEST, fmt=fmt)
         assets.write_jsonl(root / fmt / "train.jsonl", recs[:N_TRAIN])
@@ -54,13 +63,25 @@ def tiny_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def chatml_model(tmp_path_factory) -> Path:
+    """The same tiny model in fp32 with a plain ChatML template (no date, no reasoning mode) and <|endoftext|> as
+    EOS: for tests about a plain template or an fp32-stored checkpoint."""
+    out = tmp_path_factory.mktemp("chatml") / "model"
+    tokenizer = assets.build_tokenizer(_tiny_texts(), vocab_size=TINY_VOCAB, template="chatml")
+    assets.build_tiny_model(tokenizer, out, dtype="float32", **TINY_MODEL)
+    return out
+
+
 def base_config(tiny_dir: Path, out: Path, fmt: str = "messages") -> dict:
     """A config that trains the tiny model for a few steps on CPU."""
     return {
         "model": {"base_checkpoint": str(tiny_dir / "model"), "architecture": "decoder-only-transformer"},
         "data": {"train_path": str(tiny_dir / fmt / "train.jsonl"), "valid_path": str(tiny_dir / fmt / "valid.jsonl"),
                  "test_path": str(tiny_dir / fmt / "test.jsonl"), "max_seq_length": 384,
-                 "dataset_name": "finance_ssc_bir_v1", "dataset_version": "test"},
+                 "dataset_name": "finance_ssc_bir_v1", "dataset_version": "test",
+                 # the answers hold no reasoning: SmolLM3's /no_think mode, as demo_config.yaml
+                 "chat_template_kwargs": {"enable_thinking": False}},
         "training": {
             "hyperparameters": {"learning_rate": 1.0e-2, "batch_size": 8, "gradient_accumulation_steps": 1,
                                 "num_epochs": 2, "warmup_steps": 2, "weight_decay": 0.0, "max_grad_norm": 1.0,

@@ -544,10 +544,13 @@ def test_best_archive(runs):
     model = AutoModelForCausalLM.from_pretrained(str(best))
     ref = AutoModelForCausalLM.from_pretrained(str(runs.b_dir / m["checkpoints"]["best_checkpoint"]))
     import torch
+    # best/ holds the best checkpoint's fp32 weights rounded to the base's stored dtype (the tiny model: bf16)
+    assert m["checkpoints"]["best_archive_dtype"] == "bfloat16" and ref.dtype == torch.float32
     archived, original = model.state_dict(), ref.state_dict()
     assert archived.keys() == original.keys() and len(archived) == len(original) > 0
-    assert all(torch.equal(archived[k], original[k]) for k in original), \
-        [k for k in original if not torch.equal(archived[k], original[k])]
+    assert {t.dtype for t in archived.values()} == {torch.bfloat16}
+    assert all(torch.equal(archived[k], original[k].to(archived[k].dtype)) for k in original), \
+        [k for k in original if not torch.equal(archived[k], original[k].to(archived[k].dtype))]
 
 
 @pytest.mark.slow

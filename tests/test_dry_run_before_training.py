@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import re
 import stat
 from pathlib import Path
@@ -42,13 +43,16 @@ def curve(path: Path) -> list[list[str]]:
         return list(csv.reader(fh))
 
 
-def test_training_runs_the_dry_run_first_and_says_so_in_one_line(pair):
+def test_training_runs_the_dry_run_first_and_says_so_in_one_line(pair, tiny_dir):
     stdout, report_path = pair.with_dry.stdout, pair.run_dir / "dry_run_report.json"
     lines = [line for line in stdout.splitlines() if "dry run" in line]
     assert len(lines) == 1, lines
+    vocab = json.loads((tiny_dir / "model" / "config.json").read_text())["vocab_size"]
+    ln_vocab = re.escape(f"{math.log(vocab):.2f}")  # 6.24 for the tiny model's 512 tokens
     # 96 samples / batch 8 x 2 epochs = 24 planned steps: the default is a tenth of them, at least 2
-    assert re.search(r" INFO dry run passed: 2 steps, initial loss \d+\.\d\d \(ln vocab 5\.95\), memory [\d.]+ [KMGT]iB "
-                     r"measured vs [\d.]+ [KMGT]iB estimated -> " + re.escape(str(report_path)) + "$", lines[0]), lines[0]
+    assert re.search(r" INFO dry run passed: 2 steps, initial loss \d+\.\d\d \(ln vocab " + ln_vocab + r"\), memory "
+                     r"[\d.]+ [KMGT]iB measured vs [\d.]+ [KMGT]iB estimated -> " + re.escape(str(report_path)) + "$",
+                     lines[0]), lines[0]
     first_step = next(i for i, line in enumerate(stdout.splitlines()) if " INFO step " in line)
     assert stdout.splitlines().index(lines[0]) < first_step  # before the run's first evaluation and step
     assert not re.search(r" step \d+/2 ", stdout)  # the dry run's own step lines stay off the console
@@ -135,7 +139,12 @@ def test_best_is_ready_for_serving(pair):
     # the checkpoint's own files were not rewritten: its recorded sha256 still hold; best/'s meta records best/'s
     assert tf.check_checkpoint_integrity(source) is None
     assert tf.check_checkpoint_integrity(best, resume=False) is None
-    assert (best / "model.safetensors").stat().st_ino == (source / "model.safetensors").stat().st_ino  # one copy
+    # unchanged files are the checkpoint's (hard links: one copy); the weights are a new file in the base's stored
+    # dtype (bf16: half the fp32 checkpoint's), the checkpoint keeping its exact fp32 weights
+    assert (best / "tokenizer.json").stat().st_ino == (source / "tokenizer.json").stat().st_ino
+    assert (best / "model.safetensors").stat().st_ino != (source / "model.safetensors").stat().st_ino
+    assert json.loads((best / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (best / "model.safetensors").stat().st_size < 0.6 * (source / "model.safetensors").stat().st_size
     tf.load_checkpoint(str(best))
 
 

@@ -68,16 +68,22 @@ def test_merged_checkpoint_equals_base_plus_adapter(lora_run, tiny_dir):
     merged_dir = Path(m["lora"]["merged_checkpoint"])
     assert not (merged_dir / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)  # plain transformers, no peft
-    base = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
+    # the base stores bf16: merged/ too, the fp32 merge of base and adapter rounded once to bf16
+    assert merged.dtype == torch.bfloat16
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32)  # bf16 -> fp32 is exact
     base_sd = {k: v.clone() for k, v in base.state_dict().items()}
     adapted = PeftModel.from_pretrained(base, m["lora"]["adapter_checkpoint"])
     ids = torch.randint(0, merged.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    fp32_merge = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32),
+                                           m["lora"]["adapter_checkpoint"]).merge_and_unload()
     with torch.no_grad():
-        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(fp32_merge(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+    fp32_sd = fp32_merge.state_dict()
+    assert all(torch.equal(v, fp32_sd[k].to(torch.bfloat16)) for k, v in merged.state_dict().items())
     # weights outside the adapted projections are bitwise the base model's
     for k, v in merged.state_dict().items():
         if not any(t in k for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
-            assert torch.equal(v, base_sd[k]), k
+            assert torch.equal(v, base_sd[k].to(v.dtype)), k
     assert m["checkpoints"]["best_checkpoint"] == m["lora"]["adapter_checkpoint"]
     assert tf.load_checkpoint(m["lora"]["adapter_checkpoint"]) is not None  # adapter checkpoints load too
 

@@ -118,8 +118,13 @@ def test_plan_json_shape_and_table(tiny_dir, tmp_path):
     assert set(plan["strategies"]) == {"ddp", "fsdp", "lora", "qlora"}
     for row in plan["strategies"].values():
         assert isinstance(row["fits"], bool) and isinstance(row["gb_per_gpu"], float)
-    # LoRA/QLoRA: the frozen base (fp32 + fp16 copy, or 4-bit) replicated per GPU, plus the adapters' states
+    # LoRA/QLoRA: the frozen base (in the fp16 compute dtype, or 4-bit) replicated per GPU, plus the adapters'
+    # fp32 states (weights 4 + grads 4 + AdamW 8)
     adapter = 32 * 16 * ((4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096) + 2 * (4096 + 14336) + (14336 + 4096))
+    assert plan["strategies"]["lora"]["breakdown"]["weights_grads_optimizer_bytes"] == PROD_PARAMS * 2 + adapter * 16
+    assert plan["batch"]["precision"] == {"parameter_dtype": "float32", "frozen_base_dtype": None,
+                                          "base_stored_dtype": "float32", "compute_dtype": "float16",
+                                          "best_dtype": "float32"}
     qlora = plan["strategies"]["qlora"]
     assert qlora["breakdown"]["weights_grads_optimizer_bytes"] == int(PROD_PARAMS * 0.5 + adapter * 16)
     assert qlora["fits"] is True and qlora["config_change"] == {"model.lora.enabled": True,

@@ -76,7 +76,8 @@ def test_dangerous_change_is_refused_unless_forced(reference):
     out, path, _ = reference
     src = tf.list_checkpoints("ref", str(out / "runs"), details=True)[0]["path"]
     before = (out / "runs" / "ref" / "run_manifest.json").read_bytes()
-    proc = run_cli("--config", path, "--resume-from", src, "--set", "data.max_seq_length=200")
+    # 400: every record still fits (the data check passes), and the resume check refuses the change
+    proc = run_cli("--config", path, "--resume-from", src, "--set", "data.max_seq_length=400")
     assert proc.returncode == 2
     err = last_json(proc.stderr)
     assert err["error"] == "InvalidConfig" and err["details"]["field"] == "data.max_seq_length"

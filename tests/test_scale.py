@@ -14,7 +14,9 @@ from conftest import base_config, last_json, run_cli, set_key, write_config
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_row_gives_each_record_its_own_logits(tiny_dir, attn):
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation=attn).eval()
+    # fp32, as training loads it (load_base_model): the tiny checkpoint stores bf16
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation=attn,
+                                                 dtype=torch.float32).eval()
     recs = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16], [20, 21]]
     packed = tf.pack_dataset(Dataset.from_dict({"input_ids": recs, "labels": recs}), 9)
     assert sorted(len(r) for r in packed["input_ids"]) == [5, 9]  # best fit: 5+4 fill a row, then 3+2
