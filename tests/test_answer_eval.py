@@ -230,7 +230,8 @@ def amount_checkpoint(tiny_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = tmp_path_factory.mktemp("amount")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "model"))
+    # fp32, as training loads it: the tiny model is stored in bf16, whose updates round away at this scale
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "model"), dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(tiny_dir / "model"))
     test = [json.loads(x) for x in (tiny_dir / "prompt_completion" / "test.jsonl").read_text().splitlines()][:3]
     seqs = []
@@ -242,12 +243,14 @@ def amount_checkpoint(tiny_dir, tmp_path_factory):
     ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s, _ in seqs])
     labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in seqs])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in seqs])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     answer = labels[:, 1:] != -100
     model.train()
     for _ in range(1500):
         outputs = model(input_ids=ids, attention_mask=mask, labels=labels)
-        if bool((outputs.logits[:, :-1].argmax(-1) == labels[:, 1:])[answer].all()):
+        # every answer token the argmax, by a wide margin (a low loss), so greedy decoding reproduces the answer on
+        # any CPU
+        if bool((outputs.logits[:, :-1].argmax(-1) == labels[:, 1:])[answer].all()) and outputs.loss.item() < 0.05:
             break
         opt.zero_grad()
         outputs.loss.backward()
