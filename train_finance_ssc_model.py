@@ -8393,14 +8393,16 @@ def declared_shape(model: ModelConfig) -> Optional[dict]:
     return {
         "config": {"vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
                    "num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": mlp,
-                   "tie_word_embeddings": ASSUMED_TIED_EMBEDDINGS},
+                   "tie_word_embeddings": ASSUMED_TIED_EMBEDDINGS, "torch_dtype": "bfloat16"},
         "assumptions": {
             "num_key_value_heads": f"{kv_heads} (num_heads / {ASSUMED_QUERY_HEADS_PER_KV_HEAD}: SmolLM3's "
                                    "grouped-query attention)",
             "intermediate_size": f"{mlp} ({ASSUMED_MLP_RATIO:g} x hidden_size, rounded up to a multiple of 256: an "
                                  "8B-class MLP, as Llama-3-8B's 14336 for hidden 4096)",
             "tie_word_embeddings": f"{str(ASSUMED_TIED_EMBEDDINGS).lower()} (SmolLM3 ties its input and output "
-                                   "embeddings)"}}
+                                   "embeddings)",
+            "torch_dtype": "bfloat16 (SmolLM3's checkpoints are stored in bf16; training still keeps fp32 master "
+                           "weights)"}}
 
 
 def plan_verdict(strategies: dict) -> str:

@@ -304,7 +304,7 @@ def test_plan_from_the_declared_shape_states_its_assumptions(tiny_dir, tmp_path)
     m = plan["model"]
     assert m["parameters"] == PROD_PARAMS  # the assumptions are PROD's 8 kv heads, MLP 14336, tied embeddings
     assert (m["num_key_value_heads"], m["intermediate_size"], m["tie_word_embeddings"]) == (8, 14336, True)
-    assert set(m["assumptions"]) == {"num_key_value_heads", "intermediate_size", "tie_word_embeddings"}
+    assert set(m["assumptions"]) == {"num_key_value_heads", "intermediate_size", "tie_word_embeddings", "torch_dtype"}
     assert m["shape_source"].startswith("model.vocab_size, hidden_size, num_layers and num_heads")
     assert plan["strategies"]["fsdp"]["bytes_per_gpu"] == FSDP_STATES + FSDP_GATHERED + ACT_CKPT + LOGITS
     # with config.json on disk the real shape is used and nothing is assumed
