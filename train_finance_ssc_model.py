@@ -7867,6 +7867,27 @@ def _best_epoch(epoch: Optional[float]) -> Optional[int]:
     return None if epoch is None else max(1, math.ceil(epoch - 1e-9))
 
 
+def _dataset_block(ctx: "RunContext") -> dict:
+    """The manifest's `dataset`: the spec's name, version and sample counts, then what the data phase measured."""
+    config, stats = ctx.config, ctx.data_stats
+    return {
+        "name": config.data.dataset_name, "version": config.data.dataset_version,
+        "train_samples": stats.get("train", {}).get("samples"),
+        "valid_samples": stats.get("valid", {}).get("samples"),
+        "test_samples": stats.get("test", {}).get("samples"),
+        "format": {s: i.get("shape") for s, i in ctx.validation.data.items()},
+        "paths": {s: i["path"] for s, i in ctx.validation.data.items()},
+        "truncated_records": {s: v["truncated"] for s, v in stats.items()},
+        "dropped_records": {s: v["dropped_no_answer_tokens"] for s, v in stats.items()},
+        "truncation": {s: v.get("truncation") for s, v in stats.items()},
+        "truncation_side": config.data.truncation_side,
+        "tokens": {s: v["tokens"] for s, v in stats.items()},
+        "max_seq_length": config.data.max_seq_length, "train_on_prompt": config.data.train_on_prompt,
+        "packing": ({"rows": stats["train"].get("packed_rows"), "fill": stats["train"].get("packing_fill")}
+                    if config.data.packing and "train" in stats else None),
+    }
+
+
 def build_manifest(ctx: "RunContext", status: str) -> dict:
     config, hp = ctx.config, ctx.config.training.hyperparameters
     ckpts = read_checkpoints(ctx.run_dir, verify=True) if ctx.run_dir.is_dir() else []
@@ -7882,22 +7903,7 @@ def build_manifest(ctx: "RunContext", status: str) -> dict:
         "status": status,
         "base_model": config.model.base_checkpoint,
         "base_identity": base_identity(config),
-        "dataset": {
-            "name": config.data.dataset_name, "version": config.data.dataset_version,
-            "train_samples": stats.get("train", {}).get("samples"),
-            "valid_samples": stats.get("valid", {}).get("samples"),
-            "test_samples": stats.get("test", {}).get("samples"),
-            "format": {s: i.get("shape") for s, i in ctx.validation.data.items()},
-            "paths": {s: i["path"] for s, i in ctx.validation.data.items()},
-            "truncated_records": {s: v["truncated"] for s, v in stats.items()},
-            "dropped_records": {s: v["dropped_no_answer_tokens"] for s, v in stats.items()},
-            "truncation": {s: v.get("truncation") for s, v in stats.items()},
-            "truncation_side": config.data.truncation_side,
-            "tokens": {s: v["tokens"] for s, v in stats.items()},
-            "max_seq_length": config.data.max_seq_length, "train_on_prompt": config.data.train_on_prompt,
-            "packing": ({"rows": stats["train"].get("packed_rows"), "fill": stats["train"].get("packing_fill")}
-                        if config.data.packing and "train" in stats else None),
-        },
+        "dataset": _dataset_block(ctx),
         "data_integrity": ({**ctx.validation.integrity, "dedup": config.data.dedup,
                             "dropped": {s: v.get("dedup_dropped", 0) for s, v in stats.items()}}
                            if ctx.validation.integrity else None),

@@ -7,7 +7,7 @@ import math
 import pytest
 
 import train_finance_ssc_model as tf
-from conftest import base_config, run_cli, set_key, write_config
+from conftest import base_config, run_cli, write_config
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, base_config, last_json, run_cli, set_key, write_config
+from conftest import ROOT, base_config, last_json, run_cli, write_config
 
 
 def expected_git_info() -> dict:
