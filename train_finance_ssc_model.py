@@ -2837,7 +2837,10 @@ def pack_dataset(ds, max_seq_length: int):
     one row (PadToLongestCollator(flatten=True)), the only form it runs as varlen. No token attends across
     records. The first label of every record is masked: nothing is predicted across a record boundary."""
     from datasets import Dataset
-    ids, labels = column(ds, "input_ids").to_pylist(), column(ds, "labels").to_pylist()
+    if hasattr(ds, "with_format"):  # a datasets.Dataset: its columns read whole (column), not row by row
+        ids, labels = column(ds, "input_ids").to_pylist(), column(ds, "labels").to_pylist()
+    else:  # a mapping of lists (bench/gpu_check.py packs one on a GPU box without datasets or pyarrow)
+        ids, labels = list(ds["input_ids"]), list(ds["labels"])
     lengths = [len(x) for x in ids]
     rows = pack_rows(lengths, max_seq_length)
     packed = {"input_ids": [], "labels": [], "position_ids": []}
@@ -8125,7 +8128,8 @@ def _stored_config(stored: dict) -> Optional[TrainingConfig]:
 
 
 def evaluate_loss_metrics(model, tokenizer, records: list[dict], shape: str, max_seq_length: int,
-                      batch_size: int) -> tuple[dict, int]:
+                          batch_size: int, chat_kwargs: Optional[dict] = None,
+                          truncation_side: str = "right") -> tuple[dict, int]:
     """(test_loss, test_perplexity, test_token_accuracy, test_exact_match; records with answer tokens) of `records`,
     through the run's Trainer class, collator and compute_metrics (evaluate_checkpoint; bench/bench_answer_eval.py)."""
     import tempfile
@@ -8133,7 +8137,7 @@ def evaluate_loss_metrics(model, tokenizer, records: list[dict], shape: str, max
     import torch
     from datasets import Dataset
     from transformers import TrainingArguments
-    rows = tokenize_records(records, tokenizer, shape, max_seq_length, False)
+    rows = tokenize_records(records, tokenizer, shape, max_seq_length, False, chat_kwargs, truncation_side)
     rows = [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows if r["answer_tokens"] > 0]
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none",
@@ -8162,14 +8166,22 @@ def evaluate_checkpoint(checkpoint_path: str, test_data_path: str, max_seq_lengt
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     meta = read_json_lenient(ckpt / CHECKPOINT_META)
-    stored = (meta.get("config") or {}).get("data") or {}
+    recorded = meta.get("config") or {}  # the run's whole config, as its checkpoint recorded it
+    stored = recorded.get("data") or {}
     max_len = max_seq_length or stored.get("max_seq_length") or model.config.max_position_embeddings
     info, problems = scan_jsonl(Path(test_data_path).expanduser().resolve(), "test", "auto", "as given")
     if problems:
         raise TrainerError.collected(problems)
+    # rendered as the run rendered its data: its template variables and, for a date-reading template, its date
+    date = (meta.get("chat_template") or {}).get("date")
+    chat_kwargs = dict(stored.get("chat_template_kwargs") or {})
+    if template_reads_date(tokenizer.chat_template):
+        chat_kwargs["chat_template"] = pinned_chat_template(tokenizer.chat_template, date or today_date())
     out, samples = evaluate_loss_metrics(model, tokenizer, _read_jsonl(Path(info["path"])), info["shape"], max_len,
-                                     batch_size)
-    config = _stored_config(stored)
+                                         batch_size, chat_kwargs, stored.get("truncation_side") or "right")
+    config = _stored_config(recorded)
+    if config is not None:
+        config.template_date = date  # answer prompts rendered on the run's date too (template_kwargs)
     ev = config.evaluation if config is not None else EvaluationConfig()
     answers = None
     if ev.answer_eval.max_records:

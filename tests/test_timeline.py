@@ -70,7 +70,7 @@ def assert_one_timeline(m: dict, run_dir: Path, last_step: int) -> None:
     rows = (Path(tf.resolve_manifest_path(m["metrics"]["val_loss_curve"], run_dir))).read_text().splitlines()[1:]
     steps = [int(r.split(",")[0]) for r in rows]
     assert steps == sorted(set(steps)) and steps[-1] <= last_step
-    assert max(c["step"] for c in tf.list_checkpoints(str(run_dir))) <= last_step
+    assert max(c["step"] for c in tf.list_checkpoints(str(run_dir), details=True)) <= last_step
 
 
 def test_resume_from_an_earlier_checkpoint_then_diverge_keeps_one_timeline(healthy, tmp_path):
