@@ -5733,7 +5733,9 @@ def _history_from_manifest(previous: dict, up_to_step: int) -> RunHistory:
 # the base model's identity (base_identity) and the global batch are checked besides these keys. The model.lora
 # keys count only when LoRA is on before or after (with it off they configure nothing).
 RESUME_FATAL_KEYS = ("model.base_checkpoint", "data.max_seq_length", "model.lora.enabled", "model.lora.r",
-                     "model.lora.alpha", "model.lora.target_modules", "model.lora.bias", "model.lora.quantization")
+                     "model.lora.alpha", "model.lora.target_modules", "model.lora.bias", "model.lora.quantization",
+                     # how the data is rendered and cut: another tokenization of the same records
+                     "data.chat_template_kwargs", "data.truncation_side", "data.train_on_prompt")
 # Of those, the keys that change which parameters exist or train: the checkpoint's weights (an adapter of another
 # shape, or none) and its optimizer state cannot load into the new set of parameters (peft: `size mismatch for
 # ...lora_A`), so --force cannot make such a resume work: it is refused at preflight, before data or weights load.
@@ -5869,7 +5871,7 @@ def resume_config_problems(meta: dict, config: TrainingConfig, new_run: bool) ->
                            f"a model with {k}={n!r}, so this resume cannot work, even with --force. Restore {k}, or "
                            "train the new setting as a new run (the same command with another --run-id and "
                            "without --resume-from)"))
-        elif k in RESUME_FATAL_KEYS:
+        elif k in RESUME_FATAL_KEYS or k.startswith("data.chat_template_kwargs."):
             fatal.append(config_problem(k, n, _jsonable(o), f"the checkpoint was trained with {k}={o!r}; restore "
                                         "it, start a new run (another --run-id, without --resume-from), or pass "
                                         "--force to resume anyway"))
