@@ -4580,7 +4580,7 @@ def choose_cpu_threads(config: TrainingConfig, previous: Optional[dict] = None) 
     """torch's CPU threads for a run on compute.device cpu. torch's default is one thread per core; where the cores
     are busy (a shared CI runner, other jobs) those threads wait on each other and a run takes several times longer
     (the demo on 2 loaded cores: README, Two commands). So a CPU run uses the cores free when it starts (cores
-    minus the 1-minute load average, rounded; at least 1, at most torch's default: all of them on an idle
+    minus the 1-minute load average, rounded down; at least 1, at most torch's default: all of them on an idle
     machine). OMP_NUM_THREADS (torchrun sets it) decides instead, as it does for torch. A resume takes the count its
     run started with, from the manifest: how a sum is split between threads can change its last bits."""
     if config.compute.device != "cpu" or os.environ.get("OMP_NUM_THREADS"):
@@ -4592,7 +4592,7 @@ def choose_cpu_threads(config: TrainingConfig, previous: Optional[dict] = None) 
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        threads = max(1, min(torch.get_num_threads(), cores - int(load + 0.5)))
+        threads = max(1, min(torch.get_num_threads(), cores - int(load)))  # a core partly busy still helps
         why = f"{cores} cores, load average {load:.1f}"
     torch.set_num_threads(threads)
     log.info("CPU threads: %d (%s; OMP_NUM_THREADS sets them instead)", threads, why)
