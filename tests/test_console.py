@@ -261,7 +261,8 @@ def test_a_cpu_run_uses_the_cores_free_when_it_starts(tiny_dir, tmp_path, monkey
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # torch's default on 2 cores
     chosen = []
     monkeypatch.setattr(torch, "set_num_threads", chosen.append)  # the test process keeps its own count
-XX
+    # idle or a core partly busy: torch's default; busy: the whole cores left, at least 1
+    for load, threads in ((0.2, 2), (0.8, 2), (1.4, 1), (5.8, 1)):
         monkeypatch.setattr(tf.os, "getloadavg", lambda load=load: (load, load, load))
         assert tf.choose_cpu_threads(config) == threads == chosen[-1]
     # a resume keeps the count its run started with, whatever the load now
