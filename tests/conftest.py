@@ -34,6 +34,12 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="finance-trainer-test-cac
 
 import make_demo_assets as assets  # noqa: E402
 
+# Written into os.environ by libraries a test imports in-process (sklearn sets KMP_DUPLICATE_LIB_OK, torch's inductor
+# TORCHINDUCTOR_CACHE_DIR). A user's shell has neither, and as keys read at import time (forkserver.py) they would
+# send every later CLI run of the worker to a fresh interpreter, ~8 s of imports each: run_cli leaves them out
+# unless the suite started with them.
+LIBRARY_WRITTEN_ENV = {k for k in ("KMP_DUPLICATE_LIB_OK", "TORCHINDUCTOR_CACHE_DIR") if k not in os.environ}
+
 N_TRAIN, N_VALID, N_TEST = 96, 24, 16
 
 
@@ -154,7 +160,8 @@ def run_cli(*args, env: dict | None = None, timeout: int = 600, cwd: str | Path 
         # the fast tier (-m "not slow") is the suite without CLI launches: a launch from an unmarked test would
         # slip into it unnoticed, so it fails here, in the full suite too
         raise AssertionError(f"{_current_test.nodeid} launches the CLI through run_cli: mark it @pytest.mark.slow")
-    base = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    base = {**{k: v for k, v in os.environ.items() if k not in LIBRARY_WRITTEN_ENV},
+            "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     full_env = {**base, **(env or {})}
     argv = [str(SCRIPT), *map(str, args)]
     server = _fork_server(base)
