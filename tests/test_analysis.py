@@ -409,7 +409,8 @@ def live_run(tiny_dir, tmp_path_factory):
                 seen = json.loads(status_file.read_text())
             except (OSError, json.JSONDecodeError):
                 seen = {}
-            if seen.get("status") == "running" and (seen.get("step") or 0) > 0:
+            # the ETA is measured after the first few steps (Progress): asked before, --status rightly has none
+            if seen.get("status") == "running" and (seen.get("step") or 0) > 0 and seen.get("eta_seconds"):
                 break
             time.sleep(0.05)
         running = run_cli("--status", "live", "--output-dir", out / "runs", "--json")
