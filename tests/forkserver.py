@@ -1,7 +1,7 @@
 """A fork server for the suite's CLI runs: the script as a real process, without paying its imports each time.
 
 Every `run_cli` call used to start a fresh interpreter that imports torch, transformers' Trainer and datasets
-(~8 s on 2 cores) before doing a second of work; the suite makes ~100 such calls. This server imports those
+(~8 s on 2 cores) before doing a second of work; the suite makes ~260 such calls. This server imports those
 libraries once, without running anything (no tensor op, so no OpenMP thread pool exists to be broken by
 fork()), and then forks one child per request. The child is a real process with its own pid, environment,
 working directory, stdout/stderr and exit status; it runs the script file fresh as `__main__` (runpy), so the
