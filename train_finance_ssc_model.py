@@ -7153,8 +7153,9 @@ def plot_loss_curves(train_csv: Path, val_csv: Path, best_step: Optional[int], o
     import matplotlib.pyplot as plt
 
     def read(path: Path) -> tuple[list, list]:
+        # a diverged step's "NaN" or "inf" is left out: an inf point would set the axis to nothing useful
         with path.open(newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if r["value"] not in ("NaN", "")]
+            rows = [r for r in csv.DictReader(fh) if r["value"] and math.isfinite(float(r["value"]))]
         return [int(r["step"]) for r in rows], [float(r["value"]) for r in rows]
 
     fig, ax = plt.subplots(figsize=(8, 4.5))

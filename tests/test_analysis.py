@@ -564,7 +564,7 @@ def test_loss_curves_plot(runs):
 
 
 def test_plot_loss_curves_skips_nan_rows(tmp_path, monkeypatch):
-    """A NaN row (the curve writer's "NaN" for a diverged step) is left out, not drawn as a gap or dropped with its
+    """A NaN or infinite row (the curve writer's "NaN" or "inf" for a diverged step) is left out, not drawn as a gap or dropped with its
     curve: the figure's lines hold exactly the finite rows, and the PNG equals the plot of the same curves written
     without the NaN rows."""
     import matplotlib.figure
@@ -579,12 +579,13 @@ def test_plot_loss_curves_skips_nan_rows(tmp_path, monkeypatch):
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
     header = "step,epoch,value\n"
-    train_rows, val_rows = ["1,0.1,2.0", "2,0.2,NaN", "3,0.3,1.5", "4,0.4,1.2"], ["0,0,2.5", "2,0.2,NaN", "4,0.4,1.7"]
+    train_rows = ["1,0.1,2.0", "2,0.2,NaN", "3,0.3,1.5", "4,0.4,1.2", "5,0.5,inf"]
+    val_rows = ["0,0,2.5", "2,0.2,NaN", "4,0.4,1.7", "5,0.5,-inf"]
     (tmp_path / "nan").mkdir()
     (tmp_path / "clean").mkdir()
     for name, rows in (("train.csv", train_rows), ("val.csv", val_rows)):
         (tmp_path / "nan" / name).write_text(header + "".join(r + "\n" for r in rows))
-        (tmp_path / "clean" / name).write_text(header + "".join(r + "\n" for r in rows if not r.endswith("NaN")))
+        (tmp_path / "clean" / name).write_text(header + "".join(r + "\n" for r in rows if not r.endswith(("NaN", "inf"))))
     pngs = {d: tf.plot_loss_curves(tmp_path / d / "train.csv", tmp_path / d / "val.csv", None, tmp_path / f"{d}.png")
             for d in ("nan", "clean")}
     assert len(figures) == 2
@@ -593,7 +594,7 @@ def test_plot_loss_curves_skips_nan_rows(tmp_path, monkeypatch):
     assert drawn == [([0, 4], [2.5, 1.7]), ([1, 3, 4], [2.0, 1.5, 1.2])]
     nan_png, clean_png = imread(pngs["nan"]), imread(pngs["clean"])
     assert nan_png.shape == clean_png.shape and np.array_equal(nan_png, clean_png), \
-        "loss_curves.png differs from the plot of the same curves without their NaN rows"
+        "loss_curves.png differs from the plot of the same curves without their NaN and inf rows"
 
 
 # --------------------------------------------------------------------------------------------------
