@@ -977,11 +977,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return False
 
 
-def _oom_types() -> tuple:
-    import torch
-    return (torch.OutOfMemoryError,)
-
-
 def out_of_memory_error(config: TrainingConfig, message: str, estimated_gb: Optional[float] = None,
                         available_gb: Optional[float] = None, fix: Optional[str] = None) -> TrainerError:
     hp = config.training.hyperparameters
@@ -6016,8 +6011,10 @@ def dry_run_model(config: TrainingConfig, validation: ValidationResult, run_id: 
         echo_config(config)
         tokenizer, datasets_, model = _prepare(ctx, limit=dry_run_records(config, steps))
         report = run_dry_steps(ctx, tokenizer, datasets_, model, steps, ctx.data_stats)
-    except _oom_types() as exc:  # loading the model (run_dry_steps reports its own)
-        raise out_of_memory_error(config, str(exc)) from exc
+    except Exception as exc:  # an allocation failure while loading the model (run_dry_steps reports its own)
+        if is_out_of_memory(exc):
+            raise out_of_memory_error(config, str(exc)) from exc
+        raise
     finally:
         tracker.close()
     if report["status"] != "passed":
@@ -6109,8 +6106,10 @@ def run_dry_steps(ctx: RunContext, tokenizer, datasets_: dict, model, steps: int
         seconds = time.perf_counter() - t0
         measured = _measure_after_dry_run(trainer, config, tokenizer)
         steps_run, tokens = trainer.state.global_step, trainer.state.num_input_tokens_seen
-    except _oom_types() as exc:
-        raise out_of_memory_error(config, str(exc)) from exc
+    except Exception as exc:
+        if is_out_of_memory(exc):  # the CUDA allocator's, or the CPU's (MemoryError, ENOMEM, ...)
+            raise out_of_memory_error(config, str(exc)) from exc
+        raise
     finally:
         # Its optimizer states and wrappers go before the real Trainer makes its own: on CPU dropping the reference
         # is enough (the real Trainer.train collects garbage as it starts; a gc pass here costs ~0.5 s with torch

@@ -465,6 +465,21 @@ def test_an_allocation_failure_is_out_of_memory_and_recorded(tiny_dir, tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind, message", [("mmap", "Memory mapping file failed"),
+                                           ("cpu", "DefaultCPUAllocator: can't allocate memory")])
+def test_an_allocation_failure_in_a_dry_run_is_out_of_memory(tiny_dir, tmp_path, kind, message):
+    """--dry-run's own allocation failures (here while the splits load) are OutOfMemory, as in a training run, not
+    TrainingFailed: only the CUDA allocator's type was recognised there."""
+    proc = run_cli("--config", write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path)), "--dry-run",
+                   env={"FINANCE_TRAINER_INJECT_OOM": f"data:{kind}"})
+    assert proc.returncode == tf.EXIT_OOM == 4, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    err = last_json(proc.stderr)
+    assert err["error"] == "OutOfMemory" and message in err["details"]["message"]
+    assert "batch_size" in err["details"]["suggestion"]
+
+
+@pytest.mark.slow
 def test_a_plot_that_cannot_be_drawn_costs_the_plot_only(tiny_dir, tmp_path):
     cfg = set_key(base_config(tiny_dir, tmp_path), "training.hyperparameters.num_epochs", 1)
     proc = run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--run-id", "noplot", "--skip-dry-run",
