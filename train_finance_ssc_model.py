@@ -5119,9 +5119,13 @@ def check_checkpoint_integrity(ckpt_dir: Path, meta: Optional[dict] = None, resu
     """None when every file recorded in checkpoint_meta.json is present with the sha256 recorded at save time;
     else a short reason naming the first damaged file. Without it a file torn by a crash or a disk error after
     the save loads silently (Trainer even skips a missing optimizer.pt). `resume=False`: only what inference
-    loads. A dir without checkpoint_meta.json is checked against its SHA256SUMS if it has one, else not at all."""
+    loads. A dir without checkpoint_meta.json is checked against its SHA256SUMS if it has one, else not at all; one
+    whose checkpoint_meta.json is torn is damaged."""
     d = Path(ckpt_dir)
-    meta = read_json_lenient(d / CHECKPOINT_META) if meta is None else meta
+    if meta is None:
+        meta = read_json_lenient(d / CHECKPOINT_META)
+        if not meta and (d / CHECKPOINT_META).is_file():  # torn: the checksums it held are lost with it
+            return f"{CHECKPOINT_META}: not a JSON object (truncated or overwritten)"
     sums = dict(meta.get("checksums") or {})
     if not meta and (d / "SHA256SUMS").is_file():
         sums = {name: sha for sha, _, name in (line.partition("  ") for line in
@@ -5835,7 +5839,12 @@ def _named_checkpoint(resume_from: str) -> dict:
             "suggestion": ("the directory has no checkpoint_meta.json, so it is not a complete checkpoint of "
                            "this tool; use --resume-from latest --run-id RUN") if path.is_dir()
             else "no such directory; list the run's checkpoints with `ls <output_dir>/<run_id>`"})
-    meta = {**json.loads(meta_path.read_text()), "path": str(path)}
+    meta = read_json_lenient(meta_path)
+    if not meta:
+        raise damaged_checkpoint_error("--resume-from", resume_from, path, check_checkpoint_integrity(path),
+                                       "this checkpoint's record was damaged after it was saved; resume from an "
+                                       "earlier one (--resume-from latest --run-id RUN picks the newest intact one)")
+    meta = {**meta, "path": str(path)}
     if meta.get("health") != "ok":
         raise TrainerError("CheckpointNotFound", {
             "field": "--resume-from", "value": resume_from, "health": meta.get("health"),

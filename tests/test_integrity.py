@@ -84,6 +84,23 @@ def test_explicit_resume_from_a_damaged_checkpoint_is_refused(trained, tmp_path)
     assert (run_dir / "run_manifest.json").read_bytes() == before
 
 
+def test_a_damaged_checkpoint_record_is_a_damaged_checkpoint(trained, tmp_path):
+    """checkpoint_meta.json holds the checksums: torn, it must not read as "nothing recorded, nothing to check"."""
+    path, run_dir = copy_run(trained, tmp_path)
+    ckpt = run_dir / "checkpoint-12"
+    meta = ckpt / tf.CHECKPOINT_META
+    meta.write_bytes(meta.read_bytes()[: meta.stat().st_size // 2])
+    assert tf.check_checkpoint_integrity(ckpt).startswith(f"{tf.CHECKPOINT_META}: ")
+    before = (run_dir / "run_manifest.json").read_bytes()
+    proc = run_cli("--config", path, "--resume-from", ckpt)
+    assert_names(proc, ckpt, tf.CHECKPOINT_META, "not a JSON object")
+    assert (run_dir / "run_manifest.json").read_bytes() == before
+    proc = run_cli("--config", path, "--run-id", "ok", "--resume-from", "latest")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((run_dir / "run_manifest.json").read_text())
+    assert m["status"] == "completed" and Path(m["resume_from"]["path"]).name == "checkpoint-8"
+
+
 def test_truncated_weights_are_named_not_a_traceback(trained, tmp_path):
     path, run_dir = copy_run(trained, tmp_path)
     ckpt = run_dir / "checkpoint-12"
