@@ -5762,6 +5762,11 @@ RESUME_FATAL_KEYS = ("model.base_checkpoint", "data.max_seq_length", "model.lora
                      "model.lora.alpha", "model.lora.target_modules", "model.lora.bias", "model.lora.quantization",
                      # how the data is rendered and cut: another tokenization of the same records
                      "data.chat_template_kwargs", "data.truncation_side", "data.train_on_prompt")
+# Turning FSDP or DeepSpeed on or off across a resume: each saves the weights and optimizer state in its own layout
+# (FSDP: SHARDED_STATE_DICT shards, DeepSpeed: its global_step dirs), which the other setting does not load (Trainer
+# fails, or skips a missing optimizer.pt and starts a fresh optimizer without a word). Exit 2 unless --force; a change
+# of options while it stays on is allowed.
+SHARDING_KEYS = ("compute.fsdp", "compute.deepspeed")
 # Of those, the keys that change which parameters exist or train: the checkpoint's weights (an adapter of another
 # shape, or none) and its optimizer state cannot load into the new set of parameters (peft: `size mismatch for
 # ...lora_A`), so --force cannot make such a resume work: it is refused at preflight, before data or weights load.
@@ -5902,6 +5907,11 @@ def resume_config_problems(meta: dict, config: TrainingConfig, new_run: bool) ->
                            f"a model with {k}={n!r}, so this resume cannot work, even with --force. Restore {k}, or "
                            "train the new setting as a new run (the same command with another --run-id and "
                            "without --resume-from)"))
+        elif k in SHARDING_KEYS and bool(o) != bool(n):
+            fatal.append(config_problem(k, n, _jsonable(o), f"the checkpoint was saved {'with' if o else 'without'} "
+                                        f"{k}, whose layout of weights and optimizer state a run "
+                                        f"{'without' if o else 'with'} it does not load (it fails, or starts a fresh "
+                                        f"optimizer silently); restore {k}={o!r}, or pass --force to resume anyway"))
         elif k in RESUME_FATAL_KEYS or k.startswith("data.chat_template_kwargs."):
             fatal.append(config_problem(k, n, _jsonable(o), f"the checkpoint was trained with {k}={o!r}; restore "
                                         "it, start a new run (another --run-id, without --resume-from), or pass "

@@ -229,6 +229,26 @@ def test_a_change_in_how_records_tokenize_is_refused_on_resume(healthy):
     assert (out / "runs" / "a" / tf.MANIFEST_NAME).read_bytes() == record
 
 
+@pytest.mark.parametrize("key, saved_with", [("compute.fsdp", "full_shard auto_wrap"),
+                                              ("compute.deepspeed", "ds_zero2.json")])
+def test_turning_sharding_off_across_a_resume_is_refused(healthy, tmp_path, key, saved_with):
+    """A checkpoint saved under FSDP or DeepSpeed (its record says so; neither runs on CPU) resumed without it: exit 2
+    naming the key, --force named as the way to accept it, the run's record untouched."""
+    path = clone(healthy, tmp_path)
+    run_dir, ckpt = tmp_path / "runs" / "a", tmp_path / "runs" / "a" / "checkpoint-12"
+    meta = json.loads((ckpt / tf.CHECKPOINT_META).read_text())
+    section, name = key.split(".")
+    meta["config"][section][name] = saved_with
+    (ckpt / tf.CHECKPOINT_META).write_text(json.dumps(meta))
+    record = (run_dir / tf.MANIFEST_NAME).read_bytes()
+    proc = run_cli("--config", path, "--resume-from", ckpt)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = last_json(proc.stderr)["errors"]
+    assert [e["details"]["field"] for e in errors] == [key]
+    assert errors[0]["details"]["expected"] == saved_with and "--force" in errors[0]["details"]["suggestion"]
+    assert (run_dir / tf.MANIFEST_NAME).read_bytes() == record
+
+
 def test_a_changed_base_is_refused_and_a_failed_resume_keeps_the_record(tiny_dir, tmp_path):
     """The base's config.json, chat template and weights are the run's identity: each change is exit 2 naming it.
     With --force on a base whose weights no longer load, the resume fails before its first step: the completed
