@@ -2370,6 +2370,14 @@ def validate_config(config: TrainingConfig, check_device: bool = True, resuming:
     return res
 
 
+def yaml_flow(value: Any) -> str:
+    """A value as one line of YAML, as the config would spell it (`false`, `null`, `[q_proj, v_proj]`,
+    `{enable_thinking: false}`), not as Python prints it."""
+    import yaml
+    text = yaml.safe_dump(value, default_flow_style=True, width=2**31 - 1).strip()
+    return text[:-3].rstrip() if text.endswith("\n...") else text  # a scalar's document-end marker
+
+
 def config_differences_from_defaults(config: TrainingConfig) -> list[str]:
     """`section.key: value (default X)` for every key that differs from this script's defaults."""
     out = []
@@ -2388,7 +2396,7 @@ def config_differences_from_defaults(config: TrainingConfig) -> list[str]:
             else:
                 continue
             if value != default:
-                out.append(f"{dotted}: {value!r} (default {default!r})")
+                out.append(f"{dotted}: {yaml_flow(value)} (default {yaml_flow(default)})")
 
     for name in SECTIONS:
         walk(getattr(config, name), name)
@@ -8110,7 +8118,7 @@ def finalize_manifest(ctx: RunContext, status: str) -> dict:
 # 18. Tools: --status, --list-checkpoints, --evaluate, --plan, and the spec's tool functions
 # --------------------------------------------------------------------------------------------------
 
-def list_checkpoints(run_id: str, output_dir: Optional[str] = None, details: bool = False) -> list:
+def list_checkpoints(run_id: str, output_dir: Optional[str] = None, details: bool = False) -> list[str] | list[dict]:
     """The spec's `list_checkpoints(run_id) -> List[str]`: the paths of a run's complete checkpoints in step order.
     details=True: checkpoint_details' records instead (what --list-checkpoints --json prints)."""
     records = checkpoint_details(run_id, output_dir)

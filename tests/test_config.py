@@ -94,7 +94,7 @@ def test_yaml_syntax_error_names_line(tmp_path):
 def test_differences_from_defaults_are_listed(tmp_path, tiny_dir):
     cfg = tf.load_training_config(str(write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))))
     diffs = tf.config_differences_from_defaults(cfg)
-    assert any(d.startswith("training.hyperparameters.learning_rate: 0.01 (default 2e-05)") for d in diffs)
+    assert any(d.startswith("training.hyperparameters.learning_rate: 0.01 (default 2.0e-05)") for d in diffs)
 
 
 def test_literal_paths_and_unquoted_versions(tmp_path, tiny_dir):
@@ -141,7 +141,9 @@ def test_a_duplicated_section_is_exit_2_naming_both_lines(tmp_path, tiny_dir):
     proc = run_cli("--config", path, "--validate-only")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    d = last_json(proc.stderr)["details"]
+    err = last_json(proc.stderr)
+    d = err["details"]
+    assert err["error"] == "InvalidConfig"
     assert d["field"] == "training" and d["lines"] == [first, len(lines) + 1] and d["line"] == len(lines) + 1
     assert f"lines {first}, {len(lines) + 1}" in d["suggestion"]
 

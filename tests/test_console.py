@@ -78,7 +78,7 @@ def test_status_of_a_finished_run_shows_its_throughput(short_run):
 # Progress by output kind (issue 28): a bar on a terminal, a line every ~10 s in a pipe, never Trainer's raw dicts
 # --------------------------------------------------------------------------------------------------
 
-RAW_DICT = re.compile(r"\{'(loss|eval_loss|grad_norm|train_runtime|test_loss)'")
+RAW_DICT = re.compile(r"\{'[A-Za-z_/]+': ")  # any Python dict printed as it is (Trainer's log dicts among them)
 
 
 class Lines(logging.Handler):

@@ -156,7 +156,14 @@ def test_killed_on_day_one_resumed_on_day_two_is_bit_identical(tiny_dir, tmp_pat
     proc = run_cli("--config", path, "--run-id", "k", "--resume-from", "latest",
                    env={"FINANCE_TRAINER_TEST_TODAY": DAY2, "HF_DATASETS_CACHE": str(fresh)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert any(fresh.rglob("*.arrow"))  # day 2 tokenized afresh, in its own cache
+    # day 2 tokenized afresh, in its own cache, with day 1's date in every record's metadata block (were the
+    # template left to read the clock, both runs would render today and still match each other)
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_dir / "model")
+    tokenized = [ds for ds in (Dataset.from_file(str(p)) for p in fresh.rglob("*.arrow"))
+                 if "input_ids" in ds.column_names]
+    assert tokenized and all("Today Date: 17 November 2025\n" in tok.decode(ds[0]["input_ids"]) for ds in tokenized)
     from safetensors.torch import load_file
     import torch
     a = load_file(tmp_path / "runs" / "ref" / "checkpoint-epoch-2" / "model.safetensors")
@@ -208,12 +215,25 @@ def test_no_think_data_trains_without_the_think_block_in_its_loss(tiny_dir, tmp_
     """The dry run's masked sample, from the real CLI: what the loss trains on is the answer and <|im_end|>, never
     the empty think block /no_think puts before it."""
     path = write_config(tmp_path / "c.yaml", base_config(tiny_dir, tmp_path))
-    proc = run_cli("--config", path, "--dry-run", "--run-id", "nothink", "--max-steps", "2")
+    day = {"FINANCE_TRAINER_TEST_TODAY": DAY1}  # the same date in the CLI and here: the same metadata block
+    proc = run_cli("--config", path, "--dry-run", "--run-id", "nothink", "--max-steps", "2", env=day)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sample = json.loads((tmp_path / "runs" / "nothink" / "dry_run_report.json").read_text())["sample"]
-    answer = first_record(tiny_dir)["messages"][-1]["content"]
-    assert sample["answer_text_trained"] == (answer + "<|im_end|>\n")[:400]
+    rec = first_record(tiny_dir)
+    assert sample["answer_text_trained"] == (rec["messages"][-1]["content"] + "<|im_end|>\n")[:400]
     assert "think" not in sample["answer_text_trained"]
+    # the config's enable_thinking: false reached the template (the metadata block says /no_think), and the empty
+    # think block it adds is in the masked part: the prompt is exactly as long as /no_think's, longer than /think's
+    assert "Reasoning Mode: /no_think" in sample["prompt_text_masked"]
+    config = config_for(tiny_dir, tmp_path, base_config(tiny_dir, tmp_path))
+    config.template_date = DAY1
+    tok = tf.load_tokenizer(config)
+    prompt_tokens = {}
+    for thinking in (False, True):
+        row = tf.tokenize_record(rec, tok, "messages", 10_000, False,
+                                 {**tf.template_kwargs(config), "enable_thinking": thinking})
+        prompt_tokens[thinking] = sum(label == tf.IGNORE_INDEX for label in row["labels"])
+    assert sample["tokens"] - sample["answer_tokens"] == prompt_tokens[False] > prompt_tokens[True]
 
 
 @pytest.mark.slow
