@@ -641,7 +641,8 @@ class CheckpointingConfig:
         "doc": "epoch|steps; a checkpoint is also saved at every eval", "choices": SAVE_STRATEGIES,
         "suggestion": "use save_strategy: epoch (or steps, with logging.save_steps)"})
     save_total_limit: int = field(default=3, metadata={
-        "doc": "best, latest and one backup are always kept", "minimum": 1, "recommended": (3, None),
+        "doc": "scheduled saves kept (epoch ends, or save_steps multiples); best, latest and one backup always are",
+        "minimum": 1, "recommended": (3, None),
         "advice": "{field}={value}: the best, the latest and one backup checkpoint are always kept, so up to 3 "
                   "checkpoints stay on disk"})
     load_best_at_end: bool = field(default=True, metadata={"doc": "final evaluation uses the best checkpoint"})
@@ -3295,7 +3296,7 @@ def estimate_checkpoint_bytes(config: TrainingConfig, ckpt_cfg: dict, n_params: 
 def check_disk(config: TrainingConfig, ckpt_cfg: dict, validation: ValidationResult, n_params: Optional[int] = None,
                resuming: bool = False) -> dict:
     """Free space on the output filesystem (shutil.disk_usage) against what the checkpoints need. The full need:
-    the checkpoints retention keeps (save_total_limit newest, at least latest + backup, plus the best), the save
+    the checkpoints retention keeps (save_total_limit scheduled saves, the latest and a backup, the best), the save
     under way before retention deletes the oldest, and the merged model under LoRA merge_at_end: a warning below it.
     Below two checkpoints (one when resuming: the run's own checkpoints are recycled) the run could not get past
     its second save: InsufficientDisk, exit 2, before any GPU time is spent."""
@@ -3303,7 +3304,7 @@ def check_disk(config: TrainingConfig, ckpt_cfg: dict, validation: ValidationRes
         ref = config.resolved_paths.get("model.base_checkpoint")
         n_params = count_parameters(Path(ref["path"]) if ref else None, ckpt_cfg)
     one = estimate_checkpoint_bytes(config, ckpt_cfg, n_params)["total_bytes"]
-    kept = max(config.training.checkpointing.save_total_limit, 2) + 1
+    kept = config.training.checkpointing.save_total_limit + 3  # latest, backup and best may be none of them
     need = one * (kept + 1)
     lo = config.model.lora
     if lo.enabled and lo.merge_at_end:
@@ -5242,8 +5243,9 @@ def _save_checkpoint_atomic(trainer) -> Path:
                       name, check["health"])
         if healthy and st.best_global_step == st.global_step and eval_step == st.global_step:
             trainer.best_checkpoint = str(final)
-        apply_retention(run_dir, config.training.checkpointing.save_total_limit,
-                        getattr(trainer, "best_checkpoint", None))
+        ckpt = config.training.checkpointing
+        apply_retention(run_dir, ckpt.save_total_limit, getattr(trainer, "best_checkpoint", None),
+                        ckpt.save_strategy, config.logging.save_steps)
         if getattr(trainer, "after_save", None):
             trainer.after_save()
     trainer.accelerator.wait_for_everyone()
@@ -5458,11 +5460,25 @@ def find_run_dir(run: str, output_dir: Optional[str] = None) -> Path:
                       "(--output-dir or --config), or run from the folder whose training_config.yaml trained it"})
 
 
-def apply_retention(run_dir: Path, limit: int, best: Optional[str]) -> list[str]:
-    """Keep the newest `limit` checkpoints, and always the best, the latest healthy and one backup."""
+def scheduled_save(checkpoint: dict, save_strategy: str, save_steps: int) -> bool:
+    """Whether a checkpoint is one the user scheduled with save_strategy (an epoch end under `epoch`, a multiple of
+    save_steps under `steps`) rather than one saved for an evaluation or at the end."""
+    if save_strategy == "epoch":
+        return checkpoint["name"].startswith("checkpoint-epoch-")
+    return save_strategy == "steps" and save_steps > 0 and checkpoint.get("step", 0) % save_steps == 0
+
+
+def apply_retention(run_dir: Path, limit: int, best: Optional[str], save_strategy: str = "steps",
+                    save_steps: int = 1) -> list[str]:
+    """Keep the newest `limit` of the scheduled saves (scheduled_save), and always the best, the latest healthy
+    and one backup. A checkpoint saved only for an evaluation is kept while it is one of those three: under
+    save_strategy: epoch with an evaluation every 100 steps, the evaluations' checkpoints would otherwise push the
+    epoch checkpoints out within 300 steps (the spec's Session 2 resumes from checkpoint-epoch-2 after an
+    interruption, and its Output lists checkpoint-epoch-1 to -3 under save_total_limit: 3)."""
     ckpts = read_checkpoints(run_dir, verify=True)  # a damaged checkpoint is never kept as latest or backup
     healthy = [c for c in ckpts if c.get("health") == "ok"]
-    keep = {c["path"] for c in ckpts[-limit:]} | {c["path"] for c in healthy[-2:]}
+    scheduled = [c for c in ckpts if scheduled_save(c, save_strategy, save_steps)]
+    keep = {c["path"] for c in scheduled[-limit:]} | {c["path"] for c in healthy[-2:]}
     if best:
         keep.add(best)
     deleted = []

@@ -193,6 +193,28 @@ def test_retention_unit(tmp_path):
     assert sorted(deleted) == ["checkpoint-20"]
 
 
+def test_retention_under_save_strategy_epoch_keeps_the_epochs(tmp_path):
+    """Evaluations every 3 steps, epochs of 12: the evaluations' checkpoints are kept only as latest, backup or
+    best; save_total_limit counts the epoch checkpoints."""
+    names = ["checkpoint-3", "checkpoint-6", "checkpoint-epoch-1", "checkpoint-15", "checkpoint-18",
+             "checkpoint-epoch-2", "checkpoint-27", "checkpoint-30", "checkpoint-33"]
+    for name in names:
+        d = tmp_path / name
+        d.mkdir()
+        step = 12 * int(name.rsplit("-", 1)[1]) if "epoch" in name else int(name.rsplit("-", 1)[1])
+        (d / tf.CHECKPOINT_META).write_text(json.dumps({"name": name, "step": step, "epoch": step / 12,
+                                                        "health": "ok"}))
+    deleted = tf.apply_retention(tmp_path, 2, best=str(tmp_path / "checkpoint-18"), save_strategy="epoch",
+                                 save_steps=500)
+    assert sorted(deleted) == ["checkpoint-15", "checkpoint-27", "checkpoint-3", "checkpoint-6"]
+    # save_strategy: steps counts the multiples of save_steps: 6 is not one, 12 and 18 are
+    for name in ("checkpoint-6", "checkpoint-12"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / tf.CHECKPOINT_META).write_text(json.dumps({"name": name, "step": int(name[11:]),
+                                                                       "health": "ok"}))
+    assert "checkpoint-6" in tf.apply_retention(tmp_path, 2, best=None, save_strategy="steps", save_steps=12)
+
+
 @pytest.mark.slow
 def test_kill_during_checkpoint_save_leaves_no_half_checkpoint(tiny_dir, tmp_path):
     cfg = set_key(base_config(tiny_dir, tmp_path), "training.checkpointing.save_strategy", "steps")

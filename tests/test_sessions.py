@@ -90,6 +90,34 @@ def test_session2_says_what_it_resumed(sessions):
 
 
 @pytest.mark.slow
+def test_session2_as_typed_after_an_interruption_in_epoch_3(tiny_dir, tmp_path):
+    """Session 2's command as the spec types it, after Session 1 was killed in epoch 3. The run evaluates (and
+    saves) every 3 steps, as the spec's config does every 100: those checkpoints do not push checkpoint-epoch-2 out
+    under save_total_limit: 3, and the finished run lists checkpoint-epoch-1 to -3, as the spec's Output does."""
+    cfg = base_config(tiny_dir, tmp_path)
+    for key, value in (("logging.output_dir", str(tmp_path / "checkpoints")), ("logging.eval_steps", 3),
+                       ("training.hyperparameters.num_epochs", 3), ("evaluation.num_samples", 0)):
+        cfg = set_key(cfg, key, value)
+    assert cfg["training"]["checkpointing"]["save_total_limit"] == 3
+    path = write_config(tmp_path / "training_config_v1.yaml", cfg)
+    killed = run_cli("--config", path, "--run-id", RUN_ID, "--skip-dry-run",
+                     env={"FINANCE_TRAINER_INJECT_SIGNAL": "34:SIGKILL"}, cwd=tmp_path)  # after the save at 33
+    assert killed.returncode < 0, killed.stderr[-3000:]
+    names = [Path(p).name for p in t.list_checkpoints(RUN_ID, str(tmp_path / "checkpoints"))]
+    assert {"checkpoint-epoch-1", "checkpoint-epoch-2", "checkpoint-33"} <= set(names)
+    assert "checkpoint-27" not in names  # an evaluation's checkpoint: neither latest, backup nor best
+    resumed = run_cli("--config", "training_config_v1.yaml", "--resume-from",
+                      f"checkpoints/{RUN_ID}/checkpoint-epoch-2", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from checkpoint-epoch-2 (step 24, epoch 2): config unchanged" in resumed.stdout
+    m = json.loads((tmp_path / "checkpoints" / RUN_ID / t.MANIFEST_NAME).read_text())
+    assert m["status"] == "completed" and m["resume_from"]["step"] == 24
+    listed = [Path(p).name for p in m["checkpoints"]["all_checkpoints"]]
+    assert {"checkpoint-epoch-1", "checkpoint-epoch-2", "checkpoint-epoch-3"} <= set(listed)
+    assert m["checkpoints"]["best_checkpoint"] in m["checkpoints"]["all_checkpoints"]
+
+
+@pytest.mark.slow
 def test_session1_dry_runs_before_training_and_session2_does_not_repeat_it(sessions):
     """Session 1: validate, dry run, train (one console line for the dry run, before the first epoch line).
     Session 2: a resume continues a run that already passed its dry run; the manifest keeps that record."""
