@@ -3753,7 +3753,7 @@ def echo_config(config: TrainingConfig) -> None:
     log.info("resolved config:\n%s", yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip(),
              extra={"file_only": True})
     if config.overrides:
-        log.info("overrides from --set: %s", ", ".join(config.overrides))
+        log.info("command-line overrides: %s", ", ".join(config.overrides))  # --set, --output-dir, --baseline
     diffs = config_differences_from_defaults(config)
     if diffs:
         rows = [d.rsplit(" (default ", 1) for d in diffs]
@@ -7174,6 +7174,7 @@ def format_comparison(cmp: dict) -> str:
                      f"{'yes' if r['improved'] else 'no'}")
     changed = [d["key"].removeprefix("training.hyperparameters.") for d in cmp.get("config_differences") or []]
     changed += [d["key"] for d in cmp.get("data_differences") or []]
+    changed = list(dict.fromkeys(changed))  # data.dataset_version is a config key and a data difference
     if changed:
         lines.append(f"differences from the baseline: {', '.join(changed)}")
     reg = cmp.get("answer_regressions")

@@ -737,3 +737,11 @@ def test_model_card_parses_and_matches_the_manifest(runs):
     sums = dict(line.split(maxsplit=1)[::-1]
                 for line in (runs.b_dir / "best" / "SHA256SUMS").read_text().splitlines())
     assert sums["README.md"] == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_comparison_names_each_difference_once():
+    """data.dataset_version is both a config key and a data difference: named once."""
+    cmp = {"baseline_run_id": "a", "metrics": [], "answer_regressions": None,
+           "config_differences": [{"key": "data.dataset_version"}, {"key": "training.hyperparameters.learning_rate"}],
+           "data_differences": [{"key": "data.dataset_version"}]}
+    assert "differences from the baseline: data.dataset_version, learning_rate\n" in tf.format_comparison(cmp) + "\n"
