@@ -5863,11 +5863,15 @@ def _named_checkpoint(resume_from: str) -> dict:
     path = Path(resume_from).expanduser().resolve()
     meta_path = path / CHECKPOINT_META
     if not meta_path.is_file():
+        here = [c["name"] for c in read_checkpoints(path.parent)]  # a run dir: retention may have deleted it
         raise TrainerError("CheckpointNotFound", {
             "field": "--resume-from", "value": resume_from, "path": str(path),
+            **({"checkpoints_in_run": here} if here else {}),
             "suggestion": ("the directory has no checkpoint_meta.json, so it is not a complete checkpoint of "
                            "this tool; use --resume-from latest --run-id RUN") if path.is_dir()
-            else "no such directory; list the run's checkpoints with `ls <output_dir>/<run_id>`"})
+            else f"no such checkpoint; the run has {', '.join(here)} (--resume-from latest --run-id "
+                 f"{path.parent.name} takes the newest intact one)" if here
+            else "no such directory; `--list-checkpoints <run_id>` lists a run's checkpoints"})
     meta = read_json_lenient(meta_path)
     if not meta:
         raise damaged_checkpoint_error("--resume-from", resume_from, path, check_checkpoint_integrity(path),

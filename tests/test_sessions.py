@@ -106,6 +106,11 @@ def test_session2_as_typed_after_an_interruption_in_epoch_3(tiny_dir, tmp_path):
     names = [Path(p).name for p in t.list_checkpoints(RUN_ID, str(tmp_path / "checkpoints"))]
     assert {"checkpoint-epoch-1", "checkpoint-epoch-2", "checkpoint-33"} <= set(names)
     assert "checkpoint-27" not in names  # an evaluation's checkpoint: neither latest, backup nor best
+    gone = run_cli("--config", "training_config_v1.yaml", "--resume-from", f"checkpoints/{RUN_ID}/checkpoint-27",
+                   cwd=tmp_path)
+    assert gone.returncode == 2 and "Traceback" not in gone.stderr
+    d = last_json(gone.stderr)["details"]  # what the run has instead, and the command that picks for you
+    assert d["checkpoints_in_run"] == names and f"--resume-from latest --run-id {RUN_ID}" in d["suggestion"]
     resumed = run_cli("--config", "training_config_v1.yaml", "--resume-from",
                       f"checkpoints/{RUN_ID}/checkpoint-epoch-2", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
