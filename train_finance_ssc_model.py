@@ -1729,8 +1729,10 @@ def choose_baseline(config: TrainingConfig, exclude: Optional[Path] = None) -> O
             completed_at, run_dir, run_id = max(found)
             config.auto_baseline = {"path": run_dir, "run_id": run_id, "completed_at": completed_at,
                                     "found_in": where}
+            # a run moved aside by --force (<run_id>.abandoned-<time>) keeps its run id: name it by its folder
+            shown = run_id if Path(run_dir).name == run_id else f"{Path(run_dir).name} (run {run_id})"
             log.info("comparing with %s (completed %s): the most recent completed run of %s in %s; "
-                     "evaluation.baseline: none or --no-baseline turns this off", run_id, completed_at[:10],
+                     "evaluation.baseline: none or --no-baseline turns this off", shown, completed_at[:10],
                      config.data.dataset_name, where)
             return config.auto_baseline
     return None

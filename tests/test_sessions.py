@@ -327,3 +327,22 @@ def test_git_records_whether_the_config_used_is_committed(sessions, tmp_path):
     finally:
         untracked.unlink()
     assert info["config_file"] == "untracked" and info["dirty"] is True  # what ran is not in the commit
+
+
+@pytest.mark.slow
+def test_a_forced_restart_names_the_copy_it_compares_with(tiny_dir, tmp_path):
+    """--force moves the completed run aside (<run_id>.abandoned-<time>), which keeps its run id: when the new
+    attempt resumes, the automatic baseline line names that folder, not a run id that reads like the run comparing
+    with itself."""
+    cfg = set_key(base_config(tiny_dir, tmp_path), "training.hyperparameters.num_epochs", 1)
+    cfg["evaluation"].pop("baseline")
+    path = write_config(tmp_path / "c.yaml", set_key(cfg, "evaluation.num_samples", 0))
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    assert run_cli("--config", path, "--run-id", "r", "--skip-dry-run", env=env).returncode == 0
+    killed = run_cli("--config", path, "--run-id", "r", "--skip-dry-run", "--force",
+                     env={**env, "FINANCE_TRAINER_INJECT_SIGNAL": "8:SIGKILL"})
+    assert killed.returncode < 0, killed.stderr[-3000:]
+    again = run_cli("--config", path, "--run-id", "r", "--resume-from", "latest", env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    line = next(line for line in again.stdout.splitlines() if "INFO comparing with " in line)
+    assert re.search(r"comparing with r\.abandoned-\S+ \(run r\) \(completed ", line), line
