@@ -8851,6 +8851,9 @@ def emit_error(payload: dict) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "LOCAL_RANK" in os.environ:  # a rank: a native crash (an abort in a collective) shows where Python was, in
+        import faulthandler  # the stderr the launching CLI forwards, instead of only torchrun's exit code -6
+        faulthandler.enable(all_threads=True)
     redact_library_output()  # before any library prints, or keeps a handle on the streams
     args = parse_args(argv)
     setup_logging(args.debug)
