@@ -2501,22 +2501,18 @@ def pin_template_date(config: TrainingConfig, resume_from: Optional[str] = None,
     return config.template_date
 
 
-_BASE_TEMPLATES: dict = {}  # (base checkpoint, its tokenizer files' mtimes) -> its chat template
+_TOKENIZERS: dict = {}  # (base checkpoint, its tokenizer files' mtimes) -> its tokenizer (load_tokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def _tokenizer_stamp(ref: str) -> tuple:
     d = Path(ref)
-    return tuple((n, (d / n).stat().st_mtime_ns) for n in ("tokenizer_config.json", "chat_template.jinja")
-                 if (d / n).is_file()) if d.is_dir() else ()
+    return tuple((n, (d / n).stat().st_mtime_ns) for n in TOKENIZER_FILES if (d / n).is_file()) if d.is_dir() else ()
 
 
 def base_chat_template(config: TrainingConfig) -> Optional[str]:
-    """The base tokenizer's chat template (loaded once per process and checkpoint; load_tokenizer fills it)."""
-    ref = checkpoint_ref(config)
-    key = (ref, _tokenizer_stamp(ref))
-    if key not in _BASE_TEMPLATES:
-        load_tokenizer(config)
-    return _BASE_TEMPLATES[key]
+    """The base tokenizer's chat template."""
+    return getattr(load_tokenizer(config), "chat_template", None)
 
 
 def record_template_kwargs(kwargs: Optional[dict], record: Optional[dict]) -> dict:
@@ -2946,13 +2942,18 @@ def collator_for(attn: Optional[str], pad_token_id: int) -> "PadToLongestCollato
 
 
 def load_tokenizer(config: TrainingConfig):
-    from transformers import AutoTokenizer
+    """The base checkpoint's tokenizer (eos as the pad token where it has none), loaded once per process and version
+    of its files: validation's chat-template, truncation and packing rules, every template render and training use
+    the same one (it was loaded up to four times a run). Nothing here changes it after loading."""
     ref = checkpoint_ref(config)
-    tokenizer = AutoTokenizer.from_pretrained(ref)
-    if tokenizer.pad_token_id is None:  # padding is masked out of loss and attention, so eos is a safe pad
-        tokenizer.pad_token = tokenizer.eos_token
-    _BASE_TEMPLATES[(ref, _tokenizer_stamp(ref))] = getattr(tokenizer, "chat_template", None)
-    return tokenizer
+    key = (ref, _tokenizer_stamp(ref))
+    if key not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(ref)
+        if tokenizer.pad_token_id is None:  # padding is masked out of loss and attention, so eos is a safe pad
+            tokenizer.pad_token = tokenizer.eos_token
+        _TOKENIZERS[key] = tokenizer
+    return _TOKENIZERS[key]
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
